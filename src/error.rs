@@ -1,0 +1,87 @@
+//! The engine's error type. Request errors carry etcd's exact messages because clients match on them.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRevision,
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// No space left for a WAL segment or checkpoint; nothing of the failed request was applied.
+    #[error("disk full while writing {path}: {source}")]
+    DiskFull { path: PathBuf, source: std::io::Error },
+    #[error("i/o error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// A file holds data that fails its checksum or framing where a valid record must be.
+    #[error("corrupt data in {path} at offset {offset}: {reason}")]
+    Corrupt { path: PathBuf, offset: u64, reason: String },
+    /// The data dir was created with options that conflict with the ones given.
+    #[error("data dir {path}: {reason}")]
+    DataDir { path: PathBuf, reason: String },
+    /// A shard hit an I/O error after it had applied a write in memory; it refuses further work so
+    /// that nothing unacknowledged becomes visible. Restarting recovers from disk.
+    #[error("shard {shard} stopped after an earlier i/o error: {reason}")]
+    ShardFailed { shard: u32, reason: String },
+    #[error("database is closed")]
+    Closed,
+    #[error("failed to start executor: {0}")]
+    Executor(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        let path = path.into();
+        if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT) {
+            Error::DiskFull { path, source }
+        } else {
+            Error::Io { path, source }
+        }
+    }
+
+    pub(crate) fn corrupt(path: impl Into<PathBuf>, offset: u64, reason: impl Into<String>) -> Error {
+        Error::Corrupt { path: path.into(), offset, reason: reason.into() }
+    }
+
+    /// Errors that reject one request and leave the store untouched.
+    pub fn is_request_error(&self) -> bool {
+        matches!(
+            self,
+            Error::Compacted
+                | Error::FutureRevision
+                | Error::KeyNotFound
+                | Error::LeaseNotFound
+                | Error::DuplicateKey
+                | Error::TooManyOps
+                | Error::EmptyKey
+                | Error::ValueProvided
+                | Error::LeaseProvided
+                | Error::InvalidSortOption
+                | Error::RequestTooLarge
+                | Error::InvalidArgument(_)
+        )
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
