@@ -31,12 +31,22 @@ pub enum Error {
 
     /// No space left for a WAL segment or checkpoint; nothing of the failed request was applied.
     #[error("disk full while writing {path}: {source}")]
-    DiskFull { path: PathBuf, source: std::io::Error },
+    DiskFull {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("i/o error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A file holds data that fails its checksum or framing where a valid record must be.
     #[error("corrupt data in {path} at offset {offset}: {reason}")]
-    Corrupt { path: PathBuf, offset: u64, reason: String },
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
     /// The data dir was created with options that conflict with the ones given.
     #[error("data dir {path}: {reason}")]
     DataDir { path: PathBuf, reason: String },
@@ -53,15 +63,25 @@ pub enum Error {
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
         let path = path.into();
-        if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT) {
+        if source.raw_os_error() == Some(libc::ENOSPC)
+            || source.raw_os_error() == Some(libc::EDQUOT)
+        {
             Error::DiskFull { path, source }
         } else {
             Error::Io { path, source }
         }
     }
 
-    pub(crate) fn corrupt(path: impl Into<PathBuf>, offset: u64, reason: impl Into<String>) -> Error {
-        Error::Corrupt { path: path.into(), offset, reason: reason.into() }
+    pub(crate) fn corrupt(
+        path: impl Into<PathBuf>,
+        offset: u64,
+        reason: impl Into<String>,
+    ) -> Error {
+        Error::Corrupt {
+            path: path.into(),
+            offset,
+            reason: reason.into(),
+        }
     }
 
     /// Errors that reject one request and leave the store untouched.

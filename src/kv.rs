@@ -165,22 +165,53 @@ pub struct Compare {
 
 impl Compare {
     pub fn value(key: impl Into<Bytes>, result: CompareResult, value: impl Into<Bytes>) -> Self {
-        Self::with(key, result, CompareTarget::Value, TargetUnion::Value(value.into()))
+        Self::with(
+            key,
+            result,
+            CompareTarget::Value,
+            TargetUnion::Value(value.into()),
+        )
     }
     pub fn version(key: impl Into<Bytes>, result: CompareResult, version: i64) -> Self {
-        Self::with(key, result, CompareTarget::Version, TargetUnion::Version(version))
+        Self::with(
+            key,
+            result,
+            CompareTarget::Version,
+            TargetUnion::Version(version),
+        )
     }
     pub fn create_revision(key: impl Into<Bytes>, result: CompareResult, rev: i64) -> Self {
-        Self::with(key, result, CompareTarget::Create, TargetUnion::CreateRevision(rev))
+        Self::with(
+            key,
+            result,
+            CompareTarget::Create,
+            TargetUnion::CreateRevision(rev),
+        )
     }
     pub fn mod_revision(key: impl Into<Bytes>, result: CompareResult, rev: i64) -> Self {
-        Self::with(key, result, CompareTarget::Mod, TargetUnion::ModRevision(rev))
+        Self::with(
+            key,
+            result,
+            CompareTarget::Mod,
+            TargetUnion::ModRevision(rev),
+        )
     }
     pub fn lease(key: impl Into<Bytes>, result: CompareResult, lease: i64) -> Self {
         Self::with(key, result, CompareTarget::Lease, TargetUnion::Lease(lease))
     }
-    fn with(key: impl Into<Bytes>, result: CompareResult, target: CompareTarget, u: TargetUnion) -> Self {
-        Compare { result, target, key: key.into(), range_end: Bytes::new(), target_union: Some(u) }
+    fn with(
+        key: impl Into<Bytes>,
+        result: CompareResult,
+        target: CompareTarget,
+        u: TargetUnion,
+    ) -> Self {
+        Compare {
+            result,
+            target,
+            key: key.into(),
+            range_end: Bytes::new(),
+            target_union: Some(u),
+        }
     }
     /// Applies the compare to every key in `[key, range_end)` instead of one key.
     pub fn with_range_end(mut self, range_end: impl Into<Bytes>) -> Self {
@@ -218,38 +249,64 @@ pub struct CompactionResponse {
 /// Constructors that keep call sites short (`PutRequest::new("k", "v")`).
 impl PutRequest {
     pub fn new(key: impl Into<Bytes>, value: impl Into<Bytes>) -> Self {
-        PutRequest { key: key.into(), value: value.into(), ..Default::default() }
+        PutRequest {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        }
     }
 }
 
 impl RangeRequest {
     /// A single key.
     pub fn key(key: impl Into<Bytes>) -> Self {
-        RangeRequest { key: key.into(), ..Default::default() }
+        RangeRequest {
+            key: key.into(),
+            ..Default::default()
+        }
     }
     /// Keys in `[key, range_end)`.
     pub fn range(key: impl Into<Bytes>, range_end: impl Into<Bytes>) -> Self {
-        RangeRequest { key: key.into(), range_end: range_end.into(), ..Default::default() }
+        RangeRequest {
+            key: key.into(),
+            range_end: range_end.into(),
+            ..Default::default()
+        }
     }
     /// Every key starting with `prefix`, as etcdctl's `--prefix`.
     pub fn prefix(prefix: impl Into<Bytes>) -> Self {
         let key = prefix.into();
         let range_end = prefix_end(&key);
-        RangeRequest { key, range_end, ..Default::default() }
+        RangeRequest {
+            key,
+            range_end,
+            ..Default::default()
+        }
     }
 }
 
 impl DeleteRangeRequest {
     pub fn key(key: impl Into<Bytes>) -> Self {
-        DeleteRangeRequest { key: key.into(), ..Default::default() }
+        DeleteRangeRequest {
+            key: key.into(),
+            ..Default::default()
+        }
     }
     pub fn range(key: impl Into<Bytes>, range_end: impl Into<Bytes>) -> Self {
-        DeleteRangeRequest { key: key.into(), range_end: range_end.into(), ..Default::default() }
+        DeleteRangeRequest {
+            key: key.into(),
+            range_end: range_end.into(),
+            ..Default::default()
+        }
     }
     pub fn prefix(prefix: impl Into<Bytes>) -> Self {
         let key = prefix.into();
         let range_end = prefix_end(&key);
-        DeleteRangeRequest { key, range_end, ..Default::default() }
+        DeleteRangeRequest {
+            key,
+            range_end,
+            ..Default::default()
+        }
     }
 }
 
@@ -281,15 +338,24 @@ impl KeyRange {
         if range_end.is_empty() {
             let mut end = key.to_vec();
             end.push(0);
-            return Some(KeyRange { start: key.clone(), end: Some(Bytes::from(end)) });
+            return Some(KeyRange {
+                start: key.clone(),
+                end: Some(Bytes::from(end)),
+            });
         }
         if range_end.as_ref() == b"\0" {
-            return Some(KeyRange { start: key.clone(), end: None });
+            return Some(KeyRange {
+                start: key.clone(),
+                end: None,
+            });
         }
         if range_end <= key {
             return None;
         }
-        Some(KeyRange { start: key.clone(), end: Some(range_end.clone()) })
+        Some(KeyRange {
+            start: key.clone(),
+            end: Some(range_end.clone()),
+        })
     }
 
     pub fn contains(&self, k: &[u8]) -> bool {
@@ -299,7 +365,9 @@ impl KeyRange {
     /// True when the interval holds exactly one key.
     pub fn is_single_key(&self) -> bool {
         match &self.end {
-            Some(e) => e.len() == self.start.len() + 1 && e.starts_with(&self.start) && e[e.len() - 1] == 0,
+            Some(e) => {
+                e.len() == self.start.len() + 1 && e.starts_with(&self.start) && e[e.len() - 1] == 0
+            }
             None => false,
         }
     }

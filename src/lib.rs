@@ -2,5 +2,8 @@
 
 pub mod error;
 pub mod kv;
+pub mod mvcc;
+pub mod rt;
+pub mod wal;
 
 pub use error::{Error, Result};

@@ -1,0 +1,548 @@
+//! Per-shard write-ahead log on glommio DMA files (O_DIRECT through io_uring).
+//!
+//! Appends are synchronous and only queue a frame; one flusher task per shard writes everything
+//! queued since its last flush with a single write and a single `fdatasync` (group commit), then
+//! wakes the callers waiting on those indexes. Segments are preallocated and zero-filled ahead of
+//! use, so a flush never changes file metadata and a full disk is noticed when the next segment is
+//! prepared, before any write that would need it has been applied.
+
+pub mod record;
+pub mod recovery;
+#[allow(clippy::all, unused_imports, dead_code, deprecated, non_camel_case_types, non_snake_case)]
+#[rustfmt::skip]
+mod wal_generated;
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use event_listener::Event;
+use glommio::io::{DmaFile, OpenOptions};
+
+use crate::error::{Error, Result};
+use record::{encode_payload, encode_segment_header, frame_len, frame_payload, SEGMENT_HEADER_LEN};
+pub use record::{EntryKind, WalEntry};
+pub use recovery::{recover, Recovered, SegmentFile};
+
+#[derive(Clone, Debug)]
+pub struct WalOptions {
+    /// Size of each preallocated segment file.
+    pub segment_size: u64,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            segment_size: 64 << 20,
+        }
+    }
+}
+
+/// Returned by [`Wal::try_append`] when neither the current nor a prepared segment can take the
+/// frame; call [`Wal::make_room`] and retry.
+#[derive(Debug)]
+pub struct NoRoom {
+    pub frame_len: usize,
+}
+
+/// A prepared, zero-filled segment file not yet named after its first index.
+struct Spare {
+    file: DmaFile,
+    path: PathBuf,
+    size: u64,
+}
+
+/// Frames queued for one segment, written by one flush.
+struct Chunk {
+    segment_first: u64,
+    /// Set on the chunk that starts a new segment.
+    activate: Option<Spare>,
+    bytes: Vec<u8>,
+    last_index: u64,
+}
+
+struct State {
+    next_index: u64,
+    durable_index: u64,
+    failed: Option<String>,
+    closing: bool,
+    /// Segment appends go to (`None` before the first one exists), with its write position and size.
+    append_segment: Option<u64>,
+    append_pos: u64,
+    append_size: u64,
+    /// Durable end of the segment the flusher last wrote, used as the `mark` of new frames.
+    durable_segment: Option<u64>,
+    durable_pos: u64,
+    pending: VecDeque<Chunk>,
+    spare: Option<Spare>,
+    spare_creating: bool,
+    spare_seq: u64,
+    segments: Vec<SegmentFile>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    shard: u32,
+    opts: WalOptions,
+    st: RefCell<State>,
+    /// Durable index advanced, or the log failed.
+    durable_ev: Event,
+    /// Frames were queued, or close was requested.
+    work_ev: Event,
+    /// A spare segment finished (or failed) preparing.
+    spare_ev: Event,
+    flusher: RefCell<Option<glommio::task::JoinHandle<()>>>,
+    fsyncs: Cell<u64>,
+}
+
+/// Handle to a shard's log; cheap to clone within its executor.
+#[derive(Clone)]
+pub struct Wal {
+    inner: Rc<Inner>,
+}
+
+/// The segment the flusher writes into.
+struct Current {
+    file: DmaFile,
+    first_index: u64,
+    /// Bytes durable in this segment (including the header).
+    durable_pos: u64,
+    /// Content of the partially filled last block, rewritten by the next flush.
+    tail: Vec<u8>,
+}
+
+impl Wal {
+    /// Opens the log after `recover` has validated it. Must run on the shard's executor.
+    pub async fn open(
+        dir: &Path,
+        shard: u32,
+        opts: WalOptions,
+        recovered: &Recovered,
+    ) -> Result<Wal> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut current = None;
+        let (append_segment, append_pos, append_size) = match &recovered.tail {
+            Some(tail) => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .dma_open(&tail.segment.path)
+                    .await
+                    .map_err(|e| Error::io(&tail.segment.path, e.into()))?;
+                let align = file.alignment();
+                let block_start = tail.offset / align * align;
+                let mut buf = vec![0u8; (tail.offset - block_start) as usize];
+                read_exact_at(&tail.segment.path, &mut buf, block_start)?;
+                current = Some(Current {
+                    file,
+                    first_index: tail.segment.first_index,
+                    durable_pos: tail.offset,
+                    tail: buf,
+                });
+                (Some(tail.segment.first_index), tail.offset, tail.size)
+            }
+            None => (None, 0, 0),
+        };
+        let st = State {
+            next_index: recovered.last_index + 1,
+            durable_index: recovered.last_index,
+            failed: None,
+            closing: false,
+            append_segment,
+            append_pos,
+            append_size,
+            durable_segment: append_segment,
+            durable_pos: append_pos,
+            pending: VecDeque::new(),
+            spare: None,
+            spare_creating: false,
+            spare_seq: 0,
+            segments: recovered.segments.clone(),
+        };
+        let wal = Wal {
+            inner: Rc::new(Inner {
+                dir: dir.to_path_buf(),
+                shard,
+                opts,
+                st: RefCell::new(st),
+                durable_ev: Event::new(),
+                work_ev: Event::new(),
+                spare_ev: Event::new(),
+                flusher: RefCell::new(None),
+                fsyncs: Cell::new(0),
+            }),
+        };
+        let inner = wal.inner.clone();
+        let task = glommio::spawn_local(async move { flusher(inner, current).await }).detach();
+        *wal.inner.flusher.borrow_mut() = Some(task);
+        Ok(wal)
+    }
+
+    pub fn next_index(&self) -> u64 {
+        self.inner.st.borrow().next_index
+    }
+
+    pub fn durable_index(&self) -> u64 {
+        self.inner.st.borrow().durable_index
+    }
+
+    /// Number of fdatasync calls so far (group-commit effectiveness).
+    pub fn fsync_count(&self) -> u64 {
+        self.inner.fsyncs.get()
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.inner.st.borrow().failed.clone()
+    }
+
+    /// Queues `entry` (its `index` is assigned here) and returns the index. Never waits; fails only
+    /// when no segment has room, in which case nothing was queued.
+    pub fn try_append(&self, entry: &mut WalEntry) -> Result<u64, NoRoom> {
+        let mut st = self.inner.st.borrow_mut();
+        entry.index = st.next_index;
+        let payload = encode_payload(entry);
+        let len = frame_len(payload.len()) as u64;
+        let fits_current = st.append_segment.is_some() && st.append_pos + len <= st.append_size;
+        let mut activate = None;
+        if !fits_current {
+            match st.spare.take() {
+                Some(spare) if SEGMENT_HEADER_LEN as u64 + len <= spare.size => {
+                    st.append_segment = Some(entry.index);
+                    st.append_pos = SEGMENT_HEADER_LEN as u64;
+                    st.append_size = spare.size;
+                    activate = Some(spare);
+                }
+                other => {
+                    st.spare = other;
+                    return Err(NoRoom {
+                        frame_len: len as usize,
+                    });
+                }
+            }
+        }
+        let segment = st.append_segment.expect("a segment was chosen above");
+        let mark = if st.durable_segment == Some(segment) {
+            st.durable_pos
+        } else {
+            SEGMENT_HEADER_LEN as u64
+        };
+        let frame = frame_payload(&payload, mark as u32);
+        st.append_pos += len;
+        st.next_index += 1;
+        let index = entry.index;
+        match st.pending.back_mut() {
+            Some(chunk) if activate.is_none() && chunk.segment_first == segment => {
+                chunk.bytes.extend_from_slice(&frame);
+                chunk.last_index = index;
+            }
+            _ => st.pending.push_back(Chunk {
+                segment_first: segment,
+                activate,
+                bytes: frame,
+                last_index: index,
+            }),
+        }
+        let prepare_next =
+            st.spare.is_none() && !st.spare_creating && st.append_pos * 2 > st.append_size;
+        drop(st);
+        self.inner.work_ev.notify(1);
+        if prepare_next {
+            // Prepare the next segment early so a rollover rarely waits; errors surface in make_room.
+            let wal = self.clone();
+            glommio::spawn_local(async move {
+                let _ = wal.make_room(0).await;
+            })
+            .detach();
+        }
+        Ok(index)
+    }
+
+    /// Ensures a frame of `frame_len` bytes can be appended, preparing a new segment if needed.
+    /// A full disk is reported here as [`Error::DiskFull`].
+    pub async fn make_room(&self, frame_len: usize) -> Result<()> {
+        loop {
+            {
+                let st = self.inner.st.borrow();
+                if let Some(f) = &st.failed {
+                    return Err(Error::ShardFailed {
+                        shard: self.inner.shard,
+                        reason: f.clone(),
+                    });
+                }
+                let len = frame_len as u64;
+                let fits_current =
+                    st.append_segment.is_some() && st.append_pos + len <= st.append_size;
+                let fits_spare = st
+                    .spare
+                    .as_ref()
+                    .is_some_and(|s| SEGMENT_HEADER_LEN as u64 + len <= s.size);
+                if (frame_len > 0 && fits_current) || fits_spare {
+                    return Ok(());
+                }
+            }
+            let listener = self.inner.spare_ev.listen();
+            if self.inner.st.borrow().spare_creating {
+                listener.await;
+                continue;
+            }
+            let (seq, size) = {
+                let mut st = self.inner.st.borrow_mut();
+                st.spare_creating = true;
+                st.spare_seq += 1;
+                let needed = (SEGMENT_HEADER_LEN + frame_len) as u64;
+                (
+                    st.spare_seq,
+                    self.inner
+                        .opts
+                        .segment_size
+                        .max(needed.next_multiple_of(4096)),
+                )
+            };
+            let res = self.create_spare(seq, size).await;
+            let mut st = self.inner.st.borrow_mut();
+            st.spare_creating = false;
+            match res {
+                Ok(spare) => {
+                    // A spare too small for this frame is replaced by the bigger one.
+                    st.spare = Some(spare);
+                    drop(st);
+                    self.inner.spare_ev.notify(usize::MAX);
+                }
+                Err(e) => {
+                    drop(st);
+                    self.inner.spare_ev.notify(usize::MAX);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn create_spare(&self, seq: u64, size: u64) -> Result<Spare> {
+        let path = self.inner.dir.join(format!("next-{seq}.tmp"));
+        let res: Result<Spare> = async {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .dma_open(&path)
+                .await
+                .map_err(|e| Error::io(&path, e.into()))?;
+            file.pre_allocate(size, false)
+                .await
+                .map_err(|e| Error::io(&path, e.into()))?;
+            // Zero-fill so later flushes write into allocated, initialized blocks and fdatasync
+            // has no extent metadata to commit.
+            let chunk = 1u64 << 20;
+            let mut pos = 0;
+            while pos < size {
+                let n = chunk.min(size - pos) as usize;
+                let mut buf = file.alloc_dma_buffer(n);
+                buf.as_bytes_mut().fill(0);
+                file.write_at(buf, pos)
+                    .await
+                    .map_err(|e| Error::io(&path, e.into()))?;
+                pos += n as u64;
+            }
+            file.fdatasync()
+                .await
+                .map_err(|e| Error::io(&path, e.into()))?;
+            Ok(Spare {
+                file,
+                path: path.clone(),
+                size,
+            })
+        }
+        .await;
+        if res.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        res
+    }
+
+    /// Waits until every entry up to `index` is durable.
+    pub async fn wait_durable(&self, index: u64) -> Result<()> {
+        loop {
+            let listener = self.inner.durable_ev.listen();
+            {
+                let st = self.inner.st.borrow();
+                if st.durable_index >= index {
+                    return Ok(());
+                }
+                if let Some(f) = &st.failed {
+                    return Err(Error::ShardFailed {
+                        shard: self.inner.shard,
+                        reason: f.clone(),
+                    });
+                }
+            }
+            listener.await;
+        }
+    }
+
+    /// Deletes segments whose entries are all at or below `index` (covered by a checkpoint).
+    pub fn drop_through(&self, index: u64) -> Result<usize> {
+        let mut st = self.inner.st.borrow_mut();
+        let current = st.durable_segment;
+        let mut removed = 0;
+        while st.segments.len() >= 2 && st.segments[1].first_index <= index + 1 {
+            if Some(st.segments[0].first_index) == current {
+                break;
+            }
+            let seg = st.segments.remove(0);
+            std::fs::remove_file(&seg.path).map_err(|e| Error::io(&seg.path, e))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    pub fn segments(&self) -> Vec<SegmentFile> {
+        self.inner.st.borrow().segments.clone()
+    }
+
+    /// Flushes what is queued and stops the flusher.
+    pub async fn close(&self) {
+        self.inner.st.borrow_mut().closing = true;
+        self.inner.work_ev.notify(usize::MAX);
+        let task = self.inner.flusher.borrow_mut().take();
+        if let Some(task) = task {
+            task.await;
+        }
+        let spare = self.inner.st.borrow_mut().spare.take();
+        if let Some(spare) = spare {
+            let _ = spare.file.close().await;
+            let _ = std::fs::remove_file(&spare.path);
+        }
+    }
+}
+
+async fn flusher(inner: Rc<Inner>, mut current: Option<Current>) {
+    loop {
+        let listener = inner.work_ev.listen();
+        let chunk = {
+            let mut st = inner.st.borrow_mut();
+            if st.failed.is_some() {
+                break;
+            }
+            match st.pending.pop_front() {
+                Some(c) => c,
+                None if st.closing => break,
+                None => {
+                    drop(st);
+                    listener.await;
+                    continue;
+                }
+            }
+        };
+        drop(listener);
+        match flush_chunk(&inner, &mut current, chunk).await {
+            Ok((last_index, segment, pos)) => {
+                let mut st = inner.st.borrow_mut();
+                debug_assert!(last_index > st.durable_index, "durable index must grow");
+                st.durable_index = last_index;
+                st.durable_segment = Some(segment);
+                st.durable_pos = pos;
+            }
+            Err(e) => {
+                tracing::error!(shard = inner.shard, error = %e, "WAL write failed; shard stops accepting writes");
+                inner.st.borrow_mut().failed = Some(e.to_string());
+            }
+        }
+        inner.durable_ev.notify(usize::MAX);
+    }
+    if let Some(cur) = current {
+        let _ = cur.file.close().await;
+    }
+}
+
+/// Writes one chunk and syncs it; returns (last index, segment, durable position).
+async fn flush_chunk(
+    inner: &Inner,
+    current: &mut Option<Current>,
+    chunk: Chunk,
+) -> Result<(u64, u64, u64)> {
+    if let Some(spare) = chunk.activate {
+        let path = inner.dir.join(recovery::segment_name(chunk.segment_first));
+        spare
+            .file
+            .rename(&path)
+            .await
+            .map_err(|e| Error::io(&path, e.into()))?;
+        sync_dir(&inner.dir)?;
+        if let Some(old) = current.take() {
+            let _ = old.file.close().await;
+        }
+        inner.st.borrow_mut().segments.push(SegmentFile {
+            first_index: chunk.segment_first,
+            path,
+        });
+        *current = Some(Current {
+            file: spare.file,
+            first_index: chunk.segment_first,
+            durable_pos: SEGMENT_HEADER_LEN as u64,
+            tail: encode_segment_header(inner.shard, chunk.segment_first).to_vec(),
+        });
+    }
+    let cur = current.as_mut().ok_or_else(|| Error::ShardFailed {
+        shard: inner.shard,
+        reason: "WAL has no open segment".into(),
+    })?;
+    debug_assert_eq!(cur.first_index, chunk.segment_first);
+    let align = cur.file.alignment();
+    let start = cur.durable_pos / align * align;
+    debug_assert_eq!(cur.tail.len() as u64, cur.durable_pos - start);
+    let data_len = cur.tail.len() + chunk.bytes.len();
+    let buf_len = (data_len as u64).next_multiple_of(align) as usize;
+    let mut buf = cur.file.alloc_dma_buffer(buf_len);
+    {
+        let b = buf.as_bytes_mut();
+        b[..cur.tail.len()].copy_from_slice(&cur.tail);
+        b[cur.tail.len()..data_len].copy_from_slice(&chunk.bytes);
+        b[data_len..].fill(0);
+    }
+    let path = || inner.dir.join(recovery::segment_name(cur.first_index));
+    let written = cur
+        .file
+        .write_at(buf, start)
+        .await
+        .map_err(|e| Error::io(path(), e.into()))?;
+    if written < buf_len {
+        return Err(Error::io(
+            path(),
+            std::io::Error::new(std::io::ErrorKind::WriteZero, "short WAL write"),
+        ));
+    }
+    cur.file
+        .fdatasync()
+        .await
+        .map_err(|e| Error::io(path(), e.into()))?;
+    inner.fsyncs.set(inner.fsyncs.get() + 1);
+    let new_pos = cur.durable_pos + chunk.bytes.len() as u64;
+    let new_block = new_pos / align * align;
+    let cut = (new_block - start) as usize;
+    cur.tail = if cut >= cur.tail.len() {
+        chunk.bytes[cut - cur.tail.len()..].to_vec()
+    } else {
+        let mut t = cur.tail[cut..].to_vec();
+        t.extend_from_slice(&chunk.bytes);
+        t
+    };
+    cur.durable_pos = new_pos;
+    Ok((chunk.last_index, cur.first_index, new_pos))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+fn read_exact_at(path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    f.read_exact_at(buf, offset).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests;

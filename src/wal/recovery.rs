@@ -1,0 +1,253 @@
+//! WAL recovery: read every segment, keep the longest valid prefix, and decide whether what follows
+//! is a torn final flush (truncate it) or damage to acknowledged data (refuse to open).
+//!
+//! The rule: a bad frame at offset X is a torn tail only if no later valid frame proves that X was
+//! already durable. A frame carries `mark`, the durable end of its segment when it was appended, so a
+//! later valid frame with `mark > X`, or any valid frame in a later segment, means X had been
+//! synced before and its loss is corruption.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use super::record::{decode_segment_header, probe_frame, Probe, WalEntry, SEGMENT_HEADER_LEN};
+use crate::error::{Error, Result};
+
+/// One segment file, named by the index of its first entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentFile {
+    pub first_index: u64,
+    pub path: PathBuf,
+}
+
+/// Where appends continue after recovery.
+#[derive(Clone, Debug)]
+pub struct Tail {
+    pub segment: SegmentFile,
+    /// End of valid data; the next frame goes here.
+    pub offset: u64,
+    pub size: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Entries with index > `after_index`, in log order.
+    pub entries: Vec<WalEntry>,
+    /// Segment files kept, oldest first.
+    pub segments: Vec<SegmentFile>,
+    pub tail: Option<Tail>,
+    /// Index of the last valid entry (or `after_index` if the log holds nothing newer).
+    pub last_index: u64,
+    /// A torn tail was cut off at this place.
+    pub truncated: Option<(PathBuf, u64)>,
+}
+
+pub fn segment_name(first_index: u64) -> String {
+    format!("{first_index:020}.wal")
+}
+
+/// Lists `*.wal` segments sorted by first index; leftovers of unfinished segment creation
+/// (`*.tmp`) are removed.
+pub fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>> {
+    let mut segs = Vec::new();
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(segs),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for ent in rd {
+        let ent = ent.map_err(|e| Error::io(dir, e))?;
+        let path = ent.path();
+        let name = ent.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".tmp") {
+            fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            continue;
+        }
+        let Some(stem) = name.strip_suffix(".wal") else {
+            continue;
+        };
+        let first_index = stem
+            .parse::<u64>()
+            .map_err(|_| Error::corrupt(&path, 0, "segment file name is not an index"))?;
+        segs.push(SegmentFile { first_index, path });
+    }
+    segs.sort_by_key(|s| s.first_index);
+    Ok(segs)
+}
+
+/// Recovers the log of one shard. Entries up to `after_index` are covered by a checkpoint and are
+/// validated but not returned. Repairs a torn tail on disk (zeroes it, drops later empty segments).
+pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
+    let segs = list_segments(dir)?;
+    let mut out = Recovered {
+        last_index: after_index,
+        ..Default::default()
+    };
+    let mut expected: Option<u64> = None;
+    let mut i = 0;
+    while i < segs.len() {
+        let seg = &segs[i];
+        let file = fs::File::open(&seg.path).map_err(|e| Error::io(&seg.path, e))?;
+        let size = file.metadata().map_err(|e| Error::io(&seg.path, e))?.len();
+        // SAFETY: segment files belong to this shard and nothing else maps or truncates them while
+        // the data dir is locked by this process.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&seg.path, e))?;
+        let header = match decode_segment_header(&map) {
+            Ok(h) => h,
+            Err(reason) => return Err(Error::corrupt(&seg.path, 0, reason)),
+        };
+        let Some((hdr_shard, hdr_first)) = header else {
+            // Never written: a crash right after the segment was created. Only the last may be so.
+            if i + 1 != segs.len() {
+                return Err(Error::corrupt(
+                    &seg.path,
+                    0,
+                    "empty segment followed by other segments",
+                ));
+            }
+            fs::remove_file(&seg.path).map_err(|e| Error::io(&seg.path, e))?;
+            break;
+        };
+        if hdr_shard != shard || hdr_first != seg.first_index {
+            return Err(Error::corrupt(
+                &seg.path,
+                0,
+                format!("header says shard {hdr_shard} index {hdr_first}, expected shard {shard} index {}", seg.first_index),
+            ));
+        }
+        match expected {
+            None if seg.first_index > after_index + 1 => {
+                return Err(Error::corrupt(
+                    &seg.path,
+                    0,
+                    format!(
+                        "log starts at index {} but the checkpoint ends at {after_index}",
+                        seg.first_index
+                    ),
+                ));
+            }
+            Some(e) if e != seg.first_index => {
+                return Err(Error::corrupt(
+                    &seg.path,
+                    0,
+                    format!("expected first index {e}"),
+                ));
+            }
+            _ => {}
+        }
+        let mut next = seg.first_index;
+        let mut pos = SEGMENT_HEADER_LEN;
+        let end_reason = loop {
+            match probe_frame(&map[pos..]) {
+                Probe::Valid {
+                    entry, frame_len, ..
+                } => {
+                    if entry.index != next {
+                        break Some("entry index out of sequence");
+                    }
+                    next += 1;
+                    if entry.index > after_index {
+                        out.entries.push(entry);
+                    }
+                    pos += frame_len;
+                }
+                Probe::Zero => break None,
+                Probe::Invalid(reason) => break Some(reason),
+            }
+        };
+        out.segments.push(seg.clone());
+        expected = Some(next);
+        out.last_index = out.last_index.max(next - 1);
+
+        let stop = pos as u64;
+        // Whatever follows the stop point in this segment must not prove the stop point durable.
+        if let Some((off, mark)) = later_valid_frame(&map, pos + 8) {
+            if mark as u64 > stop {
+                let why = end_reason.unwrap_or("zeroed frame");
+                return Err(Error::corrupt(
+                    &seg.path,
+                    stop,
+                    format!("{why}, but a valid record written after it follows at offset {off}"),
+                ));
+            }
+        }
+        let later = &segs[i + 1..];
+        let later_has_data = later_segments_have_data(later)?;
+        if later_has_data {
+            if let Some(reason) = end_reason {
+                return Err(Error::corrupt(
+                    &seg.path,
+                    stop,
+                    format!("{reason}, followed by later segments"),
+                ));
+            }
+            i += 1;
+            continue;
+        }
+        // This is the last segment holding data.
+        let dirty = map[pos..].iter().any(|&b| b != 0);
+        drop(map);
+        if dirty {
+            zero_from(&seg.path, stop, size)?;
+            out.truncated = Some((seg.path.clone(), stop));
+        }
+        for s in later {
+            fs::remove_file(&s.path).map_err(|e| Error::io(&s.path, e))?;
+        }
+        out.tail = Some(Tail {
+            segment: seg.clone(),
+            offset: stop,
+            size,
+        });
+        break;
+    }
+    Ok(out)
+}
+
+/// Among valid frames at 8-aligned offsets from `from` on, the one with the highest mark.
+fn later_valid_frame(map: &[u8], from: usize) -> Option<(usize, u32)> {
+    let mut best: Option<(usize, u32)> = None;
+    let mut off = from.next_multiple_of(8);
+    while off + 16 <= map.len() {
+        if let Probe::Valid { mark, .. } = probe_frame(&map[off..]) {
+            if best.is_none_or(|(_, m)| mark > m) {
+                best = Some((off, mark));
+            }
+        }
+        off += 8;
+    }
+    best
+}
+
+fn later_segments_have_data(later: &[SegmentFile]) -> Result<bool> {
+    for s in later {
+        let mut head = Vec::with_capacity(SEGMENT_HEADER_LEN);
+        let f = fs::File::open(&s.path).map_err(|e| Error::io(&s.path, e))?;
+        f.take(SEGMENT_HEADER_LEN as u64)
+            .read_to_end(&mut head)
+            .map_err(|e| Error::io(&s.path, e))?;
+        if head.iter().any(|&b| b != 0) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Overwrites `[from, size)` with zeros and syncs, so stale bytes of a torn flush can never be
+/// mistaken for records appended later.
+fn zero_from(path: &Path, from: u64, size: u64) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    f.seek(SeekFrom::Start(from))
+        .map_err(|e| Error::io(path, e))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = size.saturating_sub(from);
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        f.write_all(&zeros[..n]).map_err(|e| Error::io(path, e))?;
+        left -= n as u64;
+    }
+    f.sync_data().map_err(|e| Error::io(path, e))
+}
