@@ -420,20 +420,20 @@ impl Wal {
 async fn flusher(inner: Rc<Inner>, mut current: Option<Current>) {
     loop {
         let listener = inner.work_ev.listen();
-        let chunk = {
+        let next = {
             let mut st = inner.st.borrow_mut();
             if st.failed.is_some() {
                 break;
             }
             match st.pending.pop_front() {
-                Some(c) => c,
+                Some(c) => Some(c),
                 None if st.closing => break,
-                None => {
-                    drop(st);
-                    listener.await;
-                    continue;
-                }
+                None => None,
             }
+        };
+        let Some(chunk) = next else {
+            listener.await;
+            continue;
         };
         drop(listener);
         match flush_chunk(&inner, &mut current, chunk).await {
