@@ -3,6 +3,8 @@
 pub mod error;
 pub mod kv;
 pub mod mvcc;
+pub mod partition;
+pub mod revision;
 pub mod rt;
 pub mod wal;
 

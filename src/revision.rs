@@ -1,0 +1,187 @@
+//! The store-wide revision counter and the read revision.
+//!
+//! Revisions are handed out by one atomic counter (the timestamp oracle). Writers finish out of
+//! order across cores, so readers may not simply read at the counter: each core publishes the lowest
+//! revision it has handed out and not yet finished, and the *read revision* is one below the lowest
+//! of those (or the counter when nothing is in flight). A multi-shard write stays pending on its
+//! coordinating core until every part is durable and applied, so it becomes visible everywhere at
+//! once.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicI64, Ordering::SeqCst};
+use std::sync::Arc;
+
+use event_listener::Event;
+
+const NONE_PENDING: i64 = i64::MAX;
+
+pub struct RevisionClock {
+    counter: AtomicI64,
+    compact: AtomicI64,
+    /// Per core: lowest unfinished revision it handed out, or `NONE_PENDING`.
+    low_pending: Vec<AtomicI64>,
+    /// Highest read revision ever computed. A core's freshly published lower bound can be stale
+    /// (below revisions others already finished), so a later computation may come out lower; the
+    /// watermark keeps the read revision monotonic, which is safe because revisions at or below a
+    /// value once computed were all finished and stay so.
+    visible: AtomicI64,
+    /// Signalled whenever a core finishes a revision.
+    advanced: Event,
+}
+
+impl RevisionClock {
+    pub fn new(cores: usize, current: i64, compact: i64) -> Arc<RevisionClock> {
+        Arc::new(RevisionClock {
+            counter: AtomicI64::new(current),
+            compact: AtomicI64::new(compact),
+            low_pending: (0..cores).map(|_| AtomicI64::new(NONE_PENDING)).collect(),
+            visible: AtomicI64::new(current),
+            advanced: Event::new(),
+        })
+    }
+
+    /// Highest revision handed out (possibly not yet visible).
+    pub fn current(&self) -> i64 {
+        self.counter.load(SeqCst)
+    }
+
+    /// Every revision up to this one is durable and applied on every shard.
+    pub fn read_revision(&self) -> i64 {
+        // Load the counter first: any revision it covers was registered as pending before it was
+        // handed out, so the loads below see it (or see it finished).
+        let c = self.counter.load(SeqCst);
+        let low = self.low_pending.iter().map(|a| a.load(SeqCst)).min().unwrap_or(NONE_PENDING);
+        let computed = if low == NONE_PENDING { c } else { c.min(low - 1) };
+        self.visible.fetch_max(computed, SeqCst).max(computed)
+    }
+
+    pub fn compact_revision(&self) -> i64 {
+        self.compact.load(SeqCst)
+    }
+
+    pub fn set_compact_revision(&self, rev: i64) {
+        self.compact.fetch_max(rev, SeqCst);
+    }
+
+    /// Waits until `rev` is visible to readers.
+    pub async fn wait_visible(&self, rev: i64) {
+        loop {
+            if self.read_revision() >= rev {
+                return;
+            }
+            let listener = self.advanced.listen();
+            if self.read_revision() >= rev {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// One core's view of the clock: hands out revisions and tracks which are still in flight. Lives on
+/// the core's thread only.
+pub struct CoreRevisions {
+    clock: Arc<RevisionClock>,
+    core: usize,
+    pending: std::cell::RefCell<BTreeSet<i64>>,
+}
+
+impl CoreRevisions {
+    pub fn new(clock: Arc<RevisionClock>, core: usize) -> CoreRevisions {
+        CoreRevisions { clock, core, pending: Default::default() }
+    }
+
+    pub fn clock(&self) -> &Arc<RevisionClock> {
+        &self.clock
+    }
+
+    /// Hands out the next revision and keeps it from becoming visible until [`Self::finish`].
+    pub fn begin(&self) -> i64 {
+        let mut pending = self.pending.borrow_mut();
+        let slot = &self.clock.low_pending[self.core];
+        if pending.is_empty() {
+            // Publish a lower bound before taking the revision, so no reader can see the counter
+            // advanced past it without also seeing it pending.
+            slot.store(self.clock.counter.load(SeqCst) + 1, SeqCst);
+        }
+        let rev = self.clock.counter.fetch_add(1, SeqCst) + 1;
+        pending.insert(rev);
+        slot.store(*pending.first().expect("just inserted"), SeqCst);
+        rev
+    }
+
+    /// The revision is durable and applied everywhere (or abandoned): let readers past it.
+    pub fn finish(&self, rev: i64) {
+        let mut pending = self.pending.borrow_mut();
+        let was_there = pending.remove(&rev);
+        debug_assert!(was_there, "finishing revision {rev} that was not pending");
+        let low = pending.first().copied().unwrap_or(NONE_PENDING);
+        self.clock.low_pending[self.core].store(low, SeqCst);
+        drop(pending);
+        self.clock.advanced.notify(usize::MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_revision_waits_for_the_lowest_pending() {
+        let clock = RevisionClock::new(2, 10, 0);
+        let a = CoreRevisions::new(clock.clone(), 0);
+        let b = CoreRevisions::new(clock.clone(), 1);
+        assert_eq!(clock.read_revision(), 10);
+        let r1 = a.begin();
+        let r2 = b.begin();
+        let r3 = a.begin();
+        assert_eq!((r1, r2, r3), (11, 12, 13));
+        assert_eq!(clock.read_revision(), 10);
+        b.finish(r2);
+        assert_eq!(clock.read_revision(), 10, "11 still pending");
+        a.finish(r1);
+        assert_eq!(clock.read_revision(), 12);
+        a.finish(r3);
+        assert_eq!(clock.read_revision(), 13);
+        assert_eq!(clock.current(), 13);
+    }
+
+    #[test]
+    fn concurrent_readers_never_see_unfinished_revisions() {
+        let clock = RevisionClock::new(2, 0, 0);
+        let finished: Arc<Vec<AtomicI64>> = Arc::new((0..20_001).map(|_| AtomicI64::new(0)).collect());
+        let mut handles = vec![];
+        for core in 0..2 {
+            let clock = clock.clone();
+            let finished = finished.clone();
+            handles.push(std::thread::spawn(move || {
+                let revs = CoreRevisions::new(clock, core);
+                for _ in 0..10_000 {
+                    let r = revs.begin();
+                    finished[r as usize].store(1, SeqCst);
+                    revs.finish(r);
+                }
+            }));
+        }
+        let reader = {
+            let clock = clock.clone();
+            let finished = finished.clone();
+            std::thread::spawn(move || {
+                let mut last = 0;
+                for _ in 0..200_000 {
+                    let rr = clock.read_revision();
+                    assert!(rr >= last, "read revision went backwards");
+                    for r in (last + 1)..=rr {
+                        assert_eq!(finished[r as usize].load(SeqCst), 1, "revision {r} visible before finished");
+                    }
+                    last = rr;
+                }
+            })
+        };
+        for h in handles {
+            h.join().unwrap();
+        }
+        reader.join().unwrap();
+        assert_eq!(clock.read_revision(), 20_000);
+    }
+}
