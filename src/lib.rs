@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod kv;
+pub mod meta;
 pub mod mvcc;
 pub mod partition;
 pub mod revision;

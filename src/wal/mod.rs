@@ -258,6 +258,14 @@ impl Wal {
         Ok(index)
     }
 
+    /// Whether a frame of `frame_len` bytes can be appended without waiting.
+    pub fn has_room(&self, frame_len: usize) -> bool {
+        let st = self.inner.st.borrow();
+        let len = frame_len as u64;
+        (st.append_segment.is_some() && st.append_pos + len <= st.append_size)
+            || st.spare.as_ref().is_some_and(|s| SEGMENT_HEADER_LEN as u64 + len <= s.size)
+    }
+
     /// Ensures a frame of `frame_len` bytes can be appended, preparing a new segment if needed.
     /// A full disk is reported here as [`Error::DiskFull`].
     pub async fn make_room(&self, frame_len: usize) -> Result<()> {

@@ -1,0 +1,123 @@
+//! Data-dir metadata: the facts fixed at creation (shard count, partitioner) and the process lock.
+
+use std::fs;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::partition::Partitioner;
+
+const META_FILE: &str = "spindle.meta";
+const FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Meta {
+    pub shards: u32,
+    pub partitioner: Partitioner,
+}
+
+/// Holds an exclusive `flock` on the data dir for as long as it lives, so two processes never
+/// write the same WAL.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: fs::File,
+}
+
+pub fn lock(dir: &Path) -> Result<DirLock> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let path = dir.join("LOCK");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    // SAFETY: flock on a valid, owned descriptor.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(Error::DataDir { path: dir.to_path_buf(), reason: "in use by another process".into() });
+    }
+    Ok(DirLock { _file: file })
+}
+
+pub fn shard_dir(dir: &Path, shard: u32) -> PathBuf {
+    dir.join(format!("shard-{shard:03}"))
+}
+
+/// Reads the metadata, or writes it from the given defaults for a new data dir.
+pub fn load_or_create(dir: &Path, shards: u32, partitioner: Partitioner) -> Result<Meta> {
+    let path = dir.join(META_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => parse(&path, &text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if shards == 0 {
+                return Err(Error::InvalidArgument("shard count must be at least 1".into()));
+            }
+            let meta = Meta { shards, partitioner };
+            let text = format!("format={FORMAT}\nshards={shards}\npartitioner={}\n", partitioner.name());
+            let tmp = dir.join(format!("{META_FILE}.tmp"));
+            let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+            fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+            fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))?;
+            Ok(meta)
+        }
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
+fn parse(path: &Path, text: &str) -> Result<Meta> {
+    let bad = |reason: String| Error::DataDir { path: path.to_path_buf(), reason };
+    let mut shards = None;
+    let mut partitioner = None;
+    let mut format = None;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let (k, v) = line.split_once('=').ok_or_else(|| bad(format!("malformed line {line:?}")))?;
+        match k.trim() {
+            "format" => format = v.trim().parse::<u32>().ok(),
+            "shards" => shards = v.trim().parse::<u32>().ok().filter(|&n| n > 0),
+            "partitioner" => partitioner = Partitioner::from_name(v.trim()),
+            other => return Err(bad(format!("unknown key {other:?}"))),
+        }
+    }
+    if format != Some(FORMAT) {
+        return Err(bad(format!("unsupported format {format:?}, expected {FORMAT}")));
+    }
+    Ok(Meta {
+        shards: shards.ok_or_else(|| bad("missing or invalid shards".into()))?,
+        partitioner: partitioner.ok_or_else(|| bad("missing or unknown partitioner".into()))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_once_then_fixed() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = load_or_create(dir.path(), 3, Partitioner::Directory).unwrap();
+        assert_eq!(m.shards, 3);
+        // Later opens keep the recorded shard count whatever the caller asks for.
+        let m2 = load_or_create(dir.path(), 8, Partitioner::WholeKey).unwrap();
+        assert_eq!(m2, m);
+    }
+
+    #[test]
+    fn lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = lock(dir.path()).unwrap();
+        assert!(matches!(lock(dir.path()), Err(Error::DataDir { .. })));
+        drop(l);
+        lock(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn garbage_meta_is_rejected_with_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(META_FILE), "shards=banana\n").unwrap();
+        let err = load_or_create(dir.path(), 1, Partitioner::Directory).unwrap_err();
+        assert!(err.to_string().contains(META_FILE), "{err}");
+    }
+}

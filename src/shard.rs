@@ -1,0 +1,408 @@
+//! One shard on its core: the MVCC store, its WAL, and the operations other cores ask of it.
+//!
+//! Every method runs on the shard's own executor thread. Writes evaluate against the latest state,
+//! take a revision, apply to the in-memory index and queue the WAL record in one synchronous step,
+//! so each shard's log is in revision order; they are acknowledged after group commit makes the
+//! record durable and the read revision has passed them. Readers never see an unfinished revision
+//! because they read at the read revision (see `revision`).
+//!
+//! A multi-shard write locks each participant (ascending shard order, so coordinators cannot
+//! deadlock), evaluates, executes its part and makes it durable, and is then committed or aborted
+//! by the coordinator; while locked, the shard takes no other write.
+
+use std::cell::{Cell, RefCell};
+use std::path::PathBuf;
+use std::rc::Rc;
+
+use glommio::sync::Semaphore;
+
+use crate::checkpoint::{self, CheckpointInfo};
+use crate::error::{Error, Result};
+use crate::kv::{Compare, RangeRequest, RequestOp, TxnRequest};
+use crate::mvcc::{CompareOutcome, OpPartial, ShardRange, ShardStore, TxnPath, Undo};
+use crate::partition::Partitioner;
+use crate::plan;
+use crate::revision::CoreRevisions;
+use crate::wal::{record, EntryKind, Wal, WalEntry};
+
+/// Raft term of entries written by a single node (consensus assigns real terms later).
+pub const TERM: u64 = 1;
+
+/// A multi-shard part executed here and durable, awaiting the coordinator's decision.
+struct HeldPart {
+    revision: i64,
+    undo: Undo,
+}
+
+pub struct Shard {
+    pub id: u32,
+    pub dir: PathBuf,
+    nshards: u32,
+    partitioner: Partitioner,
+    pub store: RefCell<ShardStore>,
+    pub wal: Wal,
+    /// Write permission: one permit; held briefly by single-shard writes and for the whole
+    /// protocol by a multi-shard write.
+    lock: Semaphore,
+    held: RefCell<Option<HeldPart>>,
+    /// Whether a multi-shard coordinator currently holds `lock`.
+    locked_by_coordinator: Cell<bool>,
+    /// Log index and revision of the last checkpoint.
+    pub checkpoint_index: Cell<u64>,
+    checkpointing: Cell<bool>,
+    /// WAL index of the last write, for checkpoint scheduling.
+    last_write_index: Cell<u64>,
+    pub checkpoint_every: u64,
+}
+
+/// Releases the shard's write permission on drop, so early returns cannot leak it.
+struct LockGuard<'a>(&'a Semaphore);
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        self.0.signal(1);
+    }
+}
+
+impl Shard {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u32,
+        dir: PathBuf,
+        nshards: u32,
+        partitioner: Partitioner,
+        store: ShardStore,
+        wal: Wal,
+        checkpoint_index: u64,
+        checkpoint_every: u64,
+    ) -> Rc<Shard> {
+        Rc::new(Shard {
+            id,
+            dir,
+            nshards,
+            partitioner,
+            store: RefCell::new(store),
+            wal,
+            lock: Semaphore::new(1),
+            held: RefCell::new(None),
+            locked_by_coordinator: Cell::new(false),
+            checkpoint_index: Cell::new(checkpoint_index),
+            checkpointing: Cell::new(false),
+            last_write_index: Cell::new(0),
+            checkpoint_every,
+        })
+    }
+
+    fn owns(&self) -> impl Fn(&[u8]) -> bool + '_ {
+        move |k: &[u8]| self.partitioner.shard_of(k, self.nshards) == self.id
+    }
+
+    async fn acquire(&self) -> Result<LockGuard<'_>> {
+        self.lock.acquire(1).await.map_err(|_| Error::Closed)?;
+        Ok(LockGuard(&self.lock))
+    }
+
+    fn ensure_healthy(&self) -> Result<()> {
+        match self.wal.failure() {
+            Some(reason) => Err(Error::ShardFailed { shard: self.id, reason }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn range(&self, req: &RangeRequest, rev: i64) -> Result<ShardRange> {
+        self.store.borrow().range(req, rev)
+    }
+
+    pub fn compare(&self, cmps: &[Compare], rev: i64) -> Result<Vec<CompareOutcome>> {
+        let store = self.store.borrow();
+        cmps.iter().map(|c| store.compare(c, rev)).collect()
+    }
+
+    /// Upper bound of the WAL frame the execution along `path` will produce here, so room is made
+    /// before a revision is taken (a revision once taken must be written).
+    fn frame_estimate(&self, txn: &TxnRequest, path: &TxnPath, rev: i64) -> Result<usize> {
+        let store = self.store.borrow();
+        let owns = self.owns();
+        let mut n = 256;
+        for op in plan::leaf_ops(txn, path) {
+            match op {
+                RequestOp::Put(p) if owns(&p.key) => {
+                    n += 96 + p.key.len() + p.value.len();
+                    if p.ignore_value {
+                        let cur = store.range(&RangeRequest::key(p.key.clone()), rev)?;
+                        n += cur.kvs.iter().map(|kv| kv.value.len()).sum::<usize>();
+                    }
+                }
+                RequestOp::DeleteRange(d) => {
+                    let req = RangeRequest {
+                        key: d.key.clone(),
+                        range_end: d.range_end.clone(),
+                        keys_only: true,
+                        ..Default::default()
+                    };
+                    n += store.range(&req, rev)?.kvs.iter().map(|kv| 64 + kv.key.len()).sum::<usize>();
+                }
+                _ => {}
+            }
+        }
+        Ok(record::frame_len(n))
+    }
+
+    /// A write whose every key lives on this shard: evaluated, applied and logged here.
+    /// Returns the leaf-op partials and the revision the response carries.
+    pub async fn write_single(
+        self: &Rc<Self>,
+        revs: &CoreRevisions,
+        txn: &TxnRequest,
+    ) -> Result<(Vec<OpPartial>, i64)> {
+        let clock = revs.clock().clone();
+        loop {
+            let guard = self.acquire().await?;
+            self.ensure_healthy()?;
+            let c = clock.current();
+            let (path, writes) = {
+                let store = self.store.borrow();
+                let cmps = plan::all_compares(txn);
+                let mut results = Vec::with_capacity(cmps.len());
+                for cmp in cmps {
+                    results.push(plan::merge_compare(cmp, &[store.compare(cmp, c)?]));
+                }
+                let path = plan::choose_path(txn, &results);
+                let writes = store.check(txn, &path, c, &self.owns())?;
+                (path, writes)
+            };
+            if !writes {
+                let exec = self.store.borrow_mut().execute(txn, &path, c, &self.owns());
+                drop(guard);
+                clock.wait_visible(c).await;
+                return Ok((exec.partials, c));
+            }
+            let estimate = self.frame_estimate(txn, &path, c)?;
+            if !self.wal.has_room(estimate) {
+                drop(guard);
+                self.wal.make_room(estimate).await?;
+                continue;
+            }
+            let rev = revs.begin();
+            let (partials, index) = self.execute_and_log(txn, &path, rev, EntryKind::Write, Vec::new())?;
+            drop(guard);
+            let durable = self.wal.wait_durable(index).await;
+            revs.finish(rev);
+            durable?;
+            clock.wait_visible(rev).await;
+            self.maybe_checkpoint();
+            return Ok((partials, rev));
+        }
+    }
+
+    /// Executes at `rev` and queues the WAL record; synchronous, so nothing interleaves.
+    fn execute_and_log(
+        &self,
+        txn: &TxnRequest,
+        path: &TxnPath,
+        rev: i64,
+        kind: EntryKind,
+        participants: Vec<u32>,
+    ) -> Result<(Vec<OpPartial>, u64)> {
+        let last = self.store.borrow().last_revision();
+        assert!(rev > last, "shard {} revision went backwards: {rev} after {last}", self.id);
+        let exec = self.store.borrow_mut().execute(txn, path, rev, &self.owns());
+        let mut entry = WalEntry { term: TERM, index: 0, kind, revision: rev, participants, ops: exec.effects };
+        match self.wal.try_append(&mut entry) {
+            Ok(index) => {
+                self.last_write_index.set(index);
+                if kind == EntryKind::Part {
+                    *self.held.borrow_mut() = Some(HeldPart { revision: rev, undo: exec.undo });
+                }
+                Ok((exec.partials, index))
+            }
+            Err(no_room) => {
+                // The estimate was too small; undo so memory matches the log. The revision stays
+                // unused (a gap), which readers tolerate.
+                self.store.borrow_mut().rollback(exec.undo);
+                Err(Error::InvalidArgument(format!(
+                    "write of {} bytes does not fit the log segment",
+                    no_room.frame_len
+                )))
+            }
+        }
+    }
+
+    // ---- multi-shard protocol (the coordinator drives these in order) ----
+
+    /// Takes the shard's write permission for a coordinator.
+    pub async fn lock_for_coordinator(&self) -> Result<()> {
+        self.lock.acquire(1).await.map_err(|_| Error::Closed)?;
+        self.locked_by_coordinator.set(true);
+        if let Err(e) = self.ensure_healthy() {
+            self.unlock_coordinator();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    pub fn unlock_coordinator(&self) {
+        if self.locked_by_coordinator.replace(false) {
+            debug_assert!(self.held.borrow().is_none(), "unlock with an undecided part");
+            self.lock.signal(1);
+        }
+    }
+
+    pub fn check(&self, txn: &TxnRequest, path: &TxnPath, rev: i64) -> Result<bool> {
+        self.store.borrow().check(txn, path, rev, &self.owns())
+    }
+
+    /// Executes a read-only part (no writes on this shard) while locked.
+    pub fn execute_read(&self, txn: &TxnRequest, path: &TxnPath, rev: i64) -> Vec<OpPartial> {
+        self.store.borrow_mut().execute(txn, path, rev, &self.owns()).partials
+    }
+
+    /// Executes this shard's part at `rev`, logs it as a `Part` naming all participants, and waits
+    /// until it is durable. The shard stays locked until `commit` or `abort`.
+    pub async fn prepare(
+        &self,
+        txn: &TxnRequest,
+        path: &TxnPath,
+        rev: i64,
+        participants: Vec<u32>,
+    ) -> Result<Vec<OpPartial>> {
+        debug_assert!(self.locked_by_coordinator.get());
+        let estimate = self.frame_estimate(txn, path, rev)?;
+        if !self.wal.has_room(estimate) {
+            self.wal.make_room(estimate).await?;
+        }
+        let (partials, index) = self.execute_and_log(txn, path, rev, EntryKind::Part, participants)?;
+        self.wal.wait_durable(index).await?;
+        Ok(partials)
+    }
+
+    pub fn commit(&self, rev: i64) {
+        let held = self.held.borrow_mut().take();
+        debug_assert!(held.as_ref().is_some_and(|h| h.revision == rev), "commit of an unknown part");
+        self.unlock_coordinator();
+    }
+
+    /// Undoes a prepared part and records the abort durably (recovery must not resurrect it).
+    pub async fn abort(&self, rev: i64) -> Result<()> {
+        let held = self.held.borrow_mut().take();
+        let result = match held {
+            Some(h) if h.revision == rev => {
+                self.store.borrow_mut().rollback(h.undo);
+                self.log_abort(rev).await
+            }
+            other => {
+                *self.held.borrow_mut() = other;
+                Ok(())
+            }
+        };
+        self.unlock_coordinator();
+        result
+    }
+
+    pub async fn log_abort(&self, rev: i64) -> Result<()> {
+        let mut entry = WalEntry { term: TERM, index: 0, kind: EntryKind::Abort, revision: rev, participants: vec![], ops: vec![] };
+        let index = loop {
+            match self.wal.try_append(&mut entry) {
+                Ok(i) => break i,
+                Err(nr) => self.wal.make_room(nr.frame_len).await?,
+            }
+        };
+        self.wal.wait_durable(index).await
+    }
+
+    /// Durably records and applies a compaction at `rev`.
+    pub async fn compact(&self, rev: i64) -> Result<()> {
+        let _guard = self.acquire().await?;
+        self.ensure_healthy()?;
+        if rev <= self.store.borrow().compact_revision() {
+            return Ok(());
+        }
+        let mut entry =
+            WalEntry { term: TERM, index: 0, kind: EntryKind::Compact, revision: rev, participants: vec![], ops: vec![] };
+        let index = loop {
+            match self.wal.try_append(&mut entry) {
+                Ok(i) => break i,
+                Err(nr) => self.wal.make_room(nr.frame_len).await?,
+            }
+        };
+        self.wal.wait_durable(index).await?;
+        self.store.borrow_mut().compact(rev);
+        Ok(())
+    }
+
+    /// Starts a background checkpoint when enough log has accumulated since the last one.
+    fn maybe_checkpoint(self: &Rc<Self>) {
+        let since = self.last_write_index.get().saturating_sub(self.checkpoint_index.get());
+        if self.checkpoint_every > 0 && since >= self.checkpoint_every && !self.checkpointing.get() {
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                if let Err(e) = shard.checkpoint().await {
+                    tracing::warn!(error = %e, "background checkpoint failed; the WAL keeps everything");
+                }
+            })
+            .detach();
+        }
+    }
+
+    /// Writes a checkpoint of this shard at its current log position, then drops WAL segments it
+    /// covers. Writes continue while it runs.
+    pub async fn checkpoint(self: Rc<Self>) -> Result<CheckpointInfo> {
+        if self.checkpointing.replace(true) {
+            return Err(Error::InvalidArgument(format!("shard {} is already writing a checkpoint", self.id)));
+        }
+        let result = self.checkpoint_inner().await;
+        self.checkpointing.set(false);
+        result
+    }
+
+    async fn checkpoint_inner(&self) -> Result<CheckpointInfo> {
+        // Capture a position with no undecided multi-shard part, so everything at or below it is
+        // final.
+        let (index, upto) = {
+            let _guard = self.acquire().await?;
+            self.ensure_healthy()?;
+            (self.wal.next_index() - 1, self.store.borrow().last_revision())
+        };
+        self.wal.wait_durable(index).await?;
+        let compact = self.store.borrow().compact_revision();
+        let info = CheckpointInfo {
+            shard: self.id,
+            index,
+            term: TERM,
+            last_revision: upto,
+            compact_revision: compact,
+            key_count: 0,
+        };
+        let after: RefCell<Option<bytes::Bytes>> = RefCell::new(None);
+        let done = Cell::new(false);
+        let path = checkpoint::write(&self.dir, info, || async {
+            if done.get() {
+                return None;
+            }
+            glommio::yield_if_needed().await;
+            let chunk = {
+                let store = self.store.borrow();
+                let a = after.borrow();
+                store.export_keys(a.as_deref(), 4096, upto)
+            };
+            if chunk.len() < 4096 {
+                done.set(true);
+            }
+            let last = chunk.last()?.key.clone();
+            *after.borrow_mut() = Some(last);
+            let mut bytes = Vec::new();
+            checkpoint::encode_histories(&chunk, &mut bytes);
+            Some((bytes, chunk.len() as u64))
+        })
+        .await?;
+        self.checkpoint_index.set(index);
+        self.wal.drop_through(index)?;
+        for (i, old) in checkpoint::list(&self.dir)? {
+            if i < index {
+                std::fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;
+            }
+        }
+        tracing::debug!(shard = self.id, index, revision = upto, path = %path.display(), "checkpoint written");
+        Ok(info)
+    }
+}
