@@ -2,5 +2,6 @@
 
 pub mod error;
 pub mod kv;
+pub mod plan;
 
 pub use error::{Error, Result};
