@@ -141,6 +141,9 @@ struct LevelWrites {
 
 /// etcd's `checkIntervals`: a key may be written at most once along any execution of the txn,
 /// because the store applies a txn's ops as one revision and a second write would be ambiguous.
+/// Deletes use [`KeyRange::from_etcd`], so a `"\0"` end means "to the end of the key space";
+/// etcd 3.4 takes that end literally here (an empty interval that never conflicts), so we reject
+/// some txns etcd 3.4 lets through, which then write a key twice in one revision.
 fn check_intervals(ops: &[RequestOp]) -> Result<LevelWrites, Error> {
     // This level's deletes first, so that nested puts are checked against them.
     let mut dels = DelSet::default();
@@ -198,7 +201,7 @@ impl DelSet {
         self.runs
             .range::<[u8], _>((Bound::Unbounded, Bound::Included(k)))
             .next_back()
-            .is_some_and(|(_, end)| end.as_ref().is_none_or(|e| k < e.as_ref()))
+            .is_some_and(|(_, end)| end.as_ref().map_or(true, |e| k < e.as_ref()))
     }
 
     fn insert(&mut self, r: KeyRange) {
@@ -209,7 +212,7 @@ impl DelSet {
             .next_back()
             .map(|(s, e)| (s.clone(), e.clone()));
         if let Some((ps, pe)) = pred {
-            if pe.as_ref().is_none_or(|e| e.as_ref() >= start.as_ref()) {
+            if pe.as_ref().map_or(true, |e| e.as_ref() >= start.as_ref()) {
                 self.runs.remove(&ps);
                 start = ps;
                 end = max_end(end, pe);
@@ -222,7 +225,7 @@ impl DelSet {
                 .next()
                 .map(|(s, e)| (s.clone(), e.clone()));
             match next {
-                Some((s, e)) if end.as_ref().is_none_or(|end| s.as_ref() <= end.as_ref()) => {
+                Some((s, e)) if end.as_ref().map_or(true, |end| s.as_ref() <= end.as_ref()) => {
                     self.runs.remove(&s);
                     end = max_end(end, e);
                 }
@@ -415,6 +418,8 @@ fn collect_shards(
 
 /// Structural: any put or delete anywhere in the tree, whichever branch runs. The coordinator
 /// needs this before compares are evaluated, to decide whether a write revision may be needed.
+/// (etcd's `isTxnReadonly` also counts a read-only nested txn as a write; that only changes its
+/// internal routing, not the response, so we look at the leaves.)
 pub fn txn_has_writes(t: &TxnRequest) -> bool {
     t.success.iter().chain(&t.failure).any(|op| match op {
         RequestOp::Range(_) => false,
@@ -675,3 +680,4 @@ fn build_txn(
         ..Default::default()
     }
 }
+
