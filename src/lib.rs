@@ -1,12 +1,15 @@
 //! spindle: an etcd-compatible key-value store built thread-per-core on glommio.
 
+pub mod checkpoint;
 pub mod error;
 pub mod kv;
 pub mod meta;
 pub mod mvcc;
 pub mod partition;
+pub mod plan;
 pub mod revision;
 pub mod rt;
+pub mod shard;
 pub mod wal;
 
 pub use error::{Error, Result};
