@@ -275,8 +275,7 @@ impl RangeRequest {
     }
     /// Every key starting with `prefix`, as etcdctl's `--prefix`.
     pub fn prefix(prefix: impl Into<Bytes>) -> Self {
-        let key = prefix.into();
-        let range_end = prefix_end(&key);
+        let (key, range_end) = prefix_range(prefix.into());
         RangeRequest {
             key,
             range_end,
@@ -300,14 +299,23 @@ impl DeleteRangeRequest {
         }
     }
     pub fn prefix(prefix: impl Into<Bytes>) -> Self {
-        let key = prefix.into();
-        let range_end = prefix_end(&key);
+        let (key, range_end) = prefix_range(prefix.into());
         DeleteRangeRequest {
             key,
             range_end,
             ..Default::default()
         }
     }
+}
+
+/// `(key, range_end)` selecting every key with `prefix`. An empty prefix means all keys, sent as
+/// `("\0", "\0")` like etcd's clients do, since an empty key is rejected.
+pub fn prefix_range(prefix: Bytes) -> (Bytes, Bytes) {
+    if prefix.is_empty() {
+        return (Bytes::from_static(b"\0"), Bytes::from_static(b"\0"));
+    }
+    let end = prefix_end(&prefix);
+    (prefix, end)
 }
 
 /// The range end that selects every key with `prefix` (etcd's `GetPrefixRangeEnd`): the prefix with

@@ -1,6 +1,7 @@
 //! spindle: an etcd-compatible key-value store built thread-per-core on glommio.
 
 pub mod checkpoint;
+pub mod db;
 pub mod error;
 pub mod kv;
 pub mod meta;
@@ -12,4 +13,5 @@ pub mod rt;
 pub mod shard;
 pub mod wal;
 
+pub use db::{Db, Options, Status};
 pub use error::{Error, Result};

@@ -154,7 +154,7 @@ impl Shard {
         self: &Rc<Self>,
         revs: &CoreRevisions,
         txn: &TxnRequest,
-    ) -> Result<(Vec<OpPartial>, i64)> {
+    ) -> Result<(TxnPath, Vec<OpPartial>, i64)> {
         let clock = revs.clock().clone();
         loop {
             let guard = self.acquire().await?;
@@ -175,7 +175,7 @@ impl Shard {
                 let exec = self.store.borrow_mut().execute(txn, &path, c, &self.owns());
                 drop(guard);
                 clock.wait_visible(c).await;
-                return Ok((exec.partials, c));
+                return Ok((path, exec.partials, c));
             }
             let estimate = self.frame_estimate(txn, &path, c)?;
             if !self.wal.has_room(estimate) {
@@ -191,7 +191,7 @@ impl Shard {
             durable?;
             clock.wait_visible(rev).await;
             self.maybe_checkpoint();
-            return Ok((partials, rev));
+            return Ok((path, partials, rev));
         }
     }
 
