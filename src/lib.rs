@@ -2,5 +2,6 @@
 
 pub mod error;
 pub mod kv;
+pub mod mvcc;
 
 pub use error::{Error, Result};
