@@ -19,50 +19,7 @@ use crate::kv::{
     SortOrder, SortTarget, TargetUnion, TxnRequest, TxnResponse,
 };
 
-// ================================================================================================
-// Shared partial-result types. They belong to the per-shard store (`mvcc`) and will move there
-// and be re-exported from here; keep them byte-for-byte in sync with that module until then.
-// ================================================================================================
-
-/// Per-shard slice of a range result.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ShardRange {
-    /// After filters+sort, truncated to the request's limit.
-    pub kvs: Vec<KeyValue>,
-    /// Kvs that passed min/max filters before limit truncation.
-    pub filtered: i64,
-    /// Keys in range at rev before filters and limit (etcd's count).
-    pub count: i64,
-}
-
-/// Per shard: number of keys the compare covered there, and whether it held for all of them.
-pub struct CompareOutcome {
-    pub matched: u64,
-    pub all_true: bool,
-}
-
-/// Branch taken at each txn node in execution order: the top-level txn first, then nested txns as
-/// met depth-first along the chosen branch's ops.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TxnPath(pub Vec<bool>);
-
-/// One per leaf op (Range/Put/DeleteRange) along the path, in execution order; nested Txn ops are
-/// expanded, not leaves; `NotOwned` = the put's key lives on another shard.
-pub enum OpPartial {
-    Range(ShardRange),
-    Put {
-        prev_kv: Option<KeyValue>,
-    },
-    DeleteRange {
-        deleted: i64,
-        prev_kvs: Vec<KeyValue>,
-    },
-    NotOwned,
-}
-
-// ================================================================================================
-// End of shared types.
-// ================================================================================================
+pub use crate::mvcc::{CompareOutcome, OpPartial, ShardRange, TxnPath};
 
 /// etcd's default `--max-txn-ops`.
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;

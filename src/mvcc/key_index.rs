@@ -1,0 +1,388 @@
+//! Per-key revision history, modelled on etcd's key index.
+//!
+//! A key's life is a sequence of generations: a generation starts with the put that creates the
+//! key and ends with the delete (tombstone) that removes it; a later put starts a new generation.
+//! Values and leases live next to their revision (there is no separate revision → value store),
+//! and versions are not stored: the version of a put is its position in the generation, offset by
+//! `first_version` once compaction has dropped the generation's older puts.
+//!
+//! Several events of one key may share a revision (etcd's sub-revisions, e.g. delete then put in
+//! one txn); they are ordered by position, and the last one at a revision wins on reads.
+
+use bytes::Bytes;
+
+use crate::kv::KeyValue;
+
+/// One put of a key. `value` is kept as the caller's `Bytes` (it may point into an mmap'd file).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PutEvent {
+    pub revision: i64,
+    pub value: Bytes,
+    pub lease: i64,
+}
+
+/// One create ... delete lifetime of a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generation {
+    /// Revision of the put that created this generation; kept after compaction drops that put.
+    pub create_revision: i64,
+    /// Version of `puts[0]`: 1, or more once compaction dropped the generation's older puts.
+    pub first_version: i64,
+    /// Puts in revision order (equal revisions only for puts in one txn). Never empty.
+    pub puts: Vec<PutEvent>,
+    /// Revision of the delete that ended the generation; `None` while the key is live.
+    pub tombstone: Option<i64>,
+}
+
+/// The full retained history of one key, as exported for checkpoints.
+///
+/// Invariants (see [`KeyHistory::is_well_formed`]): at least one generation; every generation but
+/// the last has a tombstone; revisions never decrease along the history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyHistory {
+    pub key: Bytes,
+    /// Oldest first.
+    pub generations: Vec<Generation>,
+}
+
+impl KeyHistory {
+    /// Checks the invariants the store relies on; checkpoint loaders can use it on untrusted input.
+    pub fn is_well_formed(&self) -> bool {
+        let mut last = i64::MIN;
+        let n = self.generations.len();
+        n > 0
+            && self.generations.iter().enumerate().all(|(i, g)| {
+                let ok = !g.puts.is_empty()
+                    && g.first_version >= 1
+                    && g.create_revision >= last
+                    && g.create_revision <= g.puts[0].revision
+                    && g.puts.windows(2).all(|w| w[0].revision <= w[1].revision)
+                    && (g.tombstone.is_some() || i + 1 == n);
+                last = g.puts.last().map_or(last, |p| p.revision);
+                match g.tombstone {
+                    Some(t) => {
+                        let ok = ok && t >= last;
+                        last = t;
+                        ok
+                    }
+                    None => ok,
+                }
+            })
+    }
+}
+
+/// A key's state at some revision, borrowed from the index (no value copy until [`Self::to_kv`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Visible<'a> {
+    pub key: &'a Bytes,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+    pub value: &'a Bytes,
+    pub lease: i64,
+}
+
+impl Visible<'_> {
+    pub fn to_kv(self, keys_only: bool) -> KeyValue {
+        KeyValue {
+            key: self.key.clone(),
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+            value: if keys_only {
+                Bytes::new()
+            } else {
+                self.value.clone()
+            },
+            lease: self.lease,
+        }
+    }
+}
+
+/// The index's value for one key: its generations (the key itself is the map key, not repeated).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct KeyIndex {
+    gens: Vec<Generation>,
+}
+
+impl KeyIndex {
+    pub fn created(rev: i64, value: Bytes, lease: i64) -> Self {
+        KeyIndex {
+            gens: vec![Generation {
+                create_revision: rev,
+                first_version: 1,
+                puts: vec![PutEvent {
+                    revision: rev,
+                    value,
+                    lease,
+                }],
+                tombstone: None,
+            }],
+        }
+    }
+
+    pub fn from_generations(gens: Vec<Generation>) -> Self {
+        KeyIndex { gens }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.gens.is_empty()
+    }
+
+    /// Whether the key exists at the latest revision.
+    pub fn is_live(&self) -> bool {
+        self.gens.last().is_some_and(|g| g.tombstone.is_none())
+    }
+
+    /// Revision of the newest event, for ordering assertions.
+    fn newest_revision(&self) -> i64 {
+        self.gens.last().map_or(i64::MIN, |g| {
+            g.tombstone
+                .or_else(|| g.puts.last().map(|p| p.revision))
+                .unwrap_or(g.create_revision)
+        })
+    }
+
+    /// The key as seen by a read at `rev`, or `None` if it did not exist then. Only meaningful for
+    /// `rev >=` the compact revision; below it the history may be gone and `None` is returned.
+    pub fn at<'a>(&'a self, key: &'a Bytes, rev: i64) -> Option<Visible<'a>> {
+        let gi = self.gens.partition_point(|g| g.create_revision <= rev);
+        let g = self.gens.get(gi.checked_sub(1)?)?;
+        if g.tombstone.is_some_and(|t| t <= rev) {
+            return None;
+        }
+        let pi = g
+            .puts
+            .partition_point(|p| p.revision <= rev)
+            .checked_sub(1)?;
+        let p = &g.puts[pi];
+        Some(Visible {
+            key,
+            create_revision: g.create_revision,
+            mod_revision: p.revision,
+            version: g.first_version + pi as i64,
+            value: &p.value,
+            lease: p.lease,
+        })
+    }
+
+    pub fn put(&mut self, rev: i64, value: Bytes, lease: i64) {
+        debug_assert!(rev >= self.newest_revision(), "put below the key's history");
+        let event = PutEvent {
+            revision: rev,
+            value,
+            lease,
+        };
+        match self.gens.last_mut() {
+            Some(g) if g.tombstone.is_none() => g.puts.push(event),
+            _ => self.gens.push(Generation {
+                create_revision: rev,
+                first_version: 1,
+                puts: vec![event],
+                tombstone: None,
+            }),
+        }
+    }
+
+    /// Ends the live generation at `rev`; false (and no change) if the key is not live.
+    pub fn delete(&mut self, rev: i64) -> bool {
+        debug_assert!(
+            rev >= self.newest_revision(),
+            "delete below the key's history"
+        );
+        match self.gens.last_mut() {
+            Some(g) if g.tombstone.is_none() => {
+                g.tombstone = Some(rev);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes every event at `rev`, which must be the newest revision in the history. This is
+    /// how a txn is undone: all its writes share one revision above everything else.
+    pub fn strip(&mut self, rev: i64) {
+        debug_assert!(
+            rev >= self.newest_revision(),
+            "strip of a non-newest revision"
+        );
+        while let Some(g) = self.gens.last_mut() {
+            if g.tombstone == Some(rev) {
+                g.tombstone = None;
+            }
+            if g.tombstone.is_some() {
+                break;
+            }
+            while g.puts.last().is_some_and(|p| p.revision == rev) {
+                g.puts.pop();
+            }
+            if !g.puts.is_empty() {
+                break;
+            }
+            self.gens.pop();
+        }
+    }
+
+    /// Drops history that no read at `>= at` can observe: generations tombstoned at or below
+    /// `at`, and puts older than the one visible at `at`. Returns false when nothing is left, i.e.
+    /// the key's last event at or below `at` was a delete and nothing came after.
+    pub fn compact(&mut self, at: i64) -> bool {
+        let dead = self
+            .gens
+            .iter()
+            .take_while(|g| g.tombstone.is_some_and(|t| t <= at))
+            .count();
+        if dead > 0 {
+            self.gens.drain(..dead);
+        }
+        if let Some(g) = self.gens.first_mut() {
+            let keep_from = g
+                .puts
+                .partition_point(|p| p.revision <= at)
+                .saturating_sub(1);
+            if keep_from > 0 {
+                g.puts.drain(..keep_from);
+                g.first_version += keep_from as i64;
+                if g.puts.capacity() > 2 * g.puts.len() + 4 {
+                    g.puts.shrink_to_fit();
+                }
+            }
+        }
+        if self.gens.capacity() > 2 * self.gens.len() + 4 {
+            self.gens.shrink_to_fit();
+        }
+        !self.gens.is_empty()
+    }
+
+    /// The history restricted to revisions `<= upto` (a generation tombstoned later is still
+    /// open there), or `None` if the key has no event that old. `upto` must not be below the
+    /// compact revision, since older events may be gone.
+    pub fn export(&self, key: &Bytes, upto: i64) -> Option<KeyHistory> {
+        let mut generations = Vec::new();
+        for g in &self.gens {
+            if g.create_revision > upto {
+                break;
+            }
+            let n = g.puts.partition_point(|p| p.revision <= upto);
+            if n == 0 {
+                break;
+            }
+            let tombstone = g.tombstone.filter(|&t| t <= upto);
+            generations.push(Generation {
+                create_revision: g.create_revision,
+                first_version: g.first_version,
+                puts: g.puts[..n].to_vec(),
+                tombstone,
+            });
+            if tombstone.is_none() {
+                break;
+            }
+        }
+        (!generations.is_empty()).then(|| KeyHistory {
+            key: key.clone(),
+            generations,
+        })
+    }
+
+    /// Highest revision mentioned anywhere in the history, for sanity checks on import.
+    pub fn max_revision(&self) -> i64 {
+        self.newest_revision()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn versions_come_from_position_and_survive_compaction() {
+        let key = b("k");
+        let mut ki = KeyIndex::created(2, b("a"), 0);
+        ki.put(4, b("b"), 7);
+        ki.put(6, b("c"), 0);
+        let v = ki.at(&key, 5).expect("live at 5");
+        assert_eq!(
+            (v.create_revision, v.mod_revision, v.version, v.lease),
+            (2, 4, 2, 7)
+        );
+        assert!(ki.at(&key, 1).is_none());
+
+        assert!(ki.compact(5));
+        let v = ki
+            .at(&key, 5)
+            .expect("still readable at the compact revision");
+        assert_eq!((v.create_revision, v.mod_revision, v.version), (2, 4, 2));
+        let v = ki.at(&key, 9).expect("latest");
+        assert_eq!((v.create_revision, v.mod_revision, v.version), (2, 6, 3));
+        assert_eq!(ki.gens[0].puts.len(), 2);
+    }
+
+    #[test]
+    fn strip_undoes_every_event_at_the_newest_revision() {
+        let key = b("k");
+        let mut ki = KeyIndex::created(2, b("a"), 0);
+        let before = ki.clone();
+        // delete + put + delete + put, all at revision 5 (sub-revisions of one txn)
+        assert!(ki.delete(5));
+        ki.put(5, b("b"), 0);
+        assert!(ki.delete(5));
+        ki.put(5, b("c"), 0);
+        let v = ki.at(&key, 5).expect("last event at 5 is a put");
+        assert_eq!(
+            (v.create_revision, v.version, v.value.as_ref()),
+            (5, 1, &b"c"[..])
+        );
+        ki.strip(5);
+        assert_eq!(ki, before);
+
+        let mut fresh = KeyIndex::created(3, b("x"), 0);
+        fresh.strip(3);
+        assert!(fresh.is_empty());
+    }
+
+    #[test]
+    fn compaction_drops_dead_generations() {
+        let key = b("k");
+        let mut ki = KeyIndex::created(1, b("a"), 0);
+        assert!(ki.delete(3));
+        assert!(
+            ki.compact(2),
+            "tombstone above the compact revision keeps the generation"
+        );
+        assert!(ki.at(&key, 2).is_some());
+        assert!(
+            !ki.compact(3),
+            "tombstone at the compact revision removes the key"
+        );
+
+        let mut ki = KeyIndex::created(1, b("a"), 0);
+        assert!(ki.delete(3));
+        ki.put(8, b("b"), 0);
+        assert!(ki.compact(5));
+        assert_eq!(ki.gens.len(), 1);
+        assert!(ki.at(&key, 5).is_none());
+        assert_eq!(ki.at(&key, 8).map(|v| v.version), Some(1));
+    }
+
+    #[test]
+    fn export_truncates_to_upto() {
+        let key = b("k");
+        let mut ki = KeyIndex::created(1, b("a"), 0);
+        ki.put(2, b("b"), 0);
+        assert!(ki.delete(4));
+        ki.put(6, b("c"), 0);
+        let h = ki.export(&key, 3).expect("has events <= 3");
+        assert!(h.is_well_formed());
+        assert_eq!(h.generations.len(), 1);
+        assert_eq!(h.generations[0].tombstone, None);
+        assert_eq!(h.generations[0].puts.len(), 2);
+        let full = ki.export(&key, i64::MAX).expect("full");
+        assert!(full.is_well_formed());
+        assert_eq!(KeyIndex::from_generations(full.generations), ki);
+        assert!(ki.export(&key, 0).is_none());
+    }
+}
