@@ -57,7 +57,10 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
             let _ = fs::remove_file(ent.path());
             continue;
         }
-        if let Some(idx) = name.strip_prefix("checkpoint-").and_then(|s| s.strip_suffix(".ckpt")) {
+        if let Some(idx) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.strip_suffix(".ckpt"))
+        {
             if let Ok(i) = idx.parse::<u64>() {
                 out.push((i, ent.path()));
             }
@@ -103,7 +106,11 @@ fn encode_header(info: &CheckpointInfo) -> [u8; HEADER_LEN] {
 
 /// Streams a checkpoint to `dir` through a DMA writer; `next_chunk` yields encoded record bytes until
 /// it returns `None`. The file appears under its final name only once complete and synced.
-pub async fn write<F, Fut>(dir: &Path, mut info: CheckpointInfo, mut next_chunk: F) -> Result<PathBuf>
+pub async fn write<F, Fut>(
+    dir: &Path,
+    mut info: CheckpointInfo,
+    mut next_chunk: F,
+) -> Result<PathBuf>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<(Vec<u8>, u64)>>,
@@ -118,7 +125,9 @@ where
         .dma_open(&tmp)
         .await
         .map_err(|e| io(e.into()))?;
-    let mut w = glommio::io::DmaStreamWriterBuilder::new(file).with_buffer_size(512 << 10).build();
+    let mut w = glommio::io::DmaStreamWriterBuilder::new(file)
+        .with_buffer_size(512 << 10)
+        .build();
     // The header's key count is only known at the end, so it is excluded from the checksum's
     // streaming pass and verified through the key records instead; write a placeholder first.
     let mut crc = crc32fast::Hasher::new();
@@ -148,7 +157,9 @@ where
         f.sync_all().map_err(io)?;
     }
     fs::rename(&tmp, &final_path).map_err(|e| Error::io(&final_path, e))?;
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))?;
     Ok(final_path)
 }
 
@@ -170,7 +181,10 @@ pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
     }
     let body_end = map.len() - FOOTER_LEN;
     if &map[body_end + 4..] != END_MAGIC {
-        return Err(corrupt(body_end, "missing end marker (incomplete checkpoint)"));
+        return Err(corrupt(
+            body_end,
+            "missing end marker (incomplete checkpoint)",
+        ));
     }
     let stored = u32::from_le_bytes(map[body_end..body_end + 4].try_into().expect("4 bytes"));
     if crc32fast::hash(&map[..body_end]) != stored {
@@ -190,10 +204,16 @@ pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
         key_count: u64_at(48),
     };
     if info.shard != shard {
-        return Err(corrupt(12, &format!("checkpoint of shard {} found in shard {shard}", info.shard)));
+        return Err(corrupt(
+            12,
+            &format!("checkpoint of shard {} found in shard {shard}", info.shard),
+        ));
     }
     let owner = Bytes::from_owner(MapOwner(map.clone()));
-    let mut r = Reader { buf: &map[..body_end], pos: HEADER_LEN };
+    let mut r = Reader {
+        buf: &map[..body_end],
+        pos: HEADER_LEN,
+    };
     let mut histories = Vec::with_capacity(info.key_count as usize);
     let mut last_key: Option<Bytes> = None;
     while r.pos < body_end {
@@ -214,7 +234,11 @@ pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
                 let lease = r.i64().ok_or_else(|| corrupt(at, "truncated put"))?;
                 let vlen = r.u32().ok_or_else(|| corrupt(at, "truncated put"))? as usize;
                 let vpos = r.take(vlen).ok_or_else(|| corrupt(at, "truncated value"))?;
-                puts.push(PutEvent { revision, value: owner.slice(vpos..vpos + vlen), lease });
+                puts.push(PutEvent {
+                    revision,
+                    value: owner.slice(vpos..vpos + vlen),
+                    lease,
+                });
             }
             generations.push(Generation {
                 create_revision,
@@ -223,7 +247,10 @@ pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
                 tombstone: if tomb == 0 { None } else { Some(tomb) },
             });
         }
-        let h = KeyHistory { key: key.clone(), generations };
+        let h = KeyHistory {
+            key: key.clone(),
+            generations,
+        };
         if !h.is_well_formed() || last_key.as_ref().is_some_and(|k| *k >= key) {
             return Err(corrupt(at, "malformed or out-of-order key history"));
         }

@@ -46,7 +46,9 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         Options {
             cores,
             shards: None,
@@ -96,7 +98,13 @@ enum ShardOp {
     Compare(Vec<Compare>, i64, Reply<Vec<CompareOutcome>>),
     Check(Arc<TxnRequest>, Arc<TxnPath>, i64, Reply<bool>),
     ReadExec(Arc<TxnRequest>, Arc<TxnPath>, i64, Reply<Vec<OpPartial>>),
-    Prepare(Arc<TxnRequest>, Arc<TxnPath>, i64, Vec<u32>, Reply<Vec<OpPartial>>),
+    Prepare(
+        Arc<TxnRequest>,
+        Arc<TxnPath>,
+        i64,
+        Vec<u32>,
+        Reply<Vec<OpPartial>>,
+    ),
     Commit(i64, Reply<()>),
     Abort(i64, Reply<()>),
     Unlock(Reply<()>),
@@ -151,6 +159,8 @@ struct RecoveredShard {
     store: ShardStore,
     wal: wal::Recovered,
     checkpoint_index: u64,
+    /// Last revision the checkpoint reflects (0 without one).
+    checkpoint_revision: i64,
     /// Multi-shard revisions to record as aborted before serving.
     aborts: Vec<i64>,
 }
@@ -163,7 +173,11 @@ impl Db {
             return Err(Error::InvalidArgument("cores must be at least 1".into()));
         }
         let lock = meta::lock(&path)?;
-        let meta = meta::load_or_create(&path, opts.shards.unwrap_or(opts.cores as u32), opts.partitioner)?;
+        let meta = meta::load_or_create(
+            &path,
+            opts.shards.unwrap_or(opts.cores as u32),
+            opts.partitioner,
+        )?;
         let (shards, current, compact) = recover_all(&path, meta.shards)?;
         let clock = RevisionClock::new(opts.cores, current, compact);
 
@@ -185,17 +199,27 @@ impl Db {
         for s in shards {
             per_core[shared.core_of(s.id)].push(s);
         }
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let mut threads = Vec::new();
         let mut ready = Vec::new();
         for (core, (rx, mine)) in receivers.into_iter().zip(per_core).enumerate() {
-            let placement = if opts.pin { Placement::Fixed(core % cpus) } else { Placement::Unbound };
+            let placement = if opts.pin {
+                Placement::Fixed(core % cpus)
+            } else {
+                Placement::Unbound
+            };
             let shared = shared.clone();
             let (ready_tx, ready_rx) = oneshot::<()>();
-            let wal_opts = WalOptions { segment_size: opts.wal_segment_size };
+            let wal_opts = WalOptions {
+                segment_size: opts.wal_segment_size,
+            };
             let every = opts.checkpoint_every;
             let handle = crate::rt::builder(placement, &format!("spindle-core-{core}"))
-                .spawn(move || async move { run_core(core, shared, rx, mine, wal_opts, every, ready_tx).await })
+                .spawn(move || async move {
+                    run_core(core, shared, rx, mine, wal_opts, every, ready_tx).await
+                })
                 .map_err(|e| Error::Executor(e.to_string()))?;
             threads.push(handle);
             ready.push(ready_rx);
@@ -208,7 +232,9 @@ impl Db {
             path,
             _lock: lock,
         };
-        let db = Db { inner: Arc::new(inner) };
+        let db = Db {
+            inner: Arc::new(inner),
+        };
         for r in ready {
             if let Err(e) = r.recv().map_err(|_| Error::Closed).and_then(|r| r) {
                 db.shutdown();
@@ -226,7 +252,9 @@ impl Db {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        self.inner.shared.inboxes[core].send(msg).map_err(|_| Error::Closed)
+        self.inner.shared.inboxes[core]
+            .send(msg)
+            .map_err(|_| Error::Closed)
     }
 
     fn any_core(&self) -> usize {
@@ -240,8 +268,13 @@ impl Db {
 
     fn submit_range(&self, req: RangeRequest) -> Result<flume::Receiver<Result<RangeResponse>>> {
         plan::validate_range(&req)?;
-        let single = KeyRange::from_etcd(&req.key, &req.range_end).is_some_and(|r| r.is_single_key());
-        let core = if single { self.key_core(&req.key) } else { self.any_core() };
+        let single =
+            KeyRange::from_etcd(&req.key, &req.range_end).is_some_and(|r| r.is_single_key());
+        let core = if single {
+            self.key_core(&req.key)
+        } else {
+            self.any_core()
+        };
         let (tx, rx) = oneshot();
         self.send(core, Msg::Client(ClientReq::Range(req, tx)))?;
         Ok(rx)
@@ -259,7 +292,10 @@ impl Db {
         Ok(rx)
     }
 
-    fn submit_compact(&self, req: CompactionRequest) -> Result<flume::Receiver<Result<CompactionResponse>>> {
+    fn submit_compact(
+        &self,
+        req: CompactionRequest,
+    ) -> Result<flume::Receiver<Result<CompactionResponse>>> {
         let (tx, rx) = oneshot();
         self.send(self.any_core(), Msg::Client(ClientReq::Compact(req, tx)))?;
         Ok(rx)
@@ -285,12 +321,16 @@ impl Db {
 
     pub fn delete_range(&self, req: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         plan::validate_delete(&req)?;
-        delete_response(wait(self.submit_txn(single_op_txn(RequestOp::DeleteRange(req)))?)?)
+        delete_response(wait(
+            self.submit_txn(single_op_txn(RequestOp::DeleteRange(req)))?,
+        )?)
     }
 
     pub async fn delete_range_async(&self, req: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         plan::validate_delete(&req)?;
-        delete_response(wait_async(self.submit_txn(single_op_txn(RequestOp::DeleteRange(req)))?).await?)
+        delete_response(
+            wait_async(self.submit_txn(single_op_txn(RequestOp::DeleteRange(req)))?).await?,
+        )
     }
 
     pub fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
@@ -341,7 +381,8 @@ impl Db {
         for inbox in &self.inner.shared.inboxes {
             let _ = inbox.send(Msg::Shutdown);
         }
-        let threads = std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let threads =
+            std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             if let Err(e) = t.join() {
                 tracing::error!(error = ?e, "executor thread ended abnormally");
@@ -372,7 +413,11 @@ async fn wait_async<T>(rx: flume::Receiver<Result<T>>) -> Result<T> {
 }
 
 fn single_op_txn(op: RequestOp) -> TxnRequest {
-    TxnRequest { compare: vec![], success: vec![op], failure: vec![] }
+    TxnRequest {
+        compare: vec![],
+        success: vec![op],
+        failure: vec![],
+    }
 }
 
 fn put_response(t: TxnResponse) -> Result<PutResponse> {
@@ -381,7 +426,9 @@ fn put_response(t: TxnResponse) -> Result<PutResponse> {
             p.header = t.header;
             Ok(p)
         }
-        _ => Err(Error::InvalidArgument("internal: put produced no put response".into())),
+        _ => Err(Error::InvalidArgument(
+            "internal: put produced no put response".into(),
+        )),
     }
 }
 
@@ -391,7 +438,9 @@ fn delete_response(t: TxnResponse) -> Result<DeleteRangeResponse> {
             d.header = t.header;
             Ok(d)
         }
-        _ => Err(Error::InvalidArgument("internal: delete produced no delete response".into())),
+        _ => Err(Error::InvalidArgument(
+            "internal: delete produced no delete response".into(),
+        )),
     }
 }
 
@@ -438,15 +487,27 @@ fn recover_all(path: &Path, nshards: u32) -> Result<(Vec<RecoveredShard>, i64, i
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Closed))).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Closed)))
+            .collect()
     });
     let mut shards = Vec::new();
     for (id, r) in loaded.into_iter().enumerate() {
         let (store, wal, checkpoint_index, dir) = r?;
+        let checkpoint_revision = store.last_revision();
         if let Some((file, offset)) = &wal.truncated {
             tracing::warn!(file = %file.display(), offset, "truncated a torn WAL tail (unacknowledged writes)");
         }
-        shards.push(RecoveredShard { id: id as u32, dir, store, wal, checkpoint_index, aborts: vec![] });
+        shards.push(RecoveredShard {
+            id: id as u32,
+            dir,
+            store,
+            wal,
+            checkpoint_index,
+            checkpoint_revision,
+            aborts: vec![],
+        });
     }
 
     // Multi-shard decisions.
@@ -460,7 +521,9 @@ fn recover_all(path: &Path, nshards: u32) -> Result<(Vec<RecoveredShard>, i64, i
         for e in &s.wal.entries {
             match e.kind {
                 EntryKind::Part => {
-                    let p = parts.entry(e.revision).or_insert_with(|| (e.participants.clone(), HashSet::new()));
+                    let p = parts
+                        .entry(e.revision)
+                        .or_insert_with(|| (e.participants.clone(), HashSet::new()));
                     p.1.insert(s.id);
                 }
                 EntryKind::Abort => {
@@ -474,9 +537,18 @@ fn recover_all(path: &Path, nshards: u32) -> Result<(Vec<RecoveredShard>, i64, i
             }
         }
     }
+    // A participant's part may already be folded into its checkpoint (and its log entry dropped).
+    // A checkpoint is only taken while the shard holds no undecided part, and a shard's log is in
+    // revision order, so `rev <= checkpoint revision` means its part was decided, and kept only
+    // if committed; an aborted part also leaves an Abort record on every shard that logged it.
+    let checkpointed: Vec<i64> = shards.iter().map(|s| s.checkpoint_revision).collect();
     let committed = |rev: i64| {
         !aborted.contains(&rev)
-            && parts.get(&rev).is_some_and(|(want, have)| want.iter().all(|p| have.contains(p)))
+            && parts.get(&rev).is_some_and(|(want, have)| {
+                want.iter().all(|p| {
+                    have.contains(p) || checkpointed.get(*p as usize).is_some_and(|&c| rev <= c)
+                })
+            })
     };
     for s in &mut shards {
         let entries = std::mem::take(&mut s.wal.entries);
@@ -552,7 +624,12 @@ async fn run_core(
             }
         }
     }
-    let core = Rc::new(Core { id, revs: CoreRevisions::new(shared.clock.clone(), id), shared, shards });
+    let core = Rc::new(Core {
+        id,
+        revs: CoreRevisions::new(shared.clock.clone(), id),
+        shared,
+        shards,
+    });
     let _ = ready.send(Ok(()));
     while let Ok(msg) = inbox.recv_async().await {
         match msg {
@@ -575,18 +652,26 @@ async fn run_core(
 
 impl Core {
     fn shard(&self, id: u32) -> Result<&Rc<Shard>> {
-        self.shards.get(&id).ok_or_else(|| Error::InvalidArgument(format!("shard {id} is not on core {}", self.id)))
+        self.shards
+            .get(&id)
+            .ok_or_else(|| Error::InvalidArgument(format!("shard {id} is not on core {}", self.id)))
     }
 
     /// Runs `op` on `shard`, locally or by message to its core, and awaits the reply.
-    async fn call<T>(self: &Rc<Self>, shard: u32, make: impl FnOnce(Reply<T>) -> ShardOp) -> Result<T> {
+    async fn call<T>(
+        self: &Rc<Self>,
+        shard: u32,
+        make: impl FnOnce(Reply<T>) -> ShardOp,
+    ) -> Result<T> {
         let (tx, rx) = oneshot();
         let op = make(tx);
         let core = self.shared.core_of(shard);
         if core == self.id {
             self.clone().shard_op(shard, op).await;
         } else {
-            self.shared.inboxes[core].send(Msg::Shard(shard, op)).map_err(|_| Error::Closed)?;
+            self.shared.inboxes[core]
+                .send(Msg::Shard(shard, op))
+                .map_err(|_| Error::Closed)?;
         }
         wait_async(rx).await
     }
@@ -718,14 +803,23 @@ impl Core {
     async fn range(self: &Rc<Self>, req: RangeRequest) -> Result<RangeResponse> {
         let (rev, header) = self.read_at(req.revision).await?;
         let Some(kr) = KeyRange::from_etcd(&req.key, &req.range_end) else {
-            return Ok(RangeResponse { header: ResponseHeader { revision: header }, ..Default::default() });
+            return Ok(RangeResponse {
+                header: ResponseHeader { revision: header },
+                ..Default::default()
+            });
         };
-        let targets: Vec<u32> =
-            if kr.is_single_key() { vec![self.shared.shard_of(&req.key)] } else { (0..self.shared.nshards).collect() };
+        let targets: Vec<u32> = if kr.is_single_key() {
+            vec![self.shared.shard_of(&req.key)]
+        } else {
+            (0..self.shared.nshards).collect()
+        };
         let req = Arc::new(req);
         let mut parts = Vec::with_capacity(targets.len());
         if targets.len() == 1 {
-            parts.push(self.call(targets[0], |r| ShardOp::Range(req.clone(), rev, r)).await?);
+            parts.push(
+                self.call(targets[0], |r| ShardOp::Range(req.clone(), rev, r))
+                    .await?,
+            );
         } else {
             let futs: Vec<_> = targets
                 .iter()
@@ -750,21 +844,29 @@ impl Core {
             return self.read_txn(txn, &touched).await;
         }
         if let [only] = touched.as_slice() {
-            let (path, partials, rev) = self.call(*only, |r| ShardOp::Write(txn.clone(), r)).await?;
+            let (path, partials, rev) =
+                self.call(*only, |r| ShardOp::Write(txn.clone(), r)).await?;
             return Ok(self.assemble(&txn, path, vec![partials], rev));
         }
         self.multi_shard_write(txn, touched).await
     }
 
     /// A txn without puts or deletes reads a consistent snapshot at the read revision; no locks.
-    async fn read_txn(self: &Rc<Self>, txn: Arc<TxnRequest>, touched: &[u32]) -> Result<TxnResponse> {
+    async fn read_txn(
+        self: &Rc<Self>,
+        txn: Arc<TxnRequest>,
+        touched: &[u32],
+    ) -> Result<TxnResponse> {
         let rev = self.shared.clock.read_revision();
         let cmps: Vec<Compare> = plan::all_compares(&txn).into_iter().cloned().collect();
         let mut results = vec![true; cmps.len()];
         if !cmps.is_empty() {
-            let mut outcomes: Vec<Vec<CompareOutcome>> = (0..cmps.len()).map(|_| Vec::new()).collect();
+            let mut outcomes: Vec<Vec<CompareOutcome>> =
+                (0..cmps.len()).map(|_| Vec::new()).collect();
             for &s in touched {
-                let o = self.call(s, |r| ShardOp::Compare(cmps.clone(), rev, r)).await?;
+                let o = self
+                    .call(s, |r| ShardOp::Compare(cmps.clone(), rev, r))
+                    .await?;
                 for (i, oc) in o.into_iter().enumerate() {
                     outcomes[i].push(oc);
                 }
@@ -775,16 +877,24 @@ impl Core {
         }
         let path = Arc::new(plan::choose_path(&txn, &results));
         for &s in touched {
-            self.call(s, |r| ShardOp::Check(txn.clone(), path.clone(), rev, r)).await?;
+            self.call(s, |r| ShardOp::Check(txn.clone(), path.clone(), rev, r))
+                .await?;
         }
         let mut per_shard = Vec::new();
         for &s in touched {
-            per_shard.push(self.call(s, |r| ShardOp::ReadExec(txn.clone(), path.clone(), rev, r)).await?);
+            per_shard.push(
+                self.call(s, |r| ShardOp::ReadExec(txn.clone(), path.clone(), rev, r))
+                    .await?,
+            );
         }
         Ok(self.assemble(&txn, (*path).clone(), per_shard, rev))
     }
 
-    async fn multi_shard_write(self: &Rc<Self>, txn: Arc<TxnRequest>, touched: Vec<u32>) -> Result<TxnResponse> {
+    async fn multi_shard_write(
+        self: &Rc<Self>,
+        txn: Arc<TxnRequest>,
+        touched: Vec<u32>,
+    ) -> Result<TxnResponse> {
         // Lock in ascending shard order; every coordinator does the same, so none can deadlock.
         let mut locked = Vec::new();
         for &s in &touched {
@@ -810,31 +920,48 @@ impl Core {
     }
 
     /// Runs with every touched shard locked. On success all locks are released by commit/unlock.
-    async fn locked_write(self: &Rc<Self>, txn: &Arc<TxnRequest>, touched: &[u32]) -> Result<TxnResponse> {
+    async fn locked_write(
+        self: &Rc<Self>,
+        txn: &Arc<TxnRequest>,
+        touched: &[u32],
+    ) -> Result<TxnResponse> {
         let latest = self.shared.clock.current();
         let cmps: Vec<Compare> = plan::all_compares(txn).into_iter().cloned().collect();
         let mut outcomes: Vec<Vec<CompareOutcome>> = (0..cmps.len()).map(|_| Vec::new()).collect();
         if !cmps.is_empty() {
             for &s in touched {
-                let o = self.call(s, |r| ShardOp::Compare(cmps.clone(), latest, r)).await?;
+                let o = self
+                    .call(s, |r| ShardOp::Compare(cmps.clone(), latest, r))
+                    .await?;
                 for (i, oc) in o.into_iter().enumerate() {
                     outcomes[i].push(oc);
                 }
             }
         }
-        let results: Vec<bool> =
-            cmps.iter().zip(&outcomes).map(|(c, o)| plan::merge_compare(c, o)).collect();
+        let results: Vec<bool> = cmps
+            .iter()
+            .zip(&outcomes)
+            .map(|(c, o)| plan::merge_compare(c, o))
+            .collect();
         let path = Arc::new(plan::choose_path(txn, &results));
         let mut writers = Vec::new();
         for &s in touched {
-            if self.call(s, |r| ShardOp::Check(txn.clone(), path.clone(), latest, r)).await? {
+            if self
+                .call(s, |r| ShardOp::Check(txn.clone(), path.clone(), latest, r))
+                .await?
+            {
                 writers.push(s);
             }
         }
         if writers.is_empty() {
             let mut per_shard = Vec::new();
             for &s in touched {
-                per_shard.push(self.call(s, |r| ShardOp::ReadExec(txn.clone(), path.clone(), latest, r)).await?);
+                per_shard.push(
+                    self.call(s, |r| {
+                        ShardOp::ReadExec(txn.clone(), path.clone(), latest, r)
+                    })
+                    .await?,
+                );
             }
             self.unlock(touched).await;
             self.shared.clock.wait_visible(latest).await;
@@ -849,7 +976,10 @@ impl Core {
             .iter()
             .map(|&s| {
                 let (txn, path, parts) = (txn.clone(), path.clone(), writers.clone());
-                (s, self.call(s, move |r| ShardOp::Prepare(txn, path, rev, parts, r)))
+                (
+                    s,
+                    self.call(s, move |r| ShardOp::Prepare(txn, path, rev, parts, r)),
+                )
             })
             .collect();
         let mut by_shard: HashMap<u32, Vec<OpPartial>> = HashMap::new();
@@ -866,7 +996,11 @@ impl Core {
             for &s in &prepared {
                 let _ = self.call(s, |r| ShardOp::Abort(rev, r)).await;
             }
-            let others: Vec<u32> = touched.iter().copied().filter(|s| !prepared.contains(s)).collect();
+            let others: Vec<u32> = touched
+                .iter()
+                .copied()
+                .filter(|s| !prepared.contains(s))
+                .collect();
             self.unlock(&others).await;
             // The revision stays unused; it must still stop blocking readers.
             self.revs.finish(rev);
@@ -875,20 +1009,33 @@ impl Core {
         for &s in touched {
             match by_shard.remove(&s) {
                 Some(p) => per_shard.push(p),
-                None => per_shard.push(self.call(s, |r| ShardOp::ReadExec(txn.clone(), path.clone(), rev, r)).await?),
+                None => per_shard.push(
+                    self.call(s, |r| ShardOp::ReadExec(txn.clone(), path.clone(), rev, r))
+                        .await?,
+                ),
             }
         }
         for &s in &writers {
             self.call(s, |r| ShardOp::Commit(rev, r)).await?;
         }
-        let readers: Vec<u32> = touched.iter().copied().filter(|s| !writers.contains(s)).collect();
+        let readers: Vec<u32> = touched
+            .iter()
+            .copied()
+            .filter(|s| !writers.contains(s))
+            .collect();
         self.unlock(&readers).await;
         self.revs.finish(rev);
         self.shared.clock.wait_visible(rev).await;
         Ok(self.assemble(txn, (*path).clone(), per_shard, rev))
     }
 
-    fn assemble(&self, txn: &TxnRequest, path: TxnPath, per_shard: Vec<Vec<OpPartial>>, rev: i64) -> TxnResponse {
+    fn assemble(
+        &self,
+        txn: &TxnRequest,
+        path: TxnPath,
+        per_shard: Vec<Vec<OpPartial>>,
+        rev: i64,
+    ) -> TxnResponse {
         let ops = plan::leaf_ops(txn, &path);
         let mut columns: Vec<Vec<OpPartial>> = (0..ops.len()).map(|_| Vec::new()).collect();
         for partials in per_shard {
@@ -898,7 +1045,11 @@ impl Core {
                 }
             }
         }
-        let merged = ops.iter().zip(columns).map(|(op, parts)| plan::merge_op(op, parts)).collect();
+        let merged = ops
+            .iter()
+            .zip(columns)
+            .map(|(op, parts)| plan::merge_op(op, parts))
+            .collect();
         let mut resp = plan::assemble_txn(txn, &path, merged);
         stamp(&mut resp, rev);
         resp
@@ -917,7 +1068,11 @@ impl Core {
             self.call(s, |r| ShardOp::Compact(req.revision, r)).await?;
         }
         clock.set_compact_revision(req.revision);
-        Ok(CompactionResponse { header: ResponseHeader { revision: clock.read_revision() } })
+        Ok(CompactionResponse {
+            header: ResponseHeader {
+                revision: clock.read_revision(),
+            },
+        })
     }
 }
 
@@ -927,9 +1082,11 @@ fn reply_err(op: ShardOp, e: Error) {
     match op {
         ShardOp::Range(_, _, r) => drop(r.send(Err(err()))),
         ShardOp::Write(_, r) => drop(r.send(Err(err()))),
-        ShardOp::Lock(r) | ShardOp::Commit(_, r) | ShardOp::Abort(_, r) | ShardOp::Unlock(r) | ShardOp::Compact(_, r) => {
-            drop(r.send(Err(err())))
-        }
+        ShardOp::Lock(r)
+        | ShardOp::Commit(_, r)
+        | ShardOp::Abort(_, r)
+        | ShardOp::Unlock(r)
+        | ShardOp::Compact(_, r) => drop(r.send(Err(err()))),
         ShardOp::Compare(_, _, r) => drop(r.send(Err(err()))),
         ShardOp::Check(_, _, _, r) => drop(r.send(Err(err()))),
         ShardOp::ReadExec(_, _, _, r) | ShardOp::Prepare(_, _, _, _, r) => drop(r.send(Err(err()))),
@@ -940,7 +1097,9 @@ fn reply_err(op: ShardOp, e: Error) {
 
 fn dir_bytes(dir: &Path) -> u64 {
     fn walk(p: &Path) -> u64 {
-        let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+        let Ok(rd) = std::fs::read_dir(p) else {
+            return 0;
+        };
         rd.flatten()
             .map(|e| match e.metadata() {
                 Ok(m) if m.is_dir() => walk(&e.path()),

@@ -8,7 +8,11 @@ use spindle::db::{Db, Options};
 use spindle::partition::Partitioner;
 
 #[derive(Parser)]
-#[command(name = "spindle", version, about = "An etcd-compatible, thread-per-core key-value store")]
+#[command(
+    name = "spindle",
+    version,
+    about = "An etcd-compatible, thread-per-core key-value store"
+)]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, global = true, default_value = "info")]
@@ -46,7 +50,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match cli.command {
         Command::Serve(args) => match serve(args) {
             Ok(()) => ExitCode::SUCCESS,

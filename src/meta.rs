@@ -36,7 +36,10 @@ pub fn lock(dir: &Path) -> Result<DirLock> {
     // SAFETY: flock on a valid, owned descriptor.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
-        return Err(Error::DataDir { path: dir.to_path_buf(), reason: "in use by another process".into() });
+        return Err(Error::DataDir {
+            path: dir.to_path_buf(),
+            reason: "in use by another process".into(),
+        });
     }
     Ok(DirLock { _file: file })
 }
@@ -52,15 +55,27 @@ pub fn load_or_create(dir: &Path, shards: u32, partitioner: Partitioner) -> Resu
         Ok(text) => parse(&path, &text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if shards == 0 {
-                return Err(Error::InvalidArgument("shard count must be at least 1".into()));
+                return Err(Error::InvalidArgument(
+                    "shard count must be at least 1".into(),
+                ));
             }
-            let meta = Meta { shards, partitioner };
-            let text = format!("format={FORMAT}\nshards={shards}\npartitioner={}\n", partitioner.name());
+            let meta = Meta {
+                shards,
+                partitioner,
+            };
+            let text = format!(
+                "format={FORMAT}\nshards={shards}\npartitioner={}\n",
+                partitioner.name()
+            );
             let tmp = dir.join(format!("{META_FILE}.tmp"));
             let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+            f.write_all(text.as_bytes())
+                .and_then(|_| f.sync_all())
+                .map_err(|e| Error::io(&tmp, e))?;
             fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-            fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))?;
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io(dir, e))?;
             Ok(meta)
         }
         Err(e) => Err(Error::io(&path, e)),
@@ -68,12 +83,17 @@ pub fn load_or_create(dir: &Path, shards: u32, partitioner: Partitioner) -> Resu
 }
 
 fn parse(path: &Path, text: &str) -> Result<Meta> {
-    let bad = |reason: String| Error::DataDir { path: path.to_path_buf(), reason };
+    let bad = |reason: String| Error::DataDir {
+        path: path.to_path_buf(),
+        reason,
+    };
     let mut shards = None;
     let mut partitioner = None;
     let mut format = None;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let (k, v) = line.split_once('=').ok_or_else(|| bad(format!("malformed line {line:?}")))?;
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| bad(format!("malformed line {line:?}")))?;
         match k.trim() {
             "format" => format = v.trim().parse::<u32>().ok(),
             "shards" => shards = v.trim().parse::<u32>().ok().filter(|&n| n > 0),
@@ -82,7 +102,9 @@ fn parse(path: &Path, text: &str) -> Result<Meta> {
         }
     }
     if format != Some(FORMAT) {
-        return Err(bad(format!("unsupported format {format:?}, expected {FORMAT}")));
+        return Err(bad(format!(
+            "unsupported format {format:?}, expected {FORMAT}"
+        )));
     }
     Ok(Meta {
         shards: shards.ok_or_else(|| bad("missing or invalid shards".into()))?,

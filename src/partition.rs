@@ -55,9 +55,14 @@ mod tests {
             assert_eq!(p.shard_of(b"/locks/a/w1", n), p.shard_of(b"/locks/a/w2", n));
             assert_eq!(p.shard_of(b"x/", n), p.shard_of(b"x/y", n));
         }
-        let spread: std::collections::HashSet<u32> =
-            (0..100).map(|i| p.shard_of(format!("key{i}").as_bytes(), 4)).collect();
-        assert_eq!(spread.len(), 4, "keys without '/' hash whole and spread over shards");
+        let spread: std::collections::HashSet<u32> = (0..100)
+            .map(|i| p.shard_of(format!("key{i}").as_bytes(), 4))
+            .collect();
+        assert_eq!(
+            spread.len(),
+            4,
+            "keys without '/' hash whole and spread over shards"
+        );
         assert_eq!(p.shard_of(b"anything", 1), 0);
     }
 

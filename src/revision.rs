@@ -50,8 +50,17 @@ impl RevisionClock {
         // Load the counter first: any revision it covers was registered as pending before it was
         // handed out, so the loads below see it (or see it finished).
         let c = self.counter.load(SeqCst);
-        let low = self.low_pending.iter().map(|a| a.load(SeqCst)).min().unwrap_or(NONE_PENDING);
-        let computed = if low == NONE_PENDING { c } else { c.min(low - 1) };
+        let low = self
+            .low_pending
+            .iter()
+            .map(|a| a.load(SeqCst))
+            .min()
+            .unwrap_or(NONE_PENDING);
+        let computed = if low == NONE_PENDING {
+            c
+        } else {
+            c.min(low - 1)
+        };
         self.visible.fetch_max(computed, SeqCst).max(computed)
     }
 
@@ -88,7 +97,11 @@ pub struct CoreRevisions {
 
 impl CoreRevisions {
     pub fn new(clock: Arc<RevisionClock>, core: usize) -> CoreRevisions {
-        CoreRevisions { clock, core, pending: Default::default() }
+        CoreRevisions {
+            clock,
+            core,
+            pending: Default::default(),
+        }
     }
 
     pub fn clock(&self) -> &Arc<RevisionClock> {
@@ -149,7 +162,8 @@ mod tests {
     #[test]
     fn concurrent_readers_never_see_unfinished_revisions() {
         let clock = RevisionClock::new(2, 0, 0);
-        let finished: Arc<Vec<AtomicI64>> = Arc::new((0..20_001).map(|_| AtomicI64::new(0)).collect());
+        let finished: Arc<Vec<AtomicI64>> =
+            Arc::new((0..20_001).map(|_| AtomicI64::new(0)).collect());
         let mut handles = vec![];
         for core in 0..2 {
             let clock = clock.clone();
@@ -172,7 +186,11 @@ mod tests {
                     let rr = clock.read_revision();
                     assert!(rr >= last, "read revision went backwards");
                     for r in (last + 1)..=rr {
-                        assert_eq!(finished[r as usize].load(SeqCst), 1, "revision {r} visible before finished");
+                        assert_eq!(
+                            finished[r as usize].load(SeqCst),
+                            1,
+                            "revision {r} visible before finished"
+                        );
                     }
                     last = rr;
                 }

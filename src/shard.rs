@@ -104,7 +104,10 @@ impl Shard {
 
     fn ensure_healthy(&self) -> Result<()> {
         match self.wal.failure() {
-            Some(reason) => Err(Error::ShardFailed { shard: self.id, reason }),
+            Some(reason) => Err(Error::ShardFailed {
+                shard: self.id,
+                reason,
+            }),
             None => Ok(()),
         }
     }
@@ -140,7 +143,12 @@ impl Shard {
                         keys_only: true,
                         ..Default::default()
                     };
-                    n += store.range(&req, rev)?.kvs.iter().map(|kv| 64 + kv.key.len()).sum::<usize>();
+                    n += store
+                        .range(&req, rev)?
+                        .kvs
+                        .iter()
+                        .map(|kv| 64 + kv.key.len())
+                        .sum::<usize>();
                 }
                 _ => {}
             }
@@ -184,7 +192,8 @@ impl Shard {
                 continue;
             }
             let rev = revs.begin();
-            let (partials, index) = self.execute_and_log(txn, &path, rev, EntryKind::Write, Vec::new())?;
+            let (partials, index) =
+                self.execute_and_log(txn, &path, rev, EntryKind::Write, Vec::new())?;
             drop(guard);
             let durable = self.wal.wait_durable(index).await;
             revs.finish(rev);
@@ -205,14 +214,31 @@ impl Shard {
         participants: Vec<u32>,
     ) -> Result<(Vec<OpPartial>, u64)> {
         let last = self.store.borrow().last_revision();
-        assert!(rev > last, "shard {} revision went backwards: {rev} after {last}", self.id);
-        let exec = self.store.borrow_mut().execute(txn, path, rev, &self.owns());
-        let mut entry = WalEntry { term: TERM, index: 0, kind, revision: rev, participants, ops: exec.effects };
+        assert!(
+            rev > last,
+            "shard {} revision went backwards: {rev} after {last}",
+            self.id
+        );
+        let exec = self
+            .store
+            .borrow_mut()
+            .execute(txn, path, rev, &self.owns());
+        let mut entry = WalEntry {
+            term: TERM,
+            index: 0,
+            kind,
+            revision: rev,
+            participants,
+            ops: exec.effects,
+        };
         match self.wal.try_append(&mut entry) {
             Ok(index) => {
                 self.last_write_index.set(index);
                 if kind == EntryKind::Part {
-                    *self.held.borrow_mut() = Some(HeldPart { revision: rev, undo: exec.undo });
+                    *self.held.borrow_mut() = Some(HeldPart {
+                        revision: rev,
+                        undo: exec.undo,
+                    });
                 }
                 Ok((exec.partials, index))
             }
@@ -243,7 +269,10 @@ impl Shard {
 
     pub fn unlock_coordinator(&self) {
         if self.locked_by_coordinator.replace(false) {
-            debug_assert!(self.held.borrow().is_none(), "unlock with an undecided part");
+            debug_assert!(
+                self.held.borrow().is_none(),
+                "unlock with an undecided part"
+            );
             self.lock.signal(1);
         }
     }
@@ -254,7 +283,10 @@ impl Shard {
 
     /// Executes a read-only part (no writes on this shard) while locked.
     pub fn execute_read(&self, txn: &TxnRequest, path: &TxnPath, rev: i64) -> Vec<OpPartial> {
-        self.store.borrow_mut().execute(txn, path, rev, &self.owns()).partials
+        self.store
+            .borrow_mut()
+            .execute(txn, path, rev, &self.owns())
+            .partials
     }
 
     /// Executes this shard's part at `rev`, logs it as a `Part` naming all participants, and waits
@@ -271,14 +303,18 @@ impl Shard {
         if !self.wal.has_room(estimate) {
             self.wal.make_room(estimate).await?;
         }
-        let (partials, index) = self.execute_and_log(txn, path, rev, EntryKind::Part, participants)?;
+        let (partials, index) =
+            self.execute_and_log(txn, path, rev, EntryKind::Part, participants)?;
         self.wal.wait_durable(index).await?;
         Ok(partials)
     }
 
     pub fn commit(&self, rev: i64) {
         let held = self.held.borrow_mut().take();
-        debug_assert!(held.as_ref().is_some_and(|h| h.revision == rev), "commit of an unknown part");
+        debug_assert!(
+            held.as_ref().is_some_and(|h| h.revision == rev),
+            "commit of an unknown part"
+        );
         self.unlock_coordinator();
     }
 
@@ -300,7 +336,14 @@ impl Shard {
     }
 
     pub async fn log_abort(&self, rev: i64) -> Result<()> {
-        let mut entry = WalEntry { term: TERM, index: 0, kind: EntryKind::Abort, revision: rev, participants: vec![], ops: vec![] };
+        let mut entry = WalEntry {
+            term: TERM,
+            index: 0,
+            kind: EntryKind::Abort,
+            revision: rev,
+            participants: vec![],
+            ops: vec![],
+        };
         let index = loop {
             match self.wal.try_append(&mut entry) {
                 Ok(i) => break i,
@@ -317,8 +360,14 @@ impl Shard {
         if rev <= self.store.borrow().compact_revision() {
             return Ok(());
         }
-        let mut entry =
-            WalEntry { term: TERM, index: 0, kind: EntryKind::Compact, revision: rev, participants: vec![], ops: vec![] };
+        let mut entry = WalEntry {
+            term: TERM,
+            index: 0,
+            kind: EntryKind::Compact,
+            revision: rev,
+            participants: vec![],
+            ops: vec![],
+        };
         let index = loop {
             match self.wal.try_append(&mut entry) {
                 Ok(i) => break i,
@@ -332,8 +381,12 @@ impl Shard {
 
     /// Starts a background checkpoint when enough log has accumulated since the last one.
     fn maybe_checkpoint(self: &Rc<Self>) {
-        let since = self.last_write_index.get().saturating_sub(self.checkpoint_index.get());
-        if self.checkpoint_every > 0 && since >= self.checkpoint_every && !self.checkpointing.get() {
+        let since = self
+            .last_write_index
+            .get()
+            .saturating_sub(self.checkpoint_index.get());
+        if self.checkpoint_every > 0 && since >= self.checkpoint_every && !self.checkpointing.get()
+        {
             let shard = self.clone();
             glommio::spawn_local(async move {
                 if let Err(e) = shard.checkpoint().await {
@@ -348,7 +401,10 @@ impl Shard {
     /// covers. Writes continue while it runs.
     pub async fn checkpoint(self: Rc<Self>) -> Result<CheckpointInfo> {
         if self.checkpointing.replace(true) {
-            return Err(Error::InvalidArgument(format!("shard {} is already writing a checkpoint", self.id)));
+            return Err(Error::InvalidArgument(format!(
+                "shard {} is already writing a checkpoint",
+                self.id
+            )));
         }
         let result = self.checkpoint_inner().await;
         self.checkpointing.set(false);
@@ -361,7 +417,10 @@ impl Shard {
         let (index, upto) = {
             let _guard = self.acquire().await?;
             self.ensure_healthy()?;
-            (self.wal.next_index() - 1, self.store.borrow().last_revision())
+            (
+                self.wal.next_index() - 1,
+                self.store.borrow().last_revision(),
+            )
         };
         self.wal.wait_durable(index).await?;
         let compact = self.store.borrow().compact_revision();

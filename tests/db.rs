@@ -17,15 +17,25 @@ fn opts(cores: usize, shards: u32) -> Options {
 }
 
 fn get(db: &Db, key: &str) -> Option<KeyValue> {
-    db.range(RangeRequest::key(key.to_string())).unwrap().kvs.into_iter().next()
+    db.range(RangeRequest::key(key.to_string()))
+        .unwrap()
+        .kvs
+        .into_iter()
+        .next()
 }
 
 fn put(db: &Db, key: &str, value: &str) -> i64 {
-    db.put(PutRequest::new(key.to_string(), value.to_string())).unwrap().header.revision
+    db.put(PutRequest::new(key.to_string(), value.to_string()))
+        .unwrap()
+        .header
+        .revision
 }
 
 fn keys_of(resp: &RangeResponse) -> Vec<String> {
-    resp.kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect()
+    resp.kvs
+        .iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+        .collect()
 }
 
 #[test]
@@ -41,12 +51,25 @@ fn revisions_versions_and_history_follow_etcd() {
     assert_eq!(a.value, Bytes::from_static(b"2"));
 
     // History read.
-    let old = db.range(RangeRequest { revision: 1, ..RangeRequest::key("a") }).unwrap();
+    let old = db
+        .range(RangeRequest {
+            revision: 1,
+            ..RangeRequest::key("a")
+        })
+        .unwrap();
     assert_eq!(old.kvs[0].value, Bytes::from_static(b"1"));
-    assert_eq!(old.header.revision, 3, "header carries the current revision, as etcd");
+    assert_eq!(
+        old.header.revision, 3,
+        "header carries the current revision, as etcd"
+    );
 
     // Delete resets the version; a later put starts a new generation.
-    let d = db.delete_range(DeleteRangeRequest { prev_kv: true, ..DeleteRangeRequest::key("a") }).unwrap();
+    let d = db
+        .delete_range(DeleteRangeRequest {
+            prev_kv: true,
+            ..DeleteRangeRequest::key("a")
+        })
+        .unwrap();
     assert_eq!(d.deleted, 1);
     assert_eq!(d.header.revision, 4);
     assert_eq!(d.prev_kvs[0].value, Bytes::from_static(b"2"));
@@ -60,15 +83,49 @@ fn revisions_versions_and_history_follow_etcd() {
     assert_eq!((d.deleted, d.header.revision), (0, 5));
 
     // Future and compacted revisions.
-    let err = db.range(RangeRequest { revision: 99, ..RangeRequest::key("a") }).unwrap_err();
+    let err = db
+        .range(RangeRequest {
+            revision: 99,
+            ..RangeRequest::key("a")
+        })
+        .unwrap_err();
     assert!(matches!(err, Error::FutureRevision), "{err}");
-    db.compact(CompactionRequest { revision: 4, physical: true }).unwrap();
-    let err = db.range(RangeRequest { revision: 2, ..RangeRequest::key("a") }).unwrap_err();
-    assert_eq!(err.to_string(), "etcdserver: mvcc: required revision has been compacted");
-    assert!(matches!(db.compact(CompactionRequest { revision: 3, physical: false }), Err(Error::Compacted)));
-    assert!(matches!(db.compact(CompactionRequest { revision: 50, physical: false }), Err(Error::FutureRevision)));
+    db.compact(CompactionRequest {
+        revision: 4,
+        physical: true,
+    })
+    .unwrap();
+    let err = db
+        .range(RangeRequest {
+            revision: 2,
+            ..RangeRequest::key("a")
+        })
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "etcdserver: mvcc: required revision has been compacted"
+    );
+    assert!(matches!(
+        db.compact(CompactionRequest {
+            revision: 3,
+            physical: false
+        }),
+        Err(Error::Compacted)
+    ));
+    assert!(matches!(
+        db.compact(CompactionRequest {
+            revision: 50,
+            physical: false
+        }),
+        Err(Error::FutureRevision)
+    ));
     // Reading exactly at the compact revision still works.
-    let at4 = db.range(RangeRequest { revision: 4, ..RangeRequest::prefix("") }).unwrap();
+    let at4 = db
+        .range(RangeRequest {
+            revision: 4,
+            ..RangeRequest::prefix("")
+        })
+        .unwrap();
     assert_eq!(keys_of(&at4), vec!["b"]);
     db.close();
 }
@@ -82,9 +139,20 @@ fn ranges_merge_across_shards_with_limits_and_sorting() {
     }
     let all = db.range(RangeRequest::prefix("k")).unwrap();
     assert_eq!(all.count, 50);
-    assert_eq!(keys_of(&all), (0..50).map(|i| format!("k{i:02}")).collect::<Vec<_>>());
-    let page = db.range(RangeRequest { limit: 7, ..RangeRequest::range("k10", "k40") }).unwrap();
-    assert_eq!(keys_of(&page), (10..17).map(|i| format!("k{i:02}")).collect::<Vec<_>>());
+    assert_eq!(
+        keys_of(&all),
+        (0..50).map(|i| format!("k{i:02}")).collect::<Vec<_>>()
+    );
+    let page = db
+        .range(RangeRequest {
+            limit: 7,
+            ..RangeRequest::range("k10", "k40")
+        })
+        .unwrap();
+    assert_eq!(
+        keys_of(&page),
+        (10..17).map(|i| format!("k{i:02}")).collect::<Vec<_>>()
+    );
     assert!(page.more);
     assert_eq!(page.count, 30);
     let desc = db
@@ -96,7 +164,12 @@ fn ranges_merge_across_shards_with_limits_and_sorting() {
         })
         .unwrap();
     assert_eq!(keys_of(&desc), vec!["k49", "k48", "k47"]);
-    let count = db.range(RangeRequest { count_only: true, ..RangeRequest::prefix("k") }).unwrap();
+    let count = db
+        .range(RangeRequest {
+            count_only: true,
+            ..RangeRequest::prefix("k")
+        })
+        .unwrap();
     assert_eq!((count.count, count.kvs.len()), (50, 0));
     let from = db.range(RangeRequest::range("k45", "\0")).unwrap();
     assert_eq!(from.count, 5);
@@ -110,7 +183,11 @@ fn txn_compare_and_swap_and_nested_ops() {
     put(&db, "cfg/x", "1");
     let cas = |expect: &str, new: &str| {
         db.txn(TxnRequest {
-            compare: vec![Compare::value("cfg/x", CompareResult::Equal, expect.to_string())],
+            compare: vec![Compare::value(
+                "cfg/x",
+                CompareResult::Equal,
+                expect.to_string(),
+            )],
             success: vec![RequestOp::Put(PutRequest::new("cfg/x", new.to_string()))],
             failure: vec![RequestOp::Range(RangeRequest::key("cfg/x"))],
         })
@@ -121,7 +198,10 @@ fn txn_compare_and_swap_and_nested_ops() {
     assert_eq!(ok.header.revision, 2);
     let fail = cas("1", "3");
     assert!(!fail.succeeded);
-    assert_eq!(fail.header.revision, 2, "a txn that writes nothing does not bump the revision");
+    assert_eq!(
+        fail.header.revision, 2,
+        "a txn that writes nothing does not bump the revision"
+    );
     match &fail.responses[0] {
         ResponseOp::Range(r) => assert_eq!(r.kvs[0].value, Bytes::from_static(b"2")),
         other => panic!("{other:?}"),
@@ -145,7 +225,10 @@ fn txn_compare_and_swap_and_nested_ops() {
         })
         .unwrap();
     assert!(resp.succeeded);
-    assert_eq!(resp.header.revision, 3, "one revision for the whole multi-shard txn");
+    assert_eq!(
+        resp.header.revision, 3,
+        "one revision for the whole multi-shard txn"
+    );
     match &resp.responses[3] {
         ResponseOp::Range(r) => assert_eq!(keys_of(r), vec!["a/1", "b/1", "c/1", "cfg/x"]),
         other => panic!("{other:?}"),
@@ -155,20 +238,39 @@ fn txn_compare_and_swap_and_nested_ops() {
     }
     // etcd's request errors.
     let dup = db.txn(TxnRequest {
-        success: vec![RequestOp::Put(PutRequest::new("d", "1")), RequestOp::Put(PutRequest::new("d", "2"))],
+        success: vec![
+            RequestOp::Put(PutRequest::new("d", "1")),
+            RequestOp::Put(PutRequest::new("d", "2")),
+        ],
         ..Default::default()
     });
-    assert_eq!(dup.unwrap_err().to_string(), "etcdserver: duplicate key given in txn request");
+    assert_eq!(
+        dup.unwrap_err().to_string(),
+        "etcdserver: duplicate key given in txn request"
+    );
     let many = db.txn(TxnRequest {
-        success: (0..129).map(|i| RequestOp::Put(PutRequest::new(format!("m{i}"), "v"))).collect(),
+        success: (0..129)
+            .map(|i| RequestOp::Put(PutRequest::new(format!("m{i}"), "v")))
+            .collect(),
         ..Default::default()
     });
-    assert_eq!(many.unwrap_err().to_string(), "etcdserver: too many operations in txn request");
-    assert!(matches!(db.put(PutRequest::new("", "v")), Err(Error::EmptyKey)));
-    let ignore = db.put(PutRequest { ignore_value: true, ..PutRequest::new("nope", "") });
+    assert_eq!(
+        many.unwrap_err().to_string(),
+        "etcdserver: too many operations in txn request"
+    );
+    assert!(matches!(
+        db.put(PutRequest::new("", "v")),
+        Err(Error::EmptyKey)
+    ));
+    let ignore = db.put(PutRequest {
+        ignore_value: true,
+        ..PutRequest::new("nope", "")
+    });
     assert!(matches!(ignore, Err(Error::KeyNotFound)));
     // Multi-shard delete-range.
-    let d = db.delete_range(DeleteRangeRequest::range("a", "c0")).unwrap();
+    let d = db
+        .delete_range(DeleteRangeRequest::range("a", "c0"))
+        .unwrap();
     assert_eq!(d.deleted, 3, "a/1, b/1 and c/1 on their shards");
     assert_eq!(db.revision(), 4);
     db.close();
@@ -203,9 +305,17 @@ fn data_survives_restart_with_other_core_counts_and_checkpoints() {
     let all = db.range(RangeRequest::prefix("d")).unwrap();
     assert_eq!(all.count, 260 - 29);
     let k = get(&db, "d5/k250").unwrap();
-    assert_eq!((k.value, k.mod_revision), (Bytes::from_static(b"v250"), 252));
+    assert_eq!(
+        (k.value, k.mod_revision),
+        (Bytes::from_static(b"v250"), 252)
+    );
     // History from before the checkpoint is still there.
-    let old = db.range(RangeRequest { revision: 100, ..RangeRequest::prefix("d3/") }).unwrap();
+    let old = db
+        .range(RangeRequest {
+            revision: 100,
+            ..RangeRequest::prefix("d3/")
+        })
+        .unwrap();
     assert_eq!(old.count, 14);
     db.close();
 }
@@ -234,19 +344,29 @@ fn multi_shard_writes_are_never_seen_half_done() {
         let db = db.clone();
         std::thread::spawn(move || {
             for i in 0..150 {
-                db.put(PutRequest::new(format!("t/{}", i % 5), "v")).unwrap();
+                db.put(PutRequest::new(format!("t/{}", i % 5), "v"))
+                    .unwrap();
             }
         })
     };
     let mut last_rev = 0;
     while !writer.is_finished() {
         let r = db.range(RangeRequest::range("p", "t")).unwrap();
-        assert!(r.header.revision >= last_rev, "read revision went backwards");
+        assert!(
+            r.header.revision >= last_rev,
+            "read revision went backwards"
+        );
         last_rev = r.header.revision;
         let values: Vec<&Bytes> = r.kvs.iter().map(|kv| &kv.value).collect();
-        assert!(values.windows(2).all(|w| w[0] == w[1]), "torn multi-shard write: {values:?}");
+        assert!(
+            values.windows(2).all(|w| w[0] == w[1]),
+            "torn multi-shard write: {values:?}"
+        );
         let mods: Vec<i64> = r.kvs.iter().map(|kv| kv.mod_revision).collect();
-        assert!(mods.windows(2).all(|w| w[0] == w[1]), "mixed revisions: {mods:?}");
+        assert!(
+            mods.windows(2).all(|w| w[0] == w[1]),
+            "mixed revisions: {mods:?}"
+        );
     }
     writer.join().unwrap();
     single.join().unwrap();
@@ -264,9 +384,14 @@ fn async_api_works_from_another_runtime_and_many_writers_share_fsyncs() {
             std::thread::spawn(move || {
                 futures_lite::future::block_on(async {
                     for i in 0..50 {
-                        db.put_async(PutRequest::new(format!("w{t}/{i}"), "v")).await.unwrap();
+                        db.put_async(PutRequest::new(format!("w{t}/{i}"), "v"))
+                            .await
+                            .unwrap();
                     }
-                    db.range_async(RangeRequest::prefix(format!("w{t}/"))).await.unwrap().count
+                    db.range_async(RangeRequest::prefix(format!("w{t}/")))
+                        .await
+                        .unwrap()
+                        .count
                 })
             })
         })
@@ -282,7 +407,10 @@ fn async_api_works_from_another_runtime_and_many_writers_share_fsyncs() {
 fn second_open_of_a_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path(), opts(1, 1)).unwrap();
-    assert!(matches!(Db::open(dir.path(), opts(1, 1)), Err(Error::DataDir { .. })));
+    assert!(matches!(
+        Db::open(dir.path(), opts(1, 1)),
+        Err(Error::DataDir { .. })
+    ));
     db.close();
     Db::open(dir.path(), opts(1, 1)).unwrap().close();
 }

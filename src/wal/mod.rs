@@ -263,7 +263,10 @@ impl Wal {
         let st = self.inner.st.borrow();
         let len = frame_len as u64;
         (st.append_segment.is_some() && st.append_pos + len <= st.append_size)
-            || st.spare.as_ref().is_some_and(|s| SEGMENT_HEADER_LEN as u64 + len <= s.size)
+            || st
+                .spare
+                .as_ref()
+                .is_some_and(|s| SEGMENT_HEADER_LEN as u64 + len <= s.size)
     }
 
     /// Ensures a frame of `frame_len` bytes can be appended, preparing a new segment if needed.

@@ -10,7 +10,9 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::record::{decode_segment_header, probe_frame, Probe, WalEntry, SEGMENT_HEADER_LEN};
+use super::record::{
+    decode_segment_header, probe_frame, Probe, WalEntry, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
+};
 use crate::error::{Error, Result};
 
 /// One segment file, named by the index of its first entry.
@@ -138,6 +140,13 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
         let mut next = seg.first_index;
         let mut pos = SEGMENT_HEADER_LEN;
         let end_reason = loop {
+            if map.len() - pos < FRAME_HEADER_LEN {
+                // A segment filled to (nearly) its end: the rest must be padding.
+                break map[pos..]
+                    .iter()
+                    .any(|&b| b != 0)
+                    .then_some("truncated frame header");
+            }
             match probe_frame(&map[pos..]) {
                 Probe::Valid {
                     entry, frame_len, ..
