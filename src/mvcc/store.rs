@@ -10,7 +10,8 @@ use super::query::{compare_holds, RangePlan};
 use super::{CompareOutcome, Effect, Execution, OpPartial, ShardRange, TxnPath, Undo};
 use crate::error::Error;
 use crate::kv::{
-    Compare, DeleteRangeRequest, KeyRange, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    Compare, DeleteRangeRequest, KeyRange, PutRequest, RangeRequest, RequestOp, SortTarget,
+    TxnRequest,
 };
 
 /// Reads at this revision see the latest state, including writes of a txn being executed.
@@ -372,7 +373,8 @@ impl ShardStore {
         plan.sort_and_cut(&mut entries);
         out.kvs = entries
             .into_iter()
-            .map(|v| v.to_kv(req.keys_only))
+            // Sorting by value across shards needs the values; the merge strips them after.
+            .map(|v| v.to_kv(req.keys_only && req.sort_target != SortTarget::Value))
             .collect();
         out
     }
