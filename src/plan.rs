@@ -1567,7 +1567,11 @@ mod tests {
                 let window: Vec<&str> = if order == None && target != Key {
                     let first = ["a", "b", "c", "d", "e"];
                     let w = &first[..first.len().min(limit as usize + 1)];
-                    want.iter().copied().filter(|k| w.contains(k)).take(n).collect()
+                    want.iter()
+                        .copied()
+                        .filter(|k| w.contains(k))
+                        .take(n)
+                        .collect()
                 } else {
                     want[..n].to_vec()
                 };
