@@ -255,7 +255,9 @@ impl Model {
             etcd_more,
         };
         if r.keys_only {
-            strip_values(&mut out.shard.kvs);
+            if r.sort_target != SortTarget::Value {
+                strip_values(&mut out.shard.kvs);
+            }
             strip_values(&mut out.etcd_kvs);
         }
         Some(out)
@@ -457,6 +459,9 @@ fn assert_range(store: &ShardStore, model: &Model, r: &RangeRequest, rev: i64) {
             let mut cut = got.kvs.clone();
             if limit > 0 {
                 cut.truncate(limit);
+            }
+            if r.keys_only {
+                strip_values(&mut cut);
             }
             assert_eq!(cut, want.etcd_kvs, "etcd kvs for {r:?} at {rev}");
             assert_eq!(limit > 0 && got.filtered > r.limit, want.etcd_more);
@@ -851,6 +856,9 @@ fn merge_range(r: &RangeRequest, parts: &[ShardRange]) -> (Vec<KeyValue>, bool, 
     kvs.sort_by(|a, b| cmp_kvs(a, b, order, target));
     if limit > 0 {
         kvs.truncate(limit);
+    }
+    if r.keys_only {
+        strip_values(&mut kvs);
     }
     let filtered: i64 = parts.iter().map(|p| p.filtered).sum();
     (

@@ -6,7 +6,7 @@ use bytes::Bytes;
 
 use super::index::Index;
 use super::key_index::{KeyHistory, KeyIndex, Visible};
-use super::query::{compare_holds, RangePlan};
+use super::query::{compare_holds, keeps_values_for_merge, RangePlan};
 use super::{CompareOutcome, Effect, Execution, OpPartial, ShardRange, TxnPath, Undo};
 use crate::error::Error;
 use crate::kv::{
@@ -82,7 +82,8 @@ impl ShardStore {
     /// fetched, filtered (0 = unset, bounds inclusive), sorted, then cut to `limit`; otherwise
     /// the first `limit + 1` keys are fetched in key order and, when the target is not KEY, sorted
     /// ascending by it (see [`super::prefetch_window`]). Ties sort by key ascending.
-    /// `keys_only` empties values after sorting; `count_only` returns only `count`.
+    /// `keys_only` empties values after sorting, except under a VALUE sort where a merge still
+    /// needs them ([`super::keeps_values_for_merge`]); `count_only` returns only `count`.
     pub fn range(&self, req: &RangeRequest, rev: i64) -> Result<ShardRange, Error> {
         let rev = self.read_revision(rev)?;
         Ok(self.range_at(req, rev))
@@ -370,10 +371,8 @@ impl ShardStore {
             }
         }
         plan.sort_and_cut(&mut entries);
-        out.kvs = entries
-            .into_iter()
-            .map(|v| v.to_kv(req.keys_only))
-            .collect();
+        let keys_only = req.keys_only && !keeps_values_for_merge(req);
+        out.kvs = entries.into_iter().map(|v| v.to_kv(keys_only)).collect();
         out
     }
 
