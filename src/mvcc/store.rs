@@ -116,8 +116,9 @@ impl ShardStore {
     /// key that does not exist at the latest revision fails with `KeyNotFound`; a range op with an
     /// explicit revision above `latest_rev` fails with `FutureRevision`, and below the compact
     /// revision with `Compacted` (before any compaction etcd's floor is -1, so only revisions
-    /// below -1 are "compacted" then). Put errors win over range errors, each in path order.
-    /// A path that does not fit the txn is `InvalidArgument`.
+    /// below -1 are "compacted" then). Put errors win over range errors, each in path order; a
+    /// merger should likewise prefer `KeyNotFound` from any shard over another shard's range
+    /// error. A path that does not fit the txn is `InvalidArgument`.
     ///
     /// Writes: every owned put, and a delete range with at least one live key here.
     pub fn check(
