@@ -26,7 +26,9 @@ use bytes::Bytes;
 use crate::kv::KeyValue;
 
 pub use key_index::{Generation, KeyHistory, PutEvent};
-pub use query::{cmp_kvs, effective_sort, has_revision_filters, prefetch_window};
+pub use query::{
+    cmp_kvs, effective_sort, has_revision_filters, keeps_values_for_merge, prefetch_window,
+};
 pub use store::ShardStore;
 
 /// A write to apply; the WAL stores these, and replaying them with the same revision must
@@ -52,7 +54,8 @@ pub enum Effect {
 /// `limit > 0`; kvs merge in the order of [`cmp_kvs`] under [`effective_sort`] and are cut to
 /// `limit`, except in etcd's prefetch-window case (see [`prefetch_window`]), where `kvs` holds up
 /// to `limit + 1` entries. With `count_only`, `kvs` is empty and `filtered` is 0 (etcd reports
-/// `more = false` then).
+/// `more = false` then). With `keys_only`, values are empty except when sorting by VALUE (see
+/// [`keeps_values_for_merge`]): the merger empties them after merging.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ShardRange {
     /// After filters and sort, truncated to limit (to `limit + 1` in the prefetch-window case).

@@ -255,7 +255,6 @@ impl Model {
             etcd_more,
         };
         if r.keys_only {
-            // A shard keeps values under a VALUE sort: the cross-shard merge still orders by them.
             if r.sort_target != SortTarget::Value {
                 strip_values(&mut out.shard.kvs);
             }
@@ -851,6 +850,9 @@ fn merge_range(r: &RangeRequest, parts: &[ShardRange]) -> (Vec<KeyValue>, bool, 
     kvs.sort_by(|a, b| cmp_kvs(a, b, order, target));
     if limit > 0 {
         kvs.truncate(limit);
+    }
+    if r.keys_only {
+        strip_values(&mut kvs);
     }
     let filtered: i64 = parts.iter().map(|p| p.filtered).sum();
     (

@@ -43,6 +43,13 @@ pub fn prefetch_window(req: &RangeRequest) -> Option<usize> {
     windowed.then(|| limit_of(req).saturating_add(1))
 }
 
+/// Whether a shard keeps values despite `keys_only`: when sorting by VALUE, a multi-shard merge
+/// needs them to order the kvs, so shards leave them and the merger empties them afterwards.
+/// (A merger that always empties values for `keys_only` after merging is correct either way.)
+pub fn keeps_values_for_merge(req: &RangeRequest) -> bool {
+    req.keys_only && req.sort_target == SortTarget::Value
+}
+
 /// `req.limit` as a count; only call when `limit > 0`.
 fn limit_of(req: &RangeRequest) -> usize {
     usize::try_from(req.limit).unwrap_or(usize::MAX)

@@ -6,12 +6,11 @@ use bytes::Bytes;
 
 use super::index::Index;
 use super::key_index::{KeyHistory, KeyIndex, Visible};
-use super::query::{compare_holds, RangePlan};
+use super::query::{compare_holds, keeps_values_for_merge, RangePlan};
 use super::{CompareOutcome, Effect, Execution, OpPartial, ShardRange, TxnPath, Undo};
 use crate::error::Error;
 use crate::kv::{
-    Compare, DeleteRangeRequest, KeyRange, PutRequest, RangeRequest, RequestOp, SortTarget,
-    TxnRequest,
+    Compare, DeleteRangeRequest, KeyRange, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 
 /// Reads at this revision see the latest state, including writes of a txn being executed.
@@ -83,7 +82,8 @@ impl ShardStore {
     /// fetched, filtered (0 = unset, bounds inclusive), sorted, then cut to `limit`; otherwise
     /// the first `limit + 1` keys are fetched in key order and, when the target is not KEY, sorted
     /// ascending by it (see [`super::prefetch_window`]). Ties sort by key ascending.
-    /// `keys_only` empties values after sorting; `count_only` returns only `count`.
+    /// `keys_only` empties values after sorting, except under a VALUE sort where a merge still
+    /// needs them ([`super::keeps_values_for_merge`]); `count_only` returns only `count`.
     pub fn range(&self, req: &RangeRequest, rev: i64) -> Result<ShardRange, Error> {
         let rev = self.read_revision(rev)?;
         Ok(self.range_at(req, rev))
@@ -116,8 +116,9 @@ impl ShardStore {
     /// key that does not exist at the latest revision fails with `KeyNotFound`; a range op with an
     /// explicit revision above `latest_rev` fails with `FutureRevision`, and below the compact
     /// revision with `Compacted` (before any compaction etcd's floor is -1, so only revisions
-    /// below -1 are "compacted" then). Put errors win over range errors, each in path order.
-    /// A path that does not fit the txn is `InvalidArgument`.
+    /// below -1 are "compacted" then). Put errors win over range errors, each in path order; a
+    /// merger should likewise prefer `KeyNotFound` from any shard over another shard's range
+    /// error. A path that does not fit the txn is `InvalidArgument`.
     ///
     /// Writes: every owned put, and a delete range with at least one live key here.
     pub fn check(
@@ -371,11 +372,8 @@ impl ShardStore {
             }
         }
         plan.sort_and_cut(&mut entries);
-        out.kvs = entries
-            .into_iter()
-            // Sorting by value across shards needs the values; the merge strips them after.
-            .map(|v| v.to_kv(req.keys_only && req.sort_target != SortTarget::Value))
-            .collect();
+        let keys_only = req.keys_only && !keeps_values_for_merge(req);
+        out.kvs = entries.into_iter().map(|v| v.to_kv(keys_only)).collect();
         out
     }
 
