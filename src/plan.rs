@@ -158,7 +158,7 @@ impl DelSet {
         self.runs
             .range::<[u8], _>((Bound::Unbounded, Bound::Included(k)))
             .next_back()
-            .is_some_and(|(_, end)| end.as_ref().map_or(true, |e| k < e.as_ref()))
+            .is_some_and(|(_, end)| end.as_ref().is_none_or(|e| k < e.as_ref()))
     }
 
     fn insert(&mut self, r: KeyRange) {
@@ -169,7 +169,7 @@ impl DelSet {
             .next_back()
             .map(|(s, e)| (s.clone(), e.clone()));
         if let Some((ps, pe)) = pred {
-            if pe.as_ref().map_or(true, |e| e.as_ref() >= start.as_ref()) {
+            if pe.as_ref().is_none_or(|e| e.as_ref() >= start.as_ref()) {
                 self.runs.remove(&ps);
                 start = ps;
                 end = max_end(end, pe);
@@ -182,7 +182,7 @@ impl DelSet {
                 .next()
                 .map(|(s, e)| (s.clone(), e.clone()));
             match next {
-                Some((s, e)) if end.as_ref().map_or(true, |end| s.as_ref() <= end.as_ref()) => {
+                Some((s, e)) if end.as_ref().is_none_or(|end| s.as_ref() <= end.as_ref()) => {
                     self.runs.remove(&s);
                     end = max_end(end, e);
                 }

@@ -153,7 +153,7 @@ fn acknowledged_writes_survive_sigkill() {
     let seed: u64 = std::env::var("SPINDLE_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| rand::random());
+        .unwrap_or_else(rand::random);
     println!("crash harness: seed {seed} (SPINDLE_CRASH_SEED replays the kill schedule)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let exe = std::env::current_exe().unwrap();

@@ -434,7 +434,7 @@ fn assert_compacted_shape(s: &ShardStore) {
         assert!(
             h.generations
                 .iter()
-                .all(|g| g.tombstone.map_or(true, |t| t > c)),
+                .all(|g| g.tombstone.is_none_or(|t| t > c)),
             "{h:?}"
         );
         let old_puts = h.generations[0]

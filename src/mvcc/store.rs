@@ -288,7 +288,7 @@ impl ShardStore {
         let mut live = 0;
         let mut prev: Option<Bytes> = None;
         let entries = histories.into_iter().filter_map(|h| {
-            let ordered = prev.as_ref().map_or(true, |p| h.key > *p);
+            let ordered = prev.as_ref().is_none_or(|p| h.key > *p);
             debug_assert!(ordered, "histories out of key order");
             debug_assert!(h.is_well_formed(), "malformed history for {:?}", h.key);
             if !ordered || h.generations.is_empty() {
@@ -367,7 +367,7 @@ impl ShardStore {
                 continue;
             }
             out.filtered += 1;
-            if plan.collect.map_or(true, |c| entries.len() < c) {
+            if plan.collect.is_none_or(|c| entries.len() < c) {
                 entries.push(v);
             }
         }
