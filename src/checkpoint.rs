@@ -124,7 +124,7 @@ where
         .truncate(true)
         .dma_open(&tmp)
         .await
-        .map_err(|e| io(e.into()))?;
+        .map_err(|e| Error::glommio(&tmp, e))?;
     let mut w = glommio::io::DmaStreamWriterBuilder::new(file)
         .with_buffer_size(512 << 10)
         .build();

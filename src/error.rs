@@ -63,13 +63,28 @@ pub enum Error {
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
         let path = path.into();
-        if source.raw_os_error() == Some(libc::ENOSPC)
-            || source.raw_os_error() == Some(libc::EDQUOT)
-        {
+        let full = matches!(
+            source.raw_os_error(),
+            Some(libc::ENOSPC) | Some(libc::EDQUOT)
+        ) || matches!(
+            source.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        );
+        if full {
             Error::DiskFull { path, source }
         } else {
             Error::Io { path, source }
         }
+    }
+
+    /// From a glommio error, keeping the OS error (glommio's own conversion hides the errno).
+    pub(crate) fn glommio<T>(path: impl Into<PathBuf>, e: glommio::GlommioError<T>) -> Error {
+        let source = match e {
+            glommio::GlommioError::EnhancedIoError { source, .. } => source,
+            glommio::GlommioError::IoError(source) => source,
+            other => other.into(),
+        };
+        Error::io(path, source)
     }
 
     pub(crate) fn corrupt(

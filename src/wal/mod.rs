@@ -129,7 +129,7 @@ impl Wal {
                     .write(true)
                     .dma_open(&tail.segment.path)
                     .await
-                    .map_err(|e| Error::io(&tail.segment.path, e.into()))?;
+                    .map_err(|e| Error::glommio(&tail.segment.path, e))?;
                 let align = file.alignment();
                 let block_start = tail.offset / align * align;
                 let mut buf = vec![0u8; (tail.offset - block_start) as usize];
@@ -339,10 +339,10 @@ impl Wal {
                 .truncate(true)
                 .dma_open(&path)
                 .await
-                .map_err(|e| Error::io(&path, e.into()))?;
+                .map_err(|e| Error::glommio(&path, e))?;
             file.pre_allocate(size, false)
                 .await
-                .map_err(|e| Error::io(&path, e.into()))?;
+                .map_err(|e| Error::glommio(&path, e))?;
             // Zero-fill so later flushes write into allocated, initialized blocks and fdatasync
             // has no extent metadata to commit.
             let chunk = 1u64 << 20;
@@ -353,12 +353,12 @@ impl Wal {
                 buf.as_bytes_mut().fill(0);
                 file.write_at(buf, pos)
                     .await
-                    .map_err(|e| Error::io(&path, e.into()))?;
+                    .map_err(|e| Error::glommio(&path, e))?;
                 pos += n as u64;
             }
             file.fdatasync()
                 .await
-                .map_err(|e| Error::io(&path, e.into()))?;
+                .map_err(|e| Error::glommio(&path, e))?;
             Ok(Spare {
                 file,
                 path: path.clone(),
@@ -479,7 +479,7 @@ async fn flush_chunk(
             .file
             .rename(&path)
             .await
-            .map_err(|e| Error::io(&path, e.into()))?;
+            .map_err(|e| Error::glommio(&path, e))?;
         sync_dir(&inner.dir)?;
         if let Some(old) = current.take() {
             let _ = old.file.close().await;
@@ -517,7 +517,7 @@ async fn flush_chunk(
         .file
         .write_at(buf, start)
         .await
-        .map_err(|e| Error::io(path(), e.into()))?;
+        .map_err(|e| Error::glommio(path(), e))?;
     if written < buf_len {
         return Err(Error::io(
             path(),
@@ -527,7 +527,7 @@ async fn flush_chunk(
     cur.file
         .fdatasync()
         .await
-        .map_err(|e| Error::io(path(), e.into()))?;
+        .map_err(|e| Error::glommio(path(), e))?;
     inner.fsyncs.set(inner.fsyncs.get() + 1);
     let new_pos = cur.durable_pos + chunk.bytes.len() as u64;
     let new_block = new_pos / align * align;
