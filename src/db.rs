@@ -94,9 +94,18 @@ enum ClientReq {
 enum ShardOp {
     Range(Arc<RangeRequest>, i64, Reply<ShardRange>),
     Write(Arc<TxnRequest>, Reply<(TxnPath, Vec<OpPartial>, i64)>),
-    Lock(Reply<()>),
-    Compare(Vec<Compare>, i64, Reply<Vec<CompareOutcome>>),
+    /// Lock for a coordinator, then evaluate compares (and, when the path is already known, check
+    /// the part) at the latest state.
+    LockEval(
+        u64,
+        Arc<TxnRequest>,
+        Arc<Vec<Compare>>,
+        Option<Arc<TxnPath>>,
+        Reply<LockEval>,
+    ),
+    Compare(Arc<Vec<Compare>>, i64, Reply<Vec<CompareOutcome>>),
     Check(Arc<TxnRequest>, Arc<TxnPath>, i64, Reply<bool>),
+    /// Validate and execute a part that writes nothing on this shard.
     ReadExec(Arc<TxnRequest>, Arc<TxnPath>, i64, Reply<Vec<OpPartial>>),
     Prepare(
         Arc<TxnRequest>,
@@ -105,12 +114,21 @@ enum ShardOp {
         Vec<u32>,
         Reply<Vec<OpPartial>>,
     ),
-    Commit(i64, Reply<()>),
-    Abort(i64, Reply<()>),
-    Unlock(Reply<()>),
+    Commit(i64, u64, Reply<()>),
+    Abort(i64, u64, Reply<()>),
+    Unlock(u64, Reply<()>),
     Compact(i64, Reply<()>),
     Checkpoint(Reply<CheckpointInfo>),
     Stats(Reply<(u64, u64, u64)>),
+}
+
+/// What a shard reports once locked for a coordinator.
+struct LockEval {
+    /// Revision the evaluation saw (everything applied on the shard is at or below it).
+    latest: i64,
+    compares: Result<Vec<CompareOutcome>>,
+    /// Whether the part writes, when the path was known up front.
+    writes: Option<Result<bool>>,
 }
 
 enum Msg {
@@ -580,6 +598,7 @@ struct Core {
     shared: Arc<Shared>,
     revs: CoreRevisions,
     shards: BTreeMap<u32, Rc<Shard>>,
+    tokens: std::cell::Cell<u64>,
 }
 
 async fn run_core(
@@ -629,6 +648,7 @@ async fn run_core(
         revs: CoreRevisions::new(shared.clock.clone(), id),
         shared,
         shards,
+        tokens: Default::default(),
     });
     let _ = ready.send(Ok(()));
     while let Ok(msg) = inbox.recv_async().await {
@@ -651,10 +671,11 @@ async fn run_core(
 }
 
 impl Core {
-    fn shard(&self, id: u32) -> Result<&Rc<Shard>> {
-        self.shards
-            .get(&id)
-            .ok_or_else(|| Error::InvalidArgument(format!("shard {id} is not on core {}", self.id)))
+    /// A lock token unique across cores: core id in the high bits, a per-core counter below.
+    fn next_token(&self) -> u64 {
+        let n = self.tokens.get() + 1;
+        self.tokens.set(n);
+        ((self.id as u64) << 48) | n
     }
 
     /// Runs `op` on `shard`, locally or by message to its core, and awaits the reply.
@@ -669,20 +690,66 @@ impl Core {
         if core == self.id {
             self.clone().shard_op(shard, op).await;
         } else {
-            self.shared.inboxes[core]
-                .send(Msg::Shard(shard, op))
-                .map_err(|_| Error::Closed)?;
+            self.send_remote(core, shard, op);
         }
         wait_async(rx).await
     }
 
+    fn send_remote(&self, core: usize, shard: u32, op: ShardOp) {
+        if let Err(flume::SendError(Msg::Shard(_, op))) =
+            self.shared.inboxes[core].send(Msg::Shard(shard, op))
+        {
+            reply_err(op, || Error::Closed);
+        }
+    }
+
+    /// Starts `op` on `shard` now and returns where its reply will arrive, so that operations on
+    /// several shards run concurrently.
+    fn dispatch<T>(
+        self: &Rc<Self>,
+        shard: u32,
+        make: impl FnOnce(Reply<T>) -> ShardOp,
+    ) -> flume::Receiver<Result<T>> {
+        let (tx, rx) = oneshot();
+        let op = make(tx);
+        let core = self.shared.core_of(shard);
+        if core == self.id {
+            let me = self.clone();
+            glommio::spawn_local(async move { me.shard_op(shard, op).await }).detach();
+        } else {
+            self.send_remote(core, shard, op);
+        }
+        rx
+    }
+
+    /// Runs an op on every shard in `shards` concurrently; results in the same order.
+    async fn call_all<T>(
+        self: &Rc<Self>,
+        shards: &[u32],
+        make: impl Fn(Reply<T>) -> ShardOp,
+    ) -> Vec<Result<T>> {
+        let pending: Vec<_> = shards.iter().map(|&s| self.dispatch(s, &make)).collect();
+        let mut out = Vec::with_capacity(pending.len());
+        for rx in pending {
+            out.push(wait_async(rx).await);
+        }
+        out
+    }
+
+    /// Sends an op whose reply nobody waits for (commit, unlock).
+    fn tell(self: &Rc<Self>, shards: &[u32], make: impl Fn(Reply<()>) -> ShardOp) {
+        for &s in shards {
+            drop(self.dispatch(s, &make));
+        }
+    }
+
     async fn shard_op(self: Rc<Self>, id: u32, op: ShardOp) {
-        let shard = match self.shard(id) {
-            Ok(s) => s.clone(),
-            Err(e) => {
-                reply_err(op, e);
-                return;
-            }
+        let Some(shard) = self.shards.get(&id).cloned() else {
+            let core = self.id;
+            reply_err(op, || {
+                Error::InvalidArgument(format!("shard {id} is not on core {core}"))
+            });
+            return;
         };
         match op {
             ShardOp::Range(req, rev, r) => {
@@ -691,8 +758,18 @@ impl Core {
             ShardOp::Write(txn, r) => {
                 let _ = r.send(shard.write_single(&self.revs, &txn).await);
             }
-            ShardOp::Lock(r) => {
-                let _ = r.send(shard.lock_for_coordinator().await);
+            ShardOp::LockEval(token, txn, cmps, path, r) => {
+                if let Err(e) = shard.lock_for_coordinator(token).await {
+                    let _ = r.send(Err(e));
+                    return;
+                }
+                let latest = self.shared.clock.current();
+                let eval = LockEval {
+                    latest,
+                    compares: shard.compare(&cmps, latest),
+                    writes: path.map(|p| shard.check(&txn, &p, latest)),
+                };
+                let _ = r.send(Ok(eval));
             }
             ShardOp::Compare(cmps, rev, r) => {
                 let _ = r.send(shard.compare(&cmps, rev));
@@ -701,20 +778,23 @@ impl Core {
                 let _ = r.send(shard.check(&txn, &path, rev));
             }
             ShardOp::ReadExec(txn, path, rev, r) => {
-                let _ = r.send(Ok(shard.execute_read(&txn, &path, rev)));
+                let res = shard
+                    .check(&txn, &path, rev)
+                    .map(|_| shard.execute_read(&txn, &path, rev));
+                let _ = r.send(res);
             }
             ShardOp::Prepare(txn, path, rev, parts, r) => {
                 let _ = r.send(shard.prepare(&txn, &path, rev, parts).await);
             }
-            ShardOp::Commit(rev, r) => {
-                shard.commit(rev);
+            ShardOp::Commit(rev, token, r) => {
+                shard.commit(rev, token);
                 let _ = r.send(Ok(()));
             }
-            ShardOp::Abort(rev, r) => {
-                let _ = r.send(shard.abort(rev).await);
+            ShardOp::Abort(rev, token, r) => {
+                let _ = r.send(shard.abort(rev, token).await);
             }
-            ShardOp::Unlock(r) => {
-                shard.unlock_coordinator();
+            ShardOp::Unlock(token, r) => {
+                shard.unlock_coordinator(token);
                 let _ = r.send(Ok(()));
             }
             ShardOp::Compact(rev, r) => {
@@ -808,30 +888,20 @@ impl Core {
                 ..Default::default()
             });
         };
-        let targets: Vec<u32> = if kr.is_single_key() {
-            vec![self.shared.shard_of(&req.key)]
-        } else {
-            (0..self.shared.nshards).collect()
-        };
         let req = Arc::new(req);
-        let mut parts = Vec::with_capacity(targets.len());
-        if targets.len() == 1 {
-            parts.push(
-                self.call(targets[0], |r| ShardOp::Range(req.clone(), rev, r))
+        let parts = if kr.is_single_key() {
+            let s = self.shared.shard_of(&req.key);
+            vec![
+                self.call(s, |r| ShardOp::Range(req.clone(), rev, r))
                     .await?,
-            );
+            ]
         } else {
-            let futs: Vec<_> = targets
-                .iter()
-                .map(|&s| {
-                    let req = req.clone();
-                    self.call(s, move |r| ShardOp::Range(req, rev, r))
-                })
-                .collect();
-            for f in futs {
-                parts.push(f.await?);
-            }
-        }
+            let all: Vec<u32> = (0..self.shared.nshards).collect();
+            let results = self
+                .call_all(&all, |r| ShardOp::Range(req.clone(), rev, r))
+                .await;
+            results.into_iter().collect::<Result<Vec<_>>>()?
+        };
         let mut resp = plan::merge_range(&req, parts);
         resp.header.revision = header;
         Ok(resp)
@@ -851,6 +921,22 @@ impl Core {
         self.multi_shard_write(txn, touched).await
     }
 
+    /// Compares over every touched shard merged into one result per compare.
+    fn merge_compares(cmps: &[Compare], per_shard: Vec<Vec<CompareOutcome>>) -> Vec<bool> {
+        let mut columns: Vec<Vec<CompareOutcome>> = vec![Vec::new(); cmps.len()];
+        for outcomes in per_shard {
+            for (i, o) in outcomes.into_iter().enumerate() {
+                if let Some(c) = columns.get_mut(i) {
+                    c.push(o);
+                }
+            }
+        }
+        cmps.iter()
+            .zip(&columns)
+            .map(|(c, o)| plan::merge_compare(c, o))
+            .collect()
+    }
+
     /// A txn without puts or deletes reads a consistent snapshot at the read revision; no locks.
     async fn read_txn(
         self: &Rc<Self>,
@@ -858,133 +944,137 @@ impl Core {
         touched: &[u32],
     ) -> Result<TxnResponse> {
         let rev = self.shared.clock.read_revision();
-        let cmps: Vec<Compare> = plan::all_compares(&txn).into_iter().cloned().collect();
-        let mut results = vec![true; cmps.len()];
+        let cmps: Arc<Vec<Compare>> =
+            Arc::new(plan::all_compares(&txn).into_iter().cloned().collect());
+        let mut results = Vec::new();
         if !cmps.is_empty() {
-            let mut outcomes: Vec<Vec<CompareOutcome>> =
-                (0..cmps.len()).map(|_| Vec::new()).collect();
-            for &s in touched {
-                let o = self
-                    .call(s, |r| ShardOp::Compare(cmps.clone(), rev, r))
-                    .await?;
-                for (i, oc) in o.into_iter().enumerate() {
-                    outcomes[i].push(oc);
-                }
-            }
-            for (i, c) in cmps.iter().enumerate() {
-                results[i] = plan::merge_compare(c, &outcomes[i]);
-            }
+            let outcomes = self
+                .call_all(touched, |r| ShardOp::Compare(cmps.clone(), rev, r))
+                .await;
+            results = Self::merge_compares(&cmps, outcomes.into_iter().collect::<Result<_>>()?);
         }
         let path = Arc::new(plan::choose_path(&txn, &results));
-        for &s in touched {
-            self.call(s, |r| ShardOp::Check(txn.clone(), path.clone(), rev, r))
-                .await?;
-        }
-        let mut per_shard = Vec::new();
-        for &s in touched {
-            per_shard.push(
-                self.call(s, |r| ShardOp::ReadExec(txn.clone(), path.clone(), rev, r))
-                    .await?,
-            );
-        }
+        let parts = self
+            .call_all(touched, |r| {
+                ShardOp::ReadExec(txn.clone(), path.clone(), rev, r)
+            })
+            .await;
+        let per_shard = parts.into_iter().collect::<Result<Vec<_>>>()?;
         Ok(self.assemble(&txn, (*path).clone(), per_shard, rev))
     }
 
+    /// The multi-shard write protocol (see docs/design.md, "Write paths").
     async fn multi_shard_write(
         self: &Rc<Self>,
         txn: Arc<TxnRequest>,
         touched: Vec<u32>,
     ) -> Result<TxnResponse> {
+        let cmps: Arc<Vec<Compare>> =
+            Arc::new(plan::all_compares(&txn).into_iter().cloned().collect());
+        // Without compares the path is known now, so each shard can check its part while locking.
+        let known = cmps
+            .is_empty()
+            .then(|| Arc::new(plan::choose_path(&txn, &[])));
+        let token = self.next_token();
         // Lock in ascending shard order; every coordinator does the same, so none can deadlock.
-        let mut locked = Vec::new();
+        let mut evals = Vec::with_capacity(touched.len());
         for &s in &touched {
-            match self.call(s, ShardOp::Lock).await {
-                Ok(()) => locked.push(s),
+            let op = |r| ShardOp::LockEval(token, txn.clone(), cmps.clone(), known.clone(), r);
+            match self.call(s, op).await {
+                Ok(e) => evals.push(e),
                 Err(e) => {
-                    self.unlock(&locked).await;
+                    self.tell(&touched[..evals.len()], |r| ShardOp::Unlock(token, r));
                     return Err(e);
                 }
             }
         }
-        let result = self.locked_write(&txn, &touched).await;
+        let result = self
+            .locked_write(token, &txn, &touched, &cmps, known, evals)
+            .await;
         if result.is_err() {
-            self.unlock(&locked).await;
+            // Shards that already committed or aborted under this token ignore the unlock.
+            self.tell(&touched, |r| ShardOp::Unlock(token, r));
         }
         result
     }
 
-    async fn unlock(self: &Rc<Self>, shards: &[u32]) {
-        for &s in shards {
-            let _ = self.call(s, ShardOp::Unlock).await;
-        }
-    }
-
-    /// Runs with every touched shard locked. On success all locks are released by commit/unlock.
+    /// Runs with every touched shard locked; commit/unlock release them on success.
+    #[allow(clippy::too_many_arguments)]
     async fn locked_write(
         self: &Rc<Self>,
+        token: u64,
         txn: &Arc<TxnRequest>,
         touched: &[u32],
+        cmps: &Arc<Vec<Compare>>,
+        known: Option<Arc<TxnPath>>,
+        evals: Vec<LockEval>,
     ) -> Result<TxnResponse> {
-        let latest = self.shared.clock.current();
-        let cmps: Vec<Compare> = plan::all_compares(txn).into_iter().cloned().collect();
-        let mut outcomes: Vec<Vec<CompareOutcome>> = (0..cmps.len()).map(|_| Vec::new()).collect();
-        if !cmps.is_empty() {
-            for &s in touched {
-                let o = self
-                    .call(s, |r| ShardOp::Compare(cmps.clone(), latest, r))
-                    .await?;
-                for (i, oc) in o.into_iter().enumerate() {
-                    outcomes[i].push(oc);
-                }
-            }
+        let latest = evals.iter().map(|e| e.latest).max().unwrap_or(0);
+        let mut outcomes = Vec::with_capacity(evals.len());
+        let mut writes = Vec::with_capacity(evals.len());
+        for e in evals {
+            outcomes.push(e.compares?);
+            writes.push(e.writes);
         }
-        let results: Vec<bool> = cmps
+        let path = match known {
+            Some(p) => p,
+            None => Arc::new(plan::choose_path(
+                txn,
+                &Self::merge_compares(cmps, outcomes),
+            )),
+        };
+        let writes: Vec<bool> = if writes.iter().all(Option::is_some) {
+            writes.into_iter().flatten().collect::<Result<_>>()?
+        } else {
+            let checks = self
+                .call_all(touched, |r| {
+                    ShardOp::Check(txn.clone(), path.clone(), latest, r)
+                })
+                .await;
+            checks.into_iter().collect::<Result<_>>()?
+        };
+        let writers: Vec<u32> = touched
             .iter()
-            .zip(&outcomes)
-            .map(|(c, o)| plan::merge_compare(c, o))
+            .zip(&writes)
+            .filter(|(_, w)| **w)
+            .map(|(s, _)| *s)
             .collect();
-        let path = Arc::new(plan::choose_path(txn, &results));
-        let mut writers = Vec::new();
-        for &s in touched {
-            if self
-                .call(s, |r| ShardOp::Check(txn.clone(), path.clone(), latest, r))
-                .await?
-            {
-                writers.push(s);
-            }
-        }
+        let readers: Vec<u32> = touched
+            .iter()
+            .zip(&writes)
+            .filter(|(_, w)| !**w)
+            .map(|(s, _)| *s)
+            .collect();
         if writers.is_empty() {
-            let mut per_shard = Vec::new();
-            for &s in touched {
-                per_shard.push(
-                    self.call(s, |r| {
-                        ShardOp::ReadExec(txn.clone(), path.clone(), latest, r)
-                    })
-                    .await?,
-                );
-            }
-            self.unlock(touched).await;
+            let parts = self
+                .call_all(touched, |r| {
+                    ShardOp::ReadExec(txn.clone(), path.clone(), latest, r)
+                })
+                .await;
+            self.tell(touched, |r| ShardOp::Unlock(token, r));
+            let per_shard = parts.into_iter().collect::<Result<Vec<_>>>()?;
             self.shared.clock.wait_visible(latest).await;
             return Ok(self.assemble(txn, (*path).clone(), per_shard, latest));
         }
         let rev = self.revs.begin();
-        let mut per_shard = Vec::new();
-        let mut prepared = Vec::new();
-        let mut failure = None;
-        // Prepare every writer concurrently: their fsyncs overlap.
-        let futs: Vec<_> = writers
+        // Writers log their parts (their fsyncs overlap) while readers execute theirs.
+        let prepares: Vec<_> = writers
             .iter()
             .map(|&s| {
-                let (txn, path, parts) = (txn.clone(), path.clone(), writers.clone());
-                (
-                    s,
-                    self.call(s, move |r| ShardOp::Prepare(txn, path, rev, parts, r)),
-                )
+                self.dispatch(s, |r| {
+                    ShardOp::Prepare(txn.clone(), path.clone(), rev, writers.clone(), r)
+                })
             })
             .collect();
+        let reads: Vec<_> = readers
+            .iter()
+            .map(|&s| self.dispatch(s, |r| ShardOp::ReadExec(txn.clone(), path.clone(), rev, r)))
+            .collect();
         let mut by_shard: HashMap<u32, Vec<OpPartial>> = HashMap::new();
-        for (s, f) in futs {
-            match f.await {
+        let mut prepared = Vec::new();
+        let mut failure = None;
+        for (&s, rx) in writers.iter().zip(prepares) {
+            match wait_async(rx).await {
                 Ok(p) => {
                     prepared.push(s);
                     by_shard.insert(s, p);
@@ -992,40 +1082,35 @@ impl Core {
                 Err(e) => failure = Some(e),
             }
         }
-        if let Some(e) = failure {
-            for &s in &prepared {
-                let _ = self.call(s, |r| ShardOp::Abort(rev, r)).await;
+        for (&s, rx) in readers.iter().zip(reads) {
+            match wait_async(rx).await {
+                Ok(p) => {
+                    by_shard.insert(s, p);
+                }
+                Err(e) => failure = Some(e),
             }
-            let others: Vec<u32> = touched
-                .iter()
-                .copied()
-                .filter(|s| !prepared.contains(s))
-                .collect();
-            self.unlock(&others).await;
+        }
+        if let Some(e) = failure {
+            for res in self
+                .call_all(&prepared, |r| ShardOp::Abort(rev, token, r))
+                .await
+            {
+                if let Err(abort_err) = res {
+                    tracing::error!(error = %abort_err, revision = rev, "abort of a prepared part failed");
+                }
+            }
             // The revision stays unused; it must still stop blocking readers.
             self.revs.finish(rev);
             return Err(e);
         }
-        for &s in touched {
-            match by_shard.remove(&s) {
-                Some(p) => per_shard.push(p),
-                None => per_shard.push(
-                    self.call(s, |r| ShardOp::ReadExec(txn.clone(), path.clone(), rev, r))
-                        .await?,
-                ),
-            }
-        }
-        for &s in &writers {
-            self.call(s, |r| ShardOp::Commit(rev, r)).await?;
-        }
-        let readers: Vec<u32> = touched
-            .iter()
-            .copied()
-            .filter(|s| !writers.contains(s))
-            .collect();
-        self.unlock(&readers).await;
+        self.tell(&writers, |r| ShardOp::Commit(rev, token, r));
+        self.tell(&readers, |r| ShardOp::Unlock(token, r));
         self.revs.finish(rev);
         self.shared.clock.wait_visible(rev).await;
+        let per_shard = touched
+            .iter()
+            .map(|s| by_shard.remove(s).unwrap_or_default())
+            .collect();
         Ok(self.assemble(txn, (*path).clone(), per_shard, rev))
     }
 
@@ -1076,16 +1161,15 @@ impl Core {
     }
 }
 
-fn reply_err(op: ShardOp, e: Error) {
-    let msg = e.to_string();
-    let err = || Error::InvalidArgument(msg.clone());
+/// Answers `op` with an error without running it (shard missing, store closing).
+fn reply_err(op: ShardOp, err: impl Fn() -> Error) {
     match op {
         ShardOp::Range(_, _, r) => drop(r.send(Err(err()))),
         ShardOp::Write(_, r) => drop(r.send(Err(err()))),
-        ShardOp::Lock(r)
-        | ShardOp::Commit(_, r)
-        | ShardOp::Abort(_, r)
-        | ShardOp::Unlock(r)
+        ShardOp::LockEval(_, _, _, _, r) => drop(r.send(Err(err()))),
+        ShardOp::Commit(_, _, r)
+        | ShardOp::Abort(_, _, r)
+        | ShardOp::Unlock(_, r)
         | ShardOp::Compact(_, r) => drop(r.send(Err(err()))),
         ShardOp::Compare(_, _, r) => drop(r.send(Err(err()))),
         ShardOp::Check(_, _, _, r) => drop(r.send(Err(err()))),

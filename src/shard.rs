@@ -45,8 +45,8 @@ pub struct Shard {
     /// protocol by a multi-shard write.
     lock: Semaphore,
     held: RefCell<Option<HeldPart>>,
-    /// Whether a multi-shard coordinator currently holds `lock`.
-    locked_by_coordinator: Cell<bool>,
+    /// The coordinator (by its lock token) currently holding `lock` for a multi-shard write.
+    lock_owner: Cell<Option<u64>>,
     /// Log index and revision of the last checkpoint.
     pub checkpoint_index: Cell<u64>,
     checkpointing: Cell<bool>,
@@ -85,7 +85,7 @@ impl Shard {
             wal,
             lock: Semaphore::new(1),
             held: RefCell::new(None),
-            locked_by_coordinator: Cell::new(false),
+            lock_owner: Cell::new(None),
             checkpoint_index: Cell::new(checkpoint_index),
             checkpointing: Cell::new(false),
             last_write_index: Cell::new(0),
@@ -256,23 +256,25 @@ impl Shard {
 
     // ---- multi-shard protocol (the coordinator drives these in order) ----
 
-    /// Takes the shard's write permission for a coordinator.
-    pub async fn lock_for_coordinator(&self) -> Result<()> {
+    /// Takes the shard's write permission for the coordinator identified by `token`.
+    pub async fn lock_for_coordinator(&self, token: u64) -> Result<()> {
         self.lock.acquire(1).await.map_err(|_| Error::Closed)?;
-        self.locked_by_coordinator.set(true);
+        self.lock_owner.set(Some(token));
         if let Err(e) = self.ensure_healthy() {
-            self.unlock_coordinator();
+            self.unlock_coordinator(token);
             return Err(e);
         }
         Ok(())
     }
 
-    pub fn unlock_coordinator(&self) {
-        if self.locked_by_coordinator.replace(false) {
+    /// Releases the permission if `token` holds it; a stale or repeated unlock is ignored.
+    pub fn unlock_coordinator(&self, token: u64) {
+        if self.lock_owner.get() == Some(token) {
             debug_assert!(
                 self.held.borrow().is_none(),
                 "unlock with an undecided part"
             );
+            self.lock_owner.set(None);
             self.lock.signal(1);
         }
     }
@@ -298,7 +300,7 @@ impl Shard {
         rev: i64,
         participants: Vec<u32>,
     ) -> Result<Vec<OpPartial>> {
-        debug_assert!(self.locked_by_coordinator.get());
+        debug_assert!(self.lock_owner.get().is_some());
         let estimate = self.frame_estimate(txn, path, rev)?;
         if !self.wal.has_room(estimate) {
             self.wal.make_room(estimate).await?;
@@ -309,17 +311,23 @@ impl Shard {
         Ok(partials)
     }
 
-    pub fn commit(&self, rev: i64) {
+    pub fn commit(&self, rev: i64, token: u64) {
+        if self.lock_owner.get() != Some(token) {
+            return;
+        }
         let held = self.held.borrow_mut().take();
         debug_assert!(
             held.as_ref().is_some_and(|h| h.revision == rev),
             "commit of an unknown part"
         );
-        self.unlock_coordinator();
+        self.unlock_coordinator(token);
     }
 
     /// Undoes a prepared part and records the abort durably (recovery must not resurrect it).
-    pub async fn abort(&self, rev: i64) -> Result<()> {
+    pub async fn abort(&self, rev: i64, token: u64) -> Result<()> {
+        if self.lock_owner.get() != Some(token) {
+            return Ok(());
+        }
         let held = self.held.borrow_mut().take();
         let result = match held {
             Some(h) if h.revision == rev => {
@@ -331,7 +339,7 @@ impl Shard {
                 Ok(())
             }
         };
-        self.unlock_coordinator();
+        self.unlock_coordinator(token);
         result
     }
 
