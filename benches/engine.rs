@@ -193,15 +193,19 @@ fn bench_txn(ops: usize) {
     db.close();
 }
 
-fn rss_kib() -> u64 {
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
+}
+
+fn rss_kib() -> u64 {
+    status_kib("VmRSS:")
 }
 
 /// Child mode: open the data dir, report time-to-serving and resident memory, exit.
@@ -213,7 +217,16 @@ fn reopen_child(dir: &str) {
         .expect("first read");
     assert_eq!(r.kvs.len(), 1);
     let elapsed = t0.elapsed();
-    println!("REOPEN {} {}", elapsed.as_millis(), rss_kib());
+    if let Ok(dump) = std::env::var("BENCH_SMAPS_TO") {
+        let _ = std::fs::copy("/proc/self/smaps", dump);
+    }
+    println!(
+        "REOPEN {} {} {} {}",
+        elapsed.as_millis(),
+        rss_kib(),
+        status_kib("RssAnon:"),
+        status_kib("RssFile:")
+    );
     db.close();
 }
 
@@ -241,13 +254,16 @@ fn bench_restart(keys: usize) {
         let line = text
             .lines()
             .find(|l| l.starts_with("REOPEN"))
-            .unwrap_or("REOPEN ? ?");
+            .unwrap_or("REOPEN ? ? ? ?");
         let f: Vec<&str> = line.split(' ').collect();
+        let mib = |s: &str| s.parse::<u64>().map(|k| k / 1024).unwrap_or(0);
         println!(
-            "restart with {keys} keys (run {}): {} ms to first read, RSS {} MiB",
+            "restart with {keys} keys (run {}): {} ms to first read, RSS {} MiB (anon {} MiB, file {} MiB)",
             attempt + 1,
             f[1],
-            f[2].parse::<u64>().map(|k| k / 1024).unwrap_or(0)
+            mib(f[2]),
+            mib(f[3]),
+            mib(f[4])
         );
     }
 }

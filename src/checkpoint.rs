@@ -214,13 +214,17 @@ pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
         buf: &map[..body_end],
         pos: HEADER_LEN,
     };
-    let mut histories = Vec::with_capacity(info.key_count as usize);
-    let mut last_key: Option<Bytes> = None;
+    // Keys are copied into one heap arena: the index compares them constantly, and leaving them in
+    // the mapping would keep every page (keys sit between values) resident. Values stay mapped.
+    let mut key_arena: Vec<u8> = Vec::new();
+    let mut parsed: Vec<(usize, usize, Vec<Generation>)> =
+        Vec::with_capacity(info.key_count as usize);
+    let mut last_key: Option<&[u8]> = None;
     while r.pos < body_end {
         let at = r.pos;
         let klen = r.u32().ok_or_else(|| corrupt(at, "truncated key record"))? as usize;
         let kpos = r.take(klen).ok_or_else(|| corrupt(at, "truncated key"))?;
-        let key = owner.slice(kpos..kpos + klen);
+        let key = &map[kpos..kpos + klen];
         let ngen = r.u32().ok_or_else(|| corrupt(at, "truncated record"))?;
         let mut generations = Vec::with_capacity(ngen as usize);
         for _ in 0..ngen {
@@ -247,18 +251,34 @@ pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
                 tombstone: if tomb == 0 { None } else { Some(tomb) },
             });
         }
-        let h = KeyHistory {
-            key: key.clone(),
-            generations,
-        };
-        if !h.is_well_formed() || last_key.as_ref().is_some_and(|k| *k >= key) {
-            return Err(corrupt(at, "malformed or out-of-order key history"));
+        if last_key.is_some_and(|k| k >= key) {
+            return Err(corrupt(at, "out-of-order key"));
         }
         last_key = Some(key);
+        parsed.push((key_arena.len(), klen, generations));
+        key_arena.extend_from_slice(key);
+    }
+    let keys = Bytes::from(key_arena);
+    let mut histories = Vec::with_capacity(parsed.len());
+    for (start, len, generations) in parsed {
+        let h = KeyHistory {
+            key: keys.slice(start..start + len),
+            generations,
+        };
+        if !h.is_well_formed() {
+            let why = format!("malformed history of key {:?}", h.key);
+            return Err(corrupt(HEADER_LEN, &why));
+        }
         histories.push(h);
     }
     if histories.len() as u64 != info.key_count {
         return Err(corrupt(48, "key count does not match the records"));
+    }
+    // Validation touched every page; let them go from this process's resident set. They stay in
+    // the page cache and fault back in only for values that are read.
+    // SAFETY: the mapping is read-only and file-backed, so dropping its pages loses nothing.
+    if let Err(e) = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) } {
+        tracing::debug!(error = %e, "madvise(DONTNEED) on a checkpoint failed; pages stay resident");
     }
     Ok(Loaded { info, histories })
 }
