@@ -414,3 +414,29 @@ fn second_open_of_a_data_dir_is_refused() {
     db.close();
     Db::open(dir.path(), opts(1, 1)).unwrap().close();
 }
+
+#[test]
+fn corrupt_checkpoint_refuses_to_open_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), opts(1, 1)).unwrap();
+    for i in 0..50 {
+        put(&db, &format!("k{i}"), "value");
+    }
+    db.checkpoint().unwrap();
+    db.close();
+    let shard = dir.path().join("shard-000");
+    let ckpt = std::fs::read_dir(&shard)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
+        .expect("a checkpoint file");
+    let mut bytes = std::fs::read(&ckpt).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&ckpt, &bytes).unwrap();
+    let err = Db::open(dir.path(), opts(1, 1)).err().expect("must refuse");
+    match &err {
+        Error::Corrupt { path, .. } => assert_eq!(path, &ckpt),
+        other => panic!("expected corruption, got {other}"),
+    }
+    assert!(err.to_string().contains("checkpoint-"), "{err}");
+}
