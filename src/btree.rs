@@ -107,6 +107,47 @@ struct Tree<K, V, const B: usize> {
     len: usize,
 }
 
+/// Node searches narrow down by bisection to this many keys, then scan them in order.
+const LINEAR_TAIL: usize = 4;
+
+/// Like `slice::partition_point`: how many leading `keys` satisfy `below`, which must hold on a
+/// prefix of `keys` and nowhere after it.
+///
+/// std's binary search is branch-free, so each probe's address waits for the previous
+/// comparison to finish. With `Bytes` keys every comparison reads key bytes from elsewhere on
+/// the heap, which turned a lookup into a chain of dependent cache misses. A branch lets the CPU
+/// guess the outcome and start loading the next probe's key while the comparison is pending,
+/// and the in-order scan at the end overlaps its comparisons' loads completely. With 1M `Bytes`
+/// keys this cut lookups from ~2.2x to ~1.1x the time of std's `BTreeMap`.
+fn search<K>(keys: &[K], mut below: impl FnMut(&K) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, keys.len());
+    while hi - lo > LINEAR_TAIL {
+        let mid = lo + (hi - lo) / 2;
+        if below(&keys[mid]) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    while lo < hi && below(&keys[lo]) {
+        lo += 1;
+    }
+    lo
+}
+
+/// Like `slice::binary_search` on sorted, unique `keys`, using [`search`].
+fn search_exact<K, Q>(keys: &[K], key: &Q) -> Result<usize, usize>
+where
+    K: Borrow<Q>,
+    Q: ?Sized + Ord,
+{
+    let i = search(keys, |k| k.borrow() < key);
+    match keys.get(i) {
+        Some(k) if k.borrow() == key => Ok(i),
+        _ => Err(i),
+    }
+}
+
 /// Panics if `a == b`; used to touch two sibling nodes at once.
 fn two_mut<T>(items: &mut [T], a: u32, b: u32) -> (&mut T, &mut T) {
     let (a, b) = (a as usize, b as usize);
@@ -245,9 +286,9 @@ impl<K: Ord, V, const B: usize> Tree<K, V, B> {
         K: Borrow<Q>,
         Q: ?Sized + Ord,
     {
-        self.branches[branch as usize]
-            .keys
-            .partition_point(|sep| sep.borrow() <= key)
+        search(&self.branches[branch as usize].keys, |sep| {
+            sep.borrow() <= key
+        })
     }
 
     /// Leaf that would hold `key`. The tree must not be empty.
@@ -274,7 +315,7 @@ impl<K: Ord, V, const B: usize> Tree<K, V, B> {
         }
         let leaf = self.descend(key);
         let keys = &self.leaves[leaf as usize].keys;
-        let i = keys.binary_search_by(|k| k.borrow().cmp(key)).ok()?;
+        let i = search_exact(keys, key).ok()?;
         Some((leaf, i))
     }
 
@@ -309,9 +350,7 @@ impl<K: Ord, V, const B: usize> Tree<K, V, B> {
         let position = |leaf: u32, below: &dyn Fn(&Q) -> bool| {
             (
                 leaf,
-                leaves[leaf as usize]
-                    .keys
-                    .partition_point(|k| below(k.borrow())),
+                search(&leaves[leaf as usize].keys, |k| below(k.borrow())),
             )
         };
         // Front: first entry not below `lower`.
@@ -526,7 +565,7 @@ impl<K: Ord + Clone, V, const B: usize> Tree<K, V, B> {
 
     fn insert_into_leaf(&mut self, id: u32, key: K, value: V) -> Insert<K, V> {
         let leaf = &mut self.leaves[id as usize];
-        let pos = match leaf.keys.binary_search(&key) {
+        let pos = match search_exact(&leaf.keys, &key) {
             Ok(i) => return Insert::Replaced(mem::replace(&mut leaf.vals[i], value)),
             Err(i) => i,
         };
@@ -614,7 +653,7 @@ impl<K: Ord + Clone, V, const B: usize> Tree<K, V, B> {
     {
         if height == 0 {
             let leaf = &mut self.leaves[node as usize];
-            let i = leaf.keys.binary_search_by(|k| k.borrow().cmp(key)).ok()?;
+            let i = search_exact(&leaf.keys, key).ok()?;
             leaf.keys.remove(i);
             return Some(leaf.vals.remove(i));
         }
@@ -1188,6 +1227,18 @@ mod tests {
     impl Ord for Tagged {
         fn cmp(&self, other: &Self) -> std::cmp::Ordering {
             self.0.cmp(&other.0)
+        }
+    }
+
+    #[test]
+    fn search_matches_std() {
+        for len in 0..40u32 {
+            let keys: Vec<u32> = (0..len).map(|k| k * 2).collect();
+            for probe in 0..=2 * len + 1 {
+                let want = keys.partition_point(|&k| k <= probe);
+                assert_eq!(search(&keys, |&k| k <= probe), want);
+                assert_eq!(search_exact(&keys, &probe), keys.binary_search(&probe));
+            }
         }
     }
 
