@@ -463,7 +463,7 @@ impl<K: Ord, V, const B: usize> Tree<K, V, B> {
             );
             assert_eq!(leaf.keys.len(), leaf.vals.len());
             for k in &leaf.keys {
-                assert!(last.map_or(true, |l| l < k), "keys out of order");
+                assert!(last.is_none_or(|l| l < k), "keys out of order");
                 last = Some(k);
             }
             count += leaf.keys.len();
@@ -497,11 +497,8 @@ impl<K: Ord, V, const B: usize> Tree<K, V, B> {
             order.push(node);
             let keys = &self.leaves[node as usize].keys;
             for k in keys {
-                assert!(lower.map_or(true, |l| l <= k), "key below its separator");
-                assert!(
-                    upper.map_or(true, |u| k < u),
-                    "key not below next separator"
-                );
+                assert!(lower.is_none_or(|l| l <= k), "key below its separator");
+                assert!(upper.is_none_or(|u| k < u), "key not below next separator");
             }
             return &keys[0];
         }
@@ -1097,7 +1094,7 @@ impl<K: Ord + Clone, V> FromIterator<(K, V)> for BPlusTree<K, V> {
         let mut entries = entries.into_iter().peekable();
         let dedup = std::iter::from_fn(move || loop {
             let item = entries.next()?;
-            if entries.peek().map_or(true, |next| next.0 != item.0) {
+            if entries.peek().is_none_or(|next| next.0 != item.0) {
                 return Some(item);
             }
         });
