@@ -443,6 +443,27 @@ impl KeyIndex {
     fn generations(&self) -> Vec<Generation> {
         self.0.clone().into_generations()
     }
+
+    /// Whether the key is held without a heap allocation of its own.
+    #[cfg(test)]
+    fn is_inline(&self) -> bool {
+        matches!(self.0, Repr::Single { .. })
+    }
+
+    /// Bytes this key owns on the heap (allocator overhead excluded; values are shared `Bytes`).
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
+        match &self.0 {
+            Repr::Single { .. } => 0,
+            Repr::Multi(gens) => {
+                gens.capacity() * std::mem::size_of::<Generation>()
+                    + gens
+                        .iter()
+                        .map(|g| g.puts.capacity() * std::mem::size_of::<PutEvent>())
+                        .sum::<usize>()
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -539,5 +560,179 @@ mod tests {
         assert!(full.is_well_formed());
         assert_eq!(KeyIndex::from_generations(full.generations), ki);
         assert!(ki.export(&key, 0).is_none());
+    }
+
+    /// (create revision, mod revision, version, value) of the key as read at `rev`.
+    fn seen(ki: &KeyIndex, rev: i64) -> Option<(i64, i64, i64, Bytes)> {
+        let key = b("k");
+        let v = ki.at(&key, rev)?;
+        Some((
+            v.create_revision,
+            v.mod_revision,
+            v.version,
+            v.value.clone(),
+        ))
+    }
+
+    /// The compact form is the canonical one, so a rebuild from the export must be equal.
+    fn assert_round_trips(ki: &KeyIndex) {
+        let h = ki.export(&b("k"), i64::MAX).expect("has history");
+        assert!(h.is_well_formed());
+        assert_eq!(&KeyIndex::from_generations(h.generations), ki);
+    }
+
+    #[test]
+    fn a_single_put_key_has_no_heap_allocation() {
+        assert!(std::mem::size_of::<KeyIndex>() <= 64);
+        let mut ki = KeyIndex::created(3, b("a"), 9);
+        assert!(ki.is_inline());
+        assert_eq!(ki.heap_bytes(), 0);
+        assert!(ki.is_live());
+        assert_eq!(ki.max_revision(), 3);
+        assert_eq!(seen(&ki, 2), None);
+        assert_eq!(seen(&ki, 3), Some((3, 3, 1, b("a"))));
+        assert_eq!(ki.at(&b("k"), 3).map(|v| v.lease), Some(9));
+        assert!(ki.compact(10));
+        assert_eq!(ki, KeyIndex::created(3, b("a"), 9));
+        assert!(ki.export(&b("k"), 2).is_none());
+        assert_round_trips(&ki);
+    }
+
+    #[test]
+    fn second_put_leaves_the_compact_form_and_its_rollback_returns() {
+        let mut ki = KeyIndex::created(2, b("a"), 1);
+        let before = ki.clone();
+        ki.put(4, b("b"), 0);
+        assert!(!ki.is_inline());
+        assert!(ki.heap_bytes() > 0);
+        assert_eq!(seen(&ki, 3), Some((2, 2, 1, b("a"))));
+        assert_eq!(seen(&ki, 4), Some((2, 4, 2, b("b"))));
+        assert_round_trips(&ki);
+
+        ki.strip(4);
+        assert!(ki.is_inline());
+        assert_eq!(ki, before);
+
+        ki.strip(2);
+        assert!(ki.is_empty() && !ki.is_live());
+        ki.put(6, b("c"), 0);
+        assert_eq!(ki, KeyIndex::created(6, b("c"), 0));
+    }
+
+    #[test]
+    fn delete_and_recreate_stay_general_until_compaction() {
+        let mut ki = KeyIndex::created(2, b("a"), 0);
+        let before = ki.clone();
+        assert!(ki.delete(3));
+        assert!(!ki.is_inline() && !ki.is_live());
+        assert!(!ki.delete(4));
+        assert_eq!(seen(&ki, 2), Some((2, 2, 1, b("a"))));
+        assert_eq!(seen(&ki, 3), None);
+        assert_round_trips(&ki);
+        let mut undone = ki.clone();
+        undone.strip(3);
+        assert_eq!(undone, before);
+
+        ki.put(5, b("b"), 0);
+        assert!(!ki.is_inline() && ki.is_live());
+        assert_eq!(ki.generations().len(), 2);
+        assert_eq!(seen(&ki, 4), None);
+        assert_eq!(seen(&ki, 5), Some((5, 5, 1, b("b"))));
+        assert_round_trips(&ki);
+
+        assert!(ki.compact(4), "the new generation survives");
+        assert!(ki.is_inline());
+        assert_eq!(ki, KeyIndex::created(5, b("b"), 0));
+
+        let mut gone = KeyIndex::created(2, b("a"), 0);
+        assert!(gone.delete(3));
+        assert!(!gone.compact(3));
+    }
+
+    #[test]
+    fn compaction_to_one_put_returns_to_the_compact_form() {
+        let mut ki = KeyIndex::created(2, b("a"), 0);
+        ki.put(4, b("b"), 0);
+        ki.put(6, b("c"), 0);
+        assert!(ki.compact(5));
+        assert!(!ki.is_inline(), "puts at 4 and 6 are both still visible");
+        assert!(ki.compact(6));
+        assert!(ki.is_inline());
+        assert_eq!(ki.heap_bytes(), 0);
+        assert_eq!(seen(&ki, 6), Some((2, 6, 3, b("c"))));
+        assert_eq!(
+            ki.generations(),
+            vec![Generation {
+                create_revision: 2,
+                first_version: 3,
+                puts: vec![PutEvent {
+                    revision: 6,
+                    value: b("c"),
+                    lease: 0
+                }],
+                tombstone: None,
+            }]
+        );
+        assert_round_trips(&ki);
+
+        // Versions keep counting from the compacted first_version.
+        ki.put(8, b("d"), 0);
+        assert!(!ki.is_inline());
+        assert_eq!(seen(&ki, 8), Some((2, 8, 4, b("d"))));
+        ki.strip(8);
+        assert!(ki.is_inline());
+        assert_eq!(seen(&ki, 8), Some((2, 6, 3, b("c"))));
+    }
+
+    #[test]
+    fn from_generations_uses_the_compact_form_exactly_when_it_fits() {
+        let put = |revision| PutEvent {
+            revision,
+            value: b("v"),
+            lease: 0,
+        };
+        let generation = |create_revision, puts, tombstone| Generation {
+            create_revision,
+            first_version: 1,
+            puts,
+            tombstone,
+        };
+        let inline = |gens| KeyIndex::from_generations(gens).is_inline();
+        assert!(inline(vec![generation(1, vec![put(1)], None)]));
+        assert!(!inline(vec![generation(1, vec![put(1)], Some(2))]));
+        assert!(!inline(vec![generation(1, vec![put(1), put(2)], None)]));
+        assert!(!inline(vec![
+            generation(1, vec![put(1)], Some(2)),
+            generation(3, vec![put(3)], None),
+        ]));
+        assert!(KeyIndex::from_generations(Vec::new()).is_empty());
+    }
+
+    /// Memory per key, before (a `Vec<Generation>` for every key) and now. Run with
+    /// `cargo test --lib key_index::tests::footprint -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn footprint() {
+        use std::mem::size_of;
+        println!(
+            "previous layout, one put: {} B in the map + {} B heap in 2 allocations",
+            size_of::<Vec<Generation>>(),
+            size_of::<Generation>() + size_of::<PutEvent>()
+        );
+        let mut ki = KeyIndex::created(1, b("a"), 0);
+        let report = |what: &str, ki: &KeyIndex| {
+            println!(
+                "{what}: {} B in the map + {} B heap",
+                size_of::<KeyIndex>(),
+                ki.heap_bytes()
+            )
+        };
+        report("one put", &ki);
+        ki.put(2, b("b"), 0);
+        report("two puts", &ki);
+        ki.compact(2);
+        report("two puts, compacted", &ki);
+        ki.delete(3);
+        report("deleted", &ki);
     }
 }
