@@ -113,10 +113,12 @@ impl Shard {
     }
 
     pub fn range(&self, req: &RangeRequest, rev: i64) -> Result<ShardRange> {
+        self.ensure_healthy()?;
         self.store.borrow().range(req, rev)
     }
 
     pub fn compare(&self, cmps: &[Compare], rev: i64) -> Result<Vec<CompareOutcome>> {
+        self.ensure_healthy()?;
         let store = self.store.borrow();
         cmps.iter().map(|c| store.compare(c, rev)).collect()
     }
@@ -192,10 +194,18 @@ impl Shard {
                 continue;
             }
             let rev = revs.begin();
-            let (partials, index) =
-                self.execute_and_log(txn, &path, rev, EntryKind::Write, Vec::new())?;
+            let logged = self.execute_and_log(txn, &path, rev, EntryKind::Write, Vec::new());
+            let (partials, index) = match logged {
+                Ok(v) => v,
+                Err(e) => {
+                    revs.finish(rev);
+                    return Err(e);
+                }
+            };
             drop(guard);
             let durable = self.wal.wait_durable(index).await;
+            // Finished either way so readers are not held up; after a failed sync this shard
+            // refuses every read, so the unlogged write it applied is never seen.
             revs.finish(rev);
             durable?;
             clock.wait_visible(rev).await;
@@ -280,6 +290,7 @@ impl Shard {
     }
 
     pub fn check(&self, txn: &TxnRequest, path: &TxnPath, rev: i64) -> Result<bool> {
+        self.ensure_healthy()?;
         self.store.borrow().check(txn, path, rev, &self.owns())
     }
 
