@@ -153,6 +153,20 @@ impl Shared {
     fn core_of(&self, shard: u32) -> usize {
         shard as usize % self.inboxes.len()
     }
+
+    /// The core that should run a range: the owner for a single key, any (`None`) otherwise.
+    fn range_core(&self, req: &RangeRequest) -> Option<usize> {
+        let single = KeyRange::from_etcd(&req.key, &req.range_end).is_some_and(|r| r.is_single_key());
+        single.then(|| self.core_of(self.shard_of(&req.key)))
+    }
+
+    /// The core that should run a txn: the owner when it touches one shard, any otherwise.
+    fn txn_core(&self, txn: &TxnRequest) -> Option<usize> {
+        match plan::shards_touched(txn, &|k| self.shard_of(k), self.nshards).as_slice() {
+            [one] => Some(self.core_of(*one)),
+            _ => None,
+        }
+    }
 }
 
 struct DbInner {
@@ -186,6 +200,12 @@ struct RecoveredShard {
 impl Db {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: impl AsRef<Path>, opts: Options) -> Result<Db> {
+        Self::open_with(path, opts, None)
+    }
+
+    /// Opens the store and runs `hook` on every core once it serves: the network server starts
+    /// its per-core listeners this way, so connections live on the cores that own the data.
+    pub fn open_with(path: impl AsRef<Path>, opts: Options, hook: Option<CoreHook>) -> Result<Db> {
         let path = path.as_ref().to_path_buf();
         if opts.cores == 0 {
             return Err(Error::InvalidArgument("cores must be at least 1".into()));
@@ -234,9 +254,10 @@ impl Db {
                 segment_size: opts.wal_segment_size,
             };
             let every = opts.checkpoint_every;
+            let hook = hook.clone();
             let handle = crate::rt::builder(placement, &format!("spindle-core-{core}"))
                 .spawn(move || async move {
-                    run_core(core, shared, rx, mine, wal_opts, every, ready_tx).await
+                    run_core(core, shared, rx, mine, wal_opts, every, ready_tx, hook).await
                 })
                 .map_err(|e| Error::Executor(e.to_string()))?;
             threads.push(handle);
@@ -279,32 +300,16 @@ impl Db {
         self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.shared.inboxes.len()
     }
 
-    fn key_core(&self, key: &[u8]) -> usize {
-        let s = &self.inner.shared;
-        s.core_of(s.shard_of(key))
-    }
-
     fn submit_range(&self, req: RangeRequest) -> Result<flume::Receiver<Result<RangeResponse>>> {
         plan::validate_range(&req)?;
-        let single =
-            KeyRange::from_etcd(&req.key, &req.range_end).is_some_and(|r| r.is_single_key());
-        let core = if single {
-            self.key_core(&req.key)
-        } else {
-            self.any_core()
-        };
+        let core = self.inner.shared.range_core(&req).unwrap_or_else(|| self.any_core());
         let (tx, rx) = oneshot();
         self.send(core, Msg::Client(ClientReq::Range(req, tx)))?;
         Ok(rx)
     }
 
     fn submit_txn(&self, txn: TxnRequest) -> Result<flume::Receiver<Result<TxnResponse>>> {
-        let s = &self.inner.shared;
-        let touched = plan::shards_touched(&txn, &|k| s.shard_of(k), s.nshards);
-        let core = match touched.as_slice() {
-            [one] => s.core_of(*one),
-            _ => self.any_core(),
-        };
+        let core = self.inner.shared.txn_core(&txn).unwrap_or_else(|| self.any_core());
         let (tx, rx) = oneshot();
         self.send(core, Msg::Client(ClientReq::Txn(Arc::new(txn), tx)))?;
         Ok(rx)
@@ -419,6 +424,92 @@ impl Drop for DbInner {
                 let _ = t.join();
             }
         }
+    }
+}
+
+/// Called on every core once it serves (see [`Db::open_with`]).
+pub type CoreHook = Arc<dyn Fn(LocalDb) + Send + Sync>;
+
+/// The engine seen from inside one of its executors: a request for data this core owns runs
+/// here without a hop; anything else goes to the owning core by message. Not `Send`.
+#[derive(Clone)]
+pub struct LocalDb {
+    core: Rc<Core>,
+}
+
+impl LocalDb {
+    pub fn core_id(&self) -> usize {
+        self.core.id
+    }
+
+    pub fn cores(&self) -> usize {
+        self.core.shared.inboxes.len()
+    }
+
+    /// The revision every reader currently sees.
+    pub fn revision(&self) -> i64 {
+        self.core.shared.clock.read_revision()
+    }
+
+    pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
+        plan::validate_range(&req)?;
+        match self.core.shared.range_core(&req) {
+            Some(c) if c != self.core.id => {
+                let (tx, rx) = oneshot();
+                self.forward(c, ClientReq::Range(req, tx))?;
+                wait_async(rx).await
+            }
+            _ => self.core.range(req).await,
+        }
+    }
+
+    pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
+        plan::validate_txn(&req, self.core.shared.max_txn_ops)?;
+        self.txn_unchecked(req).await
+    }
+
+    async fn txn_unchecked(&self, req: TxnRequest) -> Result<TxnResponse> {
+        match self.core.shared.txn_core(&req) {
+            Some(c) if c != self.core.id => {
+                let (tx, rx) = oneshot();
+                self.forward(c, ClientReq::Txn(Arc::new(req), tx))?;
+                wait_async(rx).await
+            }
+            _ => self.core.txn(Arc::new(req)).await,
+        }
+    }
+
+    pub async fn put(&self, req: PutRequest) -> Result<PutResponse> {
+        plan::validate_put(&req)?;
+        put_response(self.txn_unchecked(single_op_txn(RequestOp::Put(req))).await?)
+    }
+
+    pub async fn delete_range(&self, req: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        plan::validate_delete(&req)?;
+        delete_response(self.txn_unchecked(single_op_txn(RequestOp::DeleteRange(req))).await?)
+    }
+
+    pub async fn compact(&self, req: CompactionRequest) -> Result<CompactionResponse> {
+        self.core.compact(req).await
+    }
+
+    pub async fn status(&self) -> Result<Status> {
+        let (tx, rx) = oneshot();
+        self.core.clone().client(ClientReq::Status(tx)).await;
+        wait_async(rx).await
+    }
+
+    /// Writes a checkpoint of every shard now (what etcd's Defragment maps to).
+    pub async fn checkpoint(&self) -> Result<Vec<CheckpointInfo>> {
+        let (tx, rx) = oneshot();
+        self.core.clone().client(ClientReq::Checkpoint(tx)).await;
+        wait_async(rx).await
+    }
+
+    fn forward(&self, core: usize, req: ClientReq) -> Result<()> {
+        self.core.shared.inboxes[core]
+            .send(Msg::Client(req))
+            .map_err(|_| Error::Closed)
     }
 }
 
@@ -601,6 +692,7 @@ struct Core {
     tokens: std::cell::Cell<u64>,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_core(
     id: usize,
     shared: Arc<Shared>,
@@ -609,6 +701,7 @@ async fn run_core(
     wal_opts: WalOptions,
     checkpoint_every: u64,
     ready: Reply<()>,
+    hook: Option<CoreHook>,
 ) {
     let mut shards = BTreeMap::new();
     for r in recovered {
@@ -651,6 +744,9 @@ async fn run_core(
         tokens: Default::default(),
     });
     let _ = ready.send(Ok(()));
+    if let Some(hook) = hook {
+        hook(LocalDb { core: core.clone() });
+    }
     while let Ok(msg) = inbox.recv_async().await {
         match msg {
             Msg::Shutdown => break,

@@ -9,6 +9,7 @@ pub mod meta;
 pub mod mvcc;
 pub mod partition;
 pub mod plan;
+pub mod proto;
 pub mod revision;
 pub mod rt;
 pub mod shard;
