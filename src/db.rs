@@ -62,7 +62,7 @@ impl Default for Options {
 }
 
 /// Store-wide facts for status reporting.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Status {
     pub revision: i64,
     pub compact_revision: i64,
@@ -73,6 +73,12 @@ pub struct Status {
     pub disk_bytes: u64,
     /// Highest WAL index over shards (a stand-in for etcd's raft index on a single node).
     pub log_index: u64,
+    /// WAL fdatasync calls, their total time and latency histogram (`wal::LATENCY_BUCKETS`).
+    pub fsyncs: u64,
+    pub fsync_seconds: f64,
+    pub fsync_buckets: Vec<u64>,
+    /// Per shard: WAL records queued and not yet durable.
+    pub queue_depths: Vec<u64>,
 }
 
 type Reply<T> = flume::Sender<Result<T>>;
@@ -119,7 +125,7 @@ enum ShardOp {
     Unlock(u64, Reply<()>),
     Compact(i64, Reply<()>),
     Checkpoint(Reply<CheckpointInfo>),
-    Stats(Reply<(u64, u64, u64)>),
+    Stats(Reply<(u64, u64, u64, crate::wal::SyncStats)>),
 }
 
 /// What a shard reports once locked for a coordinator.
@@ -144,6 +150,8 @@ struct Shared {
     partitioner: Partitioner,
     nshards: u32,
     max_txn_ops: usize,
+    cluster_id: u64,
+    member_id: u64,
 }
 
 impl Shared {
@@ -156,7 +164,8 @@ impl Shared {
 
     /// The core that should run a range: the owner for a single key, any (`None`) otherwise.
     fn range_core(&self, req: &RangeRequest) -> Option<usize> {
-        let single = KeyRange::from_etcd(&req.key, &req.range_end).is_some_and(|r| r.is_single_key());
+        let single =
+            KeyRange::from_etcd(&req.key, &req.range_end).is_some_and(|r| r.is_single_key());
         single.then(|| self.core_of(self.shard_of(&req.key)))
     }
 
@@ -232,6 +241,8 @@ impl Db {
             partitioner: meta.partitioner,
             nshards: meta.shards,
             max_txn_ops: opts.max_txn_ops,
+            cluster_id: meta.cluster_id,
+            member_id: meta.member_id,
         });
         let mut per_core: Vec<Vec<RecoveredShard>> = (0..opts.cores).map(|_| Vec::new()).collect();
         for s in shards {
@@ -287,6 +298,11 @@ impl Db {
         &self.inner.path
     }
 
+    /// `(cluster id, member id)`, fixed when the data dir was created.
+    pub fn identity(&self) -> (u64, u64) {
+        (self.inner.shared.cluster_id, self.inner.shared.member_id)
+    }
+
     fn send(&self, core: usize, msg: Msg) -> Result<()> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
@@ -302,14 +318,22 @@ impl Db {
 
     fn submit_range(&self, req: RangeRequest) -> Result<flume::Receiver<Result<RangeResponse>>> {
         plan::validate_range(&req)?;
-        let core = self.inner.shared.range_core(&req).unwrap_or_else(|| self.any_core());
+        let core = self
+            .inner
+            .shared
+            .range_core(&req)
+            .unwrap_or_else(|| self.any_core());
         let (tx, rx) = oneshot();
         self.send(core, Msg::Client(ClientReq::Range(req, tx)))?;
         Ok(rx)
     }
 
     fn submit_txn(&self, txn: TxnRequest) -> Result<flume::Receiver<Result<TxnResponse>>> {
-        let core = self.inner.shared.txn_core(&txn).unwrap_or_else(|| self.any_core());
+        let core = self
+            .inner
+            .shared
+            .txn_core(&txn)
+            .unwrap_or_else(|| self.any_core());
         let (tx, rx) = oneshot();
         self.send(core, Msg::Client(ClientReq::Txn(Arc::new(txn), tx)))?;
         Ok(rx)
@@ -446,6 +470,16 @@ impl LocalDb {
         self.core.shared.inboxes.len()
     }
 
+    /// `(cluster id, member id)`, fixed when the data dir was created.
+    pub fn identity(&self) -> (u64, u64) {
+        (self.core.shared.cluster_id, self.core.shared.member_id)
+    }
+
+    /// The current compaction revision.
+    pub fn compact_revision(&self) -> i64 {
+        self.core.shared.clock.compact_revision()
+    }
+
     /// The revision every reader currently sees.
     pub fn revision(&self) -> i64 {
         self.core.shared.clock.read_revision()
@@ -481,12 +515,18 @@ impl LocalDb {
 
     pub async fn put(&self, req: PutRequest) -> Result<PutResponse> {
         plan::validate_put(&req)?;
-        put_response(self.txn_unchecked(single_op_txn(RequestOp::Put(req))).await?)
+        put_response(
+            self.txn_unchecked(single_op_txn(RequestOp::Put(req)))
+                .await?,
+        )
     }
 
     pub async fn delete_range(&self, req: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         plan::validate_delete(&req)?;
-        delete_response(self.txn_unchecked(single_op_txn(RequestOp::DeleteRange(req))).await?)
+        delete_response(
+            self.txn_unchecked(single_op_txn(RequestOp::DeleteRange(req)))
+                .await?,
+        )
     }
 
     pub async fn compact(&self, req: CompactionRequest) -> Result<CompactionResponse> {
@@ -902,7 +942,12 @@ impl Core {
             ShardOp::Stats(r) => {
                 let keys = shard.store.borrow().key_count() as u64;
                 let bytes = dir_bytes(&shard.dir);
-                let _ = r.send(Ok((keys, bytes, shard.wal.next_index() - 1)));
+                let _ = r.send(Ok((
+                    keys,
+                    bytes,
+                    shard.wal.next_index() - 1,
+                    shard.wal.sync_stats(),
+                )));
             }
         }
     }
@@ -943,10 +988,17 @@ impl Core {
                 let mut res = Ok(());
                 for s in 0..self.shared.nshards {
                     match self.call(s, ShardOp::Stats).await {
-                        Ok((k, b, i)) => {
+                        Ok((k, b, i, sync)) => {
                             st.keys += k;
                             st.disk_bytes += b;
                             st.log_index = st.log_index.max(i);
+                            st.fsyncs += sync.fsyncs;
+                            st.fsync_seconds += sync.seconds;
+                            st.fsync_buckets.resize(sync.buckets.len(), 0);
+                            for (t, b) in st.fsync_buckets.iter_mut().zip(sync.buckets) {
+                                *t += b;
+                            }
+                            st.queue_depths.push(sync.queued);
                         }
                         Err(e) => {
                             res = Err(e);

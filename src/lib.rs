@@ -12,8 +12,9 @@ pub mod plan;
 pub mod proto;
 pub mod revision;
 pub mod rt;
+pub mod server;
 pub mod shard;
 pub mod wal;
 
-pub use db::{Db, Options, Status};
+pub use db::{CoreHook, Db, LocalDb, Options, Status};
 pub use error::{Error, Result};

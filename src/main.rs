@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use spindle::db::{Db, Options};
+use spindle::db::Options;
 use spindle::partition::Partitioner;
+use spindle::server::ServerConfig;
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +33,18 @@ struct ServeArgs {
     /// Data directory (created if missing).
     #[arg(long, default_value = "spindle-data")]
     data_dir: PathBuf,
+    /// Human-readable name of this member.
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// URLs to listen on for client traffic (comma-separated, http only).
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    listen_client_urls: String,
+    /// Client URLs advertised to clients (member list); default: the listen URLs.
+    #[arg(long)]
+    advertise_client_urls: Option<String>,
+    /// Peer URLs advertised in the member list (no peer traffic until clustering lands).
+    #[arg(long, default_value = "http://localhost:2380")]
+    initial_advertise_peer_urls: String,
     /// Executors to run, one per core; default: all available cores.
     #[arg(long)]
     cores: Option<usize>,
@@ -41,9 +54,19 @@ struct ServeArgs {
     /// Key-to-shard mapping for a new data dir: directory-crc32 or key-crc32.
     #[arg(long, default_value = "directory-crc32")]
     partitioner: String,
+    /// Largest request the server accepts, as etcd's flag.
+    #[arg(long, default_value_t = 1536 * 1024)]
+    max_request_bytes: usize,
     /// Size of each preallocated WAL segment, in MiB.
     #[arg(long, default_value_t = 64)]
     wal_segment_mb: u64,
+    /// Automatic compaction: "periodic" (retention is a duration such as 1h or 30m) or "revision"
+    /// (retention is a number of revisions to keep).
+    #[arg(long, default_value = "periodic")]
+    auto_compaction_mode: String,
+    /// Retention for automatic compaction; 0 disables it.
+    #[arg(long, default_value = "0")]
+    auto_compaction_retention: String,
 }
 
 fn main() -> ExitCode {
@@ -65,18 +88,62 @@ fn main() -> ExitCode {
     }
 }
 
+/// Blocks SIGINT and SIGTERM in this thread and every thread started after it, so that the main
+/// thread can wait for them with `sigwait` and shut down cleanly.
+fn block_shutdown_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-set manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: `set` was initialized by block_shutdown_signals.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
 fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
+    let invalid = |m: String| spindle::Error::InvalidArgument(m);
     let mut opts = Options::default();
     if let Some(c) = args.cores {
         opts.cores = c;
     }
     opts.shards = args.shards;
-    opts.partitioner = Partitioner::from_name(&args.partitioner).ok_or_else(|| {
-        spindle::Error::InvalidArgument(format!("unknown partitioner {:?}", args.partitioner))
-    })?;
+    opts.partitioner = Partitioner::from_name(&args.partitioner)
+        .ok_or_else(|| invalid(format!("unknown partitioner {:?}", args.partitioner)))?;
     opts.wal_segment_size = args.wal_segment_mb.max(1) << 20;
+    let compaction = spindle::server::compaction::Policy::parse(
+        &args.auto_compaction_mode,
+        &args.auto_compaction_retention,
+    )?;
+    let listen = spindle::server::parse_listen_urls(&args.listen_client_urls)?;
+    let split = |s: &str| {
+        s.split(',')
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect()
+    };
+    let cfg = ServerConfig {
+        name: args.name,
+        listen,
+        advertise_client_urls: split(
+            args.advertise_client_urls
+                .as_deref()
+                .unwrap_or(&args.listen_client_urls),
+        ),
+        advertise_peer_urls: split(&args.initial_advertise_peer_urls),
+        max_request_bytes: args.max_request_bytes,
+    };
+    let signals = block_shutdown_signals();
     let started = std::time::Instant::now();
-    let db = Db::open(&args.data_dir, opts)?;
+    let db = spindle::server::start(&args.data_dir, opts, cfg.clone())?;
     let status = db.status()?;
     tracing::info!(
         data_dir = %args.data_dir.display(),
@@ -87,9 +154,16 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "store opened and recovered"
     );
-    // The etcd v3 gRPC API is the next milestone; until it lands the node does not listen, and it
-    // says so instead of pretending to serve.
-    tracing::warn!("the etcd v3 gRPC API is not implemented yet: nothing is listening; use spindle::Db to embed the engine");
+    tracing::info!(urls = ?cfg.advertise_client_urls, "ready to serve client requests");
+    let compactor = compaction.map(|p| spindle::server::compaction::spawn(db.clone(), p));
+    let sig = wait_for_signal(&signals);
+    tracing::info!(
+        signal = sig,
+        "shutting down: flushing and closing the store"
+    );
+    if let Some(c) = compactor {
+        c.stop();
+    }
     db.close();
     tracing::info!("store closed cleanly");
     Ok(())

@@ -15,6 +15,23 @@ const FORMAT: u32 = 1;
 pub struct Meta {
     pub shards: u32,
     pub partitioner: Partitioner,
+    /// etcd-style identities, chosen at creation and reported in every response header.
+    pub cluster_id: u64,
+    pub member_id: u64,
+}
+
+/// A random non-zero id (std's hasher is randomly keyed per process).
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish().max(1)
 }
 
 /// Holds an exclusive `flock` on the data dir for as long as it lives, so two processes never
@@ -62,10 +79,14 @@ pub fn load_or_create(dir: &Path, shards: u32, partitioner: Partitioner) -> Resu
             let meta = Meta {
                 shards,
                 partitioner,
+                cluster_id: random_id(),
+                member_id: random_id(),
             };
             let text = format!(
-                "format={FORMAT}\nshards={shards}\npartitioner={}\n",
-                partitioner.name()
+                "format={FORMAT}\nshards={shards}\npartitioner={}\ncluster_id={:x}\nmember_id={:x}\n",
+                partitioner.name(),
+                meta.cluster_id,
+                meta.member_id
             );
             let tmp = dir.join(format!("{META_FILE}.tmp"));
             let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -90,6 +111,8 @@ fn parse(path: &Path, text: &str) -> Result<Meta> {
     let mut shards = None;
     let mut partitioner = None;
     let mut format = None;
+    let mut cluster_id = None;
+    let mut member_id = None;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let (k, v) = line
             .split_once('=')
@@ -98,6 +121,8 @@ fn parse(path: &Path, text: &str) -> Result<Meta> {
             "format" => format = v.trim().parse::<u32>().ok(),
             "shards" => shards = v.trim().parse::<u32>().ok().filter(|&n| n > 0),
             "partitioner" => partitioner = Partitioner::from_name(v.trim()),
+            "cluster_id" => cluster_id = u64::from_str_radix(v.trim(), 16).ok(),
+            "member_id" => member_id = u64::from_str_radix(v.trim(), 16).ok(),
             other => return Err(bad(format!("unknown key {other:?}"))),
         }
     }
@@ -109,6 +134,8 @@ fn parse(path: &Path, text: &str) -> Result<Meta> {
     Ok(Meta {
         shards: shards.ok_or_else(|| bad("missing or invalid shards".into()))?,
         partitioner: partitioner.ok_or_else(|| bad("missing or unknown partitioner".into()))?,
+        cluster_id: cluster_id.ok_or_else(|| bad("missing or invalid cluster_id".into()))?,
+        member_id: member_id.ok_or_else(|| bad("missing or invalid member_id".into()))?,
     })
 }
 

@@ -52,7 +52,11 @@ pub fn put_request(r: pb::PutRequest) -> kv::PutRequest {
 }
 
 pub fn delete_request(r: pb::DeleteRangeRequest) -> kv::DeleteRangeRequest {
-    kv::DeleteRangeRequest { key: r.key, range_end: r.range_end, prev_kv: r.prev_kv }
+    kv::DeleteRangeRequest {
+        key: r.key,
+        range_end: r.range_end,
+        prev_kv: r.prev_kv,
+    }
 }
 
 fn compare(c: pb::Compare) -> Result<kv::Compare, Error> {
@@ -62,7 +66,11 @@ fn compare(c: pb::Compare) -> Result<kv::Compare, Error> {
         1 => kv::CompareResult::Greater,
         2 => kv::CompareResult::Less,
         3 => kv::CompareResult::NotEqual,
-        n => return Err(Error::InvalidArgument(format!("invalid compare result {n}"))),
+        n => {
+            return Err(Error::InvalidArgument(format!(
+                "invalid compare result {n}"
+            )))
+        }
     };
     let target = match c.target {
         0 => kv::CompareTarget::Version,
@@ -70,7 +78,11 @@ fn compare(c: pb::Compare) -> Result<kv::Compare, Error> {
         2 => kv::CompareTarget::Mod,
         3 => kv::CompareTarget::Value,
         4 => kv::CompareTarget::Lease,
-        n => return Err(Error::InvalidArgument(format!("invalid compare target {n}"))),
+        n => {
+            return Err(Error::InvalidArgument(format!(
+                "invalid compare target {n}"
+            )))
+        }
     };
     let target_union = c.target_union.map(|u| match u {
         W::Version(v) => kv::TargetUnion::Version(v),
@@ -79,7 +91,13 @@ fn compare(c: pb::Compare) -> Result<kv::Compare, Error> {
         W::Value(v) => kv::TargetUnion::Value(v),
         W::Lease(v) => kv::TargetUnion::Lease(v),
     });
-    Ok(kv::Compare { result, target, key: c.key, range_end: c.range_end, target_union })
+    Ok(kv::Compare {
+        result,
+        target,
+        key: c.key,
+        range_end: c.range_end,
+        target_union,
+    })
 }
 
 fn request_op(op: pb::RequestOp) -> Result<kv::RequestOp, Error> {
@@ -90,15 +108,29 @@ fn request_op(op: pb::RequestOp) -> Result<kv::RequestOp, Error> {
         Some(R::RequestDeleteRange(r)) => Ok(kv::RequestOp::DeleteRange(delete_request(r))),
         Some(R::RequestTxn(t)) => Ok(kv::RequestOp::Txn(txn_request(t)?)),
         // etcd rejects an op with no request as a malformed txn.
-        None => Err(Error::InvalidArgument("etcdserver: request op is empty".into())),
+        None => Err(Error::InvalidArgument(
+            "etcdserver: request op is empty".into(),
+        )),
     }
 }
 
 pub fn txn_request(t: pb::TxnRequest) -> Result<kv::TxnRequest, Error> {
     Ok(kv::TxnRequest {
-        compare: t.compare.into_iter().map(compare).collect::<Result<_, _>>()?,
-        success: t.success.into_iter().map(request_op).collect::<Result<_, _>>()?,
-        failure: t.failure.into_iter().map(request_op).collect::<Result<_, _>>()?,
+        compare: t
+            .compare
+            .into_iter()
+            .map(compare)
+            .collect::<Result<_, _>>()?,
+        success: t
+            .success
+            .into_iter()
+            .map(request_op)
+            .collect::<Result<_, _>>()?,
+        failure: t
+            .failure
+            .into_iter()
+            .map(request_op)
+            .collect::<Result<_, _>>()?,
     })
 }
 
@@ -115,7 +147,10 @@ pub fn key_value(kv: kv::KeyValue) -> mvccpb::KeyValue {
 
 /// Nested responses carry only a revision in their header, as etcd's do.
 fn nested_header(h: kv::ResponseHeader) -> Option<pb::ResponseHeader> {
-    Some(pb::ResponseHeader { revision: h.revision, ..Default::default() })
+    Some(pb::ResponseHeader {
+        revision: h.revision,
+        ..Default::default()
+    })
 }
 
 pub fn range_response(r: kv::RangeResponse, header: pb::ResponseHeader) -> pb::RangeResponse {
@@ -128,7 +163,10 @@ pub fn range_response(r: kv::RangeResponse, header: pb::ResponseHeader) -> pb::R
 }
 
 pub fn put_response(r: kv::PutResponse, header: pb::ResponseHeader) -> pb::PutResponse {
-    pb::PutResponse { header: Some(header), prev_kv: r.prev_kv.map(key_value) }
+    pb::PutResponse {
+        header: Some(header),
+        prev_kv: r.prev_kv.map(key_value),
+    }
 }
 
 pub fn delete_response(
@@ -147,11 +185,17 @@ fn response_op(op: kv::ResponseOp) -> pb::ResponseOp {
     let response = match op {
         kv::ResponseOp::Range(r) => {
             let h = nested_header(r.header);
-            R::ResponseRange(pb::RangeResponse { header: h, ..range_response(r, Default::default()) })
+            R::ResponseRange(pb::RangeResponse {
+                header: h,
+                ..range_response(r, Default::default())
+            })
         }
         kv::ResponseOp::Put(r) => {
             let h = nested_header(r.header);
-            R::ResponsePut(pb::PutResponse { header: h, ..put_response(r, Default::default()) })
+            R::ResponsePut(pb::PutResponse {
+                header: h,
+                ..put_response(r, Default::default())
+            })
         }
         kv::ResponseOp::DeleteRange(r) => {
             let h = nested_header(r.header);
@@ -162,10 +206,15 @@ fn response_op(op: kv::ResponseOp) -> pb::ResponseOp {
         }
         kv::ResponseOp::Txn(t) => {
             let h = nested_header(t.header);
-            R::ResponseTxn(pb::TxnResponse { header: h, ..txn_response(t, Default::default()) })
+            R::ResponseTxn(pb::TxnResponse {
+                header: h,
+                ..txn_response(t, Default::default())
+            })
         }
     };
-    pb::ResponseOp { response: Some(response) }
+    pb::ResponseOp {
+        response: Some(response),
+    }
 }
 
 pub fn txn_response(t: kv::TxnResponse, header: pb::ResponseHeader) -> pb::TxnResponse {
@@ -183,9 +232,17 @@ mod tests {
 
     #[test]
     fn invalid_sort_options_are_rejected_as_etcd_does() {
-        let r = pb::RangeRequest { key: Bytes::from_static(b"a"), sort_order: 7, ..Default::default() };
+        let r = pb::RangeRequest {
+            key: Bytes::from_static(b"a"),
+            sort_order: 7,
+            ..Default::default()
+        };
         assert!(matches!(range_request(r), Err(Error::InvalidSortOption)));
-        let r = pb::RangeRequest { key: Bytes::from_static(b"a"), sort_target: 9, ..Default::default() };
+        let r = pb::RangeRequest {
+            key: Bytes::from_static(b"a"),
+            sort_target: 9,
+            ..Default::default()
+        };
         assert!(matches!(range_request(r), Err(Error::InvalidSortOption)));
     }
 
@@ -208,7 +265,9 @@ mod tests {
             failure: vec![],
         };
         let outer = pb::TxnRequest {
-            success: vec![pb::RequestOp { request: Some(pb::request_op::Request::RequestTxn(inner)) }],
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestTxn(inner)),
+            }],
             ..Default::default()
         };
         let t = txn_request(outer).unwrap();

@@ -35,7 +35,10 @@ pub struct Status {
 
 impl Status {
     pub fn new(code: Code, message: impl Into<String>) -> Status {
-        Status { code, message: message.into() }
+        Status {
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn unimplemented(path: &str) -> Status {
@@ -59,7 +62,10 @@ impl From<Error> for Status {
             | Error::RequestTooLarge
             | Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::DiskFull { .. } => {
-                return Status::new(Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded")
+                return Status::new(
+                    Code::ResourceExhausted,
+                    "etcdserver: mvcc: database space exceeded",
+                )
             }
             Error::Closed => return Status::new(Code::Unavailable, "etcdserver: server stopped"),
             Error::Io { .. }
@@ -82,7 +88,10 @@ pub fn decode_messages(mut body: Bytes) -> Result<Vec<Bytes>, Status> {
         let compressed = body.get_u8();
         let len = body.get_u32() as usize;
         if compressed != 0 {
-            return Err(Status::new(Code::Unimplemented, "grpc: compressed messages are not supported"));
+            return Err(Status::new(
+                Code::Unimplemented,
+                "grpc: compressed messages are not supported",
+            ));
         }
         if body.len() < len {
             return Err(Status::new(Code::Internal, "grpc: truncated message"));
@@ -126,7 +135,10 @@ pub fn status_trailers(status: &Status) -> HeaderMap {
 
 /// A gRPC response body: queued messages, then the status trailers; or messages from a stream.
 pub enum GrpcBody {
-    Frames { data: VecDeque<Bytes>, trailers: Option<HeaderMap> },
+    Frames {
+        data: VecDeque<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
     Stream(Pin<Box<flume::r#async::RecvStream<'static, Frame<Bytes>>>>),
     Plain(Option<Bytes>),
 }
@@ -153,25 +165,43 @@ impl http_body::Body for GrpcBody {
             GrpcBody::Plain(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }
+
+    /// An empty body ends the stream with the headers, which makes an error response
+    /// "trailers-only" as gRPC clients expect.
+    fn is_end_stream(&self) -> bool {
+        match self {
+            GrpcBody::Frames { data, trailers } => data.is_empty() && trailers.is_none(),
+            GrpcBody::Stream(_) => false,
+            GrpcBody::Plain(b) => b.is_none(),
+        }
+    }
 }
 
 fn grpc_response(body: GrpcBody) -> Response<GrpcBody> {
     let mut r = Response::new(body);
-    r.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/grpc"));
     r
 }
 
-/// A unary reply: one message and an OK status.
-pub fn ok(msg: &impl prost::Message) -> Response<GrpcBody> {
+/// A unary reply: one already encoded message and an OK status.
+pub fn ok_bytes(msg: Bytes) -> Response<GrpcBody> {
+    let mut framed = BytesMut::with_capacity(5 + msg.len());
+    framed.put_u8(0);
+    framed.put_u32(msg.len() as u32);
+    framed.extend_from_slice(&msg);
     grpc_response(GrpcBody::Frames {
-        data: VecDeque::from([encode_message(msg)]),
+        data: VecDeque::from([framed.freeze()]),
         trailers: Some(status_trailers(&Status::new(Code::Ok, ""))),
     })
 }
 
 /// A failed call: a trailers-only response carrying the status in the headers.
 pub fn error(status: &Status) -> Response<GrpcBody> {
-    let mut r = grpc_response(GrpcBody::Frames { data: VecDeque::new(), trailers: None });
+    let mut r = grpc_response(GrpcBody::Frames {
+        data: VecDeque::new(),
+        trailers: None,
+    });
     r.headers_mut().extend(status_trailers(status));
     r
 }
@@ -188,7 +218,10 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_reject_garbage() {
-        let m = PutRequest { key: Bytes::from_static(b"k"), ..Default::default() };
+        let m = PutRequest {
+            key: Bytes::from_static(b"k"),
+            ..Default::default()
+        };
         let mut two = BytesMut::new();
         two.extend_from_slice(&encode_message(&m));
         two.extend_from_slice(&encode_message(&m));

@@ -25,6 +25,21 @@ use record::{encode_payload, encode_segment_header, frame_len, frame_payload, SE
 pub use record::{EntryKind, WalEntry};
 pub use recovery::{recover, Recovered, SegmentFile};
 
+/// Latency histogram bucket bounds in seconds (fsyncs here, requests in the server's metrics).
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+];
+
+/// Sync statistics of one log.
+#[derive(Clone, Debug, Default)]
+pub struct SyncStats {
+    pub fsyncs: u64,
+    pub seconds: f64,
+    pub buckets: [u64; 12],
+    /// Frames queued and not yet durable.
+    pub queued: u64,
+}
+
 #[derive(Clone, Debug)]
 pub struct WalOptions {
     /// Size of each preallocated segment file.
@@ -94,6 +109,7 @@ struct Inner {
     spare_ev: Event,
     flusher: RefCell<Option<glommio::task::JoinHandle<()>>>,
     fsyncs: Cell<u64>,
+    sync_stats: RefCell<SyncStats>,
 }
 
 /// Handle to a shard's log; cheap to clone within its executor.
@@ -171,6 +187,7 @@ impl Wal {
                 spare_ev: Event::new(),
                 flusher: RefCell::new(None),
                 fsyncs: Cell::new(0),
+                sync_stats: RefCell::new(SyncStats::default()),
             }),
         };
         let inner = wal.inner.clone();
@@ -190,6 +207,13 @@ impl Wal {
     /// Number of fdatasync calls so far (group-commit effectiveness).
     pub fn fsync_count(&self) -> u64 {
         self.inner.fsyncs.get()
+    }
+
+    pub fn sync_stats(&self) -> SyncStats {
+        let mut s = self.inner.sync_stats.borrow().clone();
+        let st = self.inner.st.borrow();
+        s.queued = st.next_index - 1 - st.durable_index;
+        s
     }
 
     pub fn failure(&self) -> Option<String> {
@@ -524,11 +548,21 @@ async fn flush_chunk(
             std::io::Error::new(std::io::ErrorKind::WriteZero, "short WAL write"),
         ));
     }
+    let synced = std::time::Instant::now();
     cur.file
         .fdatasync()
         .await
         .map_err(|e| Error::glommio(path(), e))?;
     inner.fsyncs.set(inner.fsyncs.get() + 1);
+    {
+        let took = synced.elapsed().as_secs_f64();
+        let mut st = inner.sync_stats.borrow_mut();
+        st.fsyncs += 1;
+        st.seconds += took;
+        if let Some(b) = LATENCY_BUCKETS.iter().position(|&le| took <= le) {
+            st.buckets[b] += 1;
+        }
+    }
     let new_pos = cur.durable_pos + chunk.bytes.len() as u64;
     let new_block = new_pos / align * align;
     let cut = (new_block - start) as usize;

@@ -1,0 +1,125 @@
+//! etcd's JSON gateway (`POST /v3/kv/range` …): JSON in and out with protobuf's JSON mapping and
+//! proto field names, as etcd's grpc-gateway does (int64 as strings, bytes as base64). Requests are
+//! translated to the gRPC messages and served by the same code as gRPC calls.
+
+use std::rc::Rc;
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use hyper::body::Incoming;
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+
+use super::grpc::{Code, GrpcBody, Status};
+use super::Ctx;
+
+fn pool() -> &'static DescriptorPool {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        DescriptorPool::decode(crate::proto::DESCRIPTORS)
+            .expect("descriptors built from our protos")
+    })
+}
+
+/// Gateway path → (gRPC method, request message, response message).
+fn route(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
+    Some(match path {
+        "/v3/kv/range" => ("/etcdserverpb.KV/Range", "RangeRequest", "RangeResponse"),
+        "/v3/kv/put" => ("/etcdserverpb.KV/Put", "PutRequest", "PutResponse"),
+        "/v3/kv/deleterange" => (
+            "/etcdserverpb.KV/DeleteRange",
+            "DeleteRangeRequest",
+            "DeleteRangeResponse",
+        ),
+        "/v3/kv/txn" => ("/etcdserverpb.KV/Txn", "TxnRequest", "TxnResponse"),
+        "/v3/kv/compaction" => (
+            "/etcdserverpb.KV/Compact",
+            "CompactionRequest",
+            "CompactionResponse",
+        ),
+        "/v3/maintenance/status" => (
+            "/etcdserverpb.Maintenance/Status",
+            "StatusRequest",
+            "StatusResponse",
+        ),
+        "/v3/cluster/member/list" => (
+            "/etcdserverpb.Cluster/MemberList",
+            "MemberListRequest",
+            "MemberListResponse",
+        ),
+        _ => return None,
+    })
+}
+
+fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::Cancelled => StatusCode::REQUEST_TIMEOUT,
+        Code::Unknown | Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn json(status: StatusCode, body: String) -> Response<GrpcBody> {
+    super::plain_owned(status, "application/json", body)
+}
+
+fn error(s: &Status) -> Response<GrpcBody> {
+    let body =
+        serde_json::json!({ "error": s.message, "code": s.code as i32, "message": s.message });
+    json(http_status(s.code), body.to_string())
+}
+
+pub(super) async fn handle(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBody> {
+    let Some((method, req_name, resp_name)) = route(path) else {
+        return json(
+            StatusCode::NOT_FOUND,
+            "{\"error\":\"Not Found\",\"code\":5}".into(),
+        );
+    };
+    match translate(ctx, method, req_name, resp_name, body).await {
+        Ok(text) => json(StatusCode::OK, text),
+        Err(s) => error(&s),
+    }
+}
+
+async fn translate(
+    ctx: &Rc<Ctx>,
+    method: &str,
+    req_name: &str,
+    resp_name: &str,
+    body: Incoming,
+) -> Result<String, Status> {
+    let pool = pool();
+    let desc = |name: &str| {
+        pool.get_message_by_name(&format!("etcdserverpb.{name}"))
+            .ok_or_else(|| Status::new(Code::Internal, format!("no descriptor for {name}")))
+    };
+    let bytes =
+        super::read_body(body, ctx.cfg.max_request_bytes + super::GRPC_OVERHEAD_BYTES).await?;
+    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &bytes
+    };
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let req = DynamicMessage::deserialize(desc(req_name)?, &mut de)
+        .map_err(|e| Status::new(Code::InvalidArgument, format!("invalid JSON request: {e}")))?;
+    let encoded = Bytes::from(prost::Message::encode_to_vec(&req));
+    let resp = super::call(ctx, method, vec![encoded]).await?;
+    let msg = DynamicMessage::decode(desc(resp_name)?, resp)
+        .map_err(|e| Status::new(Code::Internal, format!("response decoding: {e}")))?;
+    let mut out = serde_json::Serializer::new(Vec::new());
+    msg.serialize_with_options(
+        &mut out,
+        &SerializeOptions::new().use_proto_field_name(true),
+    )
+    .map_err(|e| Status::new(Code::Internal, format!("response encoding: {e}")))?;
+    String::from_utf8(out.into_inner()).map_err(|e| Status::new(Code::Internal, e.to_string()))
+}

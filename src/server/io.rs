@@ -1,0 +1,109 @@
+//! Glue between glommio and hyper: hyper's I/O traits over a glommio `TcpStream`, and an executor
+//! that spawns hyper's connection tasks on the current glommio executor (they need not be `Send`).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+
+/// A connection in hyper's terms. Reads go through a small owned buffer, so no uninitialized
+/// memory is ever handed to the socket.
+pub struct Conn {
+    stream: TcpStream,
+    buf: Box<[u8]>,
+    /// Bytes read while sniffing the protocol, replayed before the socket.
+    replay: Vec<u8>,
+}
+
+/// Start of the HTTP/2 client connection preface (`PRI * HTTP/2.0...`).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+impl Conn {
+    pub fn new(stream: TcpStream) -> Conn {
+        Conn {
+            stream,
+            buf: vec![0u8; 16 << 10].into_boxed_slice(),
+            replay: Vec::new(),
+        }
+    }
+
+    /// Reads the first bytes of the connection and tells whether it speaks HTTP/2 with prior
+    /// knowledge (gRPC clients) or HTTP/1.1 (curl, the JSON gateway, /health).
+    pub async fn peek_h2_preface(&mut self) -> bool {
+        use futures_lite::AsyncReadExt;
+        let mut chunk = [0u8; H2_PREFACE.len()];
+        while self.replay.len() < H2_PREFACE.len() {
+            match self
+                .stream
+                .read(&mut chunk[..H2_PREFACE.len() - self.replay.len()])
+                .await
+            {
+                Ok(0) | Err(_) => break,
+                Ok(n) => self.replay.extend_from_slice(&chunk[..n]),
+            }
+            if !H2_PREFACE.starts_with(&self.replay) {
+                break;
+            }
+        }
+        self.replay.as_slice() == H2_PREFACE
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut out: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.replay.is_empty() {
+            let n = out.remaining().min(this.replay.len());
+            out.put_slice(&this.replay[..n]);
+            this.replay.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
+        let want = out.remaining().min(this.buf.len());
+        match Pin::new(&mut this.stream).poll_read(cx, &mut this.buf[..want]) {
+            Poll::Ready(Ok(n)) => {
+                out.put_slice(&this.buf[..n]);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_close(cx)
+    }
+}
+
+/// Spawns hyper's background tasks (HTTP/2 streams) on the executor that owns the connection.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        glommio::spawn_local(fut).detach();
+    }
+}

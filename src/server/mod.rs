@@ -1,0 +1,448 @@
+//! `spindle serve`: etcd's v3 gRPC API (plus `/health`, `/metrics` and the JSON gateway) served
+//! by hyper on every core.
+//!
+//! Each core binds its own listener on the client port (SO_REUSEPORT), so the kernel spreads
+//! connections over cores; a connection stays on the core that accepted it, and its requests run
+//! through [`LocalDb`]: data this core owns is served without any hop, other shards are one
+//! message away. HTTP/2 streams of one connection are served concurrently.
+
+pub mod compaction;
+mod convert;
+mod gateway;
+pub mod grpc;
+mod io;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::db::{CoreHook, Db, LocalDb, Options};
+use crate::error::Error;
+use crate::proto::etcdserverpb as pb;
+use grpc::{Code, GrpcBody, Status};
+
+/// Room gRPC allows on top of `--max-request-bytes` before refusing to read a message (etcd's
+/// `grpcOverheadBytes`), so slightly larger requests still get etcd's "request is too large".
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// The etcd API version this server speaks (reported by Status).
+pub const ETCD_API_VERSION: &str = "3.4.0";
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub name: String,
+    pub listen: Vec<SocketAddr>,
+    pub advertise_client_urls: Vec<String>,
+    pub advertise_peer_urls: Vec<String>,
+    /// etcd's `--max-request-bytes`.
+    pub max_request_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            name: "default".into(),
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 2379))],
+            advertise_client_urls: vec!["http://127.0.0.1:2379".into()],
+            advertise_peer_urls: vec!["http://localhost:2380".into()],
+            max_request_bytes: 1536 * 1024,
+        }
+    }
+}
+
+/// Parses etcd-style URL lists (`http://host:port,http://...`) into socket addresses.
+pub fn parse_listen_urls(urls: &str) -> Result<Vec<SocketAddr>, Error> {
+    let mut out = Vec::new();
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "unsupported URL {url:?}: only http:// is served (no TLS yet)"
+            ))
+        })?;
+        let hostport = rest.trim_end_matches('/');
+        let addr = if let Some(port) = hostport.strip_prefix("localhost:") {
+            format!("127.0.0.1:{port}")
+        } else {
+            hostport.to_string()
+        };
+        out.push(
+            addr.parse()
+                .map_err(|e| Error::InvalidArgument(format!("bad listen URL {url:?}: {e}")))?,
+        );
+    }
+    if out.is_empty() {
+        return Err(Error::InvalidArgument("no listen URL given".into()));
+    }
+    Ok(out)
+}
+
+/// What every connection handler on a core shares.
+struct Ctx {
+    db: LocalDb,
+    cfg: Arc<ServerConfig>,
+    metrics: Arc<metrics::Metrics>,
+    cluster_id: u64,
+    member_id: u64,
+}
+
+impl Ctx {
+    fn header(&self, revision: i64) -> pb::ResponseHeader {
+        pb::ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            revision,
+            raft_term: crate::shard::TERM,
+        }
+    }
+
+    fn member(&self) -> pb::Member {
+        pb::Member {
+            id: self.member_id,
+            name: self.cfg.name.clone(),
+            peer_ur_ls: self.cfg.advertise_peer_urls.clone(),
+            client_ur_ls: self.cfg.advertise_client_urls.clone(),
+            is_learner: false,
+        }
+    }
+}
+
+/// Opens the store and starts listeners on every core. Returns once all cores listen.
+pub fn start(data_dir: &std::path::Path, opts: Options, cfg: ServerConfig) -> Result<Db, Error> {
+    let cfg = Arc::new(cfg);
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (bound_tx, bound_rx) = flume::unbounded::<Result<(), String>>();
+    let hook: CoreHook = {
+        let cfg = cfg.clone();
+        Arc::new(move |db: LocalDb| {
+            let (cluster_id, member_id) = db.identity();
+            let ctx = Rc::new(Ctx {
+                db,
+                cfg: cfg.clone(),
+                metrics: metrics.clone(),
+                cluster_id,
+                member_id,
+            });
+            for addr in &cfg.listen {
+                match glommio::net::TcpListener::bind(addr) {
+                    Ok(listener) => {
+                        let _ = bound_tx.send(Ok(()));
+                        glommio::spawn_local(accept_loop(listener, ctx.clone())).detach();
+                    }
+                    Err(e) => {
+                        let _ = bound_tx.send(Err(format!("cannot listen on {addr}: {e}")));
+                    }
+                }
+            }
+        })
+    };
+    let cores = opts.cores;
+    let db = Db::open_with(data_dir, opts, Some(hook))?;
+    for _ in 0..cores * cfg.listen.len() {
+        match bound_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                db.close();
+                return Err(Error::InvalidArgument(e));
+            }
+            Err(_) => return Err(Error::Closed),
+        }
+    }
+    Ok(db)
+}
+
+async fn accept_loop(listener: glommio::net::TcpListener, ctx: Rc<Ctx>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(ctx, req).await) }
+            });
+            // HTTP/2 for gRPC, HTTP/1.1 for curl and the JSON gateway: auto-detected per connection.
+            let conn = io::Conn::new(stream);
+            if let Err(e) = serve_connection(conn, service).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        })
+        .detach();
+    }
+}
+
+async fn serve_connection<S>(conn: io::Conn, service: S) -> Result<(), hyper::Error>
+where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<GrpcBody>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + 'static,
+    S::Future: 'static,
+{
+    // Peek at the connection preface to choose the protocol.
+    let mut conn = conn;
+    let is_h2 = conn.peek_h2_preface().await;
+    if is_h2 {
+        hyper::server::conn::http2::Builder::new(io::LocalExec)
+            .max_concurrent_streams(1024)
+            .serve_connection(conn, service)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(conn, service)
+            .await
+    }
+}
+
+async fn handle(ctx: Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBody> {
+    let path = req.uri().path().to_string();
+    let is_grpc = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if is_grpc {
+        let started = Instant::now();
+        let resp = grpc_call(&ctx, &path, req.into_body()).await;
+        ctx.metrics.observe(&path, started.elapsed());
+        return resp;
+    }
+    match (req.method().as_str(), path.as_str()) {
+        ("GET", "/health") => plain(
+            StatusCode::OK,
+            "application/json",
+            "{\"health\":\"true\"}\n".into(),
+        ),
+        ("GET", "/metrics") => {
+            let text = ctx.metrics.render(&ctx.db).await;
+            plain(StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
+        ("POST", p) if p.starts_with("/v3/") => gateway::handle(&ctx, p, req.into_body()).await,
+        _ => plain(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "404 page not found\n".into(),
+        ),
+    }
+}
+
+fn plain(status: StatusCode, content_type: &'static str, body: String) -> Response<GrpcBody> {
+    plain_owned(status, content_type, body)
+}
+
+fn plain_owned(status: StatusCode, content_type: &'static str, body: String) -> Response<GrpcBody> {
+    let mut r = Response::new(GrpcBody::Plain(Some(Bytes::from(body))));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", http::HeaderValue::from_static(content_type));
+    r
+}
+
+/// Reads a whole request body, refusing more than `limit` bytes.
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Status> {
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Status::new(
+            Code::ResourceExhausted,
+            format!("grpc: received message larger than max (more than {limit} bytes)"),
+        )),
+        Err(e) => Err(Status::new(Code::Cancelled, format!("request body: {e}"))),
+    }
+}
+
+async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBody> {
+    let limit = ctx.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let bytes = match read_body(body, limit + 5).await {
+        Ok(b) => b,
+        Err(s) => return grpc::error(&s),
+    };
+    let msgs = match grpc::decode_messages(bytes) {
+        Ok(m) => m,
+        Err(s) => return grpc::error(&s),
+    };
+    match call(ctx, path, msgs).await {
+        Ok(resp) => grpc::ok_bytes(resp),
+        Err(s) => grpc::error(&s),
+    }
+}
+
+/// Decodes exactly one request message.
+fn one<M: prost::Message + Default>(msgs: Vec<Bytes>) -> Result<M, Status> {
+    let mut it = msgs.into_iter();
+    match (it.next(), it.next()) {
+        (Some(m), None) => M::decode(m).map_err(|e| {
+            Status::new(
+                Code::Internal,
+                format!("grpc: error unmarshalling request: {e}"),
+            )
+        }),
+        _ => Err(Status::new(
+            Code::Internal,
+            "grpc: expected exactly one request message",
+        )),
+    }
+}
+
+/// etcd refuses proposals above `--max-request-bytes` with its own error.
+fn check_size(ctx: &Ctx, msgs: &[Bytes]) -> Result<(), Status> {
+    if msgs.iter().any(|m| m.len() > ctx.cfg.max_request_bytes) {
+        return Err(Error::RequestTooLarge.into());
+    }
+    Ok(())
+}
+
+fn enc(m: &impl prost::Message) -> Bytes {
+    Bytes::from(m.encode_to_vec())
+}
+
+/// Dispatches one unary call and returns the encoded response; the JSON gateway calls this too.
+async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Status> {
+    let db = &ctx.db;
+    match path {
+        "/etcdserverpb.KV/Range" => {
+            let req = convert::range_request(one(msgs)?)?;
+            let resp = db.range(req).await?;
+            let h = ctx.header(resp.header.revision);
+            Ok(enc(&convert::range_response(resp, h)))
+        }
+        "/etcdserverpb.KV/Put" => {
+            check_size(ctx, &msgs)?;
+            let resp = db.put(convert::put_request(one(msgs)?)).await?;
+            let h = ctx.header(resp.header.revision);
+            Ok(enc(&convert::put_response(resp, h)))
+        }
+        "/etcdserverpb.KV/DeleteRange" => {
+            check_size(ctx, &msgs)?;
+            let resp = db.delete_range(convert::delete_request(one(msgs)?)).await?;
+            let h = ctx.header(resp.header.revision);
+            Ok(enc(&convert::delete_response(resp, h)))
+        }
+        "/etcdserverpb.KV/Txn" => {
+            check_size(ctx, &msgs)?;
+            let resp = db.txn(convert::txn_request(one(msgs)?)?).await?;
+            let h = ctx.header(resp.header.revision);
+            Ok(enc(&convert::txn_response(resp, h)))
+        }
+        "/etcdserverpb.KV/Compact" => {
+            let req: pb::CompactionRequest = one(msgs)?;
+            let resp = db
+                .compact(crate::kv::CompactionRequest {
+                    revision: req.revision,
+                    physical: req.physical,
+                })
+                .await?;
+            Ok(enc(&pb::CompactionResponse {
+                header: Some(ctx.header(resp.header.revision)),
+            }))
+        }
+        "/etcdserverpb.Maintenance/Status" => {
+            let _: pb::StatusRequest = one(msgs)?;
+            let st = db.status().await?;
+            Ok(enc(&pb::StatusResponse {
+                header: Some(ctx.header(st.revision)),
+                version: ETCD_API_VERSION.into(),
+                db_size: st.disk_bytes as i64,
+                leader: ctx.member_id,
+                raft_index: st.log_index,
+                raft_term: crate::shard::TERM,
+                raft_applied_index: st.log_index,
+                errors: vec![],
+                db_size_in_use: st.disk_bytes as i64,
+                is_learner: false,
+            }))
+        }
+        "/etcdserverpb.Maintenance/Alarm" => {
+            let req: pb::AlarmRequest = one(msgs)?;
+            if req.action != pb::alarm_request::AlarmAction::Get as i32 {
+                return Err(Status::new(
+                    Code::Unimplemented,
+                    "alarm activation is not supported yet",
+                ));
+            }
+            Ok(enc(&pb::AlarmResponse {
+                header: Some(ctx.header(db.revision())),
+                alarms: vec![],
+            }))
+        }
+        "/etcdserverpb.Maintenance/Defragment" => {
+            let _: pb::DefragmentRequest = one(msgs)?;
+            db.checkpoint().await?;
+            Ok(enc(&pb::DefragmentResponse {
+                header: Some(ctx.header(db.revision())),
+            }))
+        }
+        "/etcdserverpb.Maintenance/MoveLeader" => {
+            let req: pb::MoveLeaderRequest = one(msgs)?;
+            if req.target_id != ctx.member_id {
+                return Err(Status::new(
+                    Code::FailedPrecondition,
+                    "etcdserver: bad leader transferee",
+                ));
+            }
+            Ok(enc(&pb::MoveLeaderResponse {
+                header: Some(ctx.header(db.revision())),
+            }))
+        }
+        "/etcdserverpb.Cluster/MemberList" => {
+            let _: pb::MemberListRequest = one(msgs)?;
+            Ok(enc(&pb::MemberListResponse {
+                header: Some(ctx.header(db.revision())),
+                members: vec![ctx.member()],
+            }))
+        }
+        "/etcdserverpb.Cluster/MemberAdd" => {
+            let _: pb::MemberAddRequest = one(msgs)?;
+            Err(not_enough_members())
+        }
+        "/etcdserverpb.Cluster/MemberRemove" => {
+            let req: pb::MemberRemoveRequest = one(msgs)?;
+            Err(member_change(ctx, req.id))
+        }
+        "/etcdserverpb.Cluster/MemberUpdate" => {
+            let req: pb::MemberUpdateRequest = one(msgs)?;
+            Err(member_change(ctx, req.id))
+        }
+        "/etcdserverpb.Cluster/MemberPromote" => {
+            let req: pb::MemberPromoteRequest = one(msgs)?;
+            if req.id != ctx.member_id {
+                return Err(Status::new(Code::NotFound, "etcdserver: member not found"));
+            }
+            Err(Status::new(
+                Code::FailedPrecondition,
+                "etcdserver: can only promote a learner member",
+            ))
+        }
+        _ => Err(Status::unimplemented(path)),
+    }
+}
+
+/// Membership changes need the cluster layer; until then etcd's refusal for a change the
+/// cluster cannot take is returned.
+fn not_enough_members() -> Status {
+    Status::new(
+        Code::FailedPrecondition,
+        "etcdserver: re-configuration failed due to not enough started members",
+    )
+}
+
+fn member_change(ctx: &Ctx, id: u64) -> Status {
+    if id != ctx.member_id {
+        return Status::new(Code::NotFound, "etcdserver: member not found");
+    }
+    not_enough_members()
+}
