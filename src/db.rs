@@ -126,6 +126,13 @@ enum ShardOp {
     Compact(i64, Reply<()>),
     Checkpoint(Reply<CheckpointInfo>),
     Stats(Reply<(u64, u64, u64, crate::wal::SyncStats)>),
+    /// Up to `max` key histories after a key, revisions up to a bound (snapshots, hashes).
+    Export(
+        Option<bytes::Bytes>,
+        usize,
+        i64,
+        Reply<Vec<crate::mvcc::KeyHistory>>,
+    ),
 }
 
 /// What a shard reports once locked for a coordinator.
@@ -546,6 +553,24 @@ impl LocalDb {
         wait_async(rx).await
     }
 
+    pub fn shards(&self) -> u32 {
+        self.core.shared.nshards
+    }
+
+    /// Up to `max` key histories of `shard` after `after`, with revisions up to `upto`: a
+    /// consistent cut when every shard is read with the same `upto` at or below the read revision.
+    pub async fn export(
+        &self,
+        shard: u32,
+        after: Option<bytes::Bytes>,
+        max: usize,
+        upto: i64,
+    ) -> Result<Vec<crate::mvcc::KeyHistory>> {
+        self.core
+            .call(shard, |r| ShardOp::Export(after, max, upto, r))
+            .await
+    }
+
     fn forward(&self, core: usize, req: ClientReq) -> Result<()> {
         self.core.shared.inboxes[core]
             .send(Msg::Client(req))
@@ -939,6 +964,16 @@ impl Core {
             ShardOp::Checkpoint(r) => {
                 let _ = r.send(shard.checkpoint().await);
             }
+            ShardOp::Export(after, max, upto, r) => {
+                let out = match shard.ensure_readable() {
+                    Ok(()) => Ok(shard
+                        .store
+                        .borrow()
+                        .export_keys(after.as_deref(), max, upto)),
+                    Err(e) => Err(e),
+                };
+                let _ = r.send(out);
+            }
             ShardOp::Stats(r) => {
                 let keys = shard.store.borrow().key_count() as u64;
                 let bytes = dir_bytes(&shard.dir);
@@ -1324,6 +1359,7 @@ fn reply_err(op: ShardOp, err: impl Fn() -> Error) {
         ShardOp::ReadExec(_, _, _, r) | ShardOp::Prepare(_, _, _, _, r) => drop(r.send(Err(err()))),
         ShardOp::Checkpoint(r) => drop(r.send(Err(err()))),
         ShardOp::Stats(r) => drop(r.send(Err(err()))),
+        ShardOp::Export(_, _, _, r) => drop(r.send(Err(err()))),
     }
 }
 

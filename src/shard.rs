@@ -112,6 +112,11 @@ impl Shard {
         }
     }
 
+    /// Reads are refused once a failed sync may have left unlogged data in memory.
+    pub fn ensure_readable(&self) -> Result<()> {
+        self.ensure_healthy()
+    }
+
     pub fn range(&self, req: &RangeRequest, rev: i64) -> Result<ShardRange> {
         self.ensure_healthy()?;
         self.store.borrow().range(req, rev)

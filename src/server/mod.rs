@@ -12,6 +12,7 @@ mod gateway;
 pub mod grpc;
 mod io;
 pub mod metrics;
+mod snapshot;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -266,6 +267,9 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Status> {
 }
 
 async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBody> {
+    if path == "/etcdserverpb.Maintenance/Snapshot" {
+        return snapshot::stream(ctx.clone());
+    }
     let limit = ctx.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let bytes = match read_body(body, limit + 5).await {
         Ok(b) => b,
@@ -385,6 +389,19 @@ async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Stat
             Ok(enc(&pb::DefragmentResponse {
                 header: Some(ctx.header(db.revision())),
             }))
+        }
+        "/etcdserverpb.Maintenance/Hash" => {
+            let _: pb::HashRequest = one(msgs)?;
+            let rev = db.revision();
+            let hash = snapshot::hash(ctx, rev).await?;
+            Ok(enc(&pb::HashResponse {
+                header: Some(ctx.header(rev)),
+                hash,
+            }))
+        }
+        "/etcdserverpb.Maintenance/HashKV" => {
+            let req: pb::HashKvRequest = one(msgs)?;
+            Ok(enc(&snapshot::hash_kv(ctx, req).await?))
         }
         "/etcdserverpb.Maintenance/MoveLeader" => {
             let req: pb::MoveLeaderRequest = one(msgs)?;
