@@ -94,7 +94,7 @@ pub fn stream(ctx: Rc<Ctx>) -> http::Response<grpc::GrpcBody> {
             sha.update(&blob);
             total += blob.len();
             let msg = pb::SnapshotResponse {
-                header: header.clone(),
+                header,
                 remaining_bytes: 0,
                 blob,
             };
@@ -132,7 +132,7 @@ pub fn stream(ctx: Rc<Ctx>) -> http::Response<grpc::GrpcBody> {
                 let digest = sha.clone().finalize();
                 tail.put_slice(&digest);
                 let msg = pb::SnapshotResponse {
-                    header: header.clone(),
+                    header,
                     remaining_bytes: 0,
                     blob: tail.freeze(),
                 };
