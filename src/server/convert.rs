@@ -280,3 +280,64 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Arbitrary bytes through the request decoding path: decode, convert, validate. Nothing may
+    //! panic; every input either becomes a request or a typed error.
+    use super::*;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+    use prost::Message;
+
+    fn decode_all(data: &[u8]) {
+        let b = Bytes::copy_from_slice(data);
+        if let Ok(msgs) = crate::server::grpc::decode_messages(b.clone()) {
+            for m in msgs {
+                if let Ok(t) = pb::TxnRequest::decode(m.clone()) {
+                    if let Ok(t) = txn_request(t) {
+                        let _ = crate::plan::validate_txn(&t, 128);
+                    }
+                }
+                if let Ok(r) = pb::RangeRequest::decode(m) {
+                    if let Ok(r) = range_request(r) {
+                        let _ = crate::plan::validate_range(&r);
+                    }
+                }
+            }
+        }
+        if let Ok(t) = pb::TxnRequest::decode(b) {
+            let _ = txn_request(t).map(|t| crate::plan::validate_txn(&t, 128));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..512)) {
+            decode_all(&data);
+        }
+
+        #[test]
+        fn mutated_valid_txns_never_panic(flips in prop::collection::vec((0usize..400, any::<u8>()), 0..8)) {
+            let put = pb::RequestOp { request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                key: Bytes::from_static(b"key"), value: Bytes::from_static(b"value"), ..Default::default()
+            })) };
+            let nested = pb::TxnRequest { success: vec![put.clone()], ..Default::default() };
+            let txn = pb::TxnRequest {
+                compare: vec![pb::Compare { key: Bytes::from_static(b"key"), target: 3, ..Default::default() }],
+                success: vec![put, pb::RequestOp { request: Some(pb::request_op::Request::RequestTxn(nested)) }],
+                failure: vec![],
+            };
+            let mut bytes = crate::server::grpc::encode_message(&txn).to_vec();
+            for (pos, val) in flips {
+                if !bytes.is_empty() {
+                    let i = pos % bytes.len();
+                    bytes[i] = val;
+                }
+            }
+            decode_all(&bytes);
+        }
+    }
+}
