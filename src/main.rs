@@ -57,6 +57,10 @@ struct ServeArgs {
     /// Largest request the server accepts, as etcd's flag.
     #[arg(long, default_value_t = 1536 * 1024)]
     max_request_bytes: usize,
+    /// Raise the NOSPACE alarm (refusing writes that add data) above this many bytes on disk;
+    /// 0 = no quota.
+    #[arg(long, default_value_t = 0)]
+    quota_backend_bytes: u64,
     /// Size of each preallocated WAL segment, in MiB.
     #[arg(long, default_value_t = 64)]
     wal_segment_mb: u64,
@@ -140,6 +144,7 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
         ),
         advertise_peer_urls: split(&args.initial_advertise_peer_urls),
         max_request_bytes: args.max_request_bytes,
+        quota_backend_bytes: args.quota_backend_bytes,
     };
     let signals = block_shutdown_signals();
     let started = std::time::Instant::now();

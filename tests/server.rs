@@ -188,3 +188,26 @@ fn sigterm_flushes_and_exits_zero_and_data_survives() {
     assert_eq!(db.revision(), 20);
     db.close();
 }
+
+#[test]
+fn quota_raises_nospace_and_refuses_writes_that_add_data() {
+    let s = start(&["--quota-backend-bytes", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        let (ok, _, err) = etcdctl(s.port, &["put", "k", "v"]);
+        if !ok {
+            break err;
+        }
+        assert!(Instant::now() < deadline, "NOSPACE was never raised");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        err.contains("etcdserver: mvcc: database space exceeded"),
+        "{err}"
+    );
+    let (ok, out, _) = etcdctl(s.port, &["alarm", "list"]);
+    assert!(ok && out.contains("NOSPACE"), "{out}");
+    // Deletes and reads still work, as in etcd.
+    assert!(etcdctl(s.port, &["del", "k"]).0);
+    assert!(etcdctl(s.port, &["get", "k"]).0);
+}

@@ -16,8 +16,9 @@ mod snapshot;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -44,6 +45,9 @@ pub struct ServerConfig {
     pub advertise_peer_urls: Vec<String>,
     /// etcd's `--max-request-bytes`.
     pub max_request_bytes: usize,
+    /// etcd's `--quota-backend-bytes`: above it the NOSPACE alarm is raised and writes that add
+    /// data are refused until it is disarmed. 0 = no quota.
+    pub quota_backend_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +58,7 @@ impl Default for ServerConfig {
             advertise_client_urls: vec!["http://127.0.0.1:2379".into()],
             advertise_peer_urls: vec!["http://localhost:2380".into()],
             max_request_bytes: 1536 * 1024,
+            quota_backend_bytes: 0,
         }
     }
 }
@@ -89,6 +94,8 @@ struct Ctx {
     db: LocalDb,
     cfg: Arc<ServerConfig>,
     metrics: Arc<metrics::Metrics>,
+    /// The NOSPACE alarm, shared by every core.
+    nospace: Arc<AtomicBool>,
     cluster_id: u64,
     member_id: u64,
 }
@@ -118,15 +125,18 @@ impl Ctx {
 pub fn start(data_dir: &std::path::Path, opts: Options, cfg: ServerConfig) -> Result<Db, Error> {
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(metrics::Metrics::default());
+    let nospace = Arc::new(AtomicBool::new(false));
     let (bound_tx, bound_rx) = flume::unbounded::<Result<(), String>>();
     let hook: CoreHook = {
         let cfg = cfg.clone();
+        let nospace = nospace.clone();
         Arc::new(move |db: LocalDb| {
             let (cluster_id, member_id) = db.identity();
             let ctx = Rc::new(Ctx {
                 db,
                 cfg: cfg.clone(),
                 metrics: metrics.clone(),
+                nospace: nospace.clone(),
                 cluster_id,
                 member_id,
             });
@@ -155,7 +165,50 @@ pub fn start(data_dir: &std::path::Path, opts: Options, cfg: ServerConfig) -> Re
             Err(_) => return Err(Error::Closed),
         }
     }
+    if cfg.quota_backend_bytes > 0 {
+        let (db, quota) = (db.clone(), cfg.quota_backend_bytes);
+        std::thread::spawn(move || watch_quota(db, quota, &nospace));
+    }
     Ok(db)
+}
+
+/// Raises the NOSPACE alarm when the store outgrows its quota (checked every second); it stays
+/// raised until a client disarms it, as in etcd. Ends when the store closes.
+fn watch_quota(db: Db, quota: u64, nospace: &AtomicBool) {
+    while let Ok(st) = db.status() {
+        if st.disk_bytes > quota && !nospace.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                bytes = st.disk_bytes,
+                quota,
+                "database space exceeded: NOSPACE alarm raised"
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// etcd refuses writes that add data while NOSPACE is raised; deletes and reads still work.
+fn check_space(ctx: &Ctx, adds_data: bool) -> Result<(), Status> {
+    if adds_data && ctx.nospace.load(Ordering::Acquire) {
+        return Err(Error::DiskFull {
+            path: Default::default(),
+            source: std::io::ErrorKind::StorageFull.into(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+fn txn_has_puts(t: &pb::TxnRequest) -> bool {
+    use pb::request_op::Request as R;
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .any(|op| match &op.request {
+            Some(R::RequestPut(_)) => true,
+            Some(R::RequestTxn(n)) => txn_has_puts(n),
+            _ => false,
+        })
 }
 
 async fn accept_loop(listener: glommio::net::TcpListener, ctx: Rc<Ctx>) {
@@ -326,6 +379,7 @@ async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Stat
         }
         "/etcdserverpb.KV/Put" => {
             check_size(ctx, &msgs)?;
+            check_space(ctx, true)?;
             let resp = db.put(convert::put_request(one(msgs)?)).await?;
             let h = ctx.header(resp.header.revision);
             Ok(enc(&convert::put_response(resp, h)))
@@ -338,7 +392,9 @@ async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Stat
         }
         "/etcdserverpb.KV/Txn" => {
             check_size(ctx, &msgs)?;
-            let resp = db.txn(convert::txn_request(one(msgs)?)?).await?;
+            let req: pb::TxnRequest = one(msgs)?;
+            check_space(ctx, txn_has_puts(&req))?;
+            let resp = db.txn(convert::txn_request(req)?).await?;
             let h = ctx.header(resp.header.revision);
             Ok(enc(&convert::txn_response(resp, h)))
         }
@@ -371,16 +427,36 @@ async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Stat
             }))
         }
         "/etcdserverpb.Maintenance/Alarm" => {
+            use pb::alarm_request::AlarmAction;
             let req: pb::AlarmRequest = one(msgs)?;
-            if req.action != pb::alarm_request::AlarmAction::Get as i32 {
-                return Err(Status::new(
-                    Code::Unimplemented,
-                    "alarm activation is not supported yet",
-                ));
+            let nospace = pb::AlarmType::Nospace as i32;
+            let targets_us = req.member_id == 0 || req.member_id == ctx.member_id;
+            match AlarmAction::try_from(req.action) {
+                Ok(AlarmAction::Activate) if req.alarm == nospace && targets_us => {
+                    ctx.nospace.store(true, Ordering::Release)
+                }
+                Ok(AlarmAction::Deactivate) if req.alarm == nospace && targets_us => {
+                    ctx.nospace.store(false, Ordering::Release)
+                }
+                Ok(AlarmAction::Get) => {}
+                _ => {
+                    return Err(Status::new(
+                        Code::InvalidArgument,
+                        "etcdserver: unsupported alarm",
+                    ))
+                }
             }
+            let alarms = if ctx.nospace.load(Ordering::Acquire) {
+                vec![pb::AlarmMember {
+                    member_id: ctx.member_id,
+                    alarm: nospace,
+                }]
+            } else {
+                vec![]
+            };
             Ok(enc(&pb::AlarmResponse {
                 header: Some(ctx.header(db.revision())),
-                alarms: vec![],
+                alarms,
             }))
         }
         "/etcdserverpb.Maintenance/Defragment" => {
