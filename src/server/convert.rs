@@ -40,10 +40,16 @@ pub fn range_request(r: pb::RangeRequest) -> Result<kv::RangeRequest, Error> {
     })
 }
 
+/// Keys and values decoded by prost are slices of the connection's receive buffer; the store keeps
+/// them for as long as the revision lives, so they are copied out to stop them pinning that buffer.
+fn own(b: bytes::Bytes) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(&b)
+}
+
 pub fn put_request(r: pb::PutRequest) -> kv::PutRequest {
     kv::PutRequest {
-        key: r.key,
-        value: r.value,
+        key: own(r.key),
+        value: own(r.value),
         lease: r.lease,
         prev_kv: r.prev_kv,
         ignore_value: r.ignore_value,
