@@ -26,6 +26,71 @@ struct Cli {
 enum Command {
     /// Open (or create) a data dir and run the node.
     Serve(ServeArgs),
+    /// Load generator for any etcd v3 endpoint (spindle or etcd).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(subcommand)]
+    workload: BenchWorkload,
+    /// Endpoints (comma-separated host:port or http://host:port).
+    #[arg(long, global = true, default_value = "127.0.0.1:2379")]
+    endpoints: String,
+    /// HTTP/2 connections in total.
+    #[arg(long, global = true, default_value_t = 1)]
+    conns: usize,
+    /// Concurrent clients in total (multiplexed over the connections).
+    #[arg(long, global = true, default_value_t = 1)]
+    clients: usize,
+    /// Requests in total (default 10000 unless --duration is given).
+    #[arg(long, global = true)]
+    total: Option<u64>,
+    /// Run for this many seconds instead of a request count.
+    #[arg(long, global = true)]
+    duration: Option<f64>,
+    /// Open-loop rate in requests/s over all clients (0 = closed loop).
+    #[arg(long, global = true, default_value_t = 0.0)]
+    rate: f64,
+    #[arg(long, global = true, default_value_t = 8)]
+    key_size: usize,
+    #[arg(long, global = true, default_value_t = 8)]
+    val_size: usize,
+    #[arg(long, global = true, default_value_t = 1)]
+    key_space_size: u64,
+    #[arg(long, global = true)]
+    sequential_keys: bool,
+    /// Seconds at the start whose requests are not measured.
+    #[arg(long, global = true, default_value_t = 0.0)]
+    warmup: f64,
+    /// Load-generator executors (threads).
+    #[arg(long, global = true, default_value_t = 1)]
+    cores: usize,
+    /// Print the report as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum BenchWorkload {
+    /// Puts.
+    Put,
+    /// Ranges (linearizable unless --consistency s).
+    Range {
+        /// l (linearizable) or s (serializable).
+        #[arg(long, default_value = "l")]
+        consistency: char,
+        /// Read a prefix (limit 100) instead of one key.
+        #[arg(long)]
+        prefix: bool,
+    },
+    /// Txns of --txn-ops puts.
+    TxnPut {
+        #[arg(long, default_value_t = 1)]
+        txn_ops: usize,
+    },
+    /// The embedded engine directly, no network.
+    Mvcc,
 }
 
 #[derive(clap::Args)]
@@ -86,6 +151,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("spindle: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Bench(args) => match bench(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("spindle bench: {e}");
                 ExitCode::FAILURE
             }
         },
@@ -171,5 +243,54 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
     }
     db.close();
     tracing::info!("store closed cleanly");
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<(), String> {
+    use spindle::bench::{BenchConfig, Workload};
+    let workload = match a.workload {
+        BenchWorkload::Put => Workload::Put,
+        BenchWorkload::Range {
+            consistency,
+            prefix,
+        } => Workload::Range {
+            serializable: consistency == 's',
+            prefix,
+        },
+        BenchWorkload::TxnPut { txn_ops } => Workload::TxnPut { ops: txn_ops },
+        BenchWorkload::Mvcc => Workload::Mvcc,
+    };
+    let duration = a.duration.map(std::time::Duration::from_secs_f64);
+    let cfg = BenchConfig {
+        workload,
+        endpoints: a
+            .endpoints
+            .split(',')
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect(),
+        conns: a.conns.max(1),
+        clients: a.clients.max(1),
+        total: a.total.or(if duration.is_some() {
+            None
+        } else {
+            Some(10_000)
+        }),
+        duration,
+        rate: (a.rate > 0.0).then_some(a.rate),
+        key_size: a.key_size.max(1),
+        val_size: a.val_size,
+        key_space_size: a.key_space_size.max(1),
+        sequential_keys: a.sequential_keys,
+        warmup: std::time::Duration::from_secs_f64(a.warmup.max(0.0)),
+        cores: a.cores.max(1),
+        data_dir: None,
+    };
+    let report = spindle::bench::run(cfg)?;
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.summary());
+    }
     Ok(())
 }

@@ -10,7 +10,7 @@ pub mod compaction;
 mod convert;
 mod gateway;
 pub mod grpc;
-mod io;
+pub mod io;
 pub mod metrics;
 mod snapshot;
 
