@@ -110,7 +110,7 @@ impl Report {
             self.us(0.999) / 1000.0,
             self.histogram.max() as f64 / 1e6
         );
-        if self.histogram.len() > 0 {
+        if !self.histogram.is_empty() {
             let _ = writeln!(s, "  Response time histogram (ms):");
             let (lo, hi) = (
                 self.histogram.min().max(1) as f64,
@@ -251,7 +251,7 @@ async fn run_core(core: usize, shared: Arc<Shared>) -> Result<(), String> {
     for c in 0..my_clients {
         let shared = shared.clone();
         let client = conns[c % conns.len()].clone();
-        let seed = (core as u64 + 1) * 0x9E37_79B9_7F4A_7C15 ^ (c as u64 + 1);
+        let seed = ((core as u64 + 1) * 0x9E37_79B9_7F4A_7C15) ^ (c as u64 + 1);
         tasks.push(glommio::spawn_local(client_loop(shared, client, seed)));
     }
     let mut hist = new_hist();
