@@ -211,3 +211,25 @@ fn quota_raises_nospace_and_refuses_writes_that_add_data() {
     assert!(etcdctl(s.port, &["del", "k"]).0);
     assert!(etcdctl(s.port, &["get", "k"]).0);
 }
+
+#[test]
+fn bench_drives_the_server_and_reports_every_request() {
+    let s = start(&[]);
+    let ep = format!("127.0.0.1:{}", s.port);
+    for (workload, extra) in [("put", vec![]), ("range", vec![]), ("txn-put", vec!["--txn-ops", "3"])] {
+        let out = Command::new(env!("CARGO_BIN_EXE_spindle"))
+            .args(["bench", workload, "--endpoints", &ep, "--total", "300", "--clients", "8", "--conns", "2"])
+            .args(["--key-space-size", "50", "--json", "--cores", "2"])
+            .args(&extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["ops"], 300, "{workload}: {report}");
+        assert_eq!(report["errors"], serde_json::json!({}), "{workload}: {report}");
+        assert!(report["latency_us"]["p99"].as_f64().unwrap() > 0.0);
+    }
+    // The writes landed: 300 puts, 50 preloaded for the range run, 300 txns of 3 puts.
+    let (ok, out, _) = etcdctl(s.port, &["endpoint", "status", "-w", "json"]);
+    assert!(ok && out.contains("\"revision\":650"), "{out}");
+}
