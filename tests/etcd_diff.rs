@@ -270,10 +270,23 @@ fn finish_etcdctl(s: &mut Server, child: Child, what: &str) -> Ctl {
     ctl
 }
 
+/// Shortens what a failure message shows of a long request.
+fn clip(text: &str) -> String {
+    const MAX: usize = 2000;
+    if text.len() <= MAX {
+        return text.to_string();
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &text[..end], text.len())
+}
+
 fn describe(args: &[&str], stdin: Option<&str>) -> String {
-    let mut d = format!("etcdctl {}", args.join(" "));
+    let mut d = clip(&format!("etcdctl {}", args.join(" ")));
     if let Some(text) = stdin {
-        d.push_str(&format!(" <<EOF\n{text}EOF"));
+        d.push_str(&format!(" <<EOF\n{}EOF", clip(text)));
     }
     d
 }
@@ -470,7 +483,10 @@ impl Pair {
         );
         let put = json!({ "key": b64("~level"), "value": b64("x") }).to_string();
         assert_eq!(post(self.spindle.port, "/v3/kv/put", &put).0, 200);
-        self.gw_ok("/v3/kv/put", json!({ "key": b64("~level"), "value": b64("x") }));
+        self.gw_ok(
+            "/v3/kv/put",
+            json!({ "key": b64("~level"), "value": b64("x") }),
+        );
         let del = self.gw_ok("/v3/kv/deleterange", json!({ "key": b64("~level") }));
         assert_eq!(num(&del["deleted"]), 1);
     }
@@ -579,13 +595,13 @@ impl Pair {
     fn gw(&self, path: &str, body: Value) -> Gw {
         let (e, s) = self.gw_pair(path, &body);
         if e != s {
-            report(&format!("POST {path} {body}"), &e.show(), &s.show());
+            report(&clip(&format!("POST {path} {body}")), &e.show(), &s.show());
         }
         e
     }
 
     fn gw_ok(&self, path: &str, body: Value) -> Value {
-        let what = format!("POST {path} {body}");
+        let what = clip(&format!("POST {path} {body}"));
         let r = self.gw(path, body);
         assert_eq!(r.status, 200, "{what} failed on etcd: {}", r.show());
         r.body
@@ -593,7 +609,7 @@ impl Pair {
 
     /// Same error from both gateways; etcd's is the gRPC `code` with `message`.
     fn gw_err(&self, path: &str, body: Value, code: i64, message: &str) {
-        let what = format!("POST {path} {body}");
+        let what = clip(&format!("POST {path} {body}"));
         let r = self.gw(path, body);
         assert!(
             r.status != 200 && num(&r.body["code"]) == code && r.body["message"] == message,
@@ -618,32 +634,40 @@ impl Pair {
 // Fixtures
 // ---------------------------------------------------------------------------------------------
 
-/// Five keys under `s/` whose key, version, create revision, mod revision and value orders all
-/// differ and have no ties, plus neighbours outside the prefix. Returns the revision after.
-fn seed_sortable(p: &Pair) -> i64 {
+/// Five keys `name(a)` … `name(e)` whose key, version, create revision, mod revision and value
+/// orders all differ and have no ties, plus neighbours `before` and `after` outside their range.
+/// Returns the revision after.
+fn seed_sortable(p: &Pair, name: impl Fn(&str) -> String, before: &str, after: &str) -> i64 {
+    p.put(before, "outside-before");
     for (k, v) in [
-        ("r", "outside-before"),
-        ("s/c", "x1"),
-        ("s/a", "x1"),
-        ("s/e", "v2"),
-        ("s/b", "x1"),
-        ("s/d", "x1"),
-        ("s/a", "x2"),
-        ("s/b", "x2"),
-        ("s/d", "x2"),
-        ("s/a", "x3"),
-        ("s/b", "x3"),
-        ("s/c", "v1"),
-        ("s/a", "x4"),
-        ("s/b", "v5"),
-        ("s/a", "v3"),
-        ("s/d", "v4"),
-        ("s0", "outside-after"),
-        ("t", "outside-later"),
+        ("c", "x1"),
+        ("a", "x1"),
+        ("e", "v2"),
+        ("b", "x1"),
+        ("d", "x1"),
+        ("a", "x2"),
+        ("b", "x2"),
+        ("d", "x2"),
+        ("a", "x3"),
+        ("b", "x3"),
+        ("c", "v1"),
+        ("a", "x4"),
+        ("b", "v5"),
+        ("a", "v3"),
+        ("d", "v4"),
     ] {
-        p.put(k, v);
+        p.put(&name(k), v);
     }
+    p.put(after, "outside-after");
+    p.put("~later", "outside-later");
     p.revision()
+}
+
+/// The sortable keys in one directory (`s/a` …: one spindle shard) and spread over directories
+/// (`m/a/k` …: several shards, so ranges are merged across them).
+fn seed_both_sortable(p: &Pair) -> i64 {
+    seed_sortable(p, |k| format!("s/{k}"), "r", "s0");
+    seed_sortable(p, |k| format!("m/{k}/k"), "l", "m0")
 }
 
 /// Checks that etcd's answer really is ordered by `target` in `order` without ties, so the
@@ -725,7 +749,15 @@ fn put_forms() {
     assert_eq!(kvs(&r)[0]["value"], b64("v4"));
     assert_eq!(num(&kvs(&r)[0]["version"]), 5);
     // ignore_lease on a key without a lease.
-    p.ctl(&["put", "k", "v5", "--ignore-lease", "--prev-kv", "-w", "json"]);
+    p.ctl(&[
+        "put",
+        "k",
+        "v5",
+        "--ignore-lease",
+        "--prev-kv",
+        "-w",
+        "json",
+    ]);
     p.ctl(&["put", "k", "--ignore-value", "--ignore-lease", "-w", "json"]);
     p.ctl(&["get", "k", "-w", "json"]);
     // Values with spaces, empty values, binary-ish and long keys.
@@ -760,110 +792,173 @@ fn put_forms() {
 #[test]
 fn range_forms() {
     let mut p = Pair::start();
-    seed_sortable(&p);
+    seed_both_sortable(&p);
     // Single keys, present and missing, JSON and simple output.
     p.ctl(&["get", "s/a", "-w", "json"]);
+    p.ctl(&["get", "m/b/k", "-w", "json"]);
     p.ctl(&["get", "s/zz", "-w", "json"]);
     assert_eq!(p.ctl(&["get", "s/a"]), "s/a\nv3\n");
     p.ctl(&["get", "s/zz"]);
     // Prefix, from-key, [a, b), empty and inverted ranges.
-    let r = p.ctl(&["get", "s/", "--prefix", "-w", "json"]);
-    assert_eq!(kvs(&r).len(), 5);
-    p.ctl(&["get", "s/", "--prefix"]);
+    for prefix in ["s/", "m/"] {
+        let r = p.ctl(&["get", prefix, "--prefix", "-w", "json"]);
+        assert_eq!(kvs(&r).len(), 5);
+        p.ctl(&["get", prefix, "--prefix"]);
+    }
     p.ctl(&["get", "s/c", "--from-key", "-w", "json"]);
+    p.ctl(&["get", "m/c", "--from-key", "-w", "json"]);
     p.ctl(&["get", "", "--from-key", "-w", "json"]);
     p.ctl(&["get", "", "--prefix", "--keys-only"]);
     let r = p.ctl(&["get", "s/b", "s/d", "-w", "json"]);
+    assert_eq!(kvs(&r).len(), 2);
+    let r = p.ctl(&["get", "m/b", "m/d", "-w", "json"]);
     assert_eq!(kvs(&r).len(), 2);
     p.ctl(&["get", "s/d", "s/b", "-w", "json"]);
     p.ctl(&["get", "s/b", "s/b", "-w", "json"]);
     p.ctl(&["get", "q", "r", "-w", "json"]);
     // Limit: more and count.
-    let r = p.ctl(&["get", "s/", "--prefix", "--limit", "2", "-w", "json"]);
-    assert_eq!(r["more"], true);
-    assert_eq!(num(&r["count"]), 5);
-    p.ctl(&["get", "s/", "--prefix", "--limit", "5", "-w", "json"]);
-    p.ctl(&["get", "s/", "--prefix", "--limit", "6", "-w", "json"]);
-    p.ctl(&["get", "s/", "--prefix", "--limit", "0", "-w", "json"]);
+    for prefix in ["s/", "m/"] {
+        let r = p.ctl(&["get", prefix, "--prefix", "--limit", "2", "-w", "json"]);
+        assert_eq!(r["more"], true);
+        assert_eq!(num(&r["count"]), 5);
+        for limit in ["1", "4", "5", "6", "0"] {
+            p.ctl(&["get", prefix, "--prefix", "--limit", limit, "-w", "json"]);
+        }
+    }
     p.ctl(&["get", "", "--from-key", "--limit", "3", "-w", "json"]);
     p.ctl(&["get", "s/a", "s/e", "--limit", "1", "-w", "json"]);
-    // Sort by every target in both orders (no ties in any target).
-    for target in ["KEY", "VERSION", "CREATE", "MODIFY", "VALUE"] {
-        for order in ["ASCEND", "DESCEND"] {
+    // Sort by every target in both orders (no ties in any target), within one directory and
+    // across directories.
+    for prefix in ["s/", "m/"] {
+        for target in ["KEY", "VERSION", "CREATE", "MODIFY", "VALUE"] {
             let sort = format!("--sort-by={target}");
-            let ord = format!("--order={order}");
-            let r = p.ctl(&["get", "s/", "--prefix", &sort, &ord, "-w", "json"]);
-            assert_eq!(kvs(&r).len(), 5);
-            assert_strictly_sorted(&r, target, order);
-            let r = p.ctl(&[
-                "get", "s/", "--prefix", &sort, &ord, "--limit", "3", "-w", "json",
-            ]);
-            assert_eq!(kvs(&r).len(), 3);
-            assert_eq!(r["more"], true);
-            assert_strictly_sorted(&r, target, order);
-            p.ctl(&["get", "s/", "--prefix", &sort, &ord, "--keys-only"]);
-            p.ctl(&["get", "s/", "--prefix", &sort, &ord, "--print-value-only"]);
+            for order in ["ASCEND", "DESCEND"] {
+                let ord = format!("--order={order}");
+                let r = p.ctl(&["get", prefix, "--prefix", &sort, &ord, "-w", "json"]);
+                assert_eq!(kvs(&r).len(), 5);
+                assert_strictly_sorted(&r, target, order);
+                let r = p.ctl(&[
+                    "get", prefix, "--prefix", &sort, &ord, "--limit", "3", "-w", "json",
+                ]);
+                assert_eq!(kvs(&r).len(), 3);
+                assert_eq!(r["more"], true);
+                assert_strictly_sorted(&r, target, order);
+                p.ctl(&["get", prefix, "--prefix", &sort, &ord, "--keys-only"]);
+                p.ctl(&["get", prefix, "--prefix", &sort, &ord, "--print-value-only"]);
+            }
+            // A sort target without an order.
+            p.ctl(&["get", prefix, "--prefix", &sort, "-w", "json"]);
         }
-        // A sort target without an order, and an order without a target.
-        let sort = format!("--sort-by={target}");
-        p.ctl(&["get", "s/", "--prefix", &sort, "-w", "json"]);
+        // An order without a target.
+        p.ctl(&["get", prefix, "--prefix", "--order=DESCEND", "-w", "json"]);
+        p.ctl(&["get", prefix, "--prefix", "--order=ASCEND", "-w", "json"]);
     }
-    p.ctl(&["get", "s/", "--prefix", "--order=DESCEND", "-w", "json"]);
-    p.ctl(&["get", "s/", "--prefix", "--order=ASCEND", "-w", "json"]);
     // keys-only and print-value-only, JSON and simple.
     let r = p.ctl(&["get", "s/", "--prefix", "--keys-only", "-w", "json"]);
     assert!(kvs(&r).iter().all(|kv| kv.get("value").is_none()));
-    p.ctl(&["get", "s/", "--prefix", "--keys-only"]);
+    p.ctl(&["get", "m/", "--prefix", "--keys-only"]);
     assert_eq!(
         p.ctl(&["get", "s/", "--prefix", "--print-value-only"]),
         "v3\nv5\nv1\nv4\nv2\n"
     );
-    p.ctl(&["get", "s/", "--prefix", "--keys-only", "--limit", "2", "-w", "json"]);
+    p.ctl(&[
+        "get",
+        "m/",
+        "--prefix",
+        "--keys-only",
+        "--limit",
+        "2",
+        "-w",
+        "json",
+    ]);
+    p.ctl(&["get", "m/", "--prefix", "--consistency=s", "-w", "json"]);
     // count_only (not an etcdctl 3.4 flag), keys_only and combinations through the gateway.
-    let s_range = json!({ "key": b64("s/"), "range_end": b64("s0") });
-    let with = |extra: Value| {
-        let mut v = s_range.clone();
-        v.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        v
-    };
-    let r = p.gw_ok("/v3/kv/range", with(json!({ "count_only": true })));
-    assert_eq!(num(&r["count"]), 5);
-    p.gw_ok(
-        "/v3/kv/range",
-        with(json!({ "count_only": true, "limit": "2" })),
-    );
-    p.gw_ok(
-        "/v3/kv/range",
-        with(json!({ "keys_only": true, "limit": "2", "sort_target": "VALUE", "sort_order": "DESCEND" })),
-    );
-    p.gw_ok(
-        "/v3/kv/range",
-        with(json!({ "sort_target": "MOD", "sort_order": "ASCEND" })),
-    );
-    p.gw_ok("/v3/kv/range", with(json!({ "sort_target": "CREATE" })));
-    p.gw_ok("/v3/kv/range", with(json!({ "sort_order": "DESCEND" })));
+    for (key, end) in [("s/", "s0"), ("m/", "m0")] {
+        let with = |extra: Value| {
+            let mut v = json!({ "key": b64(key), "range_end": b64(end) });
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            v
+        };
+        let r = p.gw_ok("/v3/kv/range", with(json!({ "count_only": true })));
+        assert_eq!(num(&r["count"]), 5);
+        p.gw_ok(
+            "/v3/kv/range",
+            with(json!({ "count_only": true, "limit": "2" })),
+        );
+        p.gw_ok(
+            "/v3/kv/range",
+            with(json!({ "keys_only": true, "limit": "2", "sort_target": "VALUE", "sort_order": "DESCEND" })),
+        );
+        p.gw_ok(
+            "/v3/kv/range",
+            with(json!({ "sort_target": "MOD", "sort_order": "ASCEND" })),
+        );
+        p.gw_ok("/v3/kv/range", with(json!({ "sort_target": "CREATE" })));
+        p.gw_ok("/v3/kv/range", with(json!({ "sort_order": "DESCEND" })));
+        p.gw_ok("/v3/kv/range", with(json!({ "limit": "-1" })));
+    }
+    // Binary keys (not UTF-8), ordered by bytes, across the whole key space.
+    let raw = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let binary: [&[u8]; 8] = [
+        &[0x00],
+        &[0x00, 0x01],
+        &[0x7f],
+        &[0x80],
+        &[0x80, b'/', 0xfe],
+        &[0xff],
+        &[0xff, 0x00],
+        &[0xff, 0xff],
+    ];
+    for (i, k) in binary.iter().enumerate() {
+        p.gw_ok(
+            "/v3/kv/put",
+            json!({ "key": raw(k), "value": raw(&[0xff - i as u8, 0x00]) }),
+        );
+    }
+    for (key, end) in [
+        (raw(&[0x00]), raw(&[0x00])),
+        (raw(&[0x80]), raw(&[0x00])),
+        (raw(&[0x00]), raw(&[0x80])),
+        (raw(&[0xff]), raw(&[0x00])),
+        (raw(&[0x00]), raw(&[0x00, 0x01])),
+    ] {
+        let r = p.gw_ok(
+            "/v3/kv/range",
+            json!({ "key": key, "range_end": end, "keys_only": true }),
+        );
+        assert!(!kvs(&r).is_empty(), "{r}");
+        for order in ["ASCEND", "DESCEND"] {
+            for target in ["KEY", "VALUE", "MOD"] {
+                p.gw_ok(
+                    "/v3/kv/range",
+                    json!({ "key": key, "range_end": end, "sort_order": order,
+                            "sort_target": target, "limit": "3" }),
+                );
+            }
+        }
+    }
 }
 
 #[test]
 fn history_reads() {
     let mut p = Pair::start();
     let base = p.revision();
-    p.put("h/a", "a1"); // base+1
-    p.put("h/b", "b1"); // base+2
-    p.put("h/a", "a2"); // base+3
-    p.ctl(&["del", "h/b"]); // base+4
-    p.put("h/b", "b2"); // base+5: recreated, version 1 again
-    p.put("h/c", "c1"); // base+6
+    p.put("h/a/k", "a1"); // base+1
+    p.put("h/b/k", "b1"); // base+2
+    p.put("h/a/k", "a2"); // base+3
+    p.ctl(&["del", "h/b/k"]); // base+4
+    p.put("h/b/k", "b2"); // base+5: recreated, version 1 again
+    p.put("h/c/k", "c1"); // base+6
     p.ctl(&["del", "h/", "--prefix"]); // base+7
-    p.put("h/a", "a3"); // base+8
+    p.put("h/a/k", "a3"); // base+8
     assert_eq!(p.revision(), base + 8);
     for rev in base..=base + 8 {
         let rev = rev.to_string();
         let r = p.ctl(&["get", "h/", "--prefix", "--rev", &rev, "-w", "json"]);
         assert_eq!(rev_of(&r), base + 8, "header revision is the current one");
-        p.ctl(&["get", "h/b", "--rev", &rev, "-w", "json"]);
+        p.ctl(&["get", "h/b/k", "--rev", &rev, "-w", "json"]);
         p.ctl(&["get", "h/", "--prefix", "--rev", &rev, "--keys-only"]);
         p.ctl(&[
             "get",
@@ -906,27 +1001,27 @@ fn history_reads() {
 #[test]
 fn delete_forms() {
     let mut p = Pair::start();
-    for k in ["d/a", "d/b", "d/c", "d/d", "d/e", "d/f", "e", "f", "g"] {
+    for k in ["da", "db", "dc", "dd", "de", "df", "e", "f", "g"] {
         p.put(k, &format!("val-{k}"));
     }
-    assert_eq!(p.ctl(&["del", "d/a"]), "1\n");
-    let r = p.ctl(&["del", "d/b", "--prev-kv", "-w", "json"]);
+    assert_eq!(p.ctl(&["del", "da"]), "1\n");
+    let r = p.ctl(&["del", "db", "--prev-kv", "-w", "json"]);
     assert_eq!(num(&r["deleted"]), 1);
     assert_eq!(kvs(&r).len(), 0);
     assert_eq!(r["prev_kvs"].as_array().unwrap().len(), 1);
     // A delete that removes nothing takes no revision.
     let before = p.revision();
-    let r = p.ctl(&["del", "d/missing", "-w", "json"]);
+    let r = p.ctl(&["del", "dmissing", "-w", "json"]);
     assert_eq!(rev_of(&r), before);
-    p.ctl(&["del", "d/missing", "--prev-kv"]);
-    p.ctl(&["del", "d/zz", "d/zzz", "--prev-kv", "-w", "json"]);
+    p.ctl(&["del", "dmissing", "--prev-kv"]);
+    p.ctl(&["del", "dzz", "dzzz", "--prev-kv", "-w", "json"]);
     // Range [a, b) with prev kvs, simple and JSON.
-    p.ctl(&["del", "d/c", "d/e", "--prev-kv"]);
-    p.ctl(&["get", "d/", "--prefix", "-w", "json"]);
+    p.ctl(&["del", "dc", "de", "--prev-kv"]);
+    p.ctl(&["get", "d", "--prefix", "-w", "json"]);
     // Prefix.
-    let r = p.ctl(&["del", "d/", "--prefix", "--prev-kv", "-w", "json"]);
+    let r = p.ctl(&["del", "d", "--prefix", "--prev-kv", "-w", "json"]);
     assert_eq!(num(&r["deleted"]), 2);
-    p.ctl(&["del", "d/", "--prefix", "-w", "json"]);
+    p.ctl(&["del", "d", "--prefix", "-w", "json"]);
     // From key.
     let r = p.ctl(&["del", "f", "--from-key", "--prev-kv", "-w", "json"]);
     assert_eq!(num(&r["deleted"]), 2);
@@ -947,68 +1042,68 @@ fn delete_forms() {
 #[test]
 fn etcdctl_txn() {
     let mut p = Pair::start();
-    p.put("t/a", "1");
-    p.put("t/b", "2");
-    p.put("t/c", "3");
-    p.put("t/c", "3b");
+    p.put("ta", "1");
+    p.put("tb", "2");
+    p.put("tc", "3");
+    p.put("tc", "3b");
     let rev = p.revision();
     let (ca, mc) = ((rev - 3).to_string(), rev.to_string());
     // Every compare target holds: the success branch runs (writes first, then reads).
     let script = txn_script(
         &[
-            "value(\"t/a\") = \"1\"",
-            "version(\"t/c\") = \"2\"",
-            "version(\"t/b\") > \"0\"",
-            &format!("create(\"t/a\") = \"{ca}\""),
-            &format!("mod(\"t/c\") = \"{mc}\""),
-            "mod(\"t/a\") < \"1000\"",
-            "value(\"t/b\") != \"zzz\"",
-            "value(\"t/c\") > \"3\"",
-            "create(\"t/missing\") = \"0\"",
+            "value(\"ta\") = \"1\"",
+            "version(\"tc\") = \"2\"",
+            "version(\"tb\") > \"0\"",
+            &format!("create(\"ta\") = \"{ca}\""),
+            &format!("mod(\"tc\") = \"{mc}\""),
+            "mod(\"ta\") < \"1000\"",
+            "value(\"tb\") != \"zzz\"",
+            "value(\"tc\") > \"3\"",
+            "create(\"tmissing\") = \"0\"",
         ],
         &[
-            "put t/a 10 --prev-kv",
-            "put t/new n",
-            "del t/b --prev-kv",
-            "get t/ --prefix",
-            "get t/a --keys-only",
-            "get t/ --prefix --limit=1 --sort-by=MODIFY --order=DESCEND",
+            "put ta 10 --prev-kv",
+            "put tnew n",
+            "del tb --prev-kv",
+            "get t --prefix",
+            "get ta --keys-only",
+            "get t --prefix --limit=1 --sort-by=MODIFY --order=DESCEND",
         ],
-        &["put t/fail f"],
+        &["put tfail f"],
     );
     let r = p.ctl_ok_in(&["txn", "-w", "json"], Some(&script));
     assert_eq!(r["succeeded"], true);
     assert_eq!(r["responses"].as_array().unwrap().len(), 6);
     // A failing compare runs the failure branch.
     let script = txn_script(
-        &["value(\"t/a\") = \"1\"", "version(\"t/zzz\") = \"0\""],
-        &["put t/x should-not-exist"],
+        &["value(\"ta\") = \"1\"", "version(\"tzzz\") = \"0\""],
+        &["put tx should-not-exist"],
         &[
-            "put t/f fail-branch",
-            "del t/nothing --prev-kv",
-            "get t/f",
-            "get t/x",
+            "put tf fail-branch",
+            "del tnothing --prev-kv",
+            "get tf",
+            "get tx",
         ],
     );
     let r = p.ctl_ok_in(&["txn", "-w", "json"], Some(&script));
     assert!(r.get("succeeded").is_none());
     // Compares on a missing key: VALUE is false, the numeric targets see zero.
     for compare in [
-        "value(\"t/missing\") = \"\"",
-        "version(\"t/missing\") = \"0\"",
-        "mod(\"t/missing\") < \"1\"",
-        "value(\"t/missing\") != \"x\"",
-        "version(\"t/a\") > \"100\"",
-        "create(\"t/a\") != \"0\"",
+        "value(\"tmissing\") = \"\"",
+        "version(\"tmissing\") = \"0\"",
+        "mod(\"tmissing\") < \"1\"",
+        "value(\"tmissing\") != \"x\"",
+        "version(\"ta\") > \"100\"",
+        "create(\"ta\") != \"0\"",
     ] {
-        let script = txn_script(&[compare], &["get t/a"], &["get t/new"]);
+        let script = txn_script(&[compare], &["get ta"], &["get tnew"]);
         p.ctl_ok_in(&["txn", "-w", "json"], Some(&script));
         p.ctl_ok_in(&["txn"], Some(&script));
     }
     // Simple output of a writing txn, and an empty txn.
     let script = txn_script(
-        &["version(\"t/f\") = \"1\""],
-        &["put t/f second", "del t/new", "get t/f"],
+        &["version(\"tf\") = \"1\""],
+        &["put tf second", "del tnew", "get tf"],
         &[],
     );
     p.ctl_ok_in(&["txn"], Some(&script));
@@ -1017,10 +1112,10 @@ fn etcdctl_txn() {
     let before = p.revision();
     let r = p.ctl_ok_in(
         &["txn", "-w", "json"],
-        Some(&txn_script(&[], &["get t/ --prefix", "get t/a"], &[])),
+        Some(&txn_script(&[], &["get t --prefix", "get ta"], &[])),
     );
     assert_eq!(rev_of(&r), before);
-    p.ctl(&["get", "t/", "--prefix", "-w", "json"]);
+    p.ctl(&["get", "t", "--prefix", "-w", "json"]);
 }
 
 /// In etcd a read inside a writing txn that comes before the txn's first write reports the
@@ -1051,18 +1146,18 @@ fn compaction() {
     let mut p = Pair::start();
     let base = p.revision();
     for i in 1..=6 {
-        p.put("c/a", &format!("a{i}")); // base+1 ..= base+6
+        p.put("c/a/k", &format!("a{i}")); // base+1 ..= base+6
     }
-    p.put("c/b", "b1"); // base+7
-    p.ctl(&["del", "c/a"]); // base+8
-    p.put("c/c", "c1"); // base+9
+    p.put("c/b/k", "b1"); // base+7
+    p.ctl(&["del", "c/a/k"]); // base+8
+    p.put("c/c/k", "c1"); // base+9
     let at = (base + 4).to_string();
     let below = (base + 3).to_string();
     let r = p.ctl(&["compaction", &at]);
     assert_eq!(r, format!("compacted revision {at}\n"));
     // Reads below the compaction fail; at and above it they work.
     p.ctl_err(
-        &["get", "c/a", "--rev", &below],
+        &["get", "c/a/k", "--rev", &below],
         "etcdserver: mvcc: required revision has been compacted",
     );
     p.ctl_err(
@@ -1094,20 +1189,20 @@ fn compaction() {
         format!("compacted revision {at2}\n")
     );
     p.ctl_err(
-        &["get", "c/a", "--rev", &(base + 7).to_string()],
+        &["get", "c/a/k", "--rev", &(base + 7).to_string()],
         "etcdserver: mvcc: required revision has been compacted",
     );
     p.ctl(&["get", "c/", "--prefix", "--rev", &at2, "-w", "json"]);
     // Through the gateway, including a txn reading at a compacted revision.
     p.gw_err(
         "/v3/kv/range",
-        json!({ "key": b64("c/b"), "revision": (base + 7).to_string() }),
+        json!({ "key": b64("c/b/k"), "revision": (base + 7).to_string() }),
         11,
         "etcdserver: mvcc: required revision has been compacted",
     );
     p.gw_err(
         "/v3/kv/txn",
-        json!({ "success": [ { "request_range": { "key": b64("c/b"), "revision": (base + 2).to_string() } } ] }),
+        json!({ "success": [ { "request_range": { "key": b64("c/b/k"), "revision": (base + 2).to_string() } } ] }),
         11,
         "etcdserver: mvcc: required revision has been compacted",
     );
@@ -1127,7 +1222,7 @@ fn compaction() {
         11,
         "etcdserver: mvcc: required revision is a future revision",
     );
-    p.put("c/d", "after");
+    p.put("c/d/k", "after");
     p.gw_ok(
         "/v3/kv/range",
         json!({ "key": b64("c/"), "range_end": b64("c0"), "revision": (base + 9).to_string() }),
@@ -1137,73 +1232,72 @@ fn compaction() {
 #[test]
 fn gateway_range_filters() {
     let p = Pair::start();
-    let base = seed_sortable(&p);
-    let range = |extra: Value| {
-        let mut v = json!({ "key": b64("s/"), "range_end": b64("s0") });
-        v.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        v
-    };
-    // base is the revision after seeding; the s/ keys were written in [base-16, base-2].
-    let mid = (base - 5).to_string();
-    let early = (base - 14).to_string();
-    for filter in [
-        json!({ "min_mod_revision": mid }),
-        json!({ "max_mod_revision": mid }),
-        json!({ "min_create_revision": early }),
-        json!({ "max_create_revision": early }),
-        json!({ "min_mod_revision": early, "max_mod_revision": mid }),
-        json!({ "min_create_revision": early, "max_mod_revision": mid }),
-    ] {
-        let r = p.gw_ok("/v3/kv/range", range(filter.clone()));
-        assert!(!kvs(&r).is_empty(), "{filter}: {r}");
-        let mut with = filter.clone();
-        with.as_object_mut()
-            .unwrap()
-            .insert("limit".into(), json!("1"));
-        p.gw_ok("/v3/kv/range", range(with.clone()));
-        with.as_object_mut()
-            .unwrap()
-            .insert("sort_order".into(), json!("DESCEND"));
-        with.as_object_mut()
-            .unwrap()
-            .insert("sort_target".into(), json!("VALUE"));
-        p.gw_ok("/v3/kv/range", range(with.clone()));
-        with.as_object_mut()
-            .unwrap()
-            .insert("count_only".into(), json!(true));
-        p.gw_ok("/v3/kv/range", range(with.clone()));
-        let mut keys = filter.clone();
-        keys.as_object_mut()
-            .unwrap()
-            .insert("keys_only".into(), json!(true));
-        p.gw_ok("/v3/kv/range", range(keys));
+    let s_base = seed_sortable(&p, |k| format!("s/{k}"), "r", "s0");
+    let m_base = seed_sortable(&p, |k| format!("m/{k}/k"), "l", "m0");
+    for (key, end, base) in [("s/", "s0", s_base), ("m/", "m0", m_base)] {
+        let range = |extra: Value| {
+            let mut v = json!({ "key": b64(key), "range_end": b64(end) });
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            v
+        };
+        // base is the revision after seeding; the five keys were written in [base-16, base-2].
+        let mid = (base - 6).to_string();
+        let early = (base - 15).to_string();
+        for filter in [
+            json!({ "min_mod_revision": mid }),
+            json!({ "max_mod_revision": mid }),
+            json!({ "min_create_revision": early }),
+            json!({ "max_create_revision": early }),
+            json!({ "min_mod_revision": early, "max_mod_revision": mid }),
+            json!({ "min_create_revision": early, "max_mod_revision": mid }),
+        ] {
+            let r = p.gw_ok("/v3/kv/range", range(filter.clone()));
+            let n = kvs(&r).len();
+            assert!(n > 0 && n < 5, "{filter} should select some keys: {r}");
+            let mut with = filter.clone();
+            let m = with.as_object_mut().unwrap();
+            m.insert("limit".into(), json!("1"));
+            p.gw_ok("/v3/kv/range", range(with.clone()));
+            let m = with.as_object_mut().unwrap();
+            m.insert("sort_order".into(), json!("DESCEND"));
+            m.insert("sort_target".into(), json!("VALUE"));
+            p.gw_ok("/v3/kv/range", range(with.clone()));
+            let m = with.as_object_mut().unwrap();
+            m.insert("count_only".into(), json!(true));
+            p.gw_ok("/v3/kv/range", range(with.clone()));
+            let mut keys = filter.clone();
+            let m = keys.as_object_mut().unwrap();
+            m.insert("keys_only".into(), json!(true));
+            p.gw_ok("/v3/kv/range", range(keys));
+        }
+        // A filter that matches nothing.
+        p.gw_ok(
+            "/v3/kv/range",
+            range(json!({ "min_mod_revision": (base + 10).to_string() })),
+        );
+        // From-key (range_end "\0") with a filter.
+        p.gw_ok(
+            "/v3/kv/range",
+            json!({ "key": b64(key), "range_end": "AA==", "min_create_revision": early }),
+        );
     }
-    // A filter that matches nothing, and filters on a single key.
-    p.gw_ok(
-        "/v3/kv/range",
-        range(json!({ "min_mod_revision": (base + 10).to_string() })),
-    );
+    // Filters on a single key.
     p.gw_ok(
         "/v3/kv/range",
         json!({ "key": b64("s/a"), "max_create_revision": "1" }),
     );
     p.gw_ok(
         "/v3/kv/range",
-        json!({ "key": b64("s/a"), "min_mod_revision": (base - 3).to_string() }),
-    );
-    // From-key (range_end "\0") with a filter.
-    p.gw_ok(
-        "/v3/kv/range",
-        json!({ "key": b64("s/c"), "range_end": "AA==", "min_create_revision": early }),
+        json!({ "key": b64("s/a"), "min_mod_revision": (s_base - 4).to_string() }),
     );
 }
 
 #[test]
 fn gateway_txn_forms() {
     let p = Pair::start();
-    for (k, v) in [("g/a", "1"), ("g/b", "1"), ("g/c", "1"), ("h", "x")] {
+    for (k, v) in [("ga", "1"), ("gb", "1"), ("gc", "1"), ("h", "x")] {
         p.put(k, v);
     }
     let cmp = |key: &str, target: &str, result: &str, field: &str, value: Value| {
@@ -1212,22 +1306,22 @@ fn gateway_txn_forms() {
         c
     };
     let range_cmp = |target: &str, result: &str, field: &str, value: Value| {
-        let mut c = cmp("g/", target, result, field, value);
+        let mut c = cmp("g", target, result, field, value);
         c.as_object_mut()
             .unwrap()
-            .insert("range_end".into(), json!(b64("g0")));
+            .insert("range_end".into(), json!(b64("h")));
         c
     };
     // Reads its own writes: put then range, delete then range.
     let r = p.gw_ok(
         "/v3/kv/txn",
         json!({ "success": [
-            { "request_put": { "key": b64("g/a"), "value": b64("2"), "prev_kv": true } },
-            { "request_range": { "key": b64("g/a") } },
-            { "request_delete_range": { "key": b64("g/b"), "prev_kv": true } },
-            { "request_range": { "key": b64("g/"), "range_end": b64("g0") } },
-            { "request_put": { "key": b64("g/b"), "value": b64("again") } },
-            { "request_range": { "key": b64("g/b") } },
+            { "request_put": { "key": b64("ga"), "value": b64("2"), "prev_kv": true } },
+            { "request_range": { "key": b64("ga") } },
+            { "request_delete_range": { "key": b64("gb"), "prev_kv": true } },
+            { "request_range": { "key": b64("g"), "range_end": b64("h") } },
+            { "request_put": { "key": b64("gd"), "value": b64("new") } },
+            { "request_range": { "key": b64("gd") } },
         ] }),
     );
     assert_eq!(
@@ -1238,25 +1332,34 @@ fn gateway_txn_forms() {
     for (c, holds) in [
         (range_cmp("VERSION", "GREATER", "version", json!("0")), true),
         (range_cmp("VALUE", "EQUAL", "value", json!(b64("1"))), false),
-        (range_cmp("VALUE", "NOT_EQUAL", "value", json!(b64("zz"))), true),
-        (range_cmp("CREATE", "LESS", "create_revision", json!("1000")), true),
-        (range_cmp("MOD", "GREATER", "mod_revision", json!("1000")), false),
+        (
+            range_cmp("VALUE", "NOT_EQUAL", "value", json!(b64("zz"))),
+            true,
+        ),
+        (
+            range_cmp("CREATE", "LESS", "create_revision", json!("1000")),
+            true,
+        ),
+        (
+            range_cmp("MOD", "GREATER", "mod_revision", json!("1000")),
+            false,
+        ),
         (range_cmp("LEASE", "EQUAL", "lease", json!("0")), true),
     ] {
         let r = p.gw_ok(
             "/v3/kv/txn",
             json!({ "compare": [c],
-                    "success": [ { "request_range": { "key": b64("g/c") } } ],
+                    "success": [ { "request_range": { "key": b64("gc") } } ],
                     "failure": [ { "request_range": { "key": b64("h") } } ] }),
         );
         assert_eq!(r["succeeded"] == true, holds, "{c}: {r}");
     }
     // A range compare over an empty range, and from-key range compares.
     let mut empty = range_cmp("VALUE", "EQUAL", "value", json!(b64("1")));
-    empty["key"] = json!(b64("nothing/"));
-    empty["range_end"] = json!(b64("nothing0"));
+    empty["key"] = json!(b64("nothing"));
+    empty["range_end"] = json!(b64("nothinh"));
     p.gw_ok("/v3/kv/txn", json!({ "compare": [empty] }));
-    let mut from = cmp("g/", "VERSION", "GREATER", "version", json!("0"));
+    let mut from = cmp("g", "VERSION", "GREATER", "version", json!("0"));
     from["range_end"] = json!("AA==");
     p.gw_ok("/v3/kv/txn", json!({ "compare": [from] }));
     // LEASE compares on a key without a lease and on a missing key.
@@ -1278,47 +1381,6 @@ fn gateway_txn_forms() {
         "/v3/kv/range",
         json!({ "key": b64("lease/"), "range_end": b64("lease0") }),
     );
-    // Nested txns, in the success and the failure branch, with their own compares.
-    let inner = |value: &str| {
-        json!({ "request_txn": {
-            "compare": [ cmp("h", "VALUE", "EQUAL", "value", json!(b64(value))) ],
-            "success": [
-                { "request_put": { "key": b64("n/in-ok"), "value": b64(value), "prev_kv": true } },
-                { "request_range": { "key": b64("n/"), "range_end": b64("n0") } },
-            ],
-            "failure": [
-                { "request_put": { "key": b64("n/in-fail"), "value": b64(value) } },
-                { "request_delete_range": { "key": b64("g/c"), "prev_kv": true } },
-            ],
-        } })
-    };
-    let r = p.gw_ok(
-        "/v3/kv/txn",
-        json!({ "compare": [ cmp("g/a", "VALUE", "EQUAL", "value", json!(b64("2"))) ],
-                "success": [
-                    { "request_put": { "key": b64("n/outer"), "value": b64("o") } },
-                    inner("x"),
-                    { "request_range": { "key": b64("n/"), "range_end": b64("n0") } },
-                ],
-                "failure": [ inner("x") ] }),
-    );
-    assert_eq!(r["succeeded"], true);
-    assert!(r["responses"][1]["response_txn"].is_object(), "{r}");
-    p.gw_ok(
-        "/v3/kv/txn",
-        json!({ "compare": [ cmp("g/a", "VALUE", "EQUAL", "value", json!(b64("nope"))) ],
-                "success": [ inner("x") ],
-                "failure": [ inner("nope"), { "request_range": { "key": b64("n/"), "range_end": b64("n0") } } ] }),
-    );
-    // Two levels deep.
-    p.gw_ok(
-        "/v3/kv/txn",
-        json!({ "success": [ { "request_txn": { "success": [ inner("x") ] } } ] }),
-    );
-    p.gw_ok(
-        "/v3/kv/range",
-        json!({ "key": b64("g/"), "range_end": b64("o") }),
-    );
     // Several compares; one false makes the whole txn fail.
     p.gw_ok(
         "/v3/kv/txn",
@@ -1329,6 +1391,63 @@ fn gateway_txn_forms() {
                 "success": [ { "request_put": { "key": b64("multi"), "value": b64("s") } } ],
                 "failure": [ { "request_put": { "key": b64("multi"), "value": b64("f") } },
                              { "request_range": { "key": b64("multi") } } ] }),
+    );
+}
+
+/// etcd leaves the header of a nested txn's response empty (revision 0); only the outermost
+/// response header carries the revision.
+#[test]
+#[ignore = "known difference: spindle fills in header.revision of a nested txn's response_txn; etcd leaves that header empty"]
+fn nested_txns() {
+    let p = Pair::start();
+    for (k, v) in [("ga", "2"), ("gc", "1"), ("h", "x")] {
+        p.put(k, v);
+    }
+    let cmp = |key: &str, target: &str, result: &str, field: &str, value: Value| {
+        let mut c = json!({ "key": b64(key), "target": target, "result": result });
+        c.as_object_mut().unwrap().insert(field.into(), value);
+        c
+    };
+    // Nested txns, in the success and the failure branch, with their own compares.
+    let inner = |value: &str| {
+        json!({ "request_txn": {
+            "compare": [ cmp("h", "VALUE", "EQUAL", "value", json!(b64(value))) ],
+            "success": [
+                { "request_put": { "key": b64("nin-ok"), "value": b64(value), "prev_kv": true } },
+                { "request_range": { "key": b64("n"), "range_end": b64("o") } },
+            ],
+            "failure": [
+                { "request_put": { "key": b64("nin-fail"), "value": b64(value) } },
+                { "request_delete_range": { "key": b64("gc"), "prev_kv": true } },
+            ],
+        } })
+    };
+    let r = p.gw_ok(
+        "/v3/kv/txn",
+        json!({ "compare": [ cmp("ga", "VALUE", "EQUAL", "value", json!(b64("2"))) ],
+                "success": [
+                    { "request_put": { "key": b64("nouter"), "value": b64("o") } },
+                    inner("x"),
+                    { "request_range": { "key": b64("n"), "range_end": b64("o") } },
+                ],
+                "failure": [ inner("x") ] }),
+    );
+    assert_eq!(r["succeeded"], true);
+    assert!(r["responses"][1]["response_txn"].is_object(), "{r}");
+    p.gw_ok(
+        "/v3/kv/txn",
+        json!({ "compare": [ cmp("ga", "VALUE", "EQUAL", "value", json!(b64("nope"))) ],
+                "success": [ inner("x") ],
+                "failure": [ inner("nope"), { "request_range": { "key": b64("n"), "range_end": b64("o") } } ] }),
+    );
+    // Two levels deep.
+    p.gw_ok(
+        "/v3/kv/txn",
+        json!({ "success": [ { "request_txn": { "success": [ inner("x") ] } } ] }),
+    );
+    p.gw_ok(
+        "/v3/kv/range",
+        json!({ "key": b64("g"), "range_end": b64("o") }),
     );
 }
 
@@ -1405,13 +1524,15 @@ fn errors() {
         3,
         "etcdserver: duplicate key given in txn request",
     );
-    // The same key in a put and a delete of the same txn branch, and in both branches (allowed).
-    p.gw(
+    // The same key in a delete and a put of one branch; in both branches it is allowed.
+    p.gw_err(
         "/v3/kv/txn",
         json!({ "success": [
             { "request_delete_range": { "key": b64("e/a") } },
             { "request_put": { "key": b64("e/a"), "value": b64("3") } },
         ] }),
+        3,
+        "etcdserver: duplicate key given in txn request",
     );
     p.gw_ok(
         "/v3/kv/txn",
@@ -1419,21 +1540,21 @@ fn errors() {
                 "failure": [ { "request_put": { "key": b64("e/y"), "value": b64("f") } } ] }),
     );
     // Too many operations: 128 are allowed, 129 are not.
-    let ops = |n: usize| -> Vec<Value> {
+    let ops = |prefix: &str, n: usize| -> Vec<Value> {
         (0..n)
-            .map(|i| json!({ "request_put": { "key": b64(&format!("m{i}")), "value": "eA==" } }))
+            .map(|i| json!({ "request_put": { "key": b64(&format!("{prefix}{i}")), "value": "eA==" } }))
             .collect()
     };
     p.gw_err(
         "/v3/kv/txn",
-        json!({ "success": ops(129) }),
+        json!({ "success": ops("m", 129) }),
         3,
         "etcdserver: too many operations in txn request",
     );
-    p.gw_ok("/v3/kv/txn", json!({ "success": ops(128) }));
+    p.gw_ok("/v3/kv/txn", json!({ "success": ops("m", 128) }));
     // Nested txns share the budget: 100 outer ops leave a nested txn fewer than 28.
-    let mut nested = ops(100);
-    nested.push(json!({ "request_txn": { "success": ops(30) } }));
+    let mut nested = ops("m", 100);
+    nested.push(json!({ "request_txn": { "success": ops("o", 30) } }));
     p.gw_err(
         "/v3/kv/txn",
         json!({ "success": nested }),
@@ -1495,15 +1616,109 @@ fn errors() {
         3,
         "etcdserver: lease is provided",
     );
-    // A put naming a lease that does not exist.
+    // The stores still hold the same data.
+    p.ctl(&["get", "", "--from-key", "-w", "json"]);
+}
+
+/// Lease IDs are checked on put even though the Lease service itself is not served yet.
+#[test]
+#[ignore = "known difference: spindle accepts a put naming a lease that does not exist; etcd answers NotFound \"etcdserver: requested lease not found\""]
+fn put_with_a_missing_lease() {
+    let mut p = Pair::start();
+    p.put("l/a", "1");
+    p.ctl_err(
+        &["put", "l/a", "v", "--lease=3039"],
+        "etcdserver: requested lease not found",
+    );
     p.gw_err(
         "/v3/kv/put",
-        json!({ "key": b64("e/a"), "value": b64("v"), "lease": "12345" }),
+        json!({ "key": b64("l/a"), "value": b64("v"), "lease": "12345" }),
         5,
         "etcdserver: requested lease not found",
     );
-    // The stores still hold the same data.
-    p.ctl(&["get", "", "--from-key", "-w", "json"]);
+    p.gw_err(
+        "/v3/kv/txn",
+        json!({ "success": [ { "request_put": { "key": b64("l/b"), "value": b64("v"), "lease": "12345" } } ] }),
+        5,
+        "etcdserver: requested lease not found",
+    );
+    p.ctl(&["get", "l/", "--prefix", "-w", "json"]);
+}
+
+/// A DeleteRange over an empty interval (`range_end <= key`) deletes nothing and, like any
+/// delete that deletes nothing, answers at the current revision.
+#[test]
+#[ignore = "known difference: a DeleteRange whose range_end is <= its key answers with header revision 0 on spindle (also the whole txn's header when inside a txn); etcd answers at the current revision"]
+fn delete_of_an_empty_interval_reports_the_current_revision() {
+    let mut p = Pair::start();
+    p.put("ea", "1");
+    p.put("eb", "2");
+    let now = p.revision();
+    let r = p.ctl(&["del", "ez", "ea", "-w", "json"]);
+    assert_eq!(rev_of(&r), now);
+    p.gw_ok(
+        "/v3/kv/deleterange",
+        json!({ "key": b64("eb"), "range_end": b64("eb"), "prev_kv": true }),
+    );
+    p.gw_ok(
+        "/v3/kv/txn",
+        json!({ "success": [ { "request_delete_range": { "key": b64("ez"), "range_end": b64("ea") } } ] }),
+    );
+}
+
+/// etcd 3.4 does not validate enum values: a range with an unknown sort order is served
+/// unsorted, and a compare with an unknown result or target is evaluated (as true). (An unknown
+/// sort *target* makes etcd 3.4 itself crash, so it is not sent.)
+#[test]
+#[ignore = "known difference: spindle rejects unknown sort_order / compare result / compare target values with InvalidArgument (\"etcdserver: invalid sort option\", \"invalid argument: invalid compare result 7\"); etcd 3.4 accepts them"]
+fn unknown_enum_values_are_accepted() {
+    let p = Pair::start();
+    p.put("u/a", "1");
+    p.gw_ok(
+        "/v3/kv/range",
+        json!({ "key": b64("u/a"), "sort_order": 5 }),
+    );
+    p.gw_ok(
+        "/v3/kv/txn",
+        json!({ "compare": [ { "key": b64("u/a"), "target": "VALUE", "result": 7, "value": b64("1") } ] }),
+    );
+    p.gw_ok(
+        "/v3/kv/txn",
+        json!({ "compare": [ { "key": b64("u/a"), "target": 9, "result": "EQUAL", "value": b64("1") } ] }),
+    );
+}
+
+/// A RequestOp with no request in it: etcd 3.4's check answers "key not found".
+#[test]
+#[ignore = "known difference: an empty RequestOp in a txn gets \"invalid argument: etcdserver: request op is empty\" from spindle; etcd 3.4 answers InvalidArgument \"etcdserver: key not found\""]
+fn empty_request_op_in_a_txn() {
+    let p = Pair::start();
+    p.gw_err(
+        "/v3/kv/txn",
+        json!({ "success": [ {} ] }),
+        3,
+        "etcdserver: key not found",
+    );
+}
+
+/// A request beyond `--max-request-bytes` plus gRPC's overhead allowance is refused by gRPC
+/// itself, whose message names the size received.
+#[test]
+#[ignore = "known difference: above the gRPC receive limit spindle says \"grpc: received message larger than max (more than 528389 bytes)\"; etcd says \"grpc: received message larger than max (600010 vs. 528384)\" (same code, ResourceExhausted)"]
+fn request_above_the_grpc_receive_limit() {
+    let mut p = Pair::start();
+    let huge = "x".repeat(600_000);
+    p.ctl_err_in(
+        &["put", "huge"],
+        Some(&huge),
+        "grpc: received message larger than max",
+    );
+    p.gw_err(
+        "/v3/kv/put",
+        json!({ "key": b64("huge"), "value": b64(&huge) }),
+        8,
+        "grpc: received message larger than max (600010 vs. 528384)",
+    );
 }
 
 #[test]
@@ -1515,7 +1730,11 @@ fn status() {
     let (mut e, mut s) = p.gw_pair(path, &json!({}));
     assert_eq!(e.status, 200, "{}", e.show());
     for f in STATUS_IDENTITY {
-        assert!(e.body.get(f).is_some(), "etcd's status has {f}: {}", e.show());
+        assert!(
+            e.body.get(f).is_some(),
+            "etcd's status has {f}: {}",
+            e.show()
+        );
         e.body.as_object_mut().unwrap().remove(f);
         if let Some(m) = s.body.as_object_mut() {
             m.remove(f);
