@@ -233,6 +233,9 @@ impl Db {
             opts.partitioner,
         )?;
         let (shards, current, compact) = recover_all(&path, meta.shards)?;
+        // etcd's store starts at revision 1 (its first write is revision 2); clients compare
+        // revisions across servers, so an empty spindle starts there too.
+        let current = current.max(1);
         let clock = RevisionClock::new(opts.cores, current, compact);
 
         let mut senders = Vec::new();
@@ -261,7 +264,7 @@ impl Db {
         let mut threads = Vec::new();
         let mut ready = Vec::new();
         for (core, (rx, mine)) in receivers.into_iter().zip(per_core).enumerate() {
-            let placement = if opts.pin {
+            let placement = if opts.pin && std::env::var_os("SPINDLE_NO_PIN").is_none() {
                 Placement::Fixed(core % cpus)
             } else {
                 Placement::Unbound
@@ -618,15 +621,36 @@ fn delete_response(t: TxnResponse) -> Result<DeleteRangeResponse> {
     }
 }
 
-/// Sets `rev` on the txn's header and, as etcd does, on every nested response's header.
+/// Sets the txn's header revision and its nested responses' headers as etcd does: a response
+/// produced before the txn changed anything reports the revision before it (`rev - 1`), later
+/// ones `rev`. A txn that wrote nothing reports `rev` (the read revision) everywhere.
 fn stamp(resp: &mut TxnResponse, rev: i64) {
+    fn wrote(t: &TxnResponse) -> bool {
+        t.responses.iter().any(|r| match r {
+            ResponseOp::Put(_) => true,
+            ResponseOp::DeleteRange(d) => d.deleted > 0,
+            ResponseOp::Txn(n) => wrote(n),
+            ResponseOp::Range(_) => false,
+        })
+    }
     resp.header.revision = rev;
+    let mut changed = !wrote(resp);
+    stamp_nested(resp, rev, &mut changed);
+}
+
+fn stamp_nested(resp: &mut TxnResponse, rev: i64, changed: &mut bool) {
     for r in &mut resp.responses {
         match r {
-            ResponseOp::Range(x) => x.header.revision = rev,
-            ResponseOp::Put(x) => x.header.revision = rev,
-            ResponseOp::DeleteRange(x) => x.header.revision = rev,
-            ResponseOp::Txn(x) => stamp(x, rev),
+            ResponseOp::Range(x) => x.header.revision = if *changed { rev } else { rev - 1 },
+            ResponseOp::Put(x) => {
+                *changed = true;
+                x.header.revision = rev;
+            }
+            ResponseOp::DeleteRange(x) => {
+                *changed |= x.deleted > 0;
+                x.header.revision = if *changed { rev } else { rev - 1 };
+            }
+            ResponseOp::Txn(x) => stamp_nested(x, rev, changed),
         }
     }
 }
@@ -1093,7 +1117,7 @@ impl Core {
     async fn txn(self: &Rc<Self>, txn: Arc<TxnRequest>) -> Result<TxnResponse> {
         let shared = &self.shared;
         let touched = plan::shards_touched(&txn, &|k| shared.shard_of(k), shared.nshards);
-        if !plan::txn_has_writes(&txn) {
+        if !plan::txn_has_writes(&txn) || touched.is_empty() {
             return self.read_txn(txn, &touched).await;
         }
         if let [only] = touched.as_slice() {

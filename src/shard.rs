@@ -184,6 +184,7 @@ impl Shard {
                 }
                 let path = plan::choose_path(txn, &results);
                 let writes = store.check(txn, &path, c, &self.owns())?;
+                self.check_leases(txn, &path)?;
                 (path, writes)
             };
             if !writes {
@@ -294,9 +295,24 @@ impl Shard {
         }
     }
 
+    /// Puts along the path may only name existing leases. No lease exists until the lease
+    /// service does, so any non-zero lease is unknown (etcd checks the key first, then the lease).
+    fn check_leases(&self, txn: &TxnRequest, path: &TxnPath) -> Result<()> {
+        let owns = self.owns();
+        let unknown = plan::leaf_ops(txn, path)
+            .into_iter()
+            .any(|op| matches!(op, RequestOp::Put(p) if p.lease != 0 && owns(&p.key)));
+        if unknown {
+            return Err(Error::LeaseNotFound);
+        }
+        Ok(())
+    }
+
     pub fn check(&self, txn: &TxnRequest, path: &TxnPath, rev: i64) -> Result<bool> {
         self.ensure_healthy()?;
-        self.store.borrow().check(txn, path, rev, &self.owns())
+        let writes = self.store.borrow().check(txn, path, rev, &self.owns())?;
+        self.check_leases(txn, path)?;
+        Ok(writes)
     }
 
     /// Executes a read-only part (no writes on this shard) while locked.

@@ -42,24 +42,25 @@ fn keys_of(resp: &RangeResponse) -> Vec<String> {
 fn revisions_versions_and_history_follow_etcd() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path(), opts(2, 4)).unwrap();
-    assert_eq!(db.revision(), 0);
-    assert_eq!(put(&db, "a", "1"), 1);
-    assert_eq!(put(&db, "a", "2"), 2);
-    assert_eq!(put(&db, "b", "x"), 3);
+    // An empty store is at revision 1 and the first write is 2, as in etcd.
+    assert_eq!(db.revision(), 1);
+    assert_eq!(put(&db, "a", "1"), 2);
+    assert_eq!(put(&db, "a", "2"), 3);
+    assert_eq!(put(&db, "b", "x"), 4);
     let a = get(&db, "a").unwrap();
-    assert_eq!((a.create_revision, a.mod_revision, a.version), (1, 2, 2));
+    assert_eq!((a.create_revision, a.mod_revision, a.version), (2, 3, 2));
     assert_eq!(a.value, Bytes::from_static(b"2"));
 
     // History read.
     let old = db
         .range(RangeRequest {
-            revision: 1,
+            revision: 2,
             ..RangeRequest::key("a")
         })
         .unwrap();
     assert_eq!(old.kvs[0].value, Bytes::from_static(b"1"));
     assert_eq!(
-        old.header.revision, 3,
+        old.header.revision, 4,
         "header carries the current revision, as etcd"
     );
 
@@ -71,16 +72,16 @@ fn revisions_versions_and_history_follow_etcd() {
         })
         .unwrap();
     assert_eq!(d.deleted, 1);
-    assert_eq!(d.header.revision, 4);
+    assert_eq!(d.header.revision, 5);
     assert_eq!(d.prev_kvs[0].value, Bytes::from_static(b"2"));
     assert!(get(&db, "a").is_none());
-    assert_eq!(put(&db, "a", "3"), 5);
+    assert_eq!(put(&db, "a", "3"), 6);
     let a = get(&db, "a").unwrap();
-    assert_eq!((a.create_revision, a.mod_revision, a.version), (5, 5, 1));
+    assert_eq!((a.create_revision, a.mod_revision, a.version), (6, 6, 1));
 
     // Deleting nothing does not bump the revision.
     let d = db.delete_range(DeleteRangeRequest::key("zzz")).unwrap();
-    assert_eq!((d.deleted, d.header.revision), (0, 5));
+    assert_eq!((d.deleted, d.header.revision), (0, 6));
 
     // Future and compacted revisions.
     let err = db
@@ -91,13 +92,13 @@ fn revisions_versions_and_history_follow_etcd() {
         .unwrap_err();
     assert!(matches!(err, Error::FutureRevision), "{err}");
     db.compact(CompactionRequest {
-        revision: 4,
+        revision: 5,
         physical: true,
     })
     .unwrap();
     let err = db
         .range(RangeRequest {
-            revision: 2,
+            revision: 3,
             ..RangeRequest::key("a")
         })
         .unwrap_err();
@@ -107,7 +108,7 @@ fn revisions_versions_and_history_follow_etcd() {
     );
     assert!(matches!(
         db.compact(CompactionRequest {
-            revision: 3,
+            revision: 4,
             physical: false
         }),
         Err(Error::Compacted)
@@ -122,7 +123,7 @@ fn revisions_versions_and_history_follow_etcd() {
     // Reading exactly at the compact revision still works.
     let at4 = db
         .range(RangeRequest {
-            revision: 4,
+            revision: 5,
             ..RangeRequest::prefix("")
         })
         .unwrap();
@@ -195,11 +196,11 @@ fn txn_compare_and_swap_and_nested_ops() {
     };
     let ok = cas("1", "2");
     assert!(ok.succeeded);
-    assert_eq!(ok.header.revision, 2);
+    assert_eq!(ok.header.revision, 3);
     let fail = cas("1", "3");
     assert!(!fail.succeeded);
     assert_eq!(
-        fail.header.revision, 2,
+        fail.header.revision, 3,
         "a txn that writes nothing does not bump the revision"
     );
     match &fail.responses[0] {
@@ -226,7 +227,7 @@ fn txn_compare_and_swap_and_nested_ops() {
         .unwrap();
     assert!(resp.succeeded);
     assert_eq!(
-        resp.header.revision, 3,
+        resp.header.revision, 4,
         "one revision for the whole multi-shard txn"
     );
     match &resp.responses[3] {
@@ -234,7 +235,7 @@ fn txn_compare_and_swap_and_nested_ops() {
         other => panic!("{other:?}"),
     }
     for k in ["a/1", "b/1", "c/1"] {
-        assert_eq!(get(&db, k).unwrap().mod_revision, 3);
+        assert_eq!(get(&db, k).unwrap().mod_revision, 4);
     }
     // etcd's request errors.
     let dup = db.txn(TxnRequest {
@@ -272,7 +273,7 @@ fn txn_compare_and_swap_and_nested_ops() {
         .delete_range(DeleteRangeRequest::range("a", "c0"))
         .unwrap();
     assert_eq!(d.deleted, 3, "a/1, b/1 and c/1 on their shards");
-    assert_eq!(db.revision(), 4);
+    assert_eq!(db.revision(), 5);
     db.close();
 }
 
@@ -291,7 +292,7 @@ fn data_survives_restart_with_other_core_counts_and_checkpoints() {
         // One core hosts all four shards.
         let db = Db::open(dir.path(), opts(1, 99)).unwrap();
         let st = db.status().unwrap();
-        assert_eq!((st.shards, st.revision), (4, 201));
+        assert_eq!((st.shards, st.revision), (4, 202));
         assert_eq!(db.range(RangeRequest::prefix("d")).unwrap().count, 200 - 29);
         let infos = db.checkpoint().unwrap();
         assert_eq!(infos.len(), 4);
@@ -301,13 +302,13 @@ fn data_survives_restart_with_other_core_counts_and_checkpoints() {
         db.close();
     }
     let db = Db::open(dir.path(), opts(3, 1)).unwrap();
-    assert_eq!(db.revision(), 261);
+    assert_eq!(db.revision(), 262);
     let all = db.range(RangeRequest::prefix("d")).unwrap();
     assert_eq!(all.count, 260 - 29);
     let k = get(&db, "d5/k250").unwrap();
     assert_eq!(
         (k.value, k.mod_revision),
-        (Bytes::from_static(b"v250"), 252)
+        (Bytes::from_static(b"v250"), 253)
     );
     // History from before the checkpoint is still there.
     let old = db
@@ -370,7 +371,7 @@ fn multi_shard_writes_are_never_seen_half_done() {
     }
     writer.join().unwrap();
     single.join().unwrap();
-    assert_eq!(db.revision(), 300);
+    assert_eq!(db.revision(), 301);
     db.close();
 }
 
@@ -399,7 +400,7 @@ fn async_api_works_from_another_runtime_and_many_writers_share_fsyncs() {
     for t in threads {
         assert_eq!(t.join().unwrap(), 50);
     }
-    assert_eq!(db.revision(), 400);
+    assert_eq!(db.revision(), 401);
     db.close();
 }
 

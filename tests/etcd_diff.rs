@@ -722,7 +722,6 @@ fn txn_script(compares: &[&str], success: &[&str], failure: &[&str]) -> String {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "known difference: a fresh etcd answers at revision 1 (first write gets 2), a fresh spindle at revision 0 (first write gets 1)"]
 fn fresh_stores_are_at_the_same_revision() {
     let mut p = Pair::start_fresh();
     let e = p.ctl(&["get", "missing", "-w", "json"]);
@@ -1121,7 +1120,6 @@ fn etcdctl_txn() {
 /// In etcd a read inside a writing txn that comes before the txn's first write reports the
 /// revision before the txn in its header (`storeTxnWrite.Range`); later ops report the new one.
 #[test]
-#[ignore = "known difference: spindle reports the txn's new revision in the header of a range that precedes the txn's first write; etcd reports the revision before the txn"]
 fn txn_read_before_write_reports_the_previous_revision() {
     let mut p = Pair::start();
     p.put("w/a", "1");
@@ -1397,7 +1395,6 @@ fn gateway_txn_forms() {
 /// etcd leaves the header of a nested txn's response empty (revision 0); only the outermost
 /// response header carries the revision.
 #[test]
-#[ignore = "known difference: spindle fills in header.revision of a nested txn's response_txn; etcd leaves that header empty"]
 fn nested_txns() {
     let p = Pair::start();
     for (k, v) in [("ga", "2"), ("gc", "1"), ("h", "x")] {
@@ -1622,7 +1619,6 @@ fn errors() {
 
 /// Lease IDs are checked on put even though the Lease service itself is not served yet.
 #[test]
-#[ignore = "known difference: spindle accepts a put naming a lease that does not exist; etcd answers NotFound \"etcdserver: requested lease not found\""]
 fn put_with_a_missing_lease() {
     let mut p = Pair::start();
     p.put("l/a", "1");
@@ -1648,7 +1644,6 @@ fn put_with_a_missing_lease() {
 /// A DeleteRange over an empty interval (`range_end <= key`) deletes nothing and, like any
 /// delete that deletes nothing, answers at the current revision.
 #[test]
-#[ignore = "known difference: a DeleteRange whose range_end is <= its key answers with header revision 0 on spindle (also the whole txn's header when inside a txn); etcd answers at the current revision"]
 fn delete_of_an_empty_interval_reports_the_current_revision() {
     let mut p = Pair::start();
     p.put("ea", "1");

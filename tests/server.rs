@@ -100,7 +100,7 @@ fn etcdctl_basics_work() {
     assert_eq!(out.trim(), "bar");
     let (ok, out, err) = etcdctl(s.port, &["endpoint", "status", "-w", "json"]);
     assert!(ok, "{err}");
-    assert!(out.contains("\"revision\":1"), "{out}");
+    assert!(out.contains("\"revision\":2"), "{out}");
     let (ok, out, _) = etcdctl(s.port, &["member", "list"]);
     assert!(ok && out.contains("default"), "{out}");
     let snap = s._dir.path().join("snap.db");
@@ -185,7 +185,7 @@ fn sigterm_flushes_and_exits_zero_and_data_survives() {
         },
     )
     .unwrap();
-    assert_eq!(db.revision(), 20);
+    assert_eq!(db.revision(), 21);
     db.close();
 }
 
@@ -216,20 +216,43 @@ fn quota_raises_nospace_and_refuses_writes_that_add_data() {
 fn bench_drives_the_server_and_reports_every_request() {
     let s = start(&[]);
     let ep = format!("127.0.0.1:{}", s.port);
-    for (workload, extra) in [("put", vec![]), ("range", vec![]), ("txn-put", vec!["--txn-ops", "3"])] {
+    for (workload, extra) in [
+        ("put", vec![]),
+        ("range", vec![]),
+        ("txn-put", vec!["--txn-ops", "3"]),
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_spindle"))
-            .args(["bench", workload, "--endpoints", &ep, "--total", "300", "--clients", "8", "--conns", "2"])
+            .args([
+                "bench",
+                workload,
+                "--endpoints",
+                &ep,
+                "--total",
+                "300",
+                "--clients",
+                "8",
+                "--conns",
+                "2",
+            ])
             .args(["--key-space-size", "50", "--json", "--cores", "2"])
             .args(&extra)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(report["ops"], 300, "{workload}: {report}");
-        assert_eq!(report["errors"], serde_json::json!({}), "{workload}: {report}");
+        assert_eq!(
+            report["errors"],
+            serde_json::json!({}),
+            "{workload}: {report}"
+        );
         assert!(report["latency_us"]["p99"].as_f64().unwrap() > 0.0);
     }
     // The writes landed: 300 puts, 50 preloaded for the range run, 300 txns of 3 puts.
     let (ok, out, _) = etcdctl(s.port, &["endpoint", "status", "-w", "json"]);
-    assert!(ok && out.contains("\"revision\":650"), "{out}");
+    assert!(ok && out.contains("\"revision\":651"), "{out}");
 }

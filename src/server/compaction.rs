@@ -182,11 +182,15 @@ mod tests {
         }
         let c = spawn(db.clone(), Policy::Revision(10));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while db.status().unwrap().compact_revision != 20 && Instant::now() < deadline {
+        while db.status().unwrap().compact_revision != 21 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
         c.stop();
-        assert_eq!(db.status().unwrap().compact_revision, 20);
+        assert_eq!(
+            db.status().unwrap().compact_revision,
+            21,
+            "31 revisions (etcd starts at 1), keep 10"
+        );
         db.close();
     }
 }
