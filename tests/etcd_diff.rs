@@ -1699,7 +1699,6 @@ fn empty_request_op_in_a_txn() {
 /// A request beyond `--max-request-bytes` plus gRPC's overhead allowance is refused by gRPC
 /// itself, whose message names the size received.
 #[test]
-#[ignore = "known difference: above the gRPC receive limit spindle says \"grpc: received message larger than max (more than 528389 bytes)\"; etcd says \"grpc: received message larger than max (600010 vs. 528384)\" (same code, ResourceExhausted)"]
 fn request_above_the_grpc_receive_limit() {
     let mut p = Pair::start();
     let huge = "x".repeat(600_000);

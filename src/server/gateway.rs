@@ -101,8 +101,10 @@ async fn translate(
         pool.get_message_by_name(&format!("etcdserverpb.{name}"))
             .ok_or_else(|| Status::new(Code::Internal, format!("no descriptor for {name}")))
     };
-    let bytes =
-        super::read_body(body, ctx.cfg.max_request_bytes + super::GRPC_OVERHEAD_BYTES).await?;
+    let limit = ctx.cfg.max_request_bytes + super::GRPC_OVERHEAD_BYTES;
+    // JSON (base64 values) is larger than the message it encodes; the message size is what
+    // counts, as behind etcd's gateway.
+    let bytes = super::read_body(body, 4 * limit).await?;
     let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -112,6 +114,9 @@ async fn translate(
     let req = DynamicMessage::deserialize(desc(req_name)?, &mut de)
         .map_err(|e| Status::new(Code::InvalidArgument, format!("invalid JSON request: {e}")))?;
     let encoded = Bytes::from(prost::Message::encode_to_vec(&req));
+    if encoded.len() > limit {
+        return Err(super::grpc::too_large(encoded.len(), limit));
+    }
     let resp = super::call(ctx, method, vec![encoded]).await?;
     let msg = DynamicMessage::decode(desc(resp_name)?, resp)
         .map_err(|e| Status::new(Code::Internal, format!("response decoding: {e}")))?;

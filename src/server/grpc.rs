@@ -78,6 +78,14 @@ impl From<Error> for Status {
     }
 }
 
+/// A message over the receive limit, with grpc-go's wording (what etcd's clients see).
+pub fn too_large(len: usize, limit: usize) -> Status {
+    Status::new(
+        Code::ResourceExhausted,
+        format!("grpc: received message larger than max ({len} vs. {limit})"),
+    )
+}
+
 /// Splits a request body into its length-prefixed messages.
 pub fn decode_messages(mut body: Bytes) -> Result<Vec<Bytes>, Status> {
     let mut out = Vec::new();

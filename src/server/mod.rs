@@ -307,6 +307,32 @@ fn plain_owned(status: StatusCode, content_type: &'static str, body: String) -> 
     r
 }
 
+/// Reads a gRPC request body, refusing a message longer than `limit` as soon as its length
+/// prefix arrives (with grpc-go's message, which clients see from etcd).
+async fn read_grpc_body(mut body: Incoming, limit: usize) -> Result<Bytes, Status> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| Status::new(Code::Cancelled, format!("request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+        }
+        if buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if len > limit {
+                return Err(grpc::too_large(len, limit));
+            }
+        }
+        if buf.len() > 2 * (limit + 5) {
+            return Err(Status::new(
+                Code::ResourceExhausted,
+                "grpc: too many request messages",
+            ));
+        }
+    }
+    Ok(buf.freeze())
+}
+
 /// Reads a whole request body, refusing more than `limit` bytes.
 async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Status> {
     match http_body_util::Limited::new(body, limit).collect().await {
@@ -324,7 +350,7 @@ async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBo
         return snapshot::stream(ctx.clone());
     }
     let limit = ctx.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let bytes = match read_body(body, limit + 5).await {
+    let bytes = match read_grpc_body(body, limit).await {
         Ok(b) => b,
         Err(s) => return grpc::error(&s),
     };
