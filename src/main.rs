@@ -220,7 +220,8 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
     };
     let signals = block_shutdown_signals();
     let started = std::time::Instant::now();
-    let db = spindle::server::start(&args.data_dir, opts, cfg.clone())?;
+    let server = spindle::server::start(&args.data_dir, opts, cfg.clone())?;
+    let db = server.db.clone();
     let status = db.status()?;
     tracing::info!(
         data_dir = %args.data_dir.display(),

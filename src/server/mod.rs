@@ -96,6 +96,7 @@ struct Ctx {
     metrics: Arc<metrics::Metrics>,
     /// The NOSPACE alarm, shared by every core.
     nospace: Arc<AtomicBool>,
+    drain: Arc<Drain>,
     cluster_id: u64,
     member_id: u64,
 }
@@ -121,8 +122,39 @@ impl Ctx {
     }
 }
 
+/// Requests in flight, and whether the server is shutting down (then new requests are refused).
+#[derive(Default)]
+struct Drain {
+    draining: AtomicBool,
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// A running server.
+pub struct Running {
+    pub db: Db,
+    drain: Arc<Drain>,
+}
+
+impl Running {
+    /// Graceful shutdown: refuse new requests, wait (at most `grace`) for those in flight to
+    /// finish, then close the store, which flushes every WAL.
+    pub fn shutdown(self, grace: Duration) {
+        self.drain.draining.store(true, Ordering::Release);
+        let deadline = Instant::now() + grace;
+        while self.drain.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.db.close();
+    }
+}
+
 /// Opens the store and starts listeners on every core. Returns once all cores listen.
-pub fn start(data_dir: &std::path::Path, opts: Options, cfg: ServerConfig) -> Result<Db, Error> {
+pub fn start(
+    data_dir: &std::path::Path,
+    opts: Options,
+    cfg: ServerConfig,
+) -> Result<Running, Error> {
+    let drain = Arc::new(Drain::default());
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(metrics::Metrics::default());
     let nospace = Arc::new(AtomicBool::new(false));
@@ -130,6 +162,7 @@ pub fn start(data_dir: &std::path::Path, opts: Options, cfg: ServerConfig) -> Re
     let hook: CoreHook = {
         let cfg = cfg.clone();
         let nospace = nospace.clone();
+        let drain = drain.clone();
         Arc::new(move |db: LocalDb| {
             let (cluster_id, member_id) = db.identity();
             let ctx = Rc::new(Ctx {
@@ -137,6 +170,7 @@ pub fn start(data_dir: &std::path::Path, opts: Options, cfg: ServerConfig) -> Re
                 cfg: cfg.clone(),
                 metrics: metrics.clone(),
                 nospace: nospace.clone(),
+                drain: drain.clone(),
                 cluster_id,
                 member_id,
             });
@@ -169,7 +203,7 @@ pub fn start(data_dir: &std::path::Path, opts: Options, cfg: ServerConfig) -> Re
         let (db, quota) = (db.clone(), cfg.quota_backend_bytes);
         std::thread::spawn(move || watch_quota(db, quota, &nospace));
     }
-    Ok(db)
+    Ok(Running { db, drain })
 }
 
 /// Raises the NOSPACE alarm when the store outgrows its quota (checked every second); it stays
@@ -264,6 +298,24 @@ where
 }
 
 async fn handle(ctx: Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBody> {
+    struct InFlight<'a>(&'a Drain);
+    impl Drop for InFlight<'_> {
+        fn drop(&mut self) {
+            self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    ctx.drain.in_flight.fetch_add(1, Ordering::AcqRel);
+    let _guard = InFlight(&ctx.drain);
+    if ctx.drain.draining.load(Ordering::Acquire) {
+        return grpc::error(&Status::new(
+            Code::Unavailable,
+            "etcdserver: server stopped",
+        ));
+    }
+    serve_request(&ctx, req).await
+}
+
+async fn serve_request(ctx: &Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBody> {
     let path = req.uri().path().to_string();
     let is_grpc = req
         .headers()
@@ -272,7 +324,7 @@ async fn handle(ctx: Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBody> {
         .is_some_and(|v| v.starts_with("application/grpc"));
     if is_grpc {
         let started = Instant::now();
-        let resp = grpc_call(&ctx, &path, req.into_body()).await;
+        let resp = grpc_call(ctx, &path, req.into_body()).await;
         ctx.metrics.observe(&path, started.elapsed());
         return resp;
     }
@@ -286,7 +338,7 @@ async fn handle(ctx: Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBody> {
             let text = ctx.metrics.render(&ctx.db).await;
             plain(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
-        ("POST", p) if p.starts_with("/v3/") => gateway::handle(&ctx, p, req.into_body()).await,
+        ("POST", p) if p.starts_with("/v3/") => gateway::handle(ctx, p, req.into_body()).await,
         _ => plain(
             StatusCode::NOT_FOUND,
             "text/plain",
