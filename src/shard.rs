@@ -376,10 +376,15 @@ impl Shard {
     }
 
     pub async fn log_abort(&self, rev: i64) -> Result<()> {
+        self.log_marker(EntryKind::Abort, rev).await
+    }
+
+    /// Appends a record without effects (abort, compaction) and waits until it is durable.
+    async fn log_marker(&self, kind: EntryKind, rev: i64) -> Result<()> {
         let mut entry = WalEntry {
             term: TERM,
             index: 0,
-            kind: EntryKind::Abort,
+            kind,
             revision: rev,
             participants: vec![],
             ops: vec![],
@@ -400,21 +405,7 @@ impl Shard {
         if rev <= self.store.borrow().compact_revision() {
             return Ok(());
         }
-        let mut entry = WalEntry {
-            term: TERM,
-            index: 0,
-            kind: EntryKind::Compact,
-            revision: rev,
-            participants: vec![],
-            ops: vec![],
-        };
-        let index = loop {
-            match self.wal.try_append(&mut entry) {
-                Ok(i) => break i,
-                Err(nr) => self.wal.make_room(nr.frame_len).await?,
-            }
-        };
-        self.wal.wait_durable(index).await?;
+        self.log_marker(EntryKind::Compact, rev).await?;
         self.store.borrow_mut().compact(rev);
         Ok(())
     }
