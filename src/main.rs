@@ -69,6 +69,13 @@ struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// Also write the full latency histogram (HdrHistogram V2 encoding) to this file.
+    #[arg(long, global = true)]
+    hdr_out: Option<PathBuf>,
+    /// Measure the generator itself: serve an in-process endpoint that answers every call
+    /// with an empty response, and run the workload against it.
+    #[arg(long, global = true)]
+    self_check: bool,
 }
 
 #[derive(Subcommand, Clone, Copy)]
@@ -262,14 +269,22 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         BenchWorkload::Mvcc => Workload::Mvcc,
     };
     let duration = a.duration.map(std::time::Duration::from_secs_f64);
+    let mut endpoints: Vec<String> = a
+        .endpoints
+        .split(',')
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    let _noop = if a.self_check {
+        let noop = spindle::bench::noop::start(a.cores.max(1))?;
+        endpoints = vec![noop.endpoint()];
+        Some(noop)
+    } else {
+        None
+    };
     let cfg = BenchConfig {
         workload,
-        endpoints: a
-            .endpoints
-            .split(',')
-            .map(|e| e.trim().to_string())
-            .filter(|e| !e.is_empty())
-            .collect(),
+        endpoints,
         conns: a.conns.max(1),
         clients: a.clients.max(1),
         total: a.total.or(if duration.is_some() {
@@ -288,6 +303,9 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         data_dir: None,
     };
     let report = spindle::bench::run(cfg)?;
+    if let Some(path) = &a.hdr_out {
+        report.write_hdr(path)?;
+    }
     if a.json {
         println!("{}", report.to_json());
     } else {

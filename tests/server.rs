@@ -256,3 +256,38 @@ fn bench_drives_the_server_and_reports_every_request() {
     let (ok, out, _) = etcdctl(s.port, &["endpoint", "status", "-w", "json"]);
     assert!(ok && out.contains("\"revision\":651"), "{out}");
 }
+
+#[test]
+fn bench_self_check_and_histogram_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let hdr = dir.path().join("latency.hdr");
+    let out = Command::new(env!("CARGO_BIN_EXE_spindle"))
+        .args([
+            "bench",
+            "put",
+            "--self-check",
+            "--total",
+            "500",
+            "--clients",
+            "4",
+            "--json",
+        ])
+        .arg("--hdr-out")
+        .arg(&hdr)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ops"], 500, "{report}");
+    let bytes = std::fs::read(&hdr).unwrap();
+    // HdrHistogram V2 serialization cookie.
+    assert_eq!(
+        &bytes[..4],
+        &[0x1c, 0x84, 0x93, 0x13],
+        "not an HdrHistogram V2 encoding"
+    );
+}

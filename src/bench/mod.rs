@@ -6,6 +6,7 @@
 //! the scheduled time, so a stalled server cannot hide its stall (no coordinated omission).
 
 pub mod client;
+pub mod noop;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,6 +69,16 @@ impl Report {
 
     fn us(&self, q: f64) -> f64 {
         self.histogram.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    /// Writes the full histogram (HdrHistogram V2 log encoding, nanoseconds) for offline analysis.
+    pub fn write_hdr(&self, path: &std::path::Path) -> Result<(), String> {
+        use hdrhistogram::serialization::Serializer;
+        let mut buf = Vec::new();
+        hdrhistogram::serialization::V2Serializer::new()
+            .serialize(&self.histogram, &mut buf)
+            .map_err(|e| format!("histogram encoding: {e:?}"))?;
+        std::fs::write(path, buf).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     pub fn to_json(&self) -> serde_json::Value {
@@ -204,9 +215,16 @@ pub fn run(cfg: BenchConfig) -> Result<Report, String> {
             s.stop.store(true, Ordering::Release);
         });
     }
-    for h in handles {
-        h.join().map_err(|e| format!("bench executor: {e:?}"))??;
+    let finished = Arc::new(AtomicBool::new(false));
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let (s, done) = (shared.clone(), finished.clone());
+        std::thread::spawn(move || progress(&s, &done));
     }
+    let joined: Result<(), String> = handles
+        .into_iter()
+        .try_for_each(|h| h.join().map_err(|e| format!("bench executor: {e:?}"))?);
+    finished.store(true, Ordering::Release);
+    joined?;
     let elapsed = start.elapsed().saturating_sub(cfg.warmup);
     let (histogram, errors, ops) = std::mem::replace(
         &mut *shared.results.lock().map_err(|_| "poisoned")?,
@@ -219,6 +237,34 @@ pub fn run(cfg: BenchConfig) -> Result<Report, String> {
         elapsed,
         histogram,
     })
+}
+
+/// A one-line progress bar on a terminal, redrawn every 200 ms.
+fn progress(shared: &Shared, done: &AtomicBool) {
+    use std::io::Write;
+    let start = Instant::now();
+    while !done.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(200));
+        let n = shared.issued.load(Ordering::Relaxed);
+        let (frac, goal) = match (shared.cfg.total, shared.cfg.duration) {
+            (Some(t), _) => ((n as f64 / t as f64).min(1.0), format!("{n}/{t}")),
+            (None, Some(d)) => (
+                (start.elapsed().as_secs_f64() / d.as_secs_f64()).min(1.0),
+                format!("{n}"),
+            ),
+            _ => (0.0, format!("{n}")),
+        };
+        let width = 40;
+        let filled = (frac * width as f64) as usize;
+        let rate = n as f64 / start.elapsed().as_secs_f64().max(1e-3);
+        eprint!(
+            "\r[{}{}] {goal} requests, {rate:.0}/s ",
+            "=".repeat(filled),
+            " ".repeat(width - filled)
+        );
+        let _ = std::io::stderr().flush();
+    }
+    eprintln!();
 }
 
 /// Writes the key space once so reads find data.
