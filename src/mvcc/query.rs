@@ -4,11 +4,10 @@
 
 use std::cmp::Ordering;
 
+use bytes::Bytes;
+
 use super::key_index::Visible;
-use crate::kv::{
-    Compare, CompareResult, CompareTarget, KeyValue, RangeRequest, SortOrder, SortTarget,
-    TargetUnion,
-};
+use crate::kv::{Compare, KeyValue, RangeRequest, SortOrder, SortTarget};
 
 /// The sort etcd applies: `sort_order` NONE with a target other than KEY sorts ascending.
 pub fn effective_sort(req: &RangeRequest) -> (SortOrder, SortTarget) {
@@ -201,52 +200,16 @@ impl RangePlan {
 /// etcd's compare of one key-value (`None` = the key does not exist, compared as a zero
 /// KeyValue). The operand is read from `target_union` only if its variant matches `target`.
 pub(crate) fn compare_holds(cmp: &Compare, kv: Option<&Visible<'_>>) -> bool {
-    let int = |found: Option<i64>, field: fn(&Visible<'_>) -> i64| {
-        kv.map_or(0, field).cmp(&found.unwrap_or(0))
-    };
-    let tu = cmp.target_union.as_ref();
-    let ord = match cmp.target {
-        CompareTarget::Value => {
-            let want: &[u8] = match tu {
-                Some(TargetUnion::Value(v)) => v,
-                _ => &[],
-            };
-            let have: &[u8] = kv.map_or(&[][..], |v| v.value.as_ref());
-            have.cmp(want)
-        }
-        CompareTarget::Version => int(
-            match tu {
-                Some(TargetUnion::Version(v)) => Some(*v),
-                _ => None,
-            },
-            |v| v.version,
-        ),
-        CompareTarget::Create => int(
-            match tu {
-                Some(TargetUnion::CreateRevision(v)) => Some(*v),
-                _ => None,
-            },
-            |v| v.create_revision,
-        ),
-        CompareTarget::Mod => int(
-            match tu {
-                Some(TargetUnion::ModRevision(v)) => Some(*v),
-                _ => None,
-            },
-            |v| v.mod_revision,
-        ),
-        CompareTarget::Lease => int(
-            match tu {
-                Some(TargetUnion::Lease(v)) => Some(*v),
-                _ => None,
-            },
-            |v| v.lease,
-        ),
-    };
-    match cmp.result {
-        CompareResult::Equal => ord == Ordering::Equal,
-        CompareResult::NotEqual => ord != Ordering::Equal,
-        CompareResult::Greater => ord == Ordering::Greater,
-        CompareResult::Less => ord == Ordering::Less,
-    }
+    // One definition of etcd's compare semantics serves shards and the planner's zero-KV rule.
+    let kv = kv
+        .map(|v| KeyValue {
+            key: Bytes::new(),
+            create_revision: v.create_revision,
+            mod_revision: v.mod_revision,
+            version: v.version,
+            value: v.value.clone(),
+            lease: v.lease,
+        })
+        .unwrap_or_default();
+    crate::plan::compare_kv(cmp, &kv)
 }
