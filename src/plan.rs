@@ -16,7 +16,7 @@ use crate::error::Error;
 use crate::kv::{
     Compare, CompareResult, CompareTarget, DeleteRangeRequest, DeleteRangeResponse, KeyRange,
     KeyValue, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseOp,
-    SortOrder, SortTarget, TargetUnion, TxnRequest, TxnResponse,
+    SortTarget, TargetUnion, TxnRequest, TxnResponse,
 };
 
 pub use crate::mvcc::{CompareOutcome, OpPartial, ShardRange, TxnPath};
@@ -401,19 +401,8 @@ pub fn passes_range_filters(r: &RangeRequest, kv: &KeyValue) -> bool {
 /// for NONE with another target. Ties go to the smaller key: etcd leaves them unspecified, but
 /// shards and the merge must agree on one total order for per-shard limits to be exact.
 pub fn range_order(r: &RangeRequest) -> impl Fn(&KeyValue, &KeyValue) -> Ordering {
-    let target = r.sort_target;
-    let descend = r.sort_order == SortOrder::Descend;
-    move |a, b| {
-        let primary = match target {
-            SortTarget::Key => a.key.cmp(&b.key),
-            SortTarget::Version => a.version.cmp(&b.version),
-            SortTarget::Create => a.create_revision.cmp(&b.create_revision),
-            SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
-            SortTarget::Value => a.value.cmp(&b.value),
-        };
-        let primary = if descend { primary.reverse() } else { primary };
-        primary.then_with(|| a.key.cmp(&b.key))
-    }
+    let (order, target) = crate::mvcc::effective_sort(r);
+    move |a, b| crate::mvcc::cmp_kvs(a, b, order, target)
 }
 
 fn limit_len(limit: i64) -> Option<usize> {
@@ -653,6 +642,7 @@ fn build_txn(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv::SortOrder;
     use proptest::prelude::*;
 
     // ---- builders -------------------------------------------------------------------------
