@@ -12,7 +12,7 @@ pub mod recovery;
 #[rustfmt::skip]
 mod wal_generated;
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -108,7 +108,6 @@ struct Inner {
     /// A spare segment finished (or failed) preparing.
     spare_ev: Event,
     flusher: RefCell<Option<glommio::task::JoinHandle<()>>>,
-    fsyncs: Cell<u64>,
     sync_stats: RefCell<SyncStats>,
 }
 
@@ -186,7 +185,6 @@ impl Wal {
                 work_ev: Event::new(),
                 spare_ev: Event::new(),
                 flusher: RefCell::new(None),
-                fsyncs: Cell::new(0),
                 sync_stats: RefCell::new(SyncStats::default()),
             }),
         };
@@ -206,7 +204,7 @@ impl Wal {
 
     /// Number of fdatasync calls so far (group-commit effectiveness).
     pub fn fsync_count(&self) -> u64 {
-        self.inner.fsyncs.get()
+        self.inner.sync_stats.borrow().fsyncs
     }
 
     pub fn sync_stats(&self) -> SyncStats {
@@ -553,7 +551,6 @@ async fn flush_chunk(
         .fdatasync()
         .await
         .map_err(|e| Error::glommio(path(), e))?;
-    inner.fsyncs.set(inner.fsyncs.get() + 1);
     {
         let took = synced.elapsed().as_secs_f64();
         let mut st = inner.sync_stats.borrow_mut();
