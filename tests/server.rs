@@ -16,6 +16,11 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // The server's own log is the first thing to read when a test fails.
+            let log = std::fs::read_to_string(self._dir.path().join("server.log"));
+            eprintln!("--- spindle serve log ---\n{}", log.unwrap_or_default());
+        }
     }
 }
 
@@ -30,9 +35,10 @@ fn free_port() -> u16 {
 fn start(extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
+    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_spindle"))
         .args(["serve", "--data-dir"])
-        .arg(dir.path())
+        .arg(dir.path().join("data"))
         .args([
             "--listen-client-urls",
             &format!("http://127.0.0.1:{port}"),
@@ -42,19 +48,30 @@ fn start(extra: &[&str]) -> Server {
         .args(["--wal-segment-mb", "1"])
         .args(extra)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("start spindle");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "spindle did not start listening");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Server {
+    let mut s = Server {
         child,
         port,
         _dir: dir,
+    };
+    // Ready means the log says so: a connect alone can reach a core that is
+    // listening while another core still fails to bind.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(s._dir.path().join("server.log")).unwrap_or_default();
+        if log.contains("ready to serve client requests") {
+            break;
+        }
+        if let Ok(Some(status)) = s.child.try_wait() {
+            panic!("spindle exited before serving ({status})");
+        }
+        assert!(Instant::now() < deadline, "spindle did not start listening");
+        std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
+    s
 }
 
 fn etcdctl(port: u16, args: &[&str]) -> (bool, String, String) {
@@ -175,7 +192,7 @@ fn sigterm_flushes_and_exits_zero_and_data_survives() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status:?}");
-    let dir = s._dir.path().to_path_buf();
+    let dir = s._dir.path().join("data");
     let db = spindle::Db::open(
         &dir,
         spindle::Options {
