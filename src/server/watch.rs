@@ -255,8 +255,9 @@ impl Session {
             })],
             WatchUpdate::Compacted { compact_revision } => {
                 self.watches.remove(&tag);
+                // etcd leaves the revision of this header at 0.
                 vec![grpc::encode_message(&pb::WatchResponse {
-                    header: self.header(self.ctx.db.revision()),
+                    header: self.header(0),
                     watch_id: tag,
                     canceled: true,
                     compact_revision,
