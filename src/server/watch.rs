@@ -155,9 +155,8 @@ impl Session {
                     self.next_id += 1;
                     self.next_id - 1
                 };
-                let filters = |f: pb::watch_create_request::FilterType| {
-                    c.filters.iter().any(|&x| x == f as i32)
-                };
+                let filters =
+                    |f: pb::watch_create_request::FilterType| c.filters.contains(&(f as i32));
                 let wreq = WatchRequest {
                     key: c.key.clone(),
                     range_end: c.range_end.clone(),
