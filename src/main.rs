@@ -98,6 +98,12 @@ enum BenchWorkload {
     },
     /// The embedded engine directly, no network.
     Mvcc,
+    /// Watch fan-out and delivery latency: --watchers streams watch every key while the
+    /// clients put; ops are events delivered, latency is put sent to event received.
+    Watch {
+        #[arg(long, default_value_t = 16)]
+        watchers: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -280,6 +286,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         },
         BenchWorkload::TxnPut { txn_ops } => Workload::TxnPut { ops: txn_ops },
         BenchWorkload::Mvcc => Workload::Mvcc,
+        BenchWorkload::Watch { watchers } => Workload::Watch { watchers },
     };
     let duration = a.duration.map(std::time::Duration::from_secs_f64);
     let mut endpoints: Vec<String> = a

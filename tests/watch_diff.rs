@@ -293,3 +293,23 @@ fn etcdctl_watch_output_matches_etcd() {
     assert!(want.contains("k3"), "{want}");
     assert_eq!(run(&spindle), want);
 }
+
+#[test]
+fn bench_watch_delivers_every_event_to_every_watcher() {
+    let s = start("spindle");
+    let out = Command::new(env!("CARGO_BIN_EXE_spindle"))
+        .args(["bench", "watch", "--watchers", "6", "--endpoints"])
+        .arg(format!("127.0.0.1:{}", s.port))
+        .args(["--total", "200", "--clients", "4", "--conns", "2"])
+        .args(["--key-space-size", "50", "--json", "--cores", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    assert_eq!(report["ops"], 6 * 200, "{report}");
+}

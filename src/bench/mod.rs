@@ -32,6 +32,11 @@ pub enum Workload {
     },
     /// The embedded engine, no network.
     Mvcc,
+    /// Watch fan-out: `watchers` streams each watch the whole key space while the clients put;
+    /// every delivered event counts as one op, its latency is put-issued to event-received.
+    Watch {
+        watchers: usize,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -170,6 +175,13 @@ fn key_for(cfg: &BenchConfig, n: u64, rng: &mut u64) -> Bytes {
 
 struct Shared {
     cfg: BenchConfig,
+    /// Time origin for the timestamps puts carry in watch runs.
+    epoch: Instant,
+    /// Watch runs: streams whose watch is created; puts start once all are.
+    watchers_ready: AtomicU64,
+    /// Watch runs: writer tasks still running, and puts acknowledged.
+    writers_running: AtomicU64,
+    puts_done: AtomicU64,
     issued: AtomicU64,
     stop: AtomicBool,
     measuring_from: Instant,
@@ -195,6 +207,10 @@ pub fn run(cfg: BenchConfig) -> Result<Report, String> {
     let shared = Arc::new(Shared {
         measuring_from: start + cfg.warmup,
         cfg: cfg.clone(),
+        epoch: Instant::now(),
+        watchers_ready: AtomicU64::new(0),
+        writers_running: AtomicU64::new(cfg.clients as u64),
+        puts_done: AtomicU64::new(0),
         issued: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         results: Mutex::new((new_hist(), BTreeMap::new(), 0)),
@@ -294,6 +310,17 @@ async fn run_core(core: usize, shared: Arc<Shared>) -> Result<(), String> {
         conns.push(client::Client::connect(ep).await?);
     }
     let mut tasks = Vec::new();
+    if let Workload::Watch { watchers } = cfg.workload {
+        let mine = watchers / cores + usize::from(core < watchers % cores);
+        for w in 0..mine {
+            let shared = shared.clone();
+            let client = conns[w % conns.len()].clone();
+            tasks.push(glommio::spawn_local(watch_loop(shared, client)));
+        }
+        while shared.watchers_ready.load(Ordering::Acquire) < watchers as u64 {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+    }
     for c in 0..my_clients {
         let shared = shared.clone();
         let client = conns[c % conns.len()].clone();
@@ -356,6 +383,31 @@ async fn client_loop(
         };
         let key = key_for(cfg, n, &mut rng);
         let result = match cfg.workload {
+            Workload::Watch { .. } => {
+                // The value starts with the send time, so watchers can time delivery.
+                let mut v = (shared.epoch.elapsed().as_nanos() as u64)
+                    .to_be_bytes()
+                    .to_vec();
+                v.resize(cfg.val_size.max(8), b'v');
+                let req = pb::PutRequest {
+                    key,
+                    value: Bytes::from(v),
+                    ..Default::default()
+                };
+                let r = client
+                    .unary::<_, pb::PutResponse>("/etcdserverpb.KV/Put", &req)
+                    .await
+                    .map(|_| ());
+                if r.is_ok() {
+                    shared.puts_done.fetch_add(1, Ordering::AcqRel);
+                }
+                if let Err(s) = r {
+                    *errors
+                        .entry(format!("put: {:?}: {}", s.code, s.message))
+                        .or_default() += 1;
+                }
+                continue;
+            }
             Workload::Put => {
                 let req = pb::PutRequest {
                     key,
@@ -433,6 +485,103 @@ async fn client_loop(
                     .or_default() += 1
             }
         }
+    }
+    if let Workload::Watch { .. } = cfg.workload {
+        shared.writers_running.fetch_sub(1, Ordering::AcqRel);
+    }
+    (hist, errors, ops)
+}
+
+/// One watch stream over the whole key space: counts events and times them from the put's
+/// send time (in the value) to arrival. Ends once every acknowledged put was seen, or reports
+/// the shortfall if events stop coming after the writers finished.
+async fn watch_loop(
+    shared: Arc<Shared>,
+    mut client: client::Client,
+) -> (Histogram<u64>, BTreeMap<String, u64>, u64) {
+    let mut hist = new_hist();
+    let mut errors = BTreeMap::new();
+    let mut ops = 0u64;
+    let fail = |errors: &mut BTreeMap<String, u64>, what: String| {
+        *errors.entry(what).or_default() += 1;
+    };
+    let mut stream = match client
+        .stream::<pb::WatchResponse>("/etcdserverpb.Watch/Watch")
+        .await
+    {
+        Ok(s) => s,
+        Err(s) => {
+            shared.watchers_ready.fetch_add(1, Ordering::AcqRel);
+            fail(&mut errors, format!("watch: {:?}: {}", s.code, s.message));
+            return (hist, errors, ops);
+        }
+    };
+    let create = pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+            pb::WatchCreateRequest {
+                key: Bytes::from_static(b"\0"),
+                range_end: Bytes::from_static(b"\0"),
+                ..Default::default()
+            },
+        )),
+    };
+    let mut ready = false;
+    if let Err(s) = stream.send(&create) {
+        fail(&mut errors, format!("watch: {:?}: {}", s.code, s.message));
+    }
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let writers_done = shared.writers_running.load(Ordering::Acquire) == 0;
+        if ready && writers_done && ops >= shared.puts_done.load(Ordering::Acquire) {
+            break;
+        }
+        let next = futures_lite::future::or(async { Some(stream.recv().await) }, async {
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            None
+        })
+        .await;
+        let resp = match next {
+            None => {
+                if writers_done {
+                    let since = *idle_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(10) {
+                        let missing = shared.puts_done.load(Ordering::Acquire) - ops;
+                        fail(&mut errors, format!("{missing} events never arrived"));
+                        break;
+                    }
+                }
+                continue;
+            }
+            Some(Ok(Some(r))) => r,
+            Some(Ok(None)) => {
+                fail(&mut errors, "watch stream ended".into());
+                break;
+            }
+            Some(Err(s)) => {
+                fail(&mut errors, format!("watch: {:?}: {}", s.code, s.message));
+                break;
+            }
+        };
+        idle_since = None;
+        if resp.created && !ready {
+            ready = true;
+            shared.watchers_ready.fetch_add(1, Ordering::AcqRel);
+        }
+        let now = shared.epoch.elapsed().as_nanos() as u64;
+        for e in resp.events {
+            let sent =
+                e.kv.as_ref()
+                    .and_then(|kv| kv.value.get(..8))
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes);
+            if let Some(sent) = sent {
+                let _ = hist.record(now.saturating_sub(sent).max(1));
+            }
+            ops += 1;
+        }
+    }
+    if !ready {
+        shared.watchers_ready.fetch_add(1, Ordering::AcqRel);
     }
     (hist, errors, ops)
 }
