@@ -312,10 +312,10 @@ impl Shard {
     /// lease's keys under the permit afterwards sees every key this put attaches.
     fn check_leases(&self, txn: &TxnRequest, path: &TxnPath) -> Result<()> {
         let owns = self.owns();
-        let leases = self.leases.read().unwrap_or_else(|p| p.into_inner());
-        let unknown = plan::leaf_ops(txn, path).into_iter().any(
-            |op| matches!(op, RequestOp::Put(p) if p.lease != 0 && owns(&p.key) && !leases.is_live(p.lease)),
-        );
+        // The table's lock is only taken for puts that name a lease.
+        let unknown = plan::leaf_ops(txn, path).into_iter().any(|op| {
+            matches!(op, RequestOp::Put(p) if p.lease != 0 && owns(&p.key) && !self.lease_is_live(p.lease))
+        });
         if unknown {
             return Err(Error::LeaseNotFound);
         }
@@ -423,6 +423,13 @@ impl Shard {
         self.log_marker(EntryKind::Compact, rev).await?;
         self.store.borrow_mut().compact(rev);
         Ok(())
+    }
+
+    fn lease_is_live(&self, id: i64) -> bool {
+        self.leases
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_live(id)
     }
 
     /// Durably logs a lease grant (`Some(ttl)`) or revoke (`None`) in this shard's log.
