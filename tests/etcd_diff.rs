@@ -1914,4 +1914,23 @@ fn leases() {
         "etcdserver: requested lease not found",
     );
     p.ctl(&["get", "", "--prefix", "-w", "json"]);
+
+    // Edge ids: negative ids are ordinary leases, 0 is never one; a negative TTL gets the minimum.
+    p.gw_ok("/v3/lease/grant", json!({ "ID": "-5", "TTL": "10" }));
+    p.gw_ok("/v3/lease/grant", json!({ "ID": "5", "TTL": "-10" }));
+    p.gw_ok(
+        "/v3/kv/put",
+        json!({ "key": b64("neg"), "value": b64("v"), "lease": "-5" }),
+    );
+    p.gw_err(
+        "/v3/lease/revoke",
+        json!({ "ID": "0" }),
+        5,
+        "etcdserver: requested lease not found",
+    );
+    p.gw_ok("/v3/lease/timetolive", json!({ "ID": "0" }));
+    let before = p.revision();
+    let r = p.gw_ok("/v3/lease/revoke", json!({ "ID": "-5" }));
+    assert_eq!(rev_of(&r), before + 1);
+    p.ctl(&["get", "", "--prefix", "-w", "json"]);
 }
