@@ -365,3 +365,41 @@ fn sigkill_restart_recovers_leases_with_a_fresh_ttl() {
     assert_eq!(ctl(port, &["get", "", "--prefix"])["count"].as_i64(), None);
     drop(s);
 }
+
+/// Puts naming a lease race its revoke: afterwards no live key may carry the revoked lease (every
+/// put either failed with LeaseNotFound or was deleted by the revoke).
+#[test]
+fn revoke_racing_puts_leaves_no_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), opts(2, 4)).unwrap();
+    for round in 0..15 {
+        let id = db.lease_grant(0, 60).unwrap().id;
+        let writer = {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                let mut ok = 0;
+                for i in 0..200 {
+                    let key = format!("r{}/k{}", i % 7, i % 13);
+                    match put_lease(&db, &key, id) {
+                        Ok(_) => ok += 1,
+                        Err(Error::LeaseNotFound) => return ok,
+                        Err(e) => panic!("put: {e}"),
+                    }
+                }
+                ok
+            })
+        };
+        std::thread::sleep(Duration::from_millis(2 + round % 5));
+        db.lease_revoke(id).unwrap();
+        writer.join().unwrap();
+        let orphans: Vec<KeyValue> = db
+            .range(RangeRequest::prefix(""))
+            .unwrap()
+            .kvs
+            .into_iter()
+            .filter(|kv| kv.lease == id)
+            .collect();
+        assert!(orphans.is_empty(), "round {round}: {orphans:?}");
+    }
+    db.close();
+}
