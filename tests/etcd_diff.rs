@@ -1889,6 +1889,7 @@ fn leases() {
     p.gw("/v3/lease/timetolive", json!({ "ID": "99", "keys": true }));
     p.gw("/v3/kv/lease/timetolive", json!({ "ID": "99" }));
     p.gw("/v3/lease/keepalive", json!({ "ID": "99" }));
+    p.gw_ok("/v3/lease/keepalive", json!({ "ID": "4661" }));
 
     // Revoke deletes the attached keys at one revision (same revision on both servers); a lease
     // without keys is revoked without a revision; unknown leases fail.
