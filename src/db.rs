@@ -25,6 +25,7 @@ use crate::plan;
 use crate::revision::{CoreRevisions, RevisionClock};
 use crate::shard::Shard;
 use crate::wal::{self, EntryKind, Wal, WalOptions};
+use crate::watch::{self, ChangeSource, Hub, WatchEvent, WatchRequest, WatchSink, WatchUpdate};
 
 mod lease;
 
@@ -96,6 +97,9 @@ enum ClientReq {
     Compact(CompactionRequest, Reply<CompactionResponse>),
     Checkpoint(Reply<Vec<CheckpointInfo>>),
     Status(Reply<Status>),
+    /// Start a watch for an embedding thread (see [`Db::watch`]).
+    Watch(Box<WatchRequest>, WatchSink, Reply<u64>),
+    WatchCancel(u64),
 }
 
 /// What one core asks of a shard it does not own.
@@ -128,6 +132,8 @@ enum ShardOp {
     Compact(i64, Reply<()>),
     Checkpoint(Reply<CheckpointInfo>),
     Stats(Reply<(u64, u64, u64, crate::wal::SyncStats)>),
+    /// The shard's changes in some ranges between two revisions (watch feed).
+    Changes(Arc<Vec<KeyRange>>, i64, i64, bool, Reply<watch::ShardPage>),
     /// Up to `max` key histories after a key, revisions up to a bound (snapshots, hashes).
     Export(
         Option<bytes::Bytes>,
@@ -435,6 +441,25 @@ impl Db {
         self.inner.shared.clock.read_revision()
     }
 
+    /// Starts a watch with etcd's semantics: every change in the range from `start_revision`
+    /// (or from now) on, in revision order, a multi-shard txn's events together. Dropping the
+    /// [`Watch`] cancels it. A consumer that falls behind loses nothing; it catches up from
+    /// history unless compaction removed it, which ends the watch with
+    /// [`WatchUpdate::Compacted`].
+    pub fn watch(&self, req: WatchRequest) -> Result<Watch> {
+        let (sink, rx) = flume::bounded(WATCH_BUFFER);
+        let (tx, reply) = oneshot();
+        let core = self.any_core();
+        self.send(core, Msg::Client(ClientReq::Watch(Box::new(req), sink, tx)))?;
+        let id = wait(reply)?;
+        Ok(Watch {
+            rx,
+            id,
+            core,
+            db: self.clone(),
+        })
+    }
+
     /// Flushes and stops the executors. Other clones then return [`Error::Closed`].
     pub fn close(self) {
         self.shutdown();
@@ -467,6 +492,49 @@ impl Drop for DbInner {
                 let _ = t.join();
             }
         }
+    }
+}
+
+/// Updates a [`Watch`] buffers before its watcher falls back to catching up from history.
+const WATCH_BUFFER: usize = 1024;
+
+/// A running watch from [`Db::watch`].
+pub struct Watch {
+    rx: flume::Receiver<(i64, WatchUpdate)>,
+    id: u64,
+    core: usize,
+    db: Db,
+}
+
+impl Watch {
+    /// Waits for the next update; `Err(Closed)` once the store closed.
+    pub fn recv(&self) -> Result<WatchUpdate> {
+        self.rx.recv().map(|(_, u)| u).map_err(|_| Error::Closed)
+    }
+
+    /// Like [`Self::recv`], giving up after `timeout` with `Ok(None)`.
+    pub fn recv_timeout(&self, timeout: std::time::Duration) -> Result<Option<WatchUpdate>> {
+        match self.rx.recv_timeout(timeout) {
+            Ok((_, u)) => Ok(Some(u)),
+            Err(flume::RecvTimeoutError::Timeout) => Ok(None),
+            Err(flume::RecvTimeoutError::Disconnected) => Err(Error::Closed),
+        }
+    }
+
+    pub async fn recv_async(&self) -> Result<WatchUpdate> {
+        self.rx
+            .recv_async()
+            .await
+            .map(|(_, u)| u)
+            .map_err(|_| Error::Closed)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self
+            .db
+            .send(self.core, Msg::Client(ClientReq::WatchCancel(self.id)));
     }
 }
 
@@ -581,6 +649,32 @@ impl LocalDb {
         self.core
             .call(shard, |r| ShardOp::Export(after, max, upto, r))
             .await
+    }
+
+    /// Starts a watch delivering to `sink` as `(tag, update)` (see [`crate::watch::Hub`]).
+    /// `sink_id` groups the watches of one consumer (from [`Self::new_watch_sink`]).
+    pub fn watch(&self, req: &WatchRequest, sink_id: u64, tag: i64, sink: WatchSink) -> u64 {
+        let feed = Rc::new(Feed(self.core.clone()));
+        self.core.hub.watch(feed, req, sink_id, tag, sink)
+    }
+
+    pub fn new_watch_sink(&self) -> u64 {
+        self.core.hub.new_sink_id()
+    }
+
+    /// Stops a watch; false if it was not running.
+    pub fn watch_cancel(&self, id: u64) -> bool {
+        self.core.hub.cancel(id)
+    }
+
+    /// Asks for a progress notice on one watch.
+    pub fn watch_progress(&self, id: u64) {
+        self.core.hub.progress(id)
+    }
+
+    /// Asks for one progress notice (tag -1) covering every watch of a sink.
+    pub fn watch_sink_progress(&self, sink_id: u64, sink: WatchSink) {
+        self.core.hub.sink_progress(sink_id, sink)
     }
 
     fn forward(&self, core: usize, req: ClientReq) -> Result<()> {
@@ -813,6 +907,8 @@ struct Core {
     revs: CoreRevisions,
     shards: BTreeMap<u32, Rc<Shard>>,
     tokens: std::cell::Cell<u64>,
+    /// Watches whose consumers live on this core.
+    hub: Rc<Hub>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -867,6 +963,7 @@ async fn run_core(
         shared,
         shards,
         tokens: Default::default(),
+        hub: Hub::new(),
     });
     let _ = ready.send(Ok(()));
     if id == 0 {
@@ -1027,6 +1124,12 @@ impl Core {
             ShardOp::Checkpoint(r) => {
                 let _ = r.send(shard.checkpoint().await);
             }
+            ShardOp::Changes(ranges, after, upto, with_prev, r) => {
+                let page = shard.ensure_readable().and_then(|()| {
+                    watch::shard_page(&shard.store.borrow(), &ranges, after, upto, with_prev)
+                });
+                let _ = r.send(page);
+            }
             ShardOp::Export(after, max, upto, r) => {
                 let out = match shard.ensure_readable() {
                     Ok(()) => Ok(shard
@@ -1053,6 +1156,16 @@ impl Core {
 
     async fn client(self: Rc<Self>, req: ClientReq) {
         match req {
+            ClientReq::Watch(req, sink, r) => {
+                let sink_id = self.hub.new_sink_id();
+                let id = self
+                    .hub
+                    .watch(Rc::new(Feed(self.clone())), &req, sink_id, 0, sink);
+                let _ = r.send(Ok(id));
+            }
+            ClientReq::WatchCancel(id) => {
+                self.hub.cancel(id);
+            }
             ClientReq::Range(req, r) => {
                 let _ = r.send(self.range(req).await);
             }
@@ -1409,6 +1522,54 @@ impl Core {
 }
 
 /// Answers `op` with an error without running it (shard missing, store closing).
+/// The core as its watch hub's source of changes.
+struct Feed(Rc<Core>);
+
+impl ChangeSource for Feed {
+    fn read_revision(&self) -> i64 {
+        self.0.shared.clock.read_revision()
+    }
+
+    fn compact_revision(&self) -> i64 {
+        self.0.shared.clock.compact_revision()
+    }
+
+    fn wait_revision(
+        &self,
+        rev: i64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
+        Box::pin(self.0.shared.clock.wait_visible(rev))
+    }
+
+    fn changes(
+        &self,
+        ranges: Arc<Vec<KeyRange>>,
+        after: i64,
+        upto: i64,
+        with_prev: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Vec<WatchEvent>, i64)>> + '_>>
+    {
+        Box::pin(async move {
+            let shared = &self.0.shared;
+            let shards: Vec<u32> = if watch::single_keys(&ranges) {
+                let set: std::collections::BTreeSet<u32> =
+                    ranges.iter().map(|r| shared.shard_of(&r.start)).collect();
+                set.into_iter().collect()
+            } else {
+                (0..shared.nshards).collect()
+            };
+            let pages = self
+                .0
+                .call_all(&shards, |r| {
+                    ShardOp::Changes(ranges.clone(), after, upto, with_prev, r)
+                })
+                .await;
+            let pages = pages.into_iter().collect::<Result<Vec<_>>>()?;
+            Ok(watch::merge_pages(pages))
+        })
+    }
+}
+
 fn reply_err(op: ShardOp, err: impl Fn() -> Error) {
     match op {
         ShardOp::Range(_, _, r) => drop(r.send(Err(err()))),
@@ -1425,6 +1586,7 @@ fn reply_err(op: ShardOp, err: impl Fn() -> Error) {
         ShardOp::Stats(r) => drop(r.send(Err(err()))),
         ShardOp::Export(_, _, _, r) => drop(r.send(Err(err()))),
         ShardOp::Lease(op) => op.reply_err(err()),
+        ShardOp::Changes(_, _, _, _, r) => drop(r.send(Err(err()))),
     }
 }
 

@@ -366,6 +366,14 @@ impl KeyRange {
         })
     }
 
+    /// Every key.
+    pub fn all() -> KeyRange {
+        KeyRange {
+            start: Bytes::new(),
+            end: None,
+        }
+    }
+
     pub fn contains(&self, k: &[u8]) -> bool {
         k >= self.start.as_ref() && self.end.as_ref().is_none_or(|e| k < e.as_ref())
     }

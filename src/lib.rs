@@ -17,6 +17,8 @@ pub mod rt;
 pub mod server;
 pub mod shard;
 pub mod wal;
+pub mod watch;
 
-pub use db::{CoreHook, Db, LocalDb, Options, Status};
+pub use db::{CoreHook, Db, LocalDb, Options, Status, Watch};
 pub use error::{Error, Result};
+pub use watch::{WatchEvent, WatchRequest, WatchUpdate};

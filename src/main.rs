@@ -133,6 +133,9 @@ struct ServeArgs {
     /// 0 = no quota.
     #[arg(long, default_value_t = 0)]
     quota_backend_bytes: u64,
+    /// How often idle watches created with progress_notify hear they are current (Go duration).
+    #[arg(long, default_value = "10m")]
+    experimental_watch_progress_notify_interval: String,
     /// Size of each preallocated WAL segment, in MiB.
     #[arg(long, default_value_t = 64)]
     wal_segment_mb: u64,
@@ -224,6 +227,16 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
         advertise_peer_urls: split(&args.initial_advertise_peer_urls),
         max_request_bytes: args.max_request_bytes,
         quota_backend_bytes: args.quota_backend_bytes,
+        watch_progress_notify_interval: spindle::server::compaction::parse_go_duration(
+            &args.experimental_watch_progress_notify_interval,
+        )
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            invalid(format!(
+                "bad --experimental-watch-progress-notify-interval {:?}",
+                args.experimental_watch_progress_notify_interval
+            ))
+        })?,
     };
     let signals = block_shutdown_signals();
     let started = std::time::Instant::now();

@@ -1,18 +1,34 @@
 //! A minimal etcd gRPC client on glommio: HTTP/2 via hyper on the same I/O glue as the server, so
 //! the load generator runs thread-per-core too and talks to spindle and etcd alike.
 
-use bytes::Bytes;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body::Frame;
+use http_body_util::{BodyExt, Either, Full, StreamBody};
+use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 
 use crate::server::grpc::{decode_messages, encode_message, Code, Status};
 use crate::server::io::{Conn, LocalExec};
 
+type FrameStream = futures_lite::stream::Map<
+    flume::r#async::RecvStream<'static, Bytes>,
+    fn(Bytes) -> Result<Frame<Bytes>, Infallible>,
+>;
+
+/// A request body: one message, or messages as a stream sends them.
+type ReqBody = Either<Full<Bytes>, StreamBody<FrameStream>>;
+
+type ResponseFuture = Pin<Box<dyn Future<Output = hyper::Result<http::Response<Incoming>>>>>;
+
 /// One HTTP/2 connection; cheap to clone, clones multiplex streams over it.
 #[derive(Clone)]
 pub struct Client {
-    send: SendRequest<Full<Bytes>>,
+    send: SendRequest<ReqBody>,
     authority: String,
 }
 
@@ -51,7 +67,7 @@ impl Client {
         let request = Request::post(uri)
             .header("content-type", "application/grpc")
             .header("te", "trailers")
-            .body(Full::new(encode_message(req)))
+            .body(Either::Left(Full::new(encode_message(req))))
             .map_err(|e| Status::new(Code::Internal, e.to_string()))?;
         self.send
             .ready()
@@ -80,6 +96,106 @@ impl Client {
             .ok_or_else(|| Status::new(Code::Internal, "empty response"))?;
         Resp::decode(first)
             .map_err(|e| Status::new(Code::Internal, format!("response decoding: {e}")))
+    }
+}
+
+impl Client {
+    /// Opens a bidirectional (or client-streaming) call; messages go out as they are sent.
+    pub async fn stream<Resp>(&mut self, path: &str) -> Result<GrpcStream<Resp>, Status>
+    where
+        Resp: prost::Message + Default,
+    {
+        let uri: Uri = format!("http://{}{}", self.authority, path)
+            .parse()
+            .map_err(|e| Status::new(Code::Internal, format!("bad URI: {e}")))?;
+        let (tx, rx) = flume::unbounded::<Bytes>();
+        let frames: FrameStream =
+            futures_lite::StreamExt::map(rx.into_stream(), |b| Ok(Frame::data(b)));
+        let request = Request::post(uri)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Either::Right(StreamBody::new(frames)))
+            .map_err(|e| Status::new(Code::Internal, e.to_string()))?;
+        self.send
+            .ready()
+            .await
+            .map_err(|e| Status::new(Code::Unavailable, format!("connection: {e}")))?;
+        // Servers may hold the response headers until the first message: await them lazily.
+        let resp: ResponseFuture = Box::pin(self.send.send_request(request));
+        Ok(GrpcStream {
+            tx: Some(tx),
+            resp: Some(resp),
+            body: None,
+            buf: BytesMut::new(),
+            _resp: std::marker::PhantomData,
+        })
+    }
+}
+
+/// An open streaming call.
+pub struct GrpcStream<Resp> {
+    tx: Option<flume::Sender<Bytes>>,
+    resp: Option<ResponseFuture>,
+    body: Option<Incoming>,
+    buf: BytesMut,
+    _resp: std::marker::PhantomData<Resp>,
+}
+
+impl<Resp: prost::Message + Default> GrpcStream<Resp> {
+    pub fn send(&self, msg: &impl prost::Message) -> Result<(), Status> {
+        self.tx
+            .as_ref()
+            .ok_or_else(|| Status::new(Code::Internal, "send side closed"))?
+            .send(encode_message(msg))
+            .map_err(|_| Status::new(Code::Unavailable, "stream ended"))
+    }
+
+    /// Half-closes: no more requests, responses keep coming.
+    pub fn close_send(&mut self) {
+        self.tx = None;
+    }
+
+    /// The next response; `Ok(None)` when the server ended the call with OK.
+    pub async fn recv(&mut self) -> Result<Option<Resp>, Status> {
+        if let Some(fut) = self.resp.take() {
+            let resp = fut
+                .await
+                .map_err(|e| Status::new(Code::Unavailable, format!("request: {e}")))?;
+            if let Some(status) = status_of(resp.headers()) {
+                return Err(status);
+            }
+            self.body = Some(resp.into_body());
+        }
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if self.buf.len() >= 5 + len {
+                    self.buf.advance(5);
+                    let msg = self.buf.split_to(len).freeze();
+                    return Resp::decode(msg).map(Some).map_err(|e| {
+                        Status::new(Code::Internal, format!("response decoding: {e}"))
+                    });
+                }
+            }
+            let Some(body) = self.body.as_mut() else {
+                return Ok(None);
+            };
+            match body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => {
+                    return Err(Status::new(Code::Unavailable, format!("response: {e}")))
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(d) => self.buf.extend_from_slice(&d),
+                    Err(frame) => {
+                        if let Some(status) = frame.trailers_ref().and_then(status_of) {
+                            return Err(status);
+                        }
+                    }
+                },
+            }
+        }
     }
 }
 

@@ -433,6 +433,64 @@ impl KeyIndex {
         })
     }
 
+    /// Appends this key's events with revisions in `(after, upto]`, oldest first, rebuilt from
+    /// the history (so with op position 0: the order of a txn's ops is not retained).
+    pub fn events_between(&self, key: &Bytes, after: i64, upto: i64, out: &mut Vec<super::Event>) {
+        use super::{Event, EventKind};
+        let in_window = |r: i64| r > after && r <= upto;
+        let emit = |out: &mut Vec<Event>, g: &Generation, pi: usize, p: &PutEvent| {
+            if in_window(p.revision) {
+                out.push(Event {
+                    kind: EventKind::Put,
+                    kv: KeyValue {
+                        key: key.clone(),
+                        create_revision: g.create_revision,
+                        mod_revision: p.revision,
+                        version: g.first_version + pi as i64,
+                        value: p.value.clone(),
+                        lease: p.lease,
+                    },
+                    op: 0,
+                });
+            }
+        };
+        match &self.0 {
+            Repr::Single {
+                create_revision,
+                first_version,
+                put,
+            } => {
+                let g = Generation {
+                    create_revision: *create_revision,
+                    first_version: *first_version,
+                    puts: Vec::new(),
+                    tombstone: None,
+                };
+                emit(out, &g, 0, put);
+            }
+            Repr::Multi(gens) => {
+                for g in gens {
+                    if g.tombstone.is_some_and(|t| t <= after) {
+                        continue;
+                    }
+                    if g.create_revision > upto {
+                        break;
+                    }
+                    let start = g.puts.partition_point(|p| p.revision <= after);
+                    for (pi, p) in g.puts.iter().enumerate().skip(start) {
+                        if p.revision > upto {
+                            break;
+                        }
+                        emit(out, g, pi, p);
+                    }
+                    if let Some(t) = g.tombstone.filter(|&t| in_window(t)) {
+                        out.push(Event::deleted(key.clone(), t, 0));
+                    }
+                }
+            }
+        }
+    }
+
     /// Highest revision mentioned anywhere in the history, for sanity checks on import.
     pub fn max_revision(&self) -> i64 {
         self.newest_revision()

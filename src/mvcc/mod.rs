@@ -11,6 +11,7 @@
 //! module reports per-shard partial results ([`ShardRange`], [`CompareOutcome`], [`OpPartial`]) and
 //! exposes the ordering helpers ([`cmp_kvs`], [`effective_sort`], [`prefetch_window`]) a merge needs.
 
+mod events;
 mod index;
 mod key_index;
 mod query;
@@ -25,6 +26,7 @@ use bytes::Bytes;
 
 use crate::kv::KeyValue;
 
+pub use events::{in_ranges, Changes, Event, EventKind, EVENT_LOG_CAPACITY};
 pub use key_index::{Generation, KeyHistory, PutEvent};
 pub use query::{
     cmp_kvs, effective_sort, has_revision_filters, keeps_values_for_merge, prefetch_window,

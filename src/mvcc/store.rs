@@ -4,6 +4,7 @@ use std::ops::Bound;
 
 use bytes::Bytes;
 
+use super::events::{cut_at_revision, Changes, Event, EventKind, EventLog, EVENT_LOG_CAPACITY};
 use super::index::Index;
 use super::key_index::{KeyHistory, KeyIndex, Visible};
 use super::query::{compare_holds, keeps_values_for_merge, RangePlan};
@@ -27,6 +28,8 @@ pub struct ShardStore {
     live: usize,
     /// Live keys by their lease, kept up to date by every write (revoke deletes these keys).
     lease_keys: LeaseKeys,
+    /// Recent changes, for watchers.
+    events: EventLog,
 }
 
 // By hand rather than derived, so the index type needs neither Debug nor Default.
@@ -55,6 +58,7 @@ impl ShardStore {
             compact_revision: 0,
             live: 0,
             lease_keys: LeaseKeys::default(),
+            events: EventLog::new(0, EVENT_LOG_CAPACITY),
         }
     }
 
@@ -198,9 +202,13 @@ impl ShardStore {
             let partial = match op {
                 RequestOp::Range(r) => self.txn_range(r, rev),
                 RequestOp::Put(p) if !owns(&p.key) => OpPartial::NotOwned,
-                RequestOp::Put(p) => self.txn_put(p, rev, &mut ex.effects, &mut ex.undo.keys),
+                RequestOp::Put(p) => {
+                    let op = ex.partials.len() as u32;
+                    self.txn_put(p, rev, op, &mut ex.effects, &mut ex.undo.keys)
+                }
                 RequestOp::DeleteRange(d) => {
-                    self.txn_delete(d, rev, &mut ex.effects, &mut ex.undo.keys)
+                    let op = ex.partials.len() as u32;
+                    self.txn_delete(d, rev, op, &mut ex.effects, &mut ex.undo.keys)
                 }
                 RequestOp::Txn(_) => return, // never a leaf
             };
@@ -232,6 +240,7 @@ impl ShardStore {
         for key in &undo.keys {
             self.strip(key, undo.rev);
         }
+        self.events.remove_revision(undo.rev);
         self.last_revision = undo.prev_last_revision;
     }
 
@@ -253,6 +262,8 @@ impl ShardStore {
             }
         }
         self.last_revision = rev;
+        // Replay does not know the ops' positions; watchers read these from history.
+        self.events.skip_to(rev);
     }
 
     /// etcd compaction at `rev`: reads at any revision `>= rev` are unchanged, history below is
@@ -320,6 +331,7 @@ impl ShardStore {
             compact_revision: compact_revision.max(0),
             live,
             lease_keys,
+            events: EventLog::new(last_revision, EVENT_LOG_CAPACITY),
         }
     }
 
@@ -335,6 +347,83 @@ impl ShardStore {
             .get(key)
             .and_then(|ki| ki.at(&k, LATEST).map(|v| v.lease))
             .unwrap_or(0)
+    }
+
+    /// The changes in `ranges` with revisions in `(after, upto]`, at most about `max` events
+    /// (a revision is never split). Recent changes come from the event log; older ones are
+    /// rebuilt from the retained history, which fails with `Compacted` once compaction dropped
+    /// revisions the caller still needs (`after + 1 < compact revision`). `upto` must not
+    /// exceed what the caller knows to be resolved store-wide.
+    pub fn changes(
+        &self,
+        ranges: &[KeyRange],
+        after: i64,
+        upto: i64,
+        max: usize,
+    ) -> Result<Changes, Error> {
+        let mut events = Vec::new();
+        let floor = self.events.floor();
+        let mut complete = upto;
+        if after < floor {
+            if after + 1 < self.compact_revision {
+                return Err(Error::Compacted);
+            }
+            let hist_upto = upto.min(floor);
+            for kr in ranges {
+                let hi = kr
+                    .end
+                    .as_ref()
+                    .map_or(Bound::Unbounded, |e| Bound::Excluded(e.as_ref()));
+                for (key, ki) in self.index.range(Bound::Included(kr.start.as_ref()), hi) {
+                    ki.events_between(key, after, hist_upto, &mut events);
+                }
+            }
+            // Stable: a key's events at one revision keep their history order.
+            events.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+            complete = cut_at_revision(&mut events, max, hist_upto);
+            if complete < hist_upto || upto <= floor {
+                return Ok(Changes {
+                    events,
+                    complete_through: complete,
+                });
+            }
+        }
+        if upto > floor {
+            self.events
+                .read(ranges, after.max(floor), upto, &mut events);
+            complete = cut_at_revision(&mut events, max, upto);
+        }
+        Ok(Changes {
+            events,
+            complete_through: complete,
+        })
+    }
+
+    /// A store whose event log keeps only `capacity` events, so tests reach the history path.
+    #[cfg(test)]
+    pub(crate) fn with_event_capacity(capacity: usize) -> Self {
+        ShardStore {
+            events: EventLog::new(0, capacity),
+            ..Self::new()
+        }
+    }
+
+    /// Revisions at or below this are served from history, not the event log.
+    pub fn event_floor(&self) -> i64 {
+        self.events.floor()
+    }
+
+    /// The key as it was just before `rev` (a watcher's `prev_kv`); `None` if it did not exist or
+    /// that history was compacted away.
+    pub fn previous(&self, key: &[u8], rev: i64) -> Option<crate::kv::KeyValue> {
+        if rev - 1 < self.compact_revision {
+            return None;
+        }
+        let (k, ki) = self
+            .index
+            .range(Bound::Included(key), Bound::Included(key))
+            .next()?;
+        ki.at(k, rev - 1).map(|v| v.to_kv(false))
     }
 
     // ---- internals ----
@@ -418,6 +507,7 @@ impl ShardStore {
         &mut self,
         p: &PutRequest,
         rev: i64,
+        op: u32,
         effects: &mut Vec<Effect>,
         touched: &mut Vec<Bytes>,
     ) -> OpPartial {
@@ -439,6 +529,17 @@ impl ShardStore {
             _ => p.lease,
         };
         self.write_put(&p.key, value.clone(), lease, rev);
+        if let Some(v) = self
+            .index
+            .get(p.key.as_ref())
+            .and_then(|ki| ki.at(&p.key, rev))
+        {
+            self.events.push(Event {
+                kind: EventKind::Put,
+                kv: v.to_kv(false),
+                op,
+            });
+        }
         effects.push(Effect::Put {
             key: p.key.clone(),
             value,
@@ -454,6 +555,7 @@ impl ShardStore {
         &mut self,
         d: &DeleteRangeRequest,
         rev: i64,
+        op: u32,
         effects: &mut Vec<Effect>,
         touched: &mut Vec<Bytes>,
     ) -> OpPartial {
@@ -470,6 +572,7 @@ impl ShardStore {
         for key in &victims {
             let deleted = self.write_delete(key, rev);
             debug_assert!(deleted, "victim was live");
+            self.events.push(Event::deleted(key.clone(), rev, op));
             effects.push(Effect::Delete { key: key.clone() });
         }
         let deleted = victims.len() as i64;

@@ -51,6 +51,11 @@ fn parse_duration(s: &str) -> Option<Duration> {
     if let Ok(h) = s.parse::<u64>() {
         return Some(Duration::from_secs(h * 3600));
     }
+    parse_go_duration(s)
+}
+
+/// A Go-style duration (`1h30m`, `90s`, `250ms`), as etcd's duration flags take.
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
     let mut total = 0f64;
     let mut num = String::new();
     let mut chars = s.chars().peekable();

@@ -14,6 +14,7 @@ pub mod io;
 mod lease;
 pub mod metrics;
 mod snapshot;
+mod watch;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -49,6 +50,9 @@ pub struct ServerConfig {
     /// etcd's `--quota-backend-bytes`: above it the NOSPACE alarm is raised and writes that add
     /// data are refused until it is disarmed. 0 = no quota.
     pub quota_backend_bytes: u64,
+    /// etcd's `--experimental-watch-progress-notify-interval`: how often idle watches created
+    /// with `progress_notify` are told they are current.
+    pub watch_progress_notify_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +64,7 @@ impl Default for ServerConfig {
             advertise_peer_urls: vec!["http://localhost:2380".into()],
             max_request_bytes: 1536 * 1024,
             quota_backend_bytes: 0,
+            watch_progress_notify_interval: watch::DEFAULT_PROGRESS_NOTIFY_INTERVAL,
         }
     }
 }
@@ -404,6 +409,9 @@ async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBo
     }
     if path == lease::KEEP_ALIVE {
         return lease::keep_alive_stream(ctx.clone(), body);
+    }
+    if path == "/etcdserverpb.Watch/Watch" {
+        return watch::serve(ctx.clone(), body);
     }
     let limit = ctx.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let bytes = match read_grpc_body(body, limit).await {

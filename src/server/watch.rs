@@ -1,0 +1,358 @@
+//! etcd's Watch service: one bidirectional stream carries any number of watches.
+//!
+//! A session task per stream reads requests as they arrive, registers watches with the core's
+//! hub (see [`crate::watch`]) and turns the hub's updates into WatchResponses. Every watch of
+//! the stream shares one bounded sink, so a client that stops reading only makes its own
+//! watches fall back to catching up; it never holds up writers or other streams.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::grpc::{self, Code, GrpcBody, Status};
+use super::{convert, Ctx, GRPC_OVERHEAD_BYTES};
+use crate::mvcc::EventKind;
+use crate::proto::etcdserverpb as pb;
+use crate::proto::mvccpb;
+use crate::watch::{WatchRequest, WatchUpdate};
+
+/// Updates buffered per stream before its watches fall back to catching up from history.
+const STREAM_BUFFER: usize = 1024;
+
+/// etcd's error texts for refused creates.
+const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
+const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
+
+/// A watch as the stream knows it.
+struct StreamWatch {
+    hub_id: u64,
+    fragment: bool,
+    progress_notify: bool,
+    /// Events were sent since the last periodic progress check.
+    active: bool,
+}
+
+pub fn serve(ctx: Rc<Ctx>, body: Incoming) -> http::Response<GrpcBody> {
+    let (out, rx) = flume::bounded::<Frame<Bytes>>(16);
+    glommio::spawn_local(async move {
+        let mut session = Session {
+            watches: BTreeMap::new(),
+            next_id: 0,
+            sink_id: ctx.db.new_watch_sink(),
+            ctx,
+        };
+        let status = session.run(body, &out).await;
+        for w in session.watches.values() {
+            session.ctx.db.watch_cancel(w.hub_id);
+        }
+        if let Some(status) = status {
+            let _ = out
+                .send_async(Frame::trailers(grpc::status_trailers(&status)))
+                .await;
+        }
+    })
+    .detach();
+    grpc::stream(rx)
+}
+
+struct Session {
+    ctx: Rc<Ctx>,
+    watches: BTreeMap<i64, StreamWatch>,
+    /// etcd hands out ids from 0 upwards, skipping ids in use.
+    next_id: i64,
+    sink_id: u64,
+}
+
+enum Input {
+    Request(Option<Result<pb::WatchRequest, Status>>),
+    Update((i64, WatchUpdate)),
+    Tick,
+}
+
+impl Session {
+    /// Serves until the client goes away (`None`) or sends something invalid (its status).
+    async fn run(&mut self, body: Incoming, out: &flume::Sender<Frame<Bytes>>) -> Option<Status> {
+        let (sink, updates) = flume::bounded(STREAM_BUFFER);
+        let (req_tx, requests) = flume::bounded(64);
+        let limit = self.ctx.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
+        glommio::spawn_local(read_requests(body, limit, req_tx)).detach();
+        let interval = self.ctx.cfg.watch_progress_notify_interval;
+        let mut next_tick = Instant::now() + interval;
+        let mut reading = true;
+        loop {
+            let updates_next = async { updates.recv_async().await.map(Input::Update).ok() };
+            let tick = async {
+                glommio::timer::sleep(next_tick.saturating_duration_since(Instant::now())).await;
+                Some(Input::Tick)
+            };
+            let input = if reading {
+                let req = async { Some(Input::Request(requests.recv_async().await.ok())) };
+                futures_lite::future::or(req, futures_lite::future::or(updates_next, tick)).await
+            } else {
+                futures_lite::future::or(updates_next, tick).await
+            };
+            let frames = match input {
+                // The client closed its side: it sends no more requests but still reads.
+                Some(Input::Request(None)) => {
+                    reading = false;
+                    continue;
+                }
+                Some(Input::Request(Some(Err(status)))) => return Some(status),
+                Some(Input::Request(Some(Ok(req)))) => self.request(req, &sink),
+                Some(Input::Update((tag, update))) => self.update(tag, update),
+                Some(Input::Tick) => {
+                    next_tick = Instant::now() + interval;
+                    self.tick();
+                    Vec::new()
+                }
+                None => return None,
+            };
+            for f in frames {
+                if out.send_async(Frame::data(f)).await.is_err() {
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn header(&self, revision: i64) -> Option<pb::ResponseHeader> {
+        Some(self.ctx.header(revision))
+    }
+
+    fn request(&mut self, req: pb::WatchRequest, sink: &crate::watch::WatchSink) -> Vec<Bytes> {
+        use pb::watch_request::RequestUnion;
+        let current = self.ctx.db.revision();
+        match req.request_union {
+            Some(RequestUnion::CreateRequest(c)) => {
+                let refused = |reason: &str| pb::WatchResponse {
+                    header: self.header(current),
+                    watch_id: -1,
+                    created: true,
+                    canceled: true,
+                    cancel_reason: reason.into(),
+                    ..Default::default()
+                };
+                // etcd: a range end of "\0" means every key from `key` on; otherwise the end
+                // must be above the key.
+                if !c.range_end.is_empty() && c.range_end.as_ref() != b"\0" && c.range_end <= c.key
+                {
+                    return vec![grpc::encode_message(&refused(EMPTY_RANGE))];
+                }
+                let id = if c.watch_id != 0 {
+                    if self.watches.contains_key(&c.watch_id) {
+                        return vec![grpc::encode_message(&refused(DUPLICATE_ID))];
+                    }
+                    c.watch_id
+                } else {
+                    while self.watches.contains_key(&self.next_id) {
+                        self.next_id += 1;
+                    }
+                    self.next_id += 1;
+                    self.next_id - 1
+                };
+                let filters =
+                    |f: pb::watch_create_request::FilterType| c.filters.contains(&(f as i32));
+                let wreq = WatchRequest {
+                    key: c.key.clone(),
+                    range_end: c.range_end.clone(),
+                    start_revision: c.start_revision,
+                    no_put: filters(pb::watch_create_request::FilterType::Noput),
+                    no_delete: filters(pb::watch_create_request::FilterType::Nodelete),
+                    prev_kv: c.prev_kv,
+                };
+                let created = grpc::encode_message(&pb::WatchResponse {
+                    header: self.header(current),
+                    watch_id: id,
+                    created: true,
+                    ..Default::default()
+                });
+                let hub_id = self.ctx.db.watch(&wreq, self.sink_id, id, sink.clone());
+                self.watches.insert(
+                    id,
+                    StreamWatch {
+                        hub_id,
+                        fragment: c.fragment,
+                        progress_notify: c.progress_notify,
+                        active: false,
+                    },
+                );
+                vec![created]
+            }
+            Some(RequestUnion::CancelRequest(c)) => match self.watches.remove(&c.watch_id) {
+                Some(w) => {
+                    self.ctx.db.watch_cancel(w.hub_id);
+                    vec![grpc::encode_message(&pb::WatchResponse {
+                        header: self.header(current),
+                        watch_id: c.watch_id,
+                        canceled: true,
+                        ..Default::default()
+                    })]
+                }
+                // etcd ignores cancels of unknown watches.
+                None => Vec::new(),
+            },
+            Some(RequestUnion::ProgressRequest(_)) => {
+                self.ctx.db.watch_sink_progress(self.sink_id, sink.clone());
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn update(&mut self, tag: i64, update: WatchUpdate) -> Vec<Bytes> {
+        if tag == -1 {
+            if let WatchUpdate::Progress { revision } = update {
+                return vec![grpc::encode_message(&pb::WatchResponse {
+                    header: self.header(revision),
+                    watch_id: -1,
+                    ..Default::default()
+                })];
+            }
+            return Vec::new();
+        }
+        // Updates for a watch cancelled meanwhile are dropped.
+        let Some(w) = self.watches.get_mut(&tag) else {
+            return Vec::new();
+        };
+        match update {
+            WatchUpdate::Events { revision, events } => {
+                w.active = true;
+                let fragment = w.fragment;
+                let events: Vec<mvccpb::Event> = events
+                    .into_iter()
+                    .map(|e| mvccpb::Event {
+                        r#type: match e.kind {
+                            EventKind::Put => mvccpb::event::EventType::Put as i32,
+                            EventKind::Delete => mvccpb::event::EventType::Delete as i32,
+                        },
+                        kv: Some(convert::key_value(e.kv)),
+                        prev_kv: e.prev_kv.map(convert::key_value),
+                    })
+                    .collect();
+                let resp = pb::WatchResponse {
+                    header: self.header(revision),
+                    watch_id: tag,
+                    events,
+                    ..Default::default()
+                };
+                let limit = self.ctx.cfg.max_request_bytes;
+                if fragment && prost::Message::encoded_len(&resp) > limit {
+                    fragments(resp, limit)
+                } else {
+                    vec![grpc::encode_message(&resp)]
+                }
+            }
+            WatchUpdate::Progress { revision } => vec![grpc::encode_message(&pb::WatchResponse {
+                header: self.header(revision),
+                watch_id: tag,
+                ..Default::default()
+            })],
+            WatchUpdate::Compacted { compact_revision } => {
+                self.watches.remove(&tag);
+                // etcd leaves the revision of this header at 0.
+                vec![grpc::encode_message(&pb::WatchResponse {
+                    header: self.header(0),
+                    watch_id: tag,
+                    canceled: true,
+                    compact_revision,
+                    ..Default::default()
+                })]
+            }
+        }
+    }
+
+    /// Periodic progress notices for idle watches that asked for them (etcd's progress_notify).
+    fn tick(&mut self) {
+        for w in self.watches.values_mut() {
+            if w.progress_notify && !std::mem::take(&mut w.active) {
+                self.ctx.db.watch_progress(w.hub_id);
+            }
+        }
+    }
+}
+
+/// Splits an events response into pieces of at most about `limit` bytes; every piece but the
+/// last is marked `fragment` (etcd's clients reassemble them).
+fn fragments(resp: pb::WatchResponse, limit: usize) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut piece = pb::WatchResponse {
+        events: Vec::new(),
+        ..resp.clone()
+    };
+    let base = prost::Message::encoded_len(&piece);
+    let mut size = base;
+    for e in resp.events {
+        let len = prost::Message::encoded_len(&e) + 8;
+        if !piece.events.is_empty() && size + len > limit {
+            piece.fragment = true;
+            out.push(grpc::encode_message(&piece));
+            piece.events.clear();
+            size = base;
+        }
+        size += len;
+        piece.events.push(e);
+    }
+    piece.fragment = false;
+    out.push(grpc::encode_message(&piece));
+    out
+}
+
+/// Decodes request messages as their frames arrive; ends with `Err` on bad input.
+async fn read_requests(
+    mut body: Incoming,
+    limit: usize,
+    tx: flume::Sender<Result<pb::WatchRequest, Status>>,
+) {
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let data = match frame {
+            Ok(f) => match f.into_data() {
+                Ok(d) => d,
+                Err(_) => continue,
+            },
+            // Reset by the client: the stream is over.
+            Err(_) => return,
+        };
+        buf.extend_from_slice(&data);
+        while buf.len() >= 5 {
+            let compressed = buf[0];
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if len > limit {
+                let _ = tx.send_async(Err(grpc::too_large(len, limit))).await;
+                return;
+            }
+            if compressed != 0 {
+                let _ = tx
+                    .send_async(Err(Status::new(
+                        Code::Unimplemented,
+                        "grpc: compressed messages are not supported",
+                    )))
+                    .await;
+                return;
+            }
+            if buf.len() < 5 + len {
+                break;
+            }
+            buf.advance(5);
+            let msg = buf.split_to(len).freeze();
+            let decoded = prost::Message::decode(msg).map_err(|e| {
+                Status::new(
+                    Code::Internal,
+                    format!("grpc: error unmarshalling request: {e}"),
+                )
+            });
+            let bad = decoded.is_err();
+            if tx.send_async(decoded).await.is_err() || bad {
+                return;
+            }
+        }
+    }
+}
+
+/// How often idle watches with `progress_notify` hear that they are current (etcd's default).
+pub const DEFAULT_PROGRESS_NOTIFY_INTERVAL: Duration = Duration::from_secs(600);

@@ -1,0 +1,295 @@
+//! Watch, differentially: the same watch streams and writes against a fresh etcd 3.4 and a fresh
+//! `spindle serve`, compared response by response (per watch id, events flattened, since the two
+//! may batch a burst of revisions differently). Header identities (`cluster_id`, `member_id`,
+//! `raft_term`) are dropped; revisions, events, prev_kvs, ids, created/canceled flags, cancel
+//! reasons and compact revisions are compared exactly. `etcdctl watch` output is compared too.
+//!
+//! Needs `etcd` and `etcdctl` 3.4 on PATH (`tools/test` installs them).
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use spindle::bench::client::Client;
+use spindle::proto::etcdserverpb as pb;
+
+struct Server {
+    name: &'static str,
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+fn start(name: &'static str) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(2);
+    let client = format!("http://127.0.0.1:{}", ports[0]);
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut cmd = if name == "etcd" {
+        let peer = format!("http://127.0.0.1:{}", ports[1]);
+        let mut c = Command::new("etcd");
+        c.arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("default={peer}")]);
+        c
+    } else {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_spindle"));
+        c.arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client, "--cores", "2"]);
+        c
+    };
+    let child = cmd
+        .args(["--max-request-bytes", "4096"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start server (etcd from the etcd-server package)");
+    let s = Server {
+        name,
+        child,
+        port: ports[0],
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints=127.0.0.1:{}", s.port))
+            .args(["--dial-timeout=1s", "endpoint", "health"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|st| st.success());
+        if ok {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{name} did not become healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A response with the identities that differ between clusters removed.
+fn norm(mut r: pb::WatchResponse) -> pb::WatchResponse {
+    if let Some(h) = r.header.as_mut() {
+        h.cluster_id = 0;
+        h.member_id = 0;
+        h.raft_term = 0;
+    }
+    r
+}
+
+/// What one scenario observed, per watch id: control responses (events stripped) and all
+/// events in order.
+type Observed = BTreeMap<i64, (Vec<pb::WatchResponse>, Vec<spindle::proto::mvccpb::Event>)>;
+
+fn create(key: &str, end: &str, f: impl FnOnce(&mut pb::WatchCreateRequest)) -> pb::WatchRequest {
+    let mut c = pb::WatchCreateRequest {
+        key: key.as_bytes().to_vec().into(),
+        range_end: end.as_bytes().to_vec().into(),
+        ..Default::default()
+    };
+    f(&mut c);
+    pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(c)),
+    }
+}
+
+fn cancel(id: i64) -> pb::WatchRequest {
+    pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CancelRequest(
+            pb::WatchCancelRequest { watch_id: id },
+        )),
+    }
+}
+
+fn progress() -> pb::WatchRequest {
+    pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(
+            pb::WatchProgressRequest {},
+        )),
+    }
+}
+
+fn put(key: &str, value: &str) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+            key: key.as_bytes().to_vec().into(),
+            value: value.as_bytes().to_vec().into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn scenario(port: u16) -> Observed {
+    spindle::rt::run_local(move || async move {
+        let ep = format!("127.0.0.1:{port}");
+        let mut c = Client::connect(&ep).await.unwrap();
+        let mut w = c
+            .stream::<pb::WatchResponse>("/etcdserverpb.Watch/Watch")
+            .await
+            .unwrap();
+        let mut seen = Observed::new();
+        // Reads until the stream is quiet for a moment.
+        async fn drain(
+            w: &mut spindle::bench::client::GrpcStream<pb::WatchResponse>,
+            seen: &mut Observed,
+        ) {
+            loop {
+                let next = futures_lite::future::or(async { Some(w.recv().await) }, async {
+                    glommio::timer::sleep(Duration::from_millis(700)).await;
+                    None
+                })
+                .await;
+                let Some(r) = next else { return };
+                let mut r = norm(r.expect("watch stream failed").expect("stream ended"));
+                let e = seen.entry(r.watch_id).or_default();
+                let events = std::mem::take(&mut r.events);
+                if events.is_empty() || r.created || r.canceled {
+                    e.0.push(r);
+                }
+                e.1.extend(events);
+            }
+        }
+        let unary = |c: &mut Client, op: pb::RequestOp| {
+            let mut c = c.clone();
+            async move {
+                let t = pb::TxnRequest {
+                    success: vec![op],
+                    ..Default::default()
+                };
+                let _: pb::TxnResponse = c.unary("/etcdserverpb.KV/Txn", &t).await.unwrap();
+            }
+        };
+        // Watch ids chosen by the server (0, then 1) and by the client (7); refusals.
+        w.send(&create("foo", "", |c| c.prev_kv = true)).unwrap();
+        w.send(&create("foo", "fop", |_| {})).unwrap();
+        w.send(&create("foo", "", |c| c.watch_id = 7)).unwrap();
+        w.send(&create("x", "", |c| c.watch_id = 7)).unwrap();
+        w.send(&create("b", "a", |_| {})).unwrap();
+        w.send(&create("", "\0", |c| {
+            c.filters = vec![pb::watch_create_request::FilterType::Noput as i32]
+        }))
+        .unwrap();
+        drain(&mut w, &mut seen).await;
+        unary(&mut c, put("foo", "1")).await;
+        unary(&mut c, put("foo/bar", "2")).await;
+        // One txn writing several keys (several shards on spindle).
+        let t = pb::TxnRequest {
+            success: vec![put("foo/z", "3"), put("foo/a", "4"), put("foo", "5")],
+            ..Default::default()
+        };
+        let _: pb::TxnResponse = c.unary("/etcdserverpb.KV/Txn", &t).await.unwrap();
+        let d = pb::DeleteRangeRequest {
+            key: "foo".into(),
+            range_end: "fop".into(),
+            ..Default::default()
+        };
+        let _: pb::DeleteRangeResponse = c.unary("/etcdserverpb.KV/DeleteRange", &d).await.unwrap();
+        drain(&mut w, &mut seen).await;
+        w.send(&cancel(0)).unwrap();
+        w.send(&cancel(99)).unwrap();
+        drain(&mut w, &mut seen).await;
+        unary(&mut c, put("foo", "6")).await;
+        drain(&mut w, &mut seen).await;
+        w.send(&progress()).unwrap();
+        drain(&mut w, &mut seen).await;
+        // History, then a compacted start.
+        w.send(&create("foo", "fop", |c| {
+            c.start_revision = 3;
+            c.watch_id = 20;
+            c.prev_kv = true;
+        }))
+        .unwrap();
+        drain(&mut w, &mut seen).await;
+        let cr = pb::CompactionRequest {
+            revision: 5,
+            physical: false,
+        };
+        let _: pb::CompactionResponse = c.unary("/etcdserverpb.KV/Compact", &cr).await.unwrap();
+        w.send(&create("foo", "", |c| {
+            c.start_revision = 2;
+            c.watch_id = 21;
+        }))
+        .unwrap();
+        drain(&mut w, &mut seen).await;
+        seen
+    })
+}
+
+#[test]
+fn watch_streams_match_etcd() {
+    let etcd = start("etcd");
+    let spindle = start("spindle");
+    let want = scenario(etcd.port);
+    let got = scenario(spindle.port);
+    assert!(!want.is_empty());
+    for id in want.keys().chain(got.keys()) {
+        assert_eq!(
+            got.get(id),
+            want.get(id),
+            "watch id {id}: {} vs {}",
+            spindle.name,
+            etcd.name
+        );
+    }
+}
+
+#[test]
+fn etcdctl_watch_output_matches_etcd() {
+    let run = |s: &Server| -> String {
+        let ep = format!("--endpoints=127.0.0.1:{}", s.port);
+        let ctl = |args: &[&str]| {
+            let out = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(&ep)
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}: {out:?}");
+        };
+        ctl(&["put", "k1", "a"]);
+        ctl(&["put", "k2", "b"]);
+        ctl(&["del", "k1"]);
+        // History replay from revision 2, then the live tail, ended by a timeout.
+        let mut watch = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(&ep)
+            .args(["watch", "--rev=2", "--prefix", "k", "--prev-kv"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        ctl(&["put", "k3", "c"]);
+        std::thread::sleep(Duration::from_millis(700));
+        let _ = watch.kill();
+        let out = watch.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let etcd = start("etcd");
+    let spindle = start("spindle");
+    let want = run(&etcd);
+    assert!(want.contains("k3"), "{want}");
+    assert_eq!(run(&spindle), want);
+}
