@@ -403,3 +403,42 @@ fn revoke_racing_puts_leaves_no_orphans() {
     }
     db.close();
 }
+
+/// A revoke is one txn: a watcher sees every attached key's delete at the same revision, together.
+#[test]
+fn watchers_see_a_revoke_as_one_revision() {
+    use spindle::{WatchRequest, WatchUpdate};
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), opts(2, 4)).unwrap();
+    let id = db.lease_grant(0, 60).unwrap().id;
+    for k in KEYS {
+        put_lease(&db, k, id).unwrap();
+    }
+    let watch = db
+        .watch(WatchRequest {
+            key: Bytes::from_static(b"\0"),
+            range_end: Bytes::from_static(b"\0"),
+            start_revision: 0,
+            no_put: false,
+            no_delete: false,
+            prev_kv: false,
+        })
+        .unwrap();
+    let rev = db.lease_revoke(id).unwrap().header.revision;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut deletes = Vec::new();
+    while deletes.len() < KEYS.len() && Instant::now() < deadline {
+        if let Some(WatchUpdate::Events { events, .. }) =
+            watch.recv_timeout(Duration::from_millis(200)).unwrap()
+        {
+            deletes.extend(events);
+        }
+    }
+    assert_eq!(deletes.len(), KEYS.len(), "{deletes:?}");
+    for e in &deletes {
+        assert_eq!(e.kind, spindle::mvcc::EventKind::Delete, "{e:?}");
+        assert_eq!(e.kv.mod_revision, rev, "{e:?}");
+    }
+    drop(watch);
+    db.close();
+}
