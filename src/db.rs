@@ -27,6 +27,8 @@ use crate::shard::Shard;
 use crate::wal::{self, EntryKind, Wal, WalOptions};
 use crate::watch::{self, ChangeSource, Hub, WatchEvent, WatchRequest, WatchSink, WatchUpdate};
 
+mod lease;
+
 /// Options for [`Db::open`].
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -139,6 +141,8 @@ enum ShardOp {
         i64,
         Reply<Vec<crate::mvcc::KeyHistory>>,
     ),
+    /// Lease logging and attached keys (see `db::lease`).
+    Lease(lease::LeaseOp),
 }
 
 /// What a shard reports once locked for a coordinator.
@@ -165,6 +169,7 @@ struct Shared {
     max_txn_ops: usize,
     cluster_id: u64,
     member_id: u64,
+    leases: crate::lease::SharedLeases,
 }
 
 impl Shared {
@@ -217,6 +222,8 @@ struct RecoveredShard {
     checkpoint_revision: i64,
     /// Multi-shard revisions to record as aborted before serving.
     aborts: Vec<i64>,
+    /// Leases this shard's log grants (id → TTL), after replaying its revokes.
+    leases: BTreeMap<i64, i64>,
 }
 
 impl Db {
@@ -243,6 +250,7 @@ impl Db {
         // revisions across servers, so an empty spindle starts there too.
         let current = current.max(1);
         let clock = RevisionClock::new(opts.cores, current, compact);
+        let leases = recovered_leases(&shards);
 
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
@@ -259,6 +267,7 @@ impl Db {
             max_txn_ops: opts.max_txn_ops,
             cluster_id: meta.cluster_id,
             member_id: meta.member_id,
+            leases,
         });
         let mut per_core: Vec<Vec<RecoveredShard>> = (0..opts.cores).map(|_| Vec::new()).collect();
         for s in shards {
@@ -799,6 +808,7 @@ fn recover_all(path: &Path, nshards: u32) -> Result<(Vec<RecoveredShard>, i64, i
             checkpoint_index,
             checkpoint_revision,
             aborts: vec![],
+            leases: BTreeMap::new(),
         });
     }
 
@@ -850,6 +860,12 @@ fn recover_all(path: &Path, nshards: u32) -> Result<(Vec<RecoveredShard>, i64, i
                 EntryKind::Part if committed(e.revision) => s.store.apply(&e.ops, e.revision),
                 EntryKind::Part if !aborted.contains(&e.revision) => s.aborts.push(e.revision),
                 EntryKind::Compact => s.store.compact(e.revision),
+                EntryKind::LeaseGrant => {
+                    s.leases.insert(e.lease.id, e.lease.ttl);
+                }
+                EntryKind::LeaseRevoke => {
+                    s.leases.remove(&e.lease.id);
+                }
                 _ => {}
             }
         }
@@ -862,6 +878,24 @@ fn recover_all(path: &Path, nshards: u32) -> Result<(Vec<RecoveredShard>, i64, i
         s.store.compact(compact);
     }
     Ok((shards, current, compact))
+}
+
+/// The lease table after recovery. Every lease gets its full TTL again from now, as etcd does
+/// when a new leader takes over (downtime must not expire leases whose holders could not renew).
+fn recovered_leases(shards: &[RecoveredShard]) -> crate::lease::SharedLeases {
+    // Generated ids start from the clock so a restarted store does not hand out recent ids again.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| (d.as_millis() as u64) << 16)
+        .unwrap_or(1);
+    let mut table = crate::lease::LeaseTable::new(seed);
+    let now = std::time::Instant::now();
+    for s in shards {
+        for (&id, &ttl) in &s.leases {
+            table.restore(id, ttl, now);
+        }
+    }
+    Arc::new(std::sync::RwLock::new(table))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -901,6 +935,8 @@ async fn run_core(
                 wal,
                 r.checkpoint_index,
                 checkpoint_every,
+                shared.leases.clone(),
+                r.leases,
             );
             for rev in r.aborts {
                 shard.log_abort(rev).await?;
@@ -930,6 +966,9 @@ async fn run_core(
         hub: Hub::new(),
     });
     let _ = ready.send(Ok(()));
+    if id == 0 {
+        glommio::spawn_local(lease::expiry_loop(LocalDb { core: core.clone() })).detach();
+    }
     if let Some(hook) = hook {
         hook(LocalDb { core: core.clone() });
     }
@@ -1111,6 +1150,7 @@ impl Core {
                     shard.wal.sync_stats(),
                 )));
             }
+            ShardOp::Lease(op) => op.run(&shard).await,
         }
     }
 
@@ -1545,6 +1585,7 @@ fn reply_err(op: ShardOp, err: impl Fn() -> Error) {
         ShardOp::Checkpoint(r) => drop(r.send(Err(err()))),
         ShardOp::Stats(r) => drop(r.send(Err(err()))),
         ShardOp::Export(_, _, _, r) => drop(r.send(Err(err()))),
+        ShardOp::Lease(op) => op.reply_err(err()),
         ShardOp::Changes(_, _, _, _, r) => drop(r.send(Err(err()))),
     }
 }

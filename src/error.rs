@@ -12,6 +12,10 @@ pub enum Error {
     KeyNotFound,
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
     #[error("etcdserver: duplicate key given in txn request")]
     DuplicateKey,
     #[error("etcdserver: too many operations in txn request")]
@@ -107,6 +111,8 @@ impl Error {
                 | Error::FutureRevision
                 | Error::KeyNotFound
                 | Error::LeaseNotFound
+                | Error::LeaseExists
+                | Error::LeaseTtlTooLarge
                 | Error::DuplicateKey
                 | Error::TooManyOps
                 | Error::EmptyKey

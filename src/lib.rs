@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod db;
 pub mod error;
 pub mod kv;
+pub mod lease;
 pub mod meta;
 pub mod mvcc;
 pub mod partition;

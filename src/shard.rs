@@ -11,6 +11,7 @@
 //! by the coordinator; while locked, the shard takes no other write.
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 
@@ -19,11 +20,12 @@ use glommio::sync::Semaphore;
 use crate::checkpoint::{self, CheckpointInfo};
 use crate::error::{Error, Result};
 use crate::kv::{Compare, RangeRequest, RequestOp, TxnRequest};
+use crate::lease::SharedLeases;
 use crate::mvcc::{CompareOutcome, OpPartial, ShardRange, ShardStore, TxnPath, Undo};
 use crate::partition::Partitioner;
 use crate::plan;
 use crate::revision::CoreRevisions;
-use crate::wal::{record, EntryKind, Wal, WalEntry};
+use crate::wal::{record, EntryKind, LeaseRecord, Wal, WalEntry};
 
 /// Raft term of entries written by a single node (consensus assigns real terms later).
 pub const TERM: u64 = 1;
@@ -53,6 +55,11 @@ pub struct Shard {
     /// WAL index of the last write, for checkpoint scheduling.
     last_write_index: Cell<u64>,
     pub checkpoint_every: u64,
+    /// Every lease, shared by all cores, so a put checks its lease without a hop.
+    leases: SharedLeases,
+    /// Leases whose grant this shard's log holds (id → TTL), as of the last append: re-logged
+    /// by each checkpoint so that dropping old segments cannot lose them.
+    lease_log: RefCell<BTreeMap<i64, i64>>,
 }
 
 /// Releases the shard's write permission on drop, so early returns cannot leak it.
@@ -75,6 +82,8 @@ impl Shard {
         wal: Wal,
         checkpoint_index: u64,
         checkpoint_every: u64,
+        leases: SharedLeases,
+        lease_log: BTreeMap<i64, i64>,
     ) -> Rc<Shard> {
         Rc::new(Shard {
             id,
@@ -90,6 +99,8 @@ impl Shard {
             checkpointing: Cell::new(false),
             last_write_index: Cell::new(0),
             checkpoint_every,
+            leases,
+            lease_log: RefCell::new(lease_log),
         })
     }
 
@@ -246,6 +257,7 @@ impl Shard {
             revision: rev,
             participants,
             ops: exec.effects,
+            lease: LeaseRecord::default(),
         };
         match self.wal.try_append(&mut entry) {
             Ok(index) => {
@@ -295,13 +307,15 @@ impl Shard {
         }
     }
 
-    /// Puts along the path may only name existing leases. No lease exists until the lease
-    /// service does, so any non-zero lease is unknown (etcd checks the key first, then the lease).
+    /// Puts along the path may only name live leases (etcd checks the key first, then the lease).
+    /// Runs under the write permit, in the same step as the write, so a revoke that gathers the
+    /// lease's keys under the permit afterwards sees every key this put attaches.
     fn check_leases(&self, txn: &TxnRequest, path: &TxnPath) -> Result<()> {
         let owns = self.owns();
-        let unknown = plan::leaf_ops(txn, path)
-            .into_iter()
-            .any(|op| matches!(op, RequestOp::Put(p) if p.lease != 0 && owns(&p.key)));
+        // The table's lock is only taken for puts that name a lease.
+        let unknown = plan::leaf_ops(txn, path).into_iter().any(|op| {
+            matches!(op, RequestOp::Put(p) if p.lease != 0 && owns(&p.key) && !self.lease_is_live(p.lease))
+        });
         if unknown {
             return Err(Error::LeaseNotFound);
         }
@@ -388,6 +402,7 @@ impl Shard {
             revision: rev,
             participants: vec![],
             ops: vec![],
+            lease: LeaseRecord::default(),
         };
         let index = loop {
             match self.wal.try_append(&mut entry) {
@@ -407,6 +422,89 @@ impl Shard {
         }
         self.log_marker(EntryKind::Compact, rev).await?;
         self.store.borrow_mut().compact(rev);
+        Ok(())
+    }
+
+    fn lease_is_live(&self, id: i64) -> bool {
+        self.leases
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_live(id)
+    }
+
+    /// Durably logs a lease grant (`Some(ttl)`) or revoke (`None`) in this shard's log.
+    pub async fn log_lease(&self, id: i64, grant: Option<i64>) -> Result<()> {
+        self.ensure_healthy()?;
+        let mut entry = WalEntry {
+            term: TERM,
+            index: 0,
+            kind: if grant.is_some() {
+                EntryKind::LeaseGrant
+            } else {
+                EntryKind::LeaseRevoke
+            },
+            revision: 0,
+            participants: vec![],
+            ops: vec![],
+            lease: LeaseRecord {
+                id,
+                ttl: grant.unwrap_or(0),
+            },
+        };
+        let index = loop {
+            match self.wal.try_append(&mut entry) {
+                Ok(i) => break i,
+                Err(nr) => self.wal.make_room(nr.frame_len).await?,
+            }
+        };
+        // Updated in the same step as the append, so `lease_log` always mirrors the log's order.
+        match grant {
+            Some(ttl) => self.lease_log.borrow_mut().insert(id, ttl),
+            None => self.lease_log.borrow_mut().remove(&id),
+        };
+        self.wal.wait_durable(index).await
+    }
+
+    /// Keys of this shard attached to `lease`. Taken under the write permit: every put that
+    /// passed its lease check before the lease stopped being live has been applied by then.
+    pub async fn lease_keys(&self, lease: i64) -> Result<Vec<bytes::Bytes>> {
+        let _guard = self.acquire().await?;
+        self.ensure_healthy()?;
+        Ok(self.store.borrow().lease_keys(lease))
+    }
+
+    /// Appends a grant for every lease this log holds, so segments up to a checkpoint can be
+    /// dropped. Each append reads `lease_log` in the same step, so a revoke logged meanwhile is
+    /// never followed by a stale re-grant.
+    async fn relog_leases(&self) -> Result<()> {
+        let ids: Vec<i64> = self.lease_log.borrow().keys().copied().collect();
+        let mut last = None;
+        for id in ids {
+            loop {
+                let Some(ttl) = self.lease_log.borrow().get(&id).copied() else {
+                    break;
+                };
+                let mut entry = WalEntry {
+                    term: TERM,
+                    index: 0,
+                    kind: EntryKind::LeaseGrant,
+                    revision: 0,
+                    participants: vec![],
+                    ops: vec![],
+                    lease: LeaseRecord { id, ttl },
+                };
+                match self.wal.try_append(&mut entry) {
+                    Ok(i) => {
+                        last = Some(i);
+                        break;
+                    }
+                    Err(nr) => self.wal.make_room(nr.frame_len).await?,
+                }
+            }
+        }
+        if let Some(i) = last {
+            self.wal.wait_durable(i).await?;
+        }
         Ok(())
     }
 
@@ -454,6 +552,9 @@ impl Shard {
             )
         };
         self.wal.wait_durable(index).await?;
+        // Recovery replays only entries after `index`: grants at or below it must be repeated
+        // after it before the checkpoint can replace them.
+        self.relog_leases().await?;
         let compact = self.store.borrow().compact_revision();
         let info = CheckpointInfo {
             shard: self.id,

@@ -1,8 +1,9 @@
 //! Crash safety for real: a child process writes (single-shard puts and multi-shard txns, with
 //! background checkpoints and WAL rollover), reports each acknowledged write on stdout, and is
 //! killed with SIGKILL at a random moment. The parent reopens the data dir and checks that every
-//! acknowledged write is there, that no multi-shard txn is half applied, and that revisions never go
-//! backwards across crashes.
+//! acknowledged write is there, that no multi-shard txn is half applied, that acknowledged lease
+//! grants and revokes hold and no key outlives its lease, and that revisions never go backwards
+//! across crashes.
 //!
 //! Bounded by `SPINDLE_CRASH_ITERS` (default 300) and `SPINDLE_CRASH_SECS` (default 60);
 //! `tools/crash-soak` runs it longer.
@@ -69,6 +70,24 @@ fn crash_child() {
                 }
             });
         }
+        // Leases: grant, attach a key on every shard, revoke (a multi-shard delete).
+        let (ldb, lack) = (db.clone(), &ack);
+        s.spawn(move || loop {
+            let (db, ack) = (&ldb, lack);
+            let id = db.lease_grant(0, 600).unwrap().id;
+            ack(format!("GRANT {id} 0"));
+            for d in txn_dirs() {
+                db.put(PutRequest {
+                    lease: id,
+                    ..PutRequest::new(format!("{d}lease-{id}"), "v")
+                })
+                .unwrap();
+            }
+            // A revoke may complete without its acknowledgement reaching the parent.
+            ack(format!("REVOKING {id} 0"));
+            let r = db.lease_revoke(id).unwrap();
+            ack(format!("REVOKE {id} {}", r.header.revision));
+        });
         let (db, prefix, ack) = (db.clone(), prefix.clone(), &ack);
         s.spawn(move || {
             for n in 0.. {
@@ -90,6 +109,9 @@ fn crash_child() {
 struct Acks {
     puts: Vec<(String, i64)>,
     txns: Vec<(String, i64)>,
+    grants: Vec<i64>,
+    revoking: Vec<i64>,
+    revokes: Vec<i64>,
 }
 
 fn run_child(
@@ -118,6 +140,9 @@ fn run_child(
         let mut acks = Acks {
             puts: vec![],
             txns: vec![],
+            grants: vec![],
+            revoking: vec![],
+            revokes: vec![],
         };
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let parts: Vec<&str> = line.split(' ').collect();
@@ -128,6 +153,9 @@ fn run_child(
             match parts[0] {
                 "PUT" => acks.puts.push((parts[1].to_string(), rev)),
                 "TXN" => acks.txns.push((parts[1].to_string(), rev)),
+                "GRANT" => acks.grants.extend(parts[1].parse::<i64>().ok()),
+                "REVOKING" => acks.revoking.extend(parts[1].parse::<i64>().ok()),
+                "REVOKE" => acks.revokes.extend(parts[1].parse::<i64>().ok()),
                 _ => {}
             }
         }
@@ -161,12 +189,14 @@ fn acknowledged_writes_survive_sigkill() {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut last_revision = 0;
     let mut total_acks = 0;
+    let mut total_grants = 0;
     let mut done = 0;
     while done < iters && Instant::now() < deadline {
         let prefix = format!("i{done}");
         let run_for = Duration::from_millis(rng.gen_range(5..120));
         let acks = run_child(&exe, dir.path(), &prefix, run_for);
         total_acks += acks.puts.len() + acks.txns.len();
+        total_grants += acks.grants.len();
 
         let db = Db::open(
             dir.path(),
@@ -221,14 +251,49 @@ fn acknowledged_writes_survive_sigkill() {
             });
             assert_eq!(revs[0], *r);
         }
+        // An acknowledged grant exists until a revoke starts; an acknowledged revoke is final;
+        // no key is attached to a lease that does not exist.
+        let leases: std::collections::HashSet<i64> =
+            db.lease_leases().unwrap().leases.into_iter().collect();
+        for id in &acks.grants {
+            if !acks.revoking.contains(id) {
+                assert!(
+                    leases.contains(id),
+                    "iteration {done} (seed {seed}): acknowledged lease {id} lost"
+                );
+            }
+        }
+        for id in &acks.revokes {
+            assert!(
+                !leases.contains(id),
+                "iteration {done} (seed {seed}): revoked lease {id} is back"
+            );
+        }
+        for d in &dirs {
+            let r = db
+                .range(RangeRequest::prefix(format!("{d}lease-")))
+                .unwrap();
+            for kv in r.kvs {
+                assert!(
+                    leases.contains(&kv.lease),
+                    "iteration {done} (seed {seed}): {:?} attached to missing lease {}",
+                    kv.key,
+                    kv.lease
+                );
+            }
+        }
         last_revision = rev;
         db.close();
         done += 1;
     }
-    println!("crash harness: {done} kills, {total_acks} acknowledged writes verified, final revision {last_revision}");
+    println!("crash harness: {done} kills, {total_acks} acknowledged writes and {total_grants} lease grants verified, final revision {last_revision}");
     assert!(
         done >= 10.min(iters),
         "too few iterations ran ({done}) to mean anything"
     );
     assert!(total_acks > 0, "the child never acknowledged a write");
+    assert!(
+        total_grants > 0,
+        "the child never acknowledged a lease grant"
+    );
 }

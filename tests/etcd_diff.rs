@@ -1763,3 +1763,175 @@ fn status() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Leases
+// ---------------------------------------------------------------------------------------------
+
+/// etcdctl's lease commands print flat JSON (header fields at the top level) and list leases and
+/// attached keys in map order; this drops the cluster identities and the `mask`ed fields, sorts
+/// those lists, and compares. Remaining TTLs are compared with one second of tolerance (the two
+/// servers are asked a few milliseconds apart). Returns etcd's answer.
+fn lease_ctl(p: &mut Pair, args: &[&str], mask: &[&str]) -> Value {
+    let what = describe(args, None);
+    let (e, s) = p.run_ctl(args, None);
+    if e.ok != s.ok || e.errors != s.errors {
+        report(
+            &what,
+            &format!("{} {:?}", e.stdout, e.errors),
+            &format!("{} {:?}", s.stdout, s.errors),
+        );
+    }
+    let clean = |text: &str| -> Value {
+        let mut v: Value = serde_json::from_str(text)
+            .unwrap_or_else(|err| panic!("{what}: not JSON ({err}): {text}"));
+        normalize(&mut v);
+        if let Value::Object(m) = &mut v {
+            for f in ["cluster_id", "member_id", "raft_term"].iter().chain(mask) {
+                m.remove(*f);
+            }
+            for list in ["keys", "leases"] {
+                if let Some(Value::Array(a)) = m.get_mut(list) {
+                    a.sort_by_key(|x| x.to_string());
+                }
+            }
+        }
+        v
+    };
+    if !e.ok {
+        return Value::Null;
+    }
+    let (mut ev, mut sv) = (clean(&e.stdout), clean(&s.stdout));
+    if let (Some(a), Some(b)) = (ev["ttl"].as_i64(), sv["ttl"].as_i64()) {
+        if a > 0 && (a - b).abs() <= 1 {
+            sv["ttl"] = ev["ttl"].clone();
+        }
+    }
+    if ev != sv {
+        report(&what, &pretty(&ev), &pretty(&sv));
+    }
+    ev.take()
+}
+
+#[test]
+fn leases() {
+    let mut p = Pair::start();
+    // Grants: ids chosen by the client so both servers use the same ones; a TTL below etcd's
+    // minimum is raised to it; duplicates and huge TTLs fail alike.
+    p.gw_ok("/v3/lease/grant", json!({ "ID": "4660", "TTL": "1" }));
+    p.gw_ok("/v3/lease/grant", json!({ "ID": "4661", "TTL": "100" }));
+    p.gw_ok("/v3/lease/grant", json!({ "ID": "4662", "TTL": "100" }));
+    p.gw_err(
+        "/v3/lease/grant",
+        json!({ "ID": "4660", "TTL": "5" }),
+        9,
+        "etcdserver: lease already exists",
+    );
+    p.gw_err(
+        "/v3/lease/grant",
+        json!({ "TTL": "9000000001" }),
+        11,
+        "etcdserver: too large lease TTL",
+    );
+    // Server-chosen ids differ; everything else must not.
+    lease_ctl(&mut p, &["lease", "grant", "1", "-w", "json"], &["ID"]);
+    let (e, s) = p.run_ctl(&["lease", "grant", "7"], None);
+    let masked = |t: &str| {
+        t.split_whitespace()
+            .enumerate()
+            .map(|(i, w)| if i == 1 { "ID" } else { w })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(masked(&e.stdout), masked(&s.stdout));
+    lease_ctl(&mut p, &["lease", "grant", "9000000001", "-w", "json"], &[]);
+
+    // Puts with leases (0x1235 = 4661 …), across directories and so across shards.
+    for key in ["l/a", "m/b", "n/c", "o"] {
+        p.ctl(&["put", key, "v", "--lease=1235", "-w", "json"]);
+    }
+    p.ctl(&["put", "q/k", "v", "--lease=1236", "-w", "json"]);
+    p.ctl_err(
+        &["put", "x", "v", "--lease=99"],
+        "etcdserver: requested lease not found",
+    );
+    p.gw_ok(
+        "/v3/kv/txn",
+        json!({ "success": [ { "request_put": { "key": b64("t/x"), "value": b64("v"), "lease": "4661" } } ] }),
+    );
+    // ignore_lease keeps the lease; a plain put detaches; deleting detaches.
+    p.gw_ok(
+        "/v3/kv/put",
+        json!({ "key": b64("o"), "value": b64("w"), "ignore_lease": true }),
+    );
+    p.ctl(&["put", "n/c", "plain", "-w", "json"]);
+    p.ctl(&["del", "m/b", "-w", "json"]);
+    p.ctl(&["get", "", "--prefix", "-w", "json"]);
+
+    // Keep-alive, time-to-live (with and without keys), list; unknown leases.
+    lease_ctl(
+        &mut p,
+        &["lease", "keep-alive", "--once", "1235", "-w", "json"],
+        &[],
+    );
+    let (e, s) = p.run_ctl(&["lease", "keep-alive", "--once", "99"], None);
+    assert!(!e.ok && !s.ok && e.errors == s.errors, "{e:?} {s:?}");
+    let ttl = lease_ctl(
+        &mut p,
+        &["lease", "timetolive", "1235", "--keys", "-w", "json"],
+        &[],
+    );
+    assert_eq!(ttl["keys"].as_array().map(Vec::len), Some(3), "{ttl}");
+    lease_ctl(&mut p, &["lease", "timetolive", "1236", "-w", "json"], &[]);
+    lease_ctl(&mut p, &["lease", "timetolive", "99", "-w", "json"], &[]);
+    p.ctl(&["lease", "timetolive", "99"]);
+    lease_ctl(&mut p, &["lease", "list", "-w", "json"], &["leases"]);
+    p.gw("/v3/lease/timetolive", json!({ "ID": "99", "keys": true }));
+    p.gw("/v3/kv/lease/timetolive", json!({ "ID": "99" }));
+    p.gw("/v3/lease/keepalive", json!({ "ID": "99" }));
+    p.gw_ok("/v3/lease/keepalive", json!({ "ID": "4661" }));
+
+    // Revoke deletes the attached keys at one revision (same revision on both servers); a lease
+    // without keys is revoked without a revision; unknown leases fail.
+    let before = p.revision();
+    let r = p.ctl(&["lease", "revoke", "1235", "-w", "json"]);
+    assert_eq!(rev_of(&r), before + 1);
+    p.ctl(&["get", "", "--prefix", "-w", "json"]);
+    p.ctl_err(
+        &["lease", "revoke", "1235"],
+        "etcdserver: requested lease not found",
+    );
+    p.ctl_err(
+        &["put", "l/a", "v", "--lease=1235"],
+        "etcdserver: requested lease not found",
+    );
+    let r = p.gw_ok("/v3/lease/revoke", json!({ "ID": "4660" }));
+    assert_eq!(rev_of(&r), before + 1);
+    p.gw_ok("/v3/kv/lease/revoke", json!({ "ID": "4662" }));
+    p.gw_err(
+        "/v3/kv/lease/revoke",
+        json!({ "ID": "4662" }),
+        5,
+        "etcdserver: requested lease not found",
+    );
+    p.ctl(&["get", "", "--prefix", "-w", "json"]);
+
+    // Edge ids: negative ids are ordinary leases, 0 is never one; a negative TTL gets the minimum.
+    p.gw_ok("/v3/lease/grant", json!({ "ID": "-5", "TTL": "10" }));
+    p.gw_ok("/v3/lease/grant", json!({ "ID": "5", "TTL": "-10" }));
+    p.gw_ok(
+        "/v3/kv/put",
+        json!({ "key": b64("neg"), "value": b64("v"), "lease": "-5" }),
+    );
+    p.gw_err(
+        "/v3/lease/revoke",
+        json!({ "ID": "0" }),
+        5,
+        "etcdserver: requested lease not found",
+    );
+    p.gw_ok("/v3/lease/timetolive", json!({ "ID": "0" }));
+    let before = p.revision();
+    let r = p.gw_ok("/v3/lease/revoke", json!({ "ID": "-5" }));
+    assert_eq!(rev_of(&r), before + 1);
+    p.ctl(&["get", "", "--prefix", "-w", "json"]);
+}

@@ -13,6 +13,7 @@ use crate::error::Error;
 use crate::kv::{
     Compare, DeleteRangeRequest, KeyRange, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
+use crate::lease::LeaseKeys;
 
 /// Reads at this revision see the latest state, including writes of a txn being executed.
 const LATEST: i64 = i64::MAX;
@@ -25,6 +26,8 @@ pub struct ShardStore {
     compact_revision: i64,
     /// Keys live at the latest revision, kept up to date by every write so `key_count` is O(1).
     live: usize,
+    /// Live keys by their lease, kept up to date by every write (revoke deletes these keys).
+    lease_keys: LeaseKeys,
     /// Recent changes, for watchers.
     events: EventLog,
 }
@@ -54,6 +57,7 @@ impl ShardStore {
             last_revision: 0,
             compact_revision: 0,
             live: 0,
+            lease_keys: LeaseKeys::default(),
             events: EventLog::new(0, EVENT_LOG_CAPACITY),
         }
     }
@@ -315,13 +319,34 @@ impl ShardStore {
             Some((h.key, ki))
         });
         let index = Index::from_sorted_iter(entries);
+        let mut lease_keys = LeaseKeys::default();
+        for (key, ki) in index.range(Bound::<&[u8]>::Unbounded, Bound::Unbounded) {
+            if let Some(v) = ki.at(key, LATEST).filter(|v| v.lease != 0) {
+                lease_keys.moved(key, 0, v.lease);
+            }
+        }
         ShardStore {
             index,
             last_revision,
             compact_revision: compact_revision.max(0),
             live,
+            lease_keys,
             events: EventLog::new(last_revision, EVENT_LOG_CAPACITY),
         }
+    }
+
+    /// Live keys attached to `lease`, in key order.
+    pub fn lease_keys(&self, lease: i64) -> Vec<Bytes> {
+        self.lease_keys.keys(lease)
+    }
+
+    /// The lease of `key` at the latest revision (0 if none or not live).
+    fn live_lease(&self, key: &[u8]) -> i64 {
+        let k = Bytes::new(); // only labels the view; the lease is all we read
+        self.index
+            .get(key)
+            .and_then(|ki| ki.at(&k, LATEST).map(|v| v.lease))
+            .unwrap_or(0)
     }
 
     /// The changes in `ranges` with revisions in `(after, upto]`, at most about `max` events
@@ -567,6 +592,8 @@ impl ShardStore {
 
     fn write_put(&mut self, key: &Bytes, value: Bytes, lease: i64, rev: i64) {
         self.assert_write_revision(rev);
+        let old = self.live_lease(key);
+        self.lease_keys.moved(key, old, lease);
         match self.index.get_mut(key.as_ref()) {
             Some(ki) => {
                 if !ki.is_live() {
@@ -585,6 +612,10 @@ impl ShardStore {
     /// Tombstones `key` at `rev`; false if it was not live.
     fn write_delete(&mut self, key: &[u8], rev: i64) -> bool {
         self.assert_write_revision(rev);
+        let old = self.live_lease(key);
+        if old != 0 {
+            self.lease_keys.moved(&Bytes::copy_from_slice(key), old, 0);
+        }
         let deleted = self.index.get_mut(key).is_some_and(|ki| ki.delete(rev));
         if deleted {
             self.live -= 1;
@@ -594,6 +625,7 @@ impl ShardStore {
 
     /// Removes the events at `rev` (the newest) from `key`, dropping the key if nothing is left.
     fn strip(&mut self, key: &[u8], rev: i64) {
+        let before = self.live_lease(key);
         let Some(ki) = self.index.get_mut(key) else {
             return;
         };
@@ -609,6 +641,9 @@ impl ShardStore {
         if empty {
             self.index.remove(key);
         }
+        let after = self.live_lease(key);
+        self.lease_keys
+            .moved(&Bytes::copy_from_slice(key), before, after);
     }
 }
 

@@ -47,6 +47,32 @@ fn route(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
             "MemberListRequest",
             "MemberListResponse",
         ),
+        "/v3/lease/grant" => (
+            "/etcdserverpb.Lease/LeaseGrant",
+            "LeaseGrantRequest",
+            "LeaseGrantResponse",
+        ),
+        "/v3/lease/revoke" | "/v3/kv/lease/revoke" => (
+            "/etcdserverpb.Lease/LeaseRevoke",
+            "LeaseRevokeRequest",
+            "LeaseRevokeResponse",
+        ),
+        "/v3/lease/timetolive" | "/v3/kv/lease/timetolive" => (
+            "/etcdserverpb.Lease/LeaseTimeToLive",
+            "LeaseTimeToLiveRequest",
+            "LeaseTimeToLiveResponse",
+        ),
+        "/v3/lease/leases" | "/v3/kv/lease/leases" => (
+            "/etcdserverpb.Lease/LeaseLeases",
+            "LeaseLeasesRequest",
+            "LeaseLeasesResponse",
+        ),
+        // A streaming call behind etcd's gateway: one request, one `{"result": …}` answer.
+        "/v3/lease/keepalive" => (
+            super::lease::KEEP_ALIVE_ONCE,
+            "LeaseKeepAliveRequest",
+            "LeaseKeepAliveResponse",
+        ),
         _ => return None,
     })
 }
@@ -54,9 +80,8 @@ fn route(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
 fn http_status(code: Code) -> StatusCode {
     match code {
         Code::Ok => StatusCode::OK,
-        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
-            StatusCode::BAD_REQUEST
-        }
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
         Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
@@ -84,6 +109,10 @@ pub(super) async fn handle(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Respons
         );
     };
     match translate(ctx, method, req_name, resp_name, body).await {
+        // grpc-gateway wraps each message of a streaming call.
+        Ok(text) if method == super::lease::KEEP_ALIVE_ONCE => {
+            json(StatusCode::OK, format!("{{\"result\":{text}}}"))
+        }
         Ok(text) => json(StatusCode::OK, text),
         Err(s) => error(&s),
     }

@@ -50,8 +50,9 @@ impl Status {
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match &e {
-            Error::Compacted | Error::FutureRevision => Code::OutOfRange,
+            Error::Compacted | Error::FutureRevision | Error::LeaseTtlTooLarge => Code::OutOfRange,
             Error::LeaseNotFound => Code::NotFound,
+            Error::LeaseExists => Code::FailedPrecondition,
             Error::KeyNotFound
             | Error::DuplicateKey
             | Error::TooManyOps

@@ -11,6 +11,7 @@ mod convert;
 mod gateway;
 pub mod grpc;
 pub mod io;
+mod lease;
 pub mod metrics;
 mod snapshot;
 mod watch;
@@ -406,6 +407,9 @@ async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBo
     if path == "/etcdserverpb.Maintenance/Snapshot" {
         return snapshot::stream(ctx.clone());
     }
+    if path == lease::KEEP_ALIVE {
+        return lease::keep_alive_stream(ctx.clone(), body);
+    }
     if path == "/etcdserverpb.Watch/Watch" {
         return watch::serve(ctx.clone(), body);
     }
@@ -605,6 +609,9 @@ async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Stat
                 Code::FailedPrecondition,
                 "etcdserver: can only promote a learner member",
             ))
+        }
+        p if p.starts_with("/etcdserverpb.Lease/") || p == lease::KEEP_ALIVE_ONCE => {
+            lease::call(ctx, p, msgs).await
         }
         _ => Err(Status::unimplemented(path)),
     }

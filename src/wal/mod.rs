@@ -22,7 +22,7 @@ use glommio::io::{DmaFile, OpenOptions};
 
 use crate::error::{Error, Result};
 use record::{encode_payload, encode_segment_header, frame_len, frame_payload, SEGMENT_HEADER_LEN};
-pub use record::{EntryKind, WalEntry};
+pub use record::{EntryKind, LeaseRecord, WalEntry};
 pub use recovery::{recover, Recovered, SegmentFile};
 
 /// Latency histogram bucket bounds in seconds (fsyncs here, requests in the server's metrics).

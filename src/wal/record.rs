@@ -26,6 +26,18 @@ pub enum EntryKind {
     Abort,
     Compact,
     Noop,
+    /// Lease `WalEntry::lease` granted (or re-logged by a checkpoint); takes no revision.
+    LeaseGrant,
+    /// Lease `WalEntry::lease.id` revoked.
+    LeaseRevoke,
+}
+
+/// The lease a `LeaseGrant`/`LeaseRevoke` entry is about (zero for other kinds).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseRecord {
+    pub id: i64,
+    /// Granted TTL in seconds.
+    pub ttl: i64,
 }
 
 /// One Raft-shaped log entry.
@@ -38,6 +50,7 @@ pub struct WalEntry {
     /// For `Part`: every shard that holds a part of `revision`.
     pub participants: Vec<u32>,
     pub ops: Vec<Effect>,
+    pub lease: LeaseRecord,
 }
 
 pub fn align8(n: usize) -> usize {
@@ -89,6 +102,8 @@ pub fn encode_payload(entry: &WalEntry) -> Vec<u8> {
         EntryKind::Abort => walfb::EntryKind::Abort,
         EntryKind::Compact => walfb::EntryKind::Compact,
         EntryKind::Noop => walfb::EntryKind::Noop,
+        EntryKind::LeaseGrant => walfb::EntryKind::LeaseGrant,
+        EntryKind::LeaseRevoke => walfb::EntryKind::LeaseRevoke,
     };
     let root = walfb::Entry::create(
         &mut fbb,
@@ -99,6 +114,8 @@ pub fn encode_payload(entry: &WalEntry) -> Vec<u8> {
             revision: entry.revision,
             participants,
             ops,
+            lease_id: entry.lease.id,
+            lease_ttl: entry.lease.ttl,
         },
     );
     fbb.finish(root, None);
@@ -179,6 +196,8 @@ fn decode_payload(payload: &[u8]) -> Option<WalEntry> {
         walfb::EntryKind::Abort => EntryKind::Abort,
         walfb::EntryKind::Compact => EntryKind::Compact,
         walfb::EntryKind::Noop => EntryKind::Noop,
+        walfb::EntryKind::LeaseGrant => EntryKind::LeaseGrant,
+        walfb::EntryKind::LeaseRevoke => EntryKind::LeaseRevoke,
         _ => return None,
     };
     let mut ops = Vec::new();
@@ -208,6 +227,10 @@ fn decode_payload(payload: &[u8]) -> Option<WalEntry> {
             .map(|p| p.iter().collect())
             .unwrap_or_default(),
         ops,
+        lease: LeaseRecord {
+            id: e.lease_id(),
+            ttl: e.lease_ttl(),
+        },
     })
 }
 
@@ -273,6 +296,53 @@ mod tests {
                     lease: 0,
                 },
             ],
+            lease: LeaseRecord::default(),
+        }
+    }
+
+    #[test]
+    fn lease_records_round_trip() {
+        for kind in [EntryKind::LeaseGrant, EntryKind::LeaseRevoke] {
+            let e = WalEntry {
+                term: 1,
+                index: 9,
+                kind,
+                revision: 0,
+                participants: vec![],
+                ops: vec![],
+                lease: LeaseRecord {
+                    id: 0x1234_5678_9abc,
+                    ttl: 9_000_000_000,
+                },
+            };
+            match probe_frame(&encode_frame(&e, 0)) {
+                Probe::Valid { entry, .. } => assert_eq!(entry, e),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// A record written before leases existed (no lease fields) still decodes, with no lease.
+    #[test]
+    fn records_without_lease_fields_decode() {
+        let mut fbb = FlatBufferBuilder::new();
+        let root = walfb::Entry::create(
+            &mut fbb,
+            &walfb::EntryArgs {
+                term: 1,
+                index: 2,
+                kind: walfb::EntryKind::Compact,
+                revision: 5,
+                ..Default::default()
+            },
+        );
+        fbb.finish(root, None);
+        match probe_frame(&frame_payload(fbb.finished_data(), 0)) {
+            Probe::Valid { entry, .. } => {
+                assert_eq!(entry.kind, EntryKind::Compact);
+                assert_eq!(entry.lease, LeaseRecord::default());
+            }
+            other => panic!("unexpected {other:?}"),
         }
     }
 

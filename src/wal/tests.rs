@@ -21,6 +21,7 @@ fn entry(rev: i64, key: &str, value_len: usize) -> WalEntry {
             value: Bytes::from(vec![b'x'; value_len]),
             lease: 0,
         }],
+        lease: Default::default(),
     }
 }
 

@@ -14,15 +14,17 @@ pub mod walfb {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ENTRY_KIND: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ENTRY_KIND: u8 = 4;
+pub const ENUM_MAX_ENTRY_KIND: u8 = 6;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ENTRY_KIND: [EntryKind; 5] = [
+pub const ENUM_VALUES_ENTRY_KIND: [EntryKind; 7] = [
   EntryKind::Write,
   EntryKind::Part,
   EntryKind::Abort,
   EntryKind::Compact,
   EntryKind::Noop,
+  EntryKind::LeaseGrant,
+  EntryKind::LeaseRevoke,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -35,15 +37,19 @@ impl EntryKind {
   pub const Abort: Self = Self(2);
   pub const Compact: Self = Self(3);
   pub const Noop: Self = Self(4);
+  pub const LeaseGrant: Self = Self(5);
+  pub const LeaseRevoke: Self = Self(6);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 4;
+  pub const ENUM_MAX: u8 = 6;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Write,
     Self::Part,
     Self::Abort,
     Self::Compact,
     Self::Noop,
+    Self::LeaseGrant,
+    Self::LeaseRevoke,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -53,6 +59,8 @@ impl EntryKind {
       Self::Abort => Some("Abort"),
       Self::Compact => Some("Compact"),
       Self::Noop => Some("Noop"),
+      Self::LeaseGrant => Some("LeaseGrant"),
+      Self::LeaseRevoke => Some("LeaseRevoke"),
       _ => None,
     }
   }
@@ -360,6 +368,8 @@ impl<'a> Entry<'a> {
   pub const VT_REVISION: ::flatbuffers::VOffsetT = 10;
   pub const VT_PARTICIPANTS: ::flatbuffers::VOffsetT = 12;
   pub const VT_OPS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_LEASE_ID: ::flatbuffers::VOffsetT = 16;
+  pub const VT_LEASE_TTL: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -371,6 +381,8 @@ impl<'a> Entry<'a> {
     args: &'args EntryArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Entry<'bldr>> {
     let mut builder = EntryBuilder::new(_fbb);
+    builder.add_lease_ttl(args.lease_ttl);
+    builder.add_lease_id(args.lease_id);
     builder.add_revision(args.revision);
     builder.add_index(args.index);
     builder.add_term(args.term);
@@ -423,6 +435,20 @@ impl<'a> Entry<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Op>>>>(Entry::VT_OPS, None)}
   }
+  #[inline]
+  pub fn lease_id(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(Entry::VT_LEASE_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn lease_ttl(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(Entry::VT_LEASE_TTL, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Entry<'_> {
@@ -437,6 +463,8 @@ impl ::flatbuffers::Verifiable for Entry<'_> {
      .visit_field::<i64>("revision", Self::VT_REVISION, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("participants", Self::VT_PARTICIPANTS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Op>>>>("ops", Self::VT_OPS, false)?
+     .visit_field::<i64>("lease_id", Self::VT_LEASE_ID, false)?
+     .visit_field::<i64>("lease_ttl", Self::VT_LEASE_TTL, false)?
      .finish();
     Ok(())
   }
@@ -448,6 +476,8 @@ pub struct EntryArgs<'a> {
     pub revision: i64,
     pub participants: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
     pub ops: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Op<'a>>>>>,
+    pub lease_id: i64,
+    pub lease_ttl: i64,
 }
 impl<'a> Default for EntryArgs<'a> {
   #[inline]
@@ -459,6 +489,8 @@ impl<'a> Default for EntryArgs<'a> {
       revision: 0,
       participants: None,
       ops: None,
+      lease_id: 0,
+      lease_ttl: 0,
     }
   }
 }
@@ -493,6 +525,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EntryBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Entry::VT_OPS, ops);
   }
   #[inline]
+  pub fn add_lease_id(&mut self, lease_id: i64) {
+    self.fbb_.push_slot::<i64>(Entry::VT_LEASE_ID, lease_id, 0);
+  }
+  #[inline]
+  pub fn add_lease_ttl(&mut self, lease_ttl: i64) {
+    self.fbb_.push_slot::<i64>(Entry::VT_LEASE_TTL, lease_ttl, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EntryBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     EntryBuilder {
@@ -516,6 +556,8 @@ impl ::core::fmt::Debug for Entry<'_> {
       ds.field("revision", &self.revision());
       ds.field("participants", &self.participants());
       ds.field("ops", &self.ops());
+      ds.field("lease_id", &self.lease_id());
+      ds.field("lease_ttl", &self.lease_ttl());
       ds.finish()
   }
 }
