@@ -104,6 +104,8 @@ enum BenchWorkload {
         #[arg(long, default_value_t = 16)]
         watchers: usize,
     },
+    /// Lease renewals: each client keeps one lease alive over its own stream.
+    LeaseKeepalive,
 }
 
 #[derive(clap::Args)]
@@ -287,6 +289,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         BenchWorkload::TxnPut { txn_ops } => Workload::TxnPut { ops: txn_ops },
         BenchWorkload::Mvcc => Workload::Mvcc,
         BenchWorkload::Watch { watchers } => Workload::Watch { watchers },
+        BenchWorkload::LeaseKeepalive => Workload::LeaseKeepAlive,
     };
     let duration = a.duration.map(std::time::Duration::from_secs_f64);
     let mut endpoints: Vec<String> = a

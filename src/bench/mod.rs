@@ -17,6 +17,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 
 use crate::proto::etcdserverpb as pb;
+use crate::server::grpc::{Code, Status};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Workload {
@@ -37,6 +38,9 @@ pub enum Workload {
     Watch {
         watchers: usize,
     },
+    /// Each client grants a lease and renews it over its own LeaseKeepAlive stream, one
+    /// request in flight; ops are renewals.
+    LeaseKeepAlive,
 }
 
 #[derive(Clone, Debug)]
@@ -361,6 +365,18 @@ async fn client_loop(
         .rate
         .map(|r| Duration::from_secs_f64(cfg.clients.max(1) as f64 / r.max(1e-9)));
     let mut next_at = Instant::now();
+    let mut keepalive = None;
+    if cfg.workload == Workload::LeaseKeepAlive {
+        match open_keepalive(&mut client).await {
+            Ok(k) => keepalive = Some(k),
+            Err(s) => {
+                *errors
+                    .entry(format!("lease: {:?}: {}", s.code, s.message))
+                    .or_default() += 1;
+                return (hist, errors, ops);
+            }
+        }
+    }
     loop {
         if shared.stop.load(Ordering::Acquire) {
             break;
@@ -383,6 +399,10 @@ async fn client_loop(
         };
         let key = key_for(cfg, n, &mut rng);
         let result = match cfg.workload {
+            Workload::LeaseKeepAlive => match keepalive.as_mut() {
+                Some((id, stream)) => keep_alive_once(*id, stream).await,
+                None => Err(Status::new(Code::Internal, "no lease")),
+            },
             Workload::Watch { .. } => {
                 // The value starts with the send time, so watchers can time delivery.
                 let mut v = (shared.epoch.elapsed().as_nanos() as u64)
@@ -490,6 +510,33 @@ async fn client_loop(
         shared.writers_running.fetch_sub(1, Ordering::AcqRel);
     }
     (hist, errors, ops)
+}
+
+/// Grants a lease for a keep-alive client and opens its stream.
+async fn open_keepalive(
+    client: &mut client::Client,
+) -> Result<(i64, client::GrpcStream<pb::LeaseKeepAliveResponse>), Status> {
+    let grant: pb::LeaseGrantResponse = client
+        .unary(
+            "/etcdserverpb.Lease/LeaseGrant",
+            &pb::LeaseGrantRequest { ttl: 60, id: 0 },
+        )
+        .await?;
+    let stream = client.stream("/etcdserverpb.Lease/LeaseKeepAlive").await?;
+    Ok((grant.id, stream))
+}
+
+/// One renewal: a request on the stream and its answer.
+async fn keep_alive_once(
+    id: i64,
+    stream: &mut client::GrpcStream<pb::LeaseKeepAliveResponse>,
+) -> Result<(), Status> {
+    stream.send(&pb::LeaseKeepAliveRequest { id })?;
+    match stream.recv().await? {
+        Some(r) if r.ttl > 0 => Ok(()),
+        Some(_) => Err(Status::new(Code::NotFound, "lease expired")),
+        None => Err(Status::new(Code::Unavailable, "keep-alive stream ended")),
+    }
 }
 
 /// One watch stream over the whole key space: counts events and times them from the put's
