@@ -16,6 +16,10 @@ struct Net {
     /// Nodes whose disk never acknowledges.
     stuck_disk: BTreeSet<NodeId>,
     snapshots: BTreeMap<NodeId, Snapshot>,
+    /// Every message delivered twice.
+    dup: bool,
+    /// (from, to, entries) of every append sent.
+    appends: Vec<(NodeId, NodeId, usize)>,
 }
 
 fn cfg(id: NodeId) -> Config {
@@ -35,6 +39,8 @@ impl Net {
             cut: BTreeSet::new(),
             stuck_disk: BTreeSet::new(),
             snapshots: BTreeMap::new(),
+            dup: false,
+            appends: Vec::new(),
         };
         for &id in &ids {
             net.add(id, DurableState::bootstrap(ids.clone()), cfg(id));
@@ -88,10 +94,16 @@ impl Net {
                 return;
             }
             for m in msgs {
+                if m.kind == MessageKind::Append {
+                    self.appends.push((m.from, m.to, m.entries.len()));
+                }
                 if self.cut.contains(&(m.from, m.to)) {
                     continue;
                 }
                 if let Some(n) = self.nodes.get_mut(&m.to) {
+                    if self.dup {
+                        n.step(m.clone());
+                    }
                     n.step(m);
                 }
             }
@@ -489,4 +501,120 @@ fn invalid_input_is_rejected_not_panicked() {
     m.context = b("short");
     n.step(m);
     n.step(Message::new(MessageKind::Snapshot, 2, 1, n.term() + 5));
+}
+
+#[test]
+fn leader_never_commits_an_old_term_entry_by_counting_replicas() {
+    // Figure 8 of the Raft paper: an entry of term 2 on a majority is not committed by a
+    // term-4 leader until an entry of term 4 is on a majority too.
+    let mut c = cfg(1);
+    c.pre_vote = false;
+    let old = Entry {
+        term: 2,
+        index: 2,
+        kind: EntryKind::Normal,
+        data: b("old"),
+    };
+    let st = DurableState {
+        hard_state: HardState {
+            term: 3,
+            vote: None,
+            commit: 1,
+        },
+        snapshot: Snapshot::bootstrap([1, 2, 3]),
+        entries: vec![old],
+    };
+    let mut r = Raft::new(c, st).expect("restore");
+    r.campaign();
+    let rd = r.ready();
+    r.advance(Persisted {
+        hard_state: rd.hard_state,
+        ..Persisted::default()
+    });
+    r.step(Message::new(MessageKind::RequestVoteResponse, 2, 1, 4));
+    assert_eq!(r.role(), Role::Leader);
+    assert_eq!(r.last_index(), 3, "no-op of term 4 appended");
+    let rd = r.ready();
+    let mut ack = Message::new(MessageKind::AppendResponse, 2, 1, 4);
+    ack.index = 2;
+    r.step(ack.clone());
+    assert_eq!(
+        r.commit(),
+        1,
+        "index 2 is on a majority but of an older term"
+    );
+    r.advance(rd.persisted());
+    assert_eq!(r.commit(), 1);
+    ack.index = 3;
+    r.step(ack);
+    assert_eq!(
+        r.commit(),
+        3,
+        "the term-4 entry commits, and the old one with it"
+    );
+}
+
+#[test]
+fn flow_control_bounds_batches_and_inflight_appends() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.tick_all(1);
+    net.appends.clear();
+    // Node 2 receives but its answers are lost: at most max_inflight (2) appends of at most
+    // max_entries_per_msg (4) entries go out to it.
+    net.cut.insert((2, 1));
+    for i in 0..20 {
+        net.node(1).propose(b(&format!("v{i}"))).expect("leader");
+        net.settle();
+    }
+    // (Empty appends that only carry the commit index do not occupy the window.)
+    let to2: Vec<usize> = net
+        .appends
+        .iter()
+        .filter(|a| a.1 == 2 && a.2 > 0)
+        .map(|a| a.2)
+        .collect();
+    assert_eq!(to2.len(), 2, "{to2:?}");
+    assert!(to2.iter().all(|&n| n <= 4));
+    let to3 = net.appends.iter().filter(|a| a.1 == 3).count();
+    assert!(to3 >= 5, "node 3 answers, so its window keeps moving");
+    // Once answers flow again the stalled follower is probed and catches up.
+    net.cut.clear();
+    net.tick_all(8);
+    assert_eq!(net.node(2).last_index(), net.node(1).last_index());
+}
+
+#[test]
+fn duplicated_messages_are_harmless() {
+    let mut net = Net::new(3);
+    net.dup = true;
+    net.elect(1);
+    for i in 0..30 {
+        net.node(1).propose(b(&format!("v{i}"))).expect("leader");
+    }
+    net.settle();
+    net.tick_all(2);
+    for id in 1..=3 {
+        assert_eq!(net.data(id).len(), 30, "node {id}");
+    }
+    assert_eq!(net.leaders(), vec![1]);
+}
+
+#[test]
+fn new_leader_refuses_conf_change_until_its_log_is_applied() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let idx = net
+        .node(1)
+        .propose_conf_change(ConfChange::AddLearner(4))
+        .expect("leader");
+    net.settle();
+    net.tick_all(1);
+    assert!(net.node(1).applied() >= idx);
+    net.node(1)
+        .propose_conf_change(ConfChange::Remove(4))
+        .expect("previous change applied");
+    net.settle();
+    net.tick_all(1);
+    assert!(!net.node(1).conf_state().contains(4));
 }
