@@ -229,10 +229,12 @@ impl RaftLog {
     pub fn restore(&mut self, snapshot: Snapshot) {
         let index = snapshot.meta.index;
         debug_assert!(index > self.committed);
+        // Of the durable entries, only the committed ones are known to agree with the
+        // snapshot; an uncommitted durable tail may differ and must not be acknowledged.
+        self.persisted = self.persisted.min(self.committed);
         self.entries.clear();
         self.committed = index;
         self.applied = index;
-        self.persisted = self.persisted.min(index.saturating_sub(1));
         self.unstable_from = index + 1;
         self.unacked_snapshot = Some(index);
         self.pending_snapshot = Some(snapshot.clone());
@@ -365,6 +367,23 @@ mod tests {
         assert_eq!(l.take_committed().len(), 1);
         assert!(l.ack_entries(2, 3));
         assert_eq!(l.take_committed()[0].index, 3);
+    }
+
+    #[test]
+    fn restore_forgets_an_uncommitted_durable_tail() {
+        let mut l = log_with(&[1, 1, 1]); // 2..4 durable, only 2 committed
+        l.commit_to(2);
+        let mut s = Snapshot::bootstrap([1]);
+        s.meta.index = 9;
+        s.meta.term = 3;
+        l.restore(s);
+        assert_eq!(
+            l.persisted(),
+            2,
+            "entries 3 and 4 may differ from the snapshot's history"
+        );
+        assert!(l.ack_snapshot(9));
+        assert_eq!(l.persisted(), 9);
     }
 
     #[test]

@@ -408,6 +408,14 @@ impl Raft {
                 RequestPreVote => {}
                 RequestPreVoteResponse if !m.reject => {}
                 Append | Heartbeat | Snapshot => self.become_follower(m.term, Some(m.from)),
+                RequestVote => {
+                    // Learning a newer term from a candidate is no reason to wait longer
+                    // (only granting a vote is): otherwise a candidate with a stale log and a
+                    // faster clock keeps resetting the timer of the node that could win.
+                    let elapsed = self.election_elapsed;
+                    self.become_follower(m.term, None);
+                    self.election_elapsed = elapsed;
+                }
                 _ => self.become_follower(m.term, None),
             }
         } else if m.term < self.term {

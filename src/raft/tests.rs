@@ -618,3 +618,49 @@ fn new_leader_refuses_conf_change_until_its_log_is_applied() {
     net.tick_all(1);
     assert!(!net.node(1).conf_state().contains(4));
 }
+
+#[test]
+fn a_rejected_candidate_does_not_delay_the_up_to_date_node() {
+    // Without pre-vote, a candidate with a stale log bumps the term of the node that could
+    // win; that node must still campaign on its original schedule.
+    let classic = |id| {
+        let mut c = cfg(id);
+        c.pre_vote = false;
+        c.check_quorum = false;
+        c
+    };
+    let stale = Raft::new(classic(1), DurableState::bootstrap([1, 2]));
+    let mut ahead = DurableState::bootstrap([1, 2]);
+    ahead.entries.push(Entry {
+        term: 1,
+        index: 2,
+        kind: EntryKind::Normal,
+        data: b("x"),
+    });
+    let (mut n1, mut n2) = (
+        stale.expect("valid"),
+        Raft::new(classic(2), ahead).expect("valid"),
+    );
+    for _ in 0..9 {
+        n2.tick();
+    }
+    n1.campaign();
+    let rd = n1.ready();
+    n1.advance(rd.persisted());
+    for m in n1.ready().messages {
+        n2.step(m);
+    }
+    assert_eq!(
+        (n2.term(), n2.role()),
+        (2, Role::Follower),
+        "vote refused, term learned"
+    );
+    for _ in 0..11 {
+        n2.tick();
+    }
+    assert_eq!(
+        n2.role(),
+        Role::Candidate,
+        "timed out within 2 * election_tick of its start"
+    );
+}
