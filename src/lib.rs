@@ -12,6 +12,7 @@ pub mod mvcc;
 pub mod partition;
 pub mod plan;
 pub mod proto;
+pub mod raft;
 pub mod revision;
 pub mod rt;
 pub mod server;
