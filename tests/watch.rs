@@ -315,7 +315,7 @@ fn random_writes_and_watchers_see_exactly_the_history() {
     let seed: u64 = std::env::var("SPINDLE_WATCH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::random());
+        .unwrap_or_else(rand::random);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
