@@ -313,3 +313,58 @@ fn bench_watch_delivers_every_event_to_every_watcher() {
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");
     assert_eq!(report["ops"], 6 * 200, "{report}");
 }
+
+#[test]
+fn json_gateway_watch_matches_etcd() {
+    use std::io::{Read, Write};
+    let run = |s: &Server| -> Vec<serde_json::Value> {
+        let mut sock = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        let body = r#"{"create_request":{"key":"Zm9v","range_end":"Zm9w","prev_kv":true}}"#;
+        write!(
+            sock,
+            "POST /v3/watch HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        for (k, v) in [("foo", "1"), ("foo/x", "2"), ("foo", "3")] {
+            let ok = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints=127.0.0.1:{}", s.port))
+                .args(["put", k, v])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+        }
+        sock.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = sock.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&raw);
+        text.lines()
+            .filter(|l| l.starts_with("{\"result\""))
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                if let Some(h) = v["result"]["header"].as_object_mut() {
+                    h.remove("cluster_id");
+                    h.remove("member_id");
+                    h.remove("raft_term");
+                }
+                v
+            })
+            .collect()
+    };
+    let etcd = start("etcd");
+    let spindle = start("spindle");
+    let want = run(&etcd);
+    assert_eq!(want.len(), 4, "{want:?}");
+    assert_eq!(run(&spindle), want);
+}

@@ -102,6 +102,9 @@ fn error(s: &Status) -> Response<GrpcBody> {
 }
 
 pub(super) async fn handle(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBody> {
+    if path == "/v3/watch" {
+        return watch(ctx, body).await;
+    }
     let Some((method, req_name, resp_name)) = route(path) else {
         return json(
             StatusCode::NOT_FOUND,
@@ -147,7 +150,18 @@ async fn translate(
         return Err(super::grpc::too_large(encoded.len(), limit));
     }
     let resp = super::call(ctx, method, vec![encoded]).await?;
-    let msg = DynamicMessage::decode(desc(resp_name)?, resp)
+    to_json(resp_name, resp)
+}
+
+fn descriptor(name: &str) -> Result<prost_reflect::MessageDescriptor, Status> {
+    pool()
+        .get_message_by_name(&format!("etcdserverpb.{name}"))
+        .ok_or_else(|| Status::new(Code::Internal, format!("no descriptor for {name}")))
+}
+
+/// An encoded `etcdserverpb` message as the gateway's JSON.
+pub(super) fn to_json(name: &str, encoded: Bytes) -> Result<String, Status> {
+    let msg = DynamicMessage::decode(descriptor(name)?, encoded)
         .map_err(|e| Status::new(Code::Internal, format!("response decoding: {e}")))?;
     let mut out = serde_json::Serializer::new(Vec::new());
     msg.serialize_with_options(
@@ -156,4 +170,30 @@ async fn translate(
     )
     .map_err(|e| Status::new(Code::Internal, format!("response encoding: {e}")))?;
     String::from_utf8(out.into_inner()).map_err(|e| Status::new(Code::Internal, e.to_string()))
+}
+
+/// `POST /v3/watch`: the body holds one or more JSON WatchRequests; the answer streams.
+async fn watch(ctx: &Rc<Ctx>, body: Incoming) -> Response<GrpcBody> {
+    let limit = ctx.cfg.max_request_bytes + super::GRPC_OVERHEAD_BYTES;
+    let parsed = async {
+        let bytes = super::read_body(body, 4 * limit).await?;
+        let desc = descriptor("WatchRequest")?;
+        let bad = |e: &dyn std::fmt::Display| {
+            Status::new(Code::InvalidArgument, format!("invalid JSON request: {e}"))
+        };
+        let mut reqs = Vec::new();
+        for doc in serde_json::Deserializer::from_slice(&bytes).into_iter::<serde_json::Value>() {
+            let doc = doc.map_err(|e| bad(&e))?;
+            let msg = DynamicMessage::deserialize(desc.clone(), doc).map_err(|e| bad(&e))?;
+            let req: crate::proto::etcdserverpb::WatchRequest =
+                prost::Message::decode(Bytes::from(prost::Message::encode_to_vec(&msg)))
+                    .map_err(|e| Status::new(Code::Internal, e.to_string()))?;
+            reqs.push(req);
+        }
+        Ok::<_, Status>(reqs)
+    };
+    match parsed.await {
+        Ok(reqs) => super::watch::serve_json(ctx.clone(), reqs),
+        Err(s) => error(&s),
+    }
 }

@@ -37,8 +37,48 @@ struct StreamWatch {
     active: bool,
 }
 
+/// The gRPC call: requests decoded from the request body's frames, responses gRPC-framed.
 pub fn serve(ctx: Rc<Ctx>, body: Incoming) -> http::Response<GrpcBody> {
+    let (req_tx, requests) = flume::bounded(64);
+    let limit = ctx.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    glommio::spawn_local(read_requests(body, limit, req_tx)).detach();
     let (out, rx) = flume::bounded::<Frame<Bytes>>(16);
+    spawn_session(ctx, requests, out, |r| Ok(grpc::encode_message(r)), true);
+    grpc::stream(rx)
+}
+
+/// The JSON gateway's `POST /v3/watch`: the body's JSON requests, then a stream of
+/// `{"result": ...}` lines, one per response, as etcd's gateway sends them.
+pub fn serve_json(ctx: Rc<Ctx>, reqs: Vec<pb::WatchRequest>) -> http::Response<GrpcBody> {
+    let (req_tx, requests) = flume::unbounded();
+    for r in reqs {
+        let _ = req_tx.send(Ok(r));
+    }
+    drop(req_tx);
+    let (out, rx) = flume::bounded::<Frame<Bytes>>(16);
+    spawn_session(ctx, requests, out, json_line, false);
+    let mut resp = http::Response::new(GrpcBody::Stream(Box::pin(rx.into_stream())));
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn json_line(r: &pb::WatchResponse) -> Result<Bytes, Status> {
+    let text = super::gateway::to_json("WatchResponse", grpc::encode_message(r).slice(5..))?;
+    Ok(Bytes::from(format!("{{\"result\":{text}}}\n")))
+}
+
+type Encoder = fn(&pb::WatchResponse) -> Result<Bytes, Status>;
+
+fn spawn_session(
+    ctx: Rc<Ctx>,
+    requests: flume::Receiver<Result<pb::WatchRequest, Status>>,
+    out: flume::Sender<Frame<Bytes>>,
+    encode: Encoder,
+    trailers: bool,
+) {
     glommio::spawn_local(async move {
         let mut session = Session {
             watches: BTreeMap::new(),
@@ -46,18 +86,17 @@ pub fn serve(ctx: Rc<Ctx>, body: Incoming) -> http::Response<GrpcBody> {
             sink_id: ctx.db.new_watch_sink(),
             ctx,
         };
-        let status = session.run(body, &out).await;
+        let status = session.run(requests, &out, encode).await;
         for w in session.watches.values() {
             session.ctx.db.watch_cancel(w.hub_id);
         }
-        if let Some(status) = status {
+        if let (Some(status), true) = (status, trailers) {
             let _ = out
                 .send_async(Frame::trailers(grpc::status_trailers(&status)))
                 .await;
         }
     })
     .detach();
-    grpc::stream(rx)
 }
 
 struct Session {
@@ -76,11 +115,13 @@ enum Input {
 
 impl Session {
     /// Serves until the client goes away (`None`) or sends something invalid (its status).
-    async fn run(&mut self, body: Incoming, out: &flume::Sender<Frame<Bytes>>) -> Option<Status> {
+    async fn run(
+        &mut self,
+        requests: flume::Receiver<Result<pb::WatchRequest, Status>>,
+        out: &flume::Sender<Frame<Bytes>>,
+        encode: Encoder,
+    ) -> Option<Status> {
         let (sink, updates) = flume::bounded(STREAM_BUFFER);
-        let (req_tx, requests) = flume::bounded(64);
-        let limit = self.ctx.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
-        glommio::spawn_local(read_requests(body, limit, req_tx)).detach();
         let interval = self.ctx.cfg.watch_progress_notify_interval;
         let mut next_tick = Instant::now() + interval;
         let mut reading = true;
@@ -112,7 +153,11 @@ impl Session {
                 }
                 None => return None,
             };
-            for f in frames {
+            for r in frames {
+                let f = match encode(&r) {
+                    Ok(f) => f,
+                    Err(s) => return Some(s),
+                };
                 if out.send_async(Frame::data(f)).await.is_err() {
                     return None;
                 }
@@ -124,7 +169,11 @@ impl Session {
         Some(self.ctx.header(revision))
     }
 
-    fn request(&mut self, req: pb::WatchRequest, sink: &crate::watch::WatchSink) -> Vec<Bytes> {
+    fn request(
+        &mut self,
+        req: pb::WatchRequest,
+        sink: &crate::watch::WatchSink,
+    ) -> Vec<pb::WatchResponse> {
         use pb::watch_request::RequestUnion;
         let current = self.ctx.db.revision();
         match req.request_union {
@@ -141,11 +190,11 @@ impl Session {
                 // must be above the key.
                 if !c.range_end.is_empty() && c.range_end.as_ref() != b"\0" && c.range_end <= c.key
                 {
-                    return vec![grpc::encode_message(&refused(EMPTY_RANGE))];
+                    return vec![refused(EMPTY_RANGE)];
                 }
                 let id = if c.watch_id != 0 {
                     if self.watches.contains_key(&c.watch_id) {
-                        return vec![grpc::encode_message(&refused(DUPLICATE_ID))];
+                        return vec![refused(DUPLICATE_ID)];
                     }
                     c.watch_id
                 } else {
@@ -165,12 +214,12 @@ impl Session {
                     no_delete: filters(pb::watch_create_request::FilterType::Nodelete),
                     prev_kv: c.prev_kv,
                 };
-                let created = grpc::encode_message(&pb::WatchResponse {
+                let created = pb::WatchResponse {
                     header: self.header(current),
                     watch_id: id,
                     created: true,
                     ..Default::default()
-                });
+                };
                 let hub_id = self.ctx.db.watch(&wreq, self.sink_id, id, sink.clone());
                 self.watches.insert(
                     id,
@@ -186,12 +235,12 @@ impl Session {
             Some(RequestUnion::CancelRequest(c)) => match self.watches.remove(&c.watch_id) {
                 Some(w) => {
                     self.ctx.db.watch_cancel(w.hub_id);
-                    vec![grpc::encode_message(&pb::WatchResponse {
+                    vec![pb::WatchResponse {
                         header: self.header(current),
                         watch_id: c.watch_id,
                         canceled: true,
                         ..Default::default()
-                    })]
+                    }]
                 }
                 // etcd ignores cancels of unknown watches.
                 None => Vec::new(),
@@ -204,14 +253,14 @@ impl Session {
         }
     }
 
-    fn update(&mut self, tag: i64, update: WatchUpdate) -> Vec<Bytes> {
+    fn update(&mut self, tag: i64, update: WatchUpdate) -> Vec<pb::WatchResponse> {
         if tag == -1 {
             if let WatchUpdate::Progress { revision } = update {
-                return vec![grpc::encode_message(&pb::WatchResponse {
+                return vec![pb::WatchResponse {
                     header: self.header(revision),
                     watch_id: -1,
                     ..Default::default()
-                })];
+                }];
             }
             return Vec::new();
         }
@@ -244,24 +293,24 @@ impl Session {
                 if fragment && prost::Message::encoded_len(&resp) > limit {
                     fragments(resp, limit)
                 } else {
-                    vec![grpc::encode_message(&resp)]
+                    vec![resp]
                 }
             }
-            WatchUpdate::Progress { revision } => vec![grpc::encode_message(&pb::WatchResponse {
+            WatchUpdate::Progress { revision } => vec![pb::WatchResponse {
                 header: self.header(revision),
                 watch_id: tag,
                 ..Default::default()
-            })],
+            }],
             WatchUpdate::Compacted { compact_revision } => {
                 self.watches.remove(&tag);
                 // etcd leaves the revision of this header at 0.
-                vec![grpc::encode_message(&pb::WatchResponse {
+                vec![pb::WatchResponse {
                     header: self.header(0),
                     watch_id: tag,
                     canceled: true,
                     compact_revision,
                     ..Default::default()
-                })]
+                }]
             }
         }
     }
@@ -278,7 +327,7 @@ impl Session {
 
 /// Splits an events response into pieces of at most about `limit` bytes; every piece but the
 /// last is marked `fragment` (etcd's clients reassemble them).
-fn fragments(resp: pb::WatchResponse, limit: usize) -> Vec<Bytes> {
+fn fragments(resp: pb::WatchResponse, limit: usize) -> Vec<pb::WatchResponse> {
     let mut out = Vec::new();
     let mut piece = pb::WatchResponse {
         events: Vec::new(),
@@ -290,7 +339,7 @@ fn fragments(resp: pb::WatchResponse, limit: usize) -> Vec<Bytes> {
         let len = prost::Message::encoded_len(&e) + 8;
         if !piece.events.is_empty() && size + len > limit {
             piece.fragment = true;
-            out.push(grpc::encode_message(&piece));
+            out.push(piece.clone());
             piece.events.clear();
             size = base;
         }
@@ -298,7 +347,7 @@ fn fragments(resp: pb::WatchResponse, limit: usize) -> Vec<Bytes> {
         piece.events.push(e);
     }
     piece.fragment = false;
-    out.push(grpc::encode_message(&piece));
+    out.push(piece);
     out
 }
 
