@@ -853,19 +853,29 @@ impl World {
     /// Watch feed: every window at or above the compact revision, paged, from the event log
     /// (`store`) and from history alone (`replica`, rebuilt by replay), equals the model's events.
     fn check_changes(&self, page: usize) {
-        let ranges: [(&[u8], &[u8]); 3] = [(b"", b"\0"), (b"b", b"d"), (b"c", b"")];
+        // Each case: the ranges asked for (overlapping ones, as many watchers produce), and
+        // the single range equal to their union that the model answers for.
+        type Case<'a> = (Vec<(&'a [u8], &'a [u8])>, (&'a [u8], &'a [u8]));
+        let cases: [Case; 4] = [
+            (vec![(b"", b"\0")], (b"", b"\0")),
+            (vec![(b"b", b"d")], (b"b", b"d")),
+            (vec![(b"c", b"")], (b"c", b"")),
+            (vec![(b"c", b""), (b"b", b"d"), (b"ba", b"c")], (b"b", b"d")),
+        ];
         let model = &self.model;
-        for (start, end) in ranges {
-            let kr =
-                KeyRange::from_etcd(&Bytes::copy_from_slice(start), &Bytes::copy_from_slice(end))
-                    .expect("non-empty range");
+        let range = |(start, end): (&[u8], &[u8])| {
+            KeyRange::from_etcd(&Bytes::copy_from_slice(start), &Bytes::copy_from_slice(end))
+                .expect("non-empty range")
+        };
+        for (asked, (start, end)) in cases {
+            let krs: Vec<KeyRange> = asked.into_iter().map(range).collect();
             for after in 0..=model.global {
                 let upto = model.global;
                 for (name, s) in [("store", &self.store), ("replica", &self.replica)] {
                     if after < model.compact {
                         if after + 1 < model.compact && after < s.event_floor() {
                             assert!(matches!(
-                                s.changes(std::slice::from_ref(&kr), after, upto, page),
+                                s.changes(&krs, after, upto, page),
                                 Err(Error::Compacted)
                             ));
                         }
@@ -875,7 +885,7 @@ impl World {
                     let mut from = after;
                     while from < upto {
                         let c = s
-                            .changes(std::slice::from_ref(&kr), from, upto, page)
+                            .changes(&krs, from, upto, page)
                             .expect("window above compaction");
                         assert!(c.complete_through > from, "{name}: no progress");
                         assert!(c.events.iter().all(|e| e.revision() <= c.complete_through));

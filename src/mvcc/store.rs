@@ -369,7 +369,8 @@ impl ShardStore {
                 return Err(Error::Compacted);
             }
             let hist_upto = upto.min(floor);
-            for kr in ranges {
+            // Overlapping ranges (many watchers) must not scan, and so report, a key twice.
+            for kr in &merge_ranges(ranges) {
                 let hi = kr
                     .end
                     .as_ref()
@@ -645,6 +646,28 @@ impl ShardStore {
         self.lease_keys
             .moved(&Bytes::copy_from_slice(key), before, after);
     }
+}
+
+/// The union of `ranges` as disjoint ranges in key order.
+fn merge_ranges(ranges: &[KeyRange]) -> Vec<KeyRange> {
+    let mut sorted: Vec<KeyRange> = ranges.to_vec();
+    sorted.sort_by(|a, b| a.start.cmp(&b.start));
+    let mut out: Vec<KeyRange> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        if let Some(last) = out.last_mut() {
+            // `None` = unbounded; overlapping or touching ranges merge.
+            let overlaps = last.end.as_ref().is_none_or(|e| r.start <= *e);
+            if overlaps {
+                last.end = match (&last.end, &r.end) {
+                    (None, _) | (_, None) => None,
+                    (Some(a), Some(b)) => Some(a.max(b).clone()),
+                };
+                continue;
+            }
+        }
+        out.push(r);
+    }
+    out
 }
 
 /// Calls `f` on each leaf op (Range/Put/DeleteRange) of `txn` along `path`, in execution order.

@@ -24,6 +24,9 @@ use crate::watch::{WatchRequest, WatchUpdate};
 /// Updates buffered per stream before its watches fall back to catching up from history.
 const STREAM_BUFFER: usize = 1024;
 
+/// How often an idle session checks that its client is still there.
+const DISCONNECT_CHECK: Duration = Duration::from_secs(1);
+
 /// etcd's error texts for refused creates.
 const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
@@ -123,12 +126,15 @@ impl Session {
     ) -> Option<Status> {
         let (sink, updates) = flume::bounded(STREAM_BUFFER);
         let interval = self.ctx.cfg.watch_progress_notify_interval;
-        let mut next_tick = Instant::now() + interval;
+        let mut next_progress = Instant::now() + interval;
         let mut reading = true;
         loop {
             let updates_next = async { updates.recv_async().await.map(Input::Update).ok() };
+            // Wakes at least every second: a client that went away without a reset is only
+            // noticed by looking (its response body was dropped), and its watches must end.
+            let wake = next_progress.min(Instant::now() + DISCONNECT_CHECK);
             let tick = async {
-                glommio::timer::sleep(next_tick.saturating_duration_since(Instant::now())).await;
+                glommio::timer::sleep(wake.saturating_duration_since(Instant::now())).await;
                 Some(Input::Tick)
             };
             let input = if reading {
@@ -147,8 +153,13 @@ impl Session {
                 Some(Input::Request(Some(Ok(req)))) => self.request(req, &sink),
                 Some(Input::Update((tag, update))) => self.update(tag, update),
                 Some(Input::Tick) => {
-                    next_tick = Instant::now() + interval;
-                    self.tick();
+                    if out.is_disconnected() {
+                        return None;
+                    }
+                    if Instant::now() >= next_progress {
+                        next_progress = Instant::now() + interval;
+                        self.tick();
+                    }
                     Vec::new()
                 }
                 None => return None,
