@@ -6,83 +6,10 @@
 //! `tools/test` installs the libraries into `$SPINDLE_CLIENTS_DIR` (default
 //! `~/.cache/spindle-clients`), along with etcd.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-struct Server {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(etcd: bool) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let ls: Vec<TcpListener> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let ports: Vec<u16> = ls.iter().map(|l| l.local_addr().unwrap().port()).collect();
-    drop(ls);
-    let url = format!("http://127.0.0.1:{}", ports[0]);
-    let mut cmd = if etcd {
-        let peer = format!("http://127.0.0.1:{}", ports[1]);
-        let mut c = Command::new("etcd");
-        c.args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-        ])
-        .args(["--initial-cluster", &format!("default={peer}")]);
-        c
-    } else {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_spindle"));
-        c.arg("serve")
-            .args(["--listen-client-urls", &url, "--cores", "2"]);
-        c
-    };
-    let child = cmd
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start server");
-    let s = Server {
-        child,
-        port: ports[0],
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints=127.0.0.1:{}", s.port))
-        .args(["--dial-timeout=1s", "endpoint", "health"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|st| st.success())
-    {
-        assert!(Instant::now() < deadline, "server did not become healthy");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    s
-}
+mod common;
 
 fn clients_dir() -> PathBuf {
     std::env::var_os("SPINDLE_CLIENTS_DIR")
@@ -101,7 +28,7 @@ fn script(name: &str) -> PathBuf {
 /// Runs a client script against etcd, then spindle; both must print "ok".
 fn run_both(make: impl Fn(&str) -> Command) {
     for etcd in [true, false] {
-        let s = start(etcd);
+        let s = common::start(if etcd { "etcd" } else { "spindle" }, &[]);
         let out = make(&format!("127.0.0.1:{}", s.port))
             .output()
             .expect("run the client (tools/test installs it)");

@@ -7,87 +7,17 @@
 //! Needs `etcd` and `etcdctl` 3.4 on PATH (`tools/test` installs them).
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use spindle::bench::client::Client;
 use spindle::proto::etcdserverpb as pb;
 
-struct Server {
-    name: &'static str,
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
+mod common;
+use common::{start as start_server, Server};
 
 fn start(name: &'static str) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let ports = free_ports(2);
-    let client = format!("http://127.0.0.1:{}", ports[0]);
-    let log = std::fs::File::create(dir.path().join("log")).unwrap();
-    let mut cmd = if name == "etcd" {
-        let peer = format!("http://127.0.0.1:{}", ports[1]);
-        let mut c = Command::new("etcd");
-        c.arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &client])
-            .args(["--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("default={peer}")]);
-        c
-    } else {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_spindle"));
-        c.arg("serve")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &client, "--cores", "2"]);
-        c
-    };
-    let child = cmd
-        .args(["--max-request-bytes", "4096"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start server (etcd from the etcd-server package)");
-    let s = Server {
-        name,
-        child,
-        port: ports[0],
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ok = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints=127.0.0.1:{}", s.port))
-            .args(["--dial-timeout=1s", "endpoint", "health"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|st| st.success());
-        if ok {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "{name} did not become healthy");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    start_server(name, &["--max-request-bytes", "4096"])
 }
 
 /// A response with the identities that differ between clusters removed.

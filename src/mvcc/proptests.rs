@@ -143,6 +143,30 @@ fn tag(e: &Error) -> CheckErr {
     }
 }
 
+/// The key after one more event at revision `r`.
+fn step_kv(cur: Option<KeyValue>, key: &Bytes, r: i64, ev: &Ev) -> Option<KeyValue> {
+    match ev {
+        Ev::Del => None,
+        Ev::Put(v, l) => Some(match cur {
+            Some(kv) => KeyValue {
+                mod_revision: r,
+                version: kv.version + 1,
+                value: v.clone(),
+                lease: *l,
+                ..kv
+            },
+            None => KeyValue {
+                key: key.clone(),
+                create_revision: r,
+                mod_revision: r,
+                version: 1,
+                value: v.clone(),
+                lease: *l,
+            },
+        }),
+    }
+}
+
 impl Model {
     /// Replays the key's events up to `rev`.
     fn kv_at(&self, key: &Bytes, rev: i64) -> Option<KeyValue> {
@@ -151,26 +175,7 @@ impl Model {
             if *r > rev {
                 break;
             }
-            cur = match ev {
-                Ev::Del => None,
-                Ev::Put(v, l) => Some(match cur {
-                    Some(kv) => KeyValue {
-                        mod_revision: *r,
-                        version: kv.version + 1,
-                        value: v.clone(),
-                        lease: *l,
-                        ..kv
-                    },
-                    None => KeyValue {
-                        key: key.clone(),
-                        create_revision: *r,
-                        mod_revision: *r,
-                        version: 1,
-                        value: v.clone(),
-                        lease: *l,
-                    },
-                }),
-            };
+            cur = step_kv(cur, key, *r, ev);
         }
         cur
     }
@@ -811,26 +816,7 @@ impl Model {
             // Replayed event by event: a txn may put one key twice at one revision.
             let mut cur: Option<KeyValue> = None;
             for (r, ev) in hist {
-                cur = match ev {
-                    Ev::Del => None,
-                    Ev::Put(v, l) => Some(match cur {
-                        Some(kv) => KeyValue {
-                            mod_revision: *r,
-                            version: kv.version + 1,
-                            value: v.clone(),
-                            lease: *l,
-                            ..kv
-                        },
-                        None => KeyValue {
-                            key: key.clone(),
-                            create_revision: *r,
-                            mod_revision: *r,
-                            version: 1,
-                            value: v.clone(),
-                            lease: *l,
-                        },
-                    }),
-                };
+                cur = step_kv(cur, key, *r, ev);
                 if *r <= after || *r > upto {
                     continue;
                 }
