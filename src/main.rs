@@ -96,12 +96,22 @@ enum BenchWorkload {
         #[arg(long, default_value_t = 1)]
         txn_ops: usize,
     },
+    /// Txns reading or writing one key, --rw-ratio reads per write.
+    TxnMixed {
+        #[arg(long, default_value_t = 1.0)]
+        rw_ratio: f64,
+    },
     /// The embedded engine directly, no network.
     Mvcc,
     /// Watch fan-out and delivery latency: --watchers streams watch every key while the
     /// clients put; ops are events delivered, latency is put sent to event received.
     Watch {
         #[arg(long, default_value_t = 16)]
+        watchers: usize,
+    },
+    /// Put-to-event latency: like `watch` with fewer watchers; pace the puts with --rate.
+    WatchLatency {
+        #[arg(long, default_value_t = 10)]
         watchers: usize,
     },
     /// Lease renewals: each client keeps one lease alive over its own stream.
@@ -290,6 +300,10 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         BenchWorkload::Mvcc => Workload::Mvcc,
         BenchWorkload::Watch { watchers } => Workload::Watch { watchers },
         BenchWorkload::LeaseKeepalive => Workload::LeaseKeepAlive,
+        BenchWorkload::WatchLatency { watchers } => Workload::Watch { watchers },
+        BenchWorkload::TxnMixed { rw_ratio } => Workload::TxnMixed {
+            read_ratio: rw_ratio.max(0.0),
+        },
     };
     let duration = a.duration.map(std::time::Duration::from_secs_f64);
     let mut endpoints: Vec<String> = a

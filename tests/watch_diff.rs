@@ -298,3 +298,48 @@ fn json_gateway_watch_matches_etcd() {
     assert_eq!(want.len(), 4, "{want:?}");
     assert_eq!(run(&spindle), want);
 }
+
+#[test]
+fn bench_txn_mixed_and_watch_latency_run_clean() {
+    let s = start("spindle");
+    let bench = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_spindle"))
+            .arg("bench")
+            .args(args)
+            .args(["--endpoints", &s.endpoint(), "--json", "--cores", "1"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+        report
+    };
+    let mixed = bench(&[
+        "txn-mixed",
+        "--rw-ratio",
+        "3",
+        "--total",
+        "400",
+        "--clients",
+        "8",
+    ]);
+    assert_eq!(mixed["ops"], 400);
+    // 3 watchers, 100 puts paced at 500/s: every event arrives, latencies are recorded.
+    let lat = bench(&[
+        "watch-latency",
+        "--watchers",
+        "3",
+        "--total",
+        "100",
+        "--clients",
+        "1",
+        "--rate",
+        "500",
+    ]);
+    assert_eq!(lat["ops"], 300);
+    assert!(lat["latency_us"]["p50"].as_f64().unwrap() > 0.0);
+}

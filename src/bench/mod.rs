@@ -19,7 +19,7 @@ use hdrhistogram::Histogram;
 use crate::proto::etcdserverpb as pb;
 use crate::server::grpc::{Code, Status};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Workload {
     Put,
     /// Range over single keys (or a prefix of the key space); `serializable` as etcd's flag.
@@ -30,6 +30,11 @@ pub enum Workload {
     /// A txn with one put per op.
     TxnPut {
         ops: usize,
+    },
+    /// Txns that either read one key (a Range op) or write it (a Put op), `read_ratio` reads
+    /// per write (etcd's `--rw-ratio`).
+    TxnMixed {
+        read_ratio: f64,
     },
     /// The embedded engine, no network.
     Mvcc,
@@ -204,7 +209,7 @@ pub fn run(cfg: BenchConfig) -> Result<Report, String> {
     if cfg.endpoints.is_empty() {
         return Err("no endpoints".into());
     }
-    if let Workload::Range { .. } = cfg.workload {
+    if let Workload::Range { .. } | Workload::TxnMixed { .. } = cfg.workload {
         preload(&cfg)?;
     }
     let start = Instant::now();
@@ -481,6 +486,33 @@ async fn client_loop(
                     .collect();
                 let req = pb::TxnRequest {
                     success,
+                    ..Default::default()
+                };
+                client
+                    .unary::<_, pb::TxnResponse>("/etcdserverpb.KV/Txn", &req)
+                    .await
+                    .map(|_| ())
+            }
+            Workload::TxnMixed { read_ratio } => {
+                // xorshift step for the read/write choice, from the same per-client stream.
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let read = (rng % 1_000_000) as f64 / 1e6 < read_ratio / (read_ratio + 1.0);
+                let op = if read {
+                    pb::request_op::Request::RequestRange(pb::RangeRequest {
+                        key,
+                        ..Default::default()
+                    })
+                } else {
+                    pb::request_op::Request::RequestPut(pb::PutRequest {
+                        key,
+                        value: value.clone(),
+                        ..Default::default()
+                    })
+                };
+                let req = pb::TxnRequest {
+                    success: vec![pb::RequestOp { request: Some(op) }],
                     ..Default::default()
                 };
                 client
