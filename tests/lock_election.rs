@@ -419,9 +419,15 @@ fn grpc_election_failover_and_observe() {
             (b.key.as_ref(), &b"b1"[..])
         );
 
+        // Campaigning again with another value proclaims it; the leader key stays.
+        let again = campaign(lb, "b2").await.expect("B again").leader.unwrap();
+        assert_eq!((again.key.as_ref(), again.rev), (b.key.as_ref(), b.rev));
+        let l = leader(&mut c).await.unwrap().kv.unwrap();
+        assert_eq!(l.value.as_ref(), &b"b2"[..]);
+
         // Observe saw every leader and proclamation, in order.
         let mut seen = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..4 {
             let r = futures_lite::future::or(async { Some(obs.recv().await) }, async {
                 sleep_ms(5000).await;
                 None
@@ -443,7 +449,8 @@ fn grpc_election_failover_and_observe() {
             vec![
                 (ka.clone(), "a1".into()),
                 (ka, "a2".into()),
-                (kb, "b1".into())
+                (kb.clone(), "b1".into()),
+                (kb, "b2".into())
             ]
         );
 
@@ -606,4 +613,78 @@ fn error_cases_match_etcd() {
         find("lock with an unknown lease"),
         "2: etcdserver: requested lease not found"
     );
+}
+
+/// One HTTP/1.1 POST to the JSON gateway; the whole response as text.
+fn post(port: u16, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn service_lock_excludes_the_etcdctl_recipe_and_the_gateway_serves_both() {
+    let s = spindle();
+    let ep = s.endpoint();
+    // Held through the gRPC service...
+    let key = spindle::rt::run_local(move || async move {
+        let mut c = Client::connect(&ep).await.unwrap();
+        let lease = grant(&mut c, 30).await;
+        lock(&mut c, "shared", lease).await.expect("lock").key
+    });
+    // ...so etcdctl's recipe on the same name waits until it is released.
+    let mut waiter = etcdctl_cmd(&s, &["lock", "shared", "--", "sh", "-c", "echo got"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut waiter);
+    let _waiter = Kill(waiter);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        lines.try_recv().is_err(),
+        "etcdctl lock ran while the service lock was held"
+    );
+    let ep = s.endpoint();
+    spindle::rt::run_local(move || async move {
+        let mut c = Client::connect(&ep).await.unwrap();
+        let _: lpb::UnlockResponse = c
+            .unary("/v3lockpb.Lock/Unlock", &lpb::UnlockRequest { key })
+            .await
+            .expect("unlock");
+    });
+    assert_eq!(next_line(&lines, "etcdctl lock"), "got");
+
+    // The JSON gateway: base64 names, int64 as strings.
+    let grant = post(s.port, "/v3/lease/grant", "{\"TTL\":30}");
+    let id = grant
+        .split("\"ID\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("no lease id in {grant}"));
+    let locked = post(
+        s.port,
+        "/v3/lock/lock",
+        &format!("{{\"name\":\"Z3c=\",\"lease\":\"{id}\"}}"),
+    );
+    let hex = format!("gw/{:x}", id.parse::<i64>().unwrap());
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, hex);
+    assert!(locked.contains(&format!("\"key\":\"{b64}\"")), "{locked}");
+    let none = post(s.port, "/v3/election/leader", "{\"name\":\"ZWw=\"}");
+    assert!(none.contains("election: no leader"), "{none}");
+    let won = post(
+        s.port,
+        "/v3/election/campaign",
+        &format!("{{\"name\":\"ZWw=\",\"lease\":\"{id}\",\"value\":\"djE=\"}}"),
+    );
+    assert!(won.contains("\"leader\""), "{won}");
+    let leader = post(s.port, "/v3/election/leader", "{\"name\":\"ZWw=\"}");
+    assert!(leader.contains("\"value\":\"djE=\""), "{leader}");
 }
