@@ -1,7 +1,13 @@
 //! Compiles the etcd API protos with protox (pure Rust), so building needs no system protoc.
 
 fn main() {
-    let protos = ["proto/rpc.proto", "proto/kv.proto", "proto/auth.proto"];
+    let protos = [
+        "proto/rpc.proto",
+        "proto/kv.proto",
+        "proto/auth.proto",
+        "proto/v3lock.proto",
+        "proto/v3election.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -73,6 +73,36 @@ fn route(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
             "LeaseKeepAliveRequest",
             "LeaseKeepAliveResponse",
         ),
+        "/v3/lock/lock" => (
+            super::lock::LOCK,
+            "v3lockpb.LockRequest",
+            "v3lockpb.LockResponse",
+        ),
+        "/v3/lock/unlock" => (
+            super::lock::UNLOCK,
+            "v3lockpb.UnlockRequest",
+            "v3lockpb.UnlockResponse",
+        ),
+        "/v3/election/campaign" => (
+            "/v3electionpb.Election/Campaign",
+            "v3electionpb.CampaignRequest",
+            "v3electionpb.CampaignResponse",
+        ),
+        "/v3/election/proclaim" => (
+            "/v3electionpb.Election/Proclaim",
+            "v3electionpb.ProclaimRequest",
+            "v3electionpb.ProclaimResponse",
+        ),
+        "/v3/election/leader" => (
+            "/v3electionpb.Election/Leader",
+            "v3electionpb.LeaderRequest",
+            "v3electionpb.LeaderResponse",
+        ),
+        "/v3/election/resign" => (
+            "/v3electionpb.Election/Resign",
+            "v3electionpb.ResignRequest",
+            "v3electionpb.ResignResponse",
+        ),
         _ => return None,
     })
 }
@@ -129,8 +159,14 @@ async fn translate(
     body: Incoming,
 ) -> Result<String, Status> {
     let pool = pool();
+    // Bare names are etcdserverpb's; the lock and election messages come qualified.
     let desc = |name: &str| {
-        pool.get_message_by_name(&format!("etcdserverpb.{name}"))
+        let full = if name.contains('.') {
+            name.to_string()
+        } else {
+            format!("etcdserverpb.{name}")
+        };
+        pool.get_message_by_name(&full)
             .ok_or_else(|| Status::new(Code::Internal, format!("no descriptor for {name}")))
     };
     let limit = ctx.cfg.max_request_bytes + super::GRPC_OVERHEAD_BYTES;

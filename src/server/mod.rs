@@ -8,10 +8,12 @@
 
 pub mod compaction;
 mod convert;
+mod election;
 mod gateway;
 pub mod grpc;
 pub mod io;
 mod lease;
+mod lock;
 pub mod metrics;
 mod snapshot;
 mod watch;
@@ -422,6 +424,12 @@ async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBo
         Ok(m) => m,
         Err(s) => return grpc::error(&s),
     };
+    if path == election::OBSERVE {
+        return match one(msgs) {
+            Ok(req) => election::observe(ctx.clone(), req),
+            Err(s) => grpc::error(&s),
+        };
+    }
     match call(ctx, path, msgs).await {
         Ok(resp) => grpc::ok_bytes(resp),
         Err(s) => grpc::error(&s),
@@ -613,6 +621,8 @@ async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Stat
         p if p.starts_with("/etcdserverpb.Lease/") || p == lease::KEEP_ALIVE_ONCE => {
             lease::call(ctx, p, msgs).await
         }
+        p if p.starts_with("/v3lockpb.Lock/") => lock::call(ctx, p, msgs).await,
+        p if p.starts_with("/v3electionpb.Election/") => election::call(ctx, p, msgs).await,
         _ => Err(Status::unimplemented(path)),
     }
 }
