@@ -158,17 +158,6 @@ async fn translate(
     resp_name: &str,
     body: Incoming,
 ) -> Result<String, Status> {
-    let pool = pool();
-    // Bare names are etcdserverpb's; the lock and election messages come qualified.
-    let desc = |name: &str| {
-        let full = if name.contains('.') {
-            name.to_string()
-        } else {
-            format!("etcdserverpb.{name}")
-        };
-        pool.get_message_by_name(&full)
-            .ok_or_else(|| Status::new(Code::Internal, format!("no descriptor for {name}")))
-    };
     let limit = ctx.cfg.max_request_bytes + super::GRPC_OVERHEAD_BYTES;
     // JSON (base64 values) is larger than the message it encodes; the message size is what
     // counts, as behind etcd's gateway.
@@ -179,7 +168,7 @@ async fn translate(
         &bytes
     };
     let mut de = serde_json::Deserializer::from_slice(text);
-    let req = DynamicMessage::deserialize(desc(req_name)?, &mut de)
+    let req = DynamicMessage::deserialize(descriptor(req_name)?, &mut de)
         .map_err(|e| Status::new(Code::InvalidArgument, format!("invalid JSON request: {e}")))?;
     let encoded = Bytes::from(prost::Message::encode_to_vec(&req));
     if encoded.len() > limit {
@@ -189,9 +178,15 @@ async fn translate(
     to_json(resp_name, resp)
 }
 
+/// Bare names are etcdserverpb's; the lock and election messages come qualified.
 fn descriptor(name: &str) -> Result<prost_reflect::MessageDescriptor, Status> {
+    let full = if name.contains('.') {
+        name.to_string()
+    } else {
+        format!("etcdserverpb.{name}")
+    };
     pool()
-        .get_message_by_name(&format!("etcdserverpb.{name}"))
+        .get_message_by_name(&full)
         .ok_or_else(|| Status::new(Code::Internal, format!("no descriptor for {name}")))
 }
 
