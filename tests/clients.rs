@@ -1,5 +1,7 @@
 //! The usual etcd client libraries, unchanged, against `spindle serve`: Node's `etcd3` and
-//! Python's `etcd3` run the scripts in `tests/clients/` (KV, watch, lease, lock recipe). Each
+//! Python's `etcd3` run the scripts in `tests/clients/` (KV, watch, lease, lock recipe), and the
+//! Rust `etcd-client` crate runs `tests/clients/rust` (KV, watch, lease, lock and election
+//! services). Each
 //! script runs against a fresh etcd 3.4 first, which proves the script itself, then against a
 //! fresh spindle.
 //!
@@ -70,6 +72,21 @@ fn python_etcd3_client_works_unchanged() {
     run_both(|ep| {
         let mut c = Command::new(&python);
         c.arg(script("python_client.py")).arg(ep);
+        c
+    });
+}
+
+#[test]
+fn rust_etcd_client_works_unchanged() {
+    let bin = clients_dir().join("rust-target/release/spindle-rust-client-check");
+    assert!(
+        bin.exists(),
+        "the Rust client check is not built at {}; run tools/test",
+        bin.display()
+    );
+    run_both(|ep| {
+        let mut c = Command::new(&bin);
+        c.arg(ep);
         c
     });
 }
