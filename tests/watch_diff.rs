@@ -224,14 +224,12 @@ fn etcdctl_watch_output_matches_etcd() {
     assert_eq!(run(&spindle), want);
 }
 
-#[test]
-fn bench_watch_delivers_every_event_to_every_watcher() {
-    let s = start("spindle");
+/// Runs `spindle bench ARGS --endpoints S --json`, asserting a clean exit and no errors.
+fn bench(s: &Server, args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_spindle"))
-        .args(["bench", "watch", "--watchers", "6", "--endpoints"])
-        .arg(format!("127.0.0.1:{}", s.port))
-        .args(["--total", "200", "--clients", "4", "--conns", "2"])
-        .args(["--key-space-size", "50", "--json", "--cores", "2"])
+        .arg("bench")
+        .args(args)
+        .args(["--endpoints", &s.endpoint(), "--json"])
         .output()
         .unwrap();
     assert!(
@@ -241,6 +239,30 @@ fn bench_watch_delivers_every_event_to_every_watcher() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    report
+}
+
+#[test]
+fn bench_watch_delivers_every_event_to_every_watcher() {
+    let s = start("spindle");
+    let report = bench(
+        &s,
+        &[
+            "watch",
+            "--watchers",
+            "6",
+            "--total",
+            "200",
+            "--clients",
+            "4",
+            "--conns",
+            "2",
+            "--key-space-size",
+            "50",
+            "--cores",
+            "2",
+        ],
+    );
     assert_eq!(report["ops"], 6 * 200, "{report}");
 }
 
@@ -302,44 +324,38 @@ fn json_gateway_watch_matches_etcd() {
 #[test]
 fn bench_txn_mixed_and_watch_latency_run_clean() {
     let s = start("spindle");
-    let bench = |args: &[&str]| -> serde_json::Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_spindle"))
-            .arg("bench")
-            .args(args)
-            .args(["--endpoints", &s.endpoint(), "--json", "--cores", "1"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(report["errors"], serde_json::json!({}), "{report}");
-        report
-    };
-    let mixed = bench(&[
-        "txn-mixed",
-        "--rw-ratio",
-        "3",
-        "--total",
-        "400",
-        "--clients",
-        "8",
-    ]);
+    let mixed = bench(
+        &s,
+        &[
+            "--cores",
+            "1",
+            "txn-mixed",
+            "--rw-ratio",
+            "3",
+            "--total",
+            "400",
+            "--clients",
+            "8",
+        ],
+    );
     assert_eq!(mixed["ops"], 400);
     // 3 watchers, 100 puts paced at 500/s: every event arrives, latencies are recorded.
-    let lat = bench(&[
-        "watch-latency",
-        "--watchers",
-        "3",
-        "--total",
-        "100",
-        "--clients",
-        "1",
-        "--rate",
-        "500",
-    ]);
+    let lat = bench(
+        &s,
+        &[
+            "--cores",
+            "1",
+            "watch-latency",
+            "--watchers",
+            "3",
+            "--total",
+            "100",
+            "--clients",
+            "1",
+            "--rate",
+            "500",
+        ],
+    );
     assert_eq!(lat["ops"], 300);
     assert!(lat["latency_us"]["p50"].as_f64().unwrap() > 0.0);
 }

@@ -63,6 +63,12 @@ impl ConfState {
         self.voters.contains(&id) || self.learners.contains(&id)
     }
 
+    /// Every member with whether it is a learner: voters first, then learners.
+    pub fn members(&self) -> impl Iterator<Item = (NodeId, bool)> + '_ {
+        let voters = self.voters.iter().map(|&id| (id, false));
+        voters.chain(self.learners.iter().map(|&id| (id, true)))
+    }
+
     /// Applies one change. Invalid changes (already validated at proposal time, but a log may
     /// hold them after a leader change) are no-ops, so every replica converges on the same set.
     pub fn apply(&mut self, cc: &ConfChange) {

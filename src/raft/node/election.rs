@@ -64,13 +64,7 @@ impl Raft {
         self.restart_guard = false;
         let next = self.log.last_index() + 1;
         self.prs.clear();
-        for (&id, learner) in self
-            .conf
-            .voters
-            .iter()
-            .map(|id| (id, false))
-            .chain(self.conf.learners.iter().map(|id| (id, true)))
-        {
+        for (id, learner) in self.conf.members() {
             self.prs
                 .insert(id, Progress::new(next, self.cfg.max_inflight, learner));
         }

@@ -26,13 +26,7 @@ impl Raft {
         let next = self.log.last_index() + 1;
         let inflight = self.cfg.max_inflight;
         self.prs.retain(|id, _| self.conf.contains(*id));
-        for (&id, learner) in self
-            .conf
-            .voters
-            .iter()
-            .map(|id| (id, false))
-            .chain(self.conf.learners.iter().map(|id| (id, true)))
-        {
+        for (id, learner) in self.conf.members() {
             self.prs
                 .entry(id)
                 .or_insert_with(|| Progress::new(next, inflight, learner))
