@@ -22,6 +22,7 @@ use crate::meta;
 use crate::mvcc::{CompareOutcome, OpPartial, ShardRange, ShardStore, TxnPath};
 use crate::partition::Partitioner;
 use crate::plan;
+use crate::replica::Replica;
 use crate::revision::{CoreRevisions, RevisionClock};
 use crate::shard::Shard;
 use crate::wal::{self, EntryKind, Wal, WalOptions};
@@ -45,6 +46,10 @@ pub struct Options {
     pub checkpoint_every: u64,
     /// etcd's `--max-txn-ops`.
     pub max_txn_ops: usize,
+    /// Benchmark baseline only: log records straight to the WAL without the shards' Raft
+    /// groups (same log format, no consensus), to measure what Raft costs. Never for data.
+    #[doc(hidden)]
+    pub bypass_raft: bool,
 }
 
 impl Default for Options {
@@ -60,6 +65,7 @@ impl Default for Options {
             wal_segment_size: WalOptions::default().segment_size,
             checkpoint_every: 100_000,
             max_txn_ops: plan::DEFAULT_MAX_TXN_OPS,
+            bypass_raft: false,
         }
     }
 }
@@ -170,6 +176,8 @@ struct Shared {
     cluster_id: u64,
     member_id: u64,
     leases: crate::lease::SharedLeases,
+    /// Highest Raft term of any shard group (response headers carry it).
+    raft_term: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -217,6 +225,7 @@ struct RecoveredShard {
     dir: PathBuf,
     store: ShardStore,
     wal: wal::Recovered,
+    replica: crate::replica::Replica,
     checkpoint_index: u64,
     /// Last revision the checkpoint reflects (0 without one).
     checkpoint_revision: i64,
@@ -245,7 +254,7 @@ impl Db {
             opts.shards.unwrap_or(opts.cores as u32),
             opts.partitioner,
         )?;
-        let (shards, current, compact) = recover_all(&path, meta.shards)?;
+        let (shards, current, compact) = recover_all(&path, meta.shards, opts.bypass_raft)?;
         // etcd's store starts at revision 1 (its first write is revision 2); clients compare
         // revisions across servers, so an empty spindle starts there too.
         let current = current.max(1);
@@ -268,6 +277,7 @@ impl Db {
             cluster_id: meta.cluster_id,
             member_id: meta.member_id,
             leases,
+            raft_term: std::sync::atomic::AtomicU64::new(0),
         });
         let mut per_core: Vec<Vec<RecoveredShard>> = (0..opts.cores).map(|_| Vec::new()).collect();
         for s in shards {
@@ -326,6 +336,11 @@ impl Db {
     /// `(cluster id, member id)`, fixed when the data dir was created.
     pub fn identity(&self) -> (u64, u64) {
         (self.inner.shared.cluster_id, self.inner.shared.member_id)
+    }
+
+    /// The highest Raft term of the shard groups.
+    pub fn raft_term(&self) -> u64 {
+        self.inner.shared.raft_term.load(Ordering::Relaxed)
     }
 
     fn send(&self, core: usize, msg: Msg) -> Result<()> {
@@ -562,6 +577,11 @@ impl LocalDb {
         (self.core.shared.cluster_id, self.core.shared.member_id)
     }
 
+    /// The highest Raft term of the shard groups (what response headers report).
+    pub fn raft_term(&self) -> u64 {
+        self.core.shared.raft_term.load(Ordering::Relaxed)
+    }
+
     /// The current compaction revision.
     pub fn compact_revision(&self) -> i64 {
         self.core.shared.clock.compact_revision()
@@ -763,15 +783,20 @@ fn stamp_nested(resp: &mut TxnResponse, rev: i64, changed: &mut bool) {
 
 /// Loads every shard and settles multi-shard revisions: one is committed iff every participant
 /// logged its part and none logged an abort. Returns the shards, current and compact revision.
-fn recover_all(path: &Path, nshards: u32) -> Result<(Vec<RecoveredShard>, i64, i64)> {
+fn recover_all(
+    path: &Path,
+    nshards: u32,
+    bypass_raft: bool,
+) -> Result<(Vec<RecoveredShard>, i64, i64)> {
+    type Loaded = (ShardStore, wal::Recovered, Replica, u64, PathBuf);
     // Shards recover independently (checkpoint load + WAL scan), in parallel.
-    let loaded: Vec<Result<(ShardStore, wal::Recovered, u64, PathBuf)>> = std::thread::scope(|s| {
+    let loaded: Vec<Result<Loaded>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..nshards)
             .map(|id| {
                 s.spawn(move || -> Result<_> {
                     let dir = meta::shard_dir(path, id);
                     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-                    let (store, index) = match checkpoint::list(&dir)?.last() {
+                    let (store, index, term) = match checkpoint::list(&dir)?.last() {
                         Some((_, file)) => {
                             let c = checkpoint::load(file, id)?;
                             let store = ShardStore::from_histories(
@@ -779,12 +804,13 @@ fn recover_all(path: &Path, nshards: u32) -> Result<(Vec<RecoveredShard>, i64, i
                                 c.info.last_revision,
                                 c.info.compact_revision,
                             );
-                            (store, c.info.index)
+                            (store, c.info.index, c.info.term)
                         }
-                        None => (ShardStore::new(), 0),
+                        None => (ShardStore::new(), 0, 0),
                     };
                     let wal = wal::recover(&dir.join("wal"), id, index)?;
-                    Ok((store, wal, index, dir))
+                    let replica = Replica::recover(id, (index, term), &wal, bypass_raft)?;
+                    Ok((store, wal, replica, index, dir))
                 })
             })
             .collect();
@@ -795,7 +821,7 @@ fn recover_all(path: &Path, nshards: u32) -> Result<(Vec<RecoveredShard>, i64, i
     });
     let mut shards = Vec::new();
     for (id, r) in loaded.into_iter().enumerate() {
-        let (store, wal, checkpoint_index, dir) = r?;
+        let (store, wal, replica, checkpoint_index, dir) = r?;
         let checkpoint_revision = store.last_revision();
         if let Some((file, offset)) = &wal.truncated {
             tracing::warn!(file = %file.display(), offset, "truncated a torn WAL tail (unacknowledged writes)");
@@ -805,6 +831,7 @@ fn recover_all(path: &Path, nshards: u32) -> Result<(Vec<RecoveredShard>, i64, i
             dir,
             store,
             wal,
+            replica,
             checkpoint_index,
             checkpoint_revision,
             aborts: vec![],
@@ -820,7 +847,7 @@ fn recover_all(path: &Path, nshards: u32) -> Result<(Vec<RecoveredShard>, i64, i
     for s in &shards {
         current = current.max(s.store.last_revision());
         compact = compact.max(s.store.compact_revision());
-        for e in &s.wal.entries {
+        for e in s.wal.entries.iter().map(|l| &l.entry) {
             match e.kind {
                 EntryKind::Part => {
                     let p = parts
@@ -854,7 +881,7 @@ fn recover_all(path: &Path, nshards: u32) -> Result<(Vec<RecoveredShard>, i64, i
     };
     for s in &mut shards {
         let entries = std::mem::take(&mut s.wal.entries);
-        for e in &entries {
+        for e in entries.iter().map(|l| &l.entry) {
             match e.kind {
                 EntryKind::Write => s.store.apply(&e.ops, e.revision),
                 EntryKind::Part if committed(e.revision) => s.store.apply(&e.ops, e.revision),
@@ -933,11 +960,16 @@ async fn run_core(
                 shared.partitioner,
                 r.store,
                 wal,
+                r.replica,
                 r.checkpoint_index,
                 checkpoint_every,
                 shared.leases.clone(),
                 r.leases,
             );
+            shard.replica.start(&shard.wal).await?;
+            shared
+                .raft_term
+                .fetch_max(shard.replica.term(), Ordering::Relaxed);
             for rev in r.aborts {
                 shard.log_abort(rev).await?;
             }

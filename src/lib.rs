@@ -13,6 +13,7 @@ pub mod partition;
 pub mod plan;
 pub mod proto;
 pub mod raft;
+pub mod replica;
 pub mod revision;
 pub mod rt;
 pub mod server;

@@ -24,11 +24,9 @@ use crate::lease::SharedLeases;
 use crate::mvcc::{CompareOutcome, OpPartial, ShardRange, ShardStore, TxnPath, Undo};
 use crate::partition::Partitioner;
 use crate::plan;
+use crate::replica::{ProposeError, Replica};
 use crate::revision::CoreRevisions;
 use crate::wal::{record, EntryKind, LeaseRecord, Wal, WalEntry};
-
-/// Raft term of entries written by a single node (consensus assigns real terms later).
-pub const TERM: u64 = 1;
 
 /// A multi-shard part executed here and durable, awaiting the coordinator's decision.
 struct HeldPart {
@@ -43,6 +41,8 @@ pub struct Shard {
     partitioner: Partitioner,
     pub store: RefCell<ShardStore>,
     pub wal: Wal,
+    /// The shard's Raft group: every record is proposed through it.
+    pub replica: Replica,
     /// Write permission: one permit; held briefly by single-shard writes and for the whole
     /// protocol by a multi-shard write.
     lock: Semaphore,
@@ -80,6 +80,7 @@ impl Shard {
         partitioner: Partitioner,
         store: ShardStore,
         wal: Wal,
+        replica: Replica,
         checkpoint_index: u64,
         checkpoint_every: u64,
         leases: SharedLeases,
@@ -92,6 +93,7 @@ impl Shard {
             partitioner,
             store: RefCell::new(store),
             wal,
+            replica,
             lock: Semaphore::new(1),
             held: RefCell::new(None),
             lock_owner: Cell::new(None),
@@ -119,7 +121,7 @@ impl Shard {
                 shard: self.id,
                 reason,
             }),
-            None => Ok(()),
+            None => self.replica.ensure_healthy(),
         }
     }
 
@@ -212,7 +214,7 @@ impl Shard {
             }
             let rev = revs.begin();
             let logged = self.execute_and_log(txn, &path, rev, EntryKind::Write, Vec::new());
-            let (partials, index) = match logged {
+            let (partials, index, term) = match logged {
                 Ok(v) => v,
                 Err(e) => {
                     revs.finish(rev);
@@ -220,7 +222,7 @@ impl Shard {
                 }
             };
             drop(guard);
-            let durable = self.wal.wait_durable(index).await;
+            let durable = self.replica.wait_committed(&self.wal, index, term).await;
             // Finished either way so readers are not held up; after a failed sync this shard
             // refuses every read, so the unlogged write it applied is never seen.
             revs.finish(rev);
@@ -231,7 +233,8 @@ impl Shard {
         }
     }
 
-    /// Executes at `rev` and queues the WAL record; synchronous, so nothing interleaves.
+    /// Executes at `rev` and proposes the record (which queues it in the WAL); synchronous, so
+    /// nothing interleaves. Returns the partials and the entry's index and term.
     fn execute_and_log(
         &self,
         txn: &TxnRequest,
@@ -239,7 +242,7 @@ impl Shard {
         rev: i64,
         kind: EntryKind,
         participants: Vec<u32>,
-    ) -> Result<(Vec<OpPartial>, u64)> {
+    ) -> Result<(Vec<OpPartial>, u64, u64)> {
         let last = self.store.borrow().last_revision();
         assert!(
             rev > last,
@@ -251,15 +254,13 @@ impl Shard {
             .borrow_mut()
             .execute(txn, path, rev, &self.owns());
         let mut entry = WalEntry {
-            term: TERM,
-            index: 0,
             kind,
             revision: rev,
             participants,
             ops: exec.effects,
-            lease: LeaseRecord::default(),
+            ..Default::default()
         };
-        match self.wal.try_append(&mut entry) {
+        match self.replica.propose(&self.wal, &mut entry) {
             Ok(index) => {
                 self.last_write_index.set(index);
                 if kind == EntryKind::Part {
@@ -268,18 +269,51 @@ impl Shard {
                         undo: exec.undo,
                     });
                 }
-                Ok((exec.partials, index))
+                Ok((exec.partials, index, entry.term))
             }
-            Err(no_room) => {
-                // The estimate was too small; undo so memory matches the log. The revision stays
+            Err(e) => {
+                // Nothing was proposed; undo so memory matches the log. The revision stays
                 // unused (a gap), which readers tolerate.
                 self.store.borrow_mut().rollback(exec.undo);
-                Err(Error::InvalidArgument(format!(
-                    "write of {} bytes does not fit the log segment",
-                    no_room.frame_len
-                )))
+                Err(match e {
+                    ProposeError::NoRoom(no_room) => Error::InvalidArgument(format!(
+                        "write of {} bytes does not fit the log segment",
+                        no_room.frame_len
+                    )),
+                    ProposeError::Other(e) => e,
+                })
             }
         }
+    }
+
+    /// Proposes `make()`'s record, making room in the log as needed, and returns the entry's
+    /// index and term. `make` runs in the same step as the proposal, so the record reflects the
+    /// state at the moment it enters the log.
+    async fn propose_record(
+        &self,
+        mut make: impl FnMut() -> Option<WalEntry>,
+    ) -> Result<Option<(u64, u64)>> {
+        loop {
+            let Some(mut entry) = make() else {
+                return Ok(None);
+            };
+            match self.replica.propose(&self.wal, &mut entry) {
+                Ok(index) => {
+                    self.last_write_index.set(index);
+                    return Ok(Some((index, entry.term)));
+                }
+                Err(ProposeError::NoRoom(nr)) => self.wal.make_room(nr.frame_len).await?,
+                Err(ProposeError::Other(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Proposes a record and waits until it is committed.
+    async fn log_record(&self, entry: WalEntry) -> Result<()> {
+        if let Some((index, term)) = self.propose_record(|| Some(entry.clone())).await? {
+            self.replica.wait_committed(&self.wal, index, term).await?;
+        }
+        Ok(())
     }
 
     // ---- multi-shard protocol (the coordinator drives these in order) ----
@@ -351,9 +385,9 @@ impl Shard {
         if !self.wal.has_room(estimate) {
             self.wal.make_room(estimate).await?;
         }
-        let (partials, index) =
+        let (partials, index, term) =
             self.execute_and_log(txn, path, rev, EntryKind::Part, participants)?;
-        self.wal.wait_durable(index).await?;
+        self.replica.wait_committed(&self.wal, index, term).await?;
         Ok(partials)
     }
 
@@ -393,24 +427,14 @@ impl Shard {
         self.log_marker(EntryKind::Abort, rev).await
     }
 
-    /// Appends a record without effects (abort, compaction) and waits until it is durable.
+    /// Logs a record without effects (abort, compaction) and waits until it is committed.
     async fn log_marker(&self, kind: EntryKind, rev: i64) -> Result<()> {
-        let mut entry = WalEntry {
-            term: TERM,
-            index: 0,
+        self.log_record(WalEntry {
             kind,
             revision: rev,
-            participants: vec![],
-            ops: vec![],
-            lease: LeaseRecord::default(),
-        };
-        let index = loop {
-            match self.wal.try_append(&mut entry) {
-                Ok(i) => break i,
-                Err(nr) => self.wal.make_room(nr.frame_len).await?,
-            }
-        };
-        self.wal.wait_durable(index).await
+            ..Default::default()
+        })
+        .await
     }
 
     /// Durably records and applies a compaction at `rev`.
@@ -435,34 +459,28 @@ impl Shard {
     /// Durably logs a lease grant (`Some(ttl)`) or revoke (`None`) in this shard's log.
     pub async fn log_lease(&self, id: i64, grant: Option<i64>) -> Result<()> {
         self.ensure_healthy()?;
-        let mut entry = WalEntry {
-            term: TERM,
-            index: 0,
+        let entry = WalEntry {
             kind: if grant.is_some() {
                 EntryKind::LeaseGrant
             } else {
                 EntryKind::LeaseRevoke
             },
-            revision: 0,
-            participants: vec![],
-            ops: vec![],
             lease: LeaseRecord {
                 id,
                 ttl: grant.unwrap_or(0),
             },
+            ..Default::default()
         };
-        let index = loop {
-            match self.wal.try_append(&mut entry) {
-                Ok(i) => break i,
-                Err(nr) => self.wal.make_room(nr.frame_len).await?,
-            }
-        };
-        // Updated in the same step as the append, so `lease_log` always mirrors the log's order.
+        let proposed = self.propose_record(|| Some(entry.clone())).await?;
+        // Updated in the same step as the proposal, so `lease_log` always mirrors the log's order.
         match grant {
             Some(ttl) => self.lease_log.borrow_mut().insert(id, ttl),
             None => self.lease_log.borrow_mut().remove(&id),
         };
-        self.wal.wait_durable(index).await
+        if let Some((index, term)) = proposed {
+            self.replica.wait_committed(&self.wal, index, term).await?;
+        }
+        Ok(())
     }
 
     /// Keys of this shard attached to `lease`. Taken under the write permit: every put that
@@ -473,37 +491,35 @@ impl Shard {
         Ok(self.store.borrow().lease_keys(lease))
     }
 
-    /// Appends a grant for every lease this log holds, so segments up to a checkpoint can be
-    /// dropped. Each append reads `lease_log` in the same step, so a revoke logged meanwhile is
-    /// never followed by a stale re-grant.
-    async fn relog_leases(&self) -> Result<()> {
+    /// Re-logs what segments up to a checkpoint hold and later records do not repeat: a grant
+    /// for every live lease and the Raft hard state (followed by a no-op entry, so the segment
+    /// holding it also holds an entry past the checkpoint and is kept). Each grant reads
+    /// `lease_log` in the same step as its proposal, so a revoke logged meanwhile is never
+    /// followed by a stale re-grant.
+    async fn relog_after_checkpoint(&self) -> Result<()> {
         let ids: Vec<i64> = self.lease_log.borrow().keys().copied().collect();
         let mut last = None;
         for id in ids {
-            loop {
-                let Some(ttl) = self.lease_log.borrow().get(&id).copied() else {
-                    break;
-                };
-                let mut entry = WalEntry {
-                    term: TERM,
-                    index: 0,
-                    kind: EntryKind::LeaseGrant,
-                    revision: 0,
-                    participants: vec![],
-                    ops: vec![],
-                    lease: LeaseRecord { id, ttl },
-                };
-                match self.wal.try_append(&mut entry) {
-                    Ok(i) => {
-                        last = Some(i);
-                        break;
-                    }
-                    Err(nr) => self.wal.make_room(nr.frame_len).await?,
-                }
-            }
+            let grant = self
+                .propose_record(|| {
+                    let ttl = self.lease_log.borrow().get(&id).copied()?;
+                    Some(WalEntry {
+                        kind: EntryKind::LeaseGrant,
+                        lease: LeaseRecord { id, ttl },
+                        ..Default::default()
+                    })
+                })
+                .await?;
+            last = grant.or(last);
         }
-        if let Some(i) = last {
-            self.wal.wait_durable(i).await?;
+        if let Some(hs) = self.replica.hard_state() {
+            self.wal.make_room(4096).await?;
+            self.replica.log_hard_state(&self.wal, hs);
+            self.ensure_healthy()?;
+            last = self.propose_record(|| Some(WalEntry::default())).await?;
+        }
+        if let Some((index, term)) = last {
+            self.replica.wait_committed(&self.wal, index, term).await?;
         }
         Ok(())
     }
@@ -552,14 +568,22 @@ impl Shard {
             )
         };
         self.wal.wait_durable(index).await?;
+        self.replica.sync(&self.wal);
         // Recovery replays only entries after `index`: grants at or below it must be repeated
         // after it before the checkpoint can replace them.
-        self.relog_leases().await?;
+        self.relog_after_checkpoint().await?;
         let compact = self.store.borrow().compact_revision();
+        let term = self
+            .replica
+            .term_at(index)
+            .ok_or_else(|| Error::ShardFailed {
+                shard: self.id,
+                reason: format!("checkpoint index {index} is no longer in the Raft log"),
+            })?;
         let info = CheckpointInfo {
             shard: self.id,
             index,
-            term: TERM,
+            term,
             last_revision: upto,
             compact_revision: compact,
             key_count: 0,
@@ -587,6 +611,7 @@ impl Shard {
         })
         .await?;
         self.checkpoint_index.set(index);
+        self.replica.compact(index)?;
         self.wal.drop_through(index)?;
         for (i, old) in checkpoint::list(&self.dir)? {
             if i < index {

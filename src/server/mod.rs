@@ -115,7 +115,7 @@ impl Ctx {
             cluster_id: self.cluster_id,
             member_id: self.member_id,
             revision,
-            raft_term: crate::shard::TERM,
+            raft_term: self.db.raft_term(),
         }
     }
 
@@ -517,7 +517,7 @@ async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Stat
                 db_size: st.disk_bytes as i64,
                 leader: ctx.member_id,
                 raft_index: st.log_index,
-                raft_term: crate::shard::TERM,
+                raft_term: ctx.db.raft_term(),
                 raft_applied_index: st.log_index,
                 errors: vec![],
                 db_size_in_use: st.disk_bytes as i64,

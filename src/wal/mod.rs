@@ -21,9 +21,9 @@ use event_listener::Event;
 use glommio::io::{DmaFile, OpenOptions};
 
 use crate::error::{Error, Result};
-use record::{encode_payload, encode_segment_header, frame_len, frame_payload, SEGMENT_HEADER_LEN};
+use record::{encode_payload, encode_segment_header, frame_len, write_frame, SEGMENT_HEADER_LEN};
 pub use record::{EntryKind, LeaseRecord, WalEntry};
-pub use recovery::{recover, Recovered, SegmentFile};
+pub use recovery::{recover, LoggedEntry, Recovered, SegmentFile};
 
 /// Latency histogram bucket bounds in seconds (fsyncs here, requests in the server's metrics).
 pub const LATENCY_BUCKETS: [f64; 12] = [
@@ -75,11 +75,16 @@ struct Chunk {
     activate: Option<Spare>,
     bytes: Vec<u8>,
     last_index: u64,
+    last_seq: u64,
 }
 
 struct State {
     next_index: u64,
     durable_index: u64,
+    /// Every frame (entries and hard state records alike) gets a sequence number, so a record
+    /// that takes no log index can still be waited for.
+    next_seq: u64,
+    durable_seq: u64,
     failed: Option<String>,
     closing: bool,
     /// Segment appends go to (`None` before the first one exists), with its write position and size.
@@ -162,6 +167,8 @@ impl Wal {
         let st = State {
             next_index: recovered.last_index + 1,
             durable_index: recovered.last_index,
+            next_seq: 1,
+            durable_seq: 0,
             failed: None,
             closing: false,
             append_segment,
@@ -218,19 +225,35 @@ impl Wal {
         self.inner.st.borrow().failed.clone()
     }
 
-    /// Queues `entry` (its `index` is assigned here) and returns the index. Never waits; fails only
-    /// when no segment has room, in which case nothing was queued.
+    /// Queues `entry` with the next index (assigned here; a hard state record takes none) and
+    /// returns that index. Never waits; fails only when no segment has room, in which case
+    /// nothing was queued.
     pub fn try_append(&self, entry: &mut WalEntry) -> Result<u64, NoRoom> {
+        let index = (entry.kind != EntryKind::HardState).then(|| self.next_index());
+        entry.index = index.unwrap_or_else(|| self.next_index() - 1);
+        self.append_frame(index, &encode_payload(entry))?;
+        Ok(entry.index)
+    }
+
+    /// Queues an encoded record and returns its sequence number. `index` is the log index the
+    /// record carries (it must be the next one), or `None` for a record that takes no index
+    /// (hard state). Never waits; fails only when no segment has room, queueing nothing.
+    pub fn append_frame(&self, index: Option<u64>, payload: &[u8]) -> Result<u64, NoRoom> {
         let mut st = self.inner.st.borrow_mut();
-        entry.index = st.next_index;
-        let payload = encode_payload(entry);
+        if let Some(i) = index {
+            assert_eq!(
+                i, st.next_index,
+                "shard {} log index out of sequence",
+                self.inner.shard
+            );
+        }
         let len = frame_len(payload.len()) as u64;
         let fits_current = st.append_segment.is_some() && st.append_pos + len <= st.append_size;
         let mut activate = None;
         if !fits_current {
             match st.spare.take() {
                 Some(spare) if SEGMENT_HEADER_LEN as u64 + len <= spare.size => {
-                    st.append_segment = Some(entry.index);
+                    st.append_segment = Some(st.next_index);
                     st.append_pos = SEGMENT_HEADER_LEN as u64;
                     st.append_size = spare.size;
                     activate = Some(spare);
@@ -249,21 +272,30 @@ impl Wal {
         } else {
             SEGMENT_HEADER_LEN as u64
         };
-        let frame = frame_payload(&payload, mark as u32);
         st.append_pos += len;
-        st.next_index += 1;
-        let index = entry.index;
+        if index.is_some() {
+            st.next_index += 1;
+        }
+        let last_index = st.next_index - 1;
+        let seq = st.next_seq;
+        st.next_seq += 1;
         match st.pending.back_mut() {
             Some(chunk) if activate.is_none() && chunk.segment_first == segment => {
-                chunk.bytes.extend_from_slice(&frame);
-                chunk.last_index = index;
+                write_frame(&mut chunk.bytes, payload, mark as u32);
+                chunk.last_index = last_index;
+                chunk.last_seq = seq;
             }
-            _ => st.pending.push_back(Chunk {
-                segment_first: segment,
-                activate,
-                bytes: frame,
-                last_index: index,
-            }),
+            _ => {
+                let mut bytes = Vec::new();
+                write_frame(&mut bytes, payload, mark as u32);
+                st.pending.push_back(Chunk {
+                    segment_first: segment,
+                    activate,
+                    bytes,
+                    last_index,
+                    last_seq: seq,
+                })
+            }
         }
         let prepare_next =
             st.spare.is_none() && !st.spare_creating && st.append_pos * 2 > st.append_size;
@@ -277,7 +309,7 @@ impl Wal {
             })
             .detach();
         }
-        Ok(index)
+        Ok(seq)
     }
 
     /// Whether a frame of `frame_len` bytes can be appended without waiting.
@@ -396,11 +428,24 @@ impl Wal {
 
     /// Waits until every entry up to `index` is durable.
     pub async fn wait_durable(&self, index: u64) -> Result<()> {
+        self.wait_until(|st| st.durable_index >= index).await
+    }
+
+    /// Waits until every frame up to sequence number `seq` is durable.
+    pub async fn wait_synced(&self, seq: u64) -> Result<()> {
+        self.wait_until(|st| st.durable_seq >= seq).await
+    }
+
+    pub fn durable_seq(&self) -> u64 {
+        self.inner.st.borrow().durable_seq
+    }
+
+    async fn wait_until(&self, done: impl Fn(&State) -> bool) -> Result<()> {
         loop {
             let listener = self.inner.durable_ev.listen();
             {
                 let st = self.inner.st.borrow();
-                if st.durable_index >= index {
+                if done(&st) {
                     return Ok(());
                 }
                 if let Some(f) = &st.failed {
@@ -470,10 +515,15 @@ async fn flusher(inner: Rc<Inner>, mut current: Option<Current>) {
         };
         drop(listener);
         match flush_chunk(&inner, &mut current, chunk).await {
-            Ok((last_index, segment, pos)) => {
+            Ok((last_index, last_seq, segment, pos)) => {
                 let mut st = inner.st.borrow_mut();
-                debug_assert!(last_index > st.durable_index, "durable index must grow");
+                assert!(last_seq > st.durable_seq, "durable sequence must grow");
+                assert!(
+                    last_index >= st.durable_index,
+                    "durable index went backwards"
+                );
                 st.durable_index = last_index;
+                st.durable_seq = last_seq;
                 st.durable_segment = Some(segment);
                 st.durable_pos = pos;
             }
@@ -489,12 +539,12 @@ async fn flusher(inner: Rc<Inner>, mut current: Option<Current>) {
     }
 }
 
-/// Writes one chunk and syncs it; returns (last index, segment, durable position).
+/// Writes one chunk and syncs it; returns (last index, last sequence, segment, durable position).
 async fn flush_chunk(
     inner: &Inner,
     current: &mut Option<Current>,
     chunk: Chunk,
-) -> Result<(u64, u64, u64)> {
+) -> Result<(u64, u64, u64, u64)> {
     if let Some(spare) = chunk.activate {
         let path = inner.dir.join(recovery::segment_name(chunk.segment_first));
         spare
@@ -571,7 +621,7 @@ async fn flush_chunk(
         t
     };
     cur.durable_pos = new_pos;
-    Ok((chunk.last_index, cur.first_index, new_pos))
+    Ok((chunk.last_index, chunk.last_seq, cur.first_index, new_pos))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

@@ -19,17 +19,23 @@ pub const SEGMENT_HEADER_LEN: usize = 64;
 pub const SEGMENT_MAGIC: &[u8; 8] = b"SPNDLWAL";
 pub const SEGMENT_VERSION: u32 = 1;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum EntryKind {
     Write,
     Part,
     Abort,
     Compact,
+    /// A Raft entry without application data (a new leader's first entry).
+    #[default]
     Noop,
     /// Lease `WalEntry::lease` granted (or re-logged by a checkpoint); takes no revision.
     LeaseGrant,
     /// Lease `WalEntry::lease.id` revoked.
     LeaseRevoke,
+    /// Raft hard state (`term`, `vote`, `commit`). Not a log entry: it takes no index.
+    HardState,
+    /// A Raft membership change, encoded in `data`.
+    ConfChange,
 }
 
 /// The lease a `LeaseGrant`/`LeaseRevoke` entry is about (zero for other kinds).
@@ -40,8 +46,8 @@ pub struct LeaseRecord {
     pub ttl: i64,
 }
 
-/// One Raft-shaped log entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One Raft-shaped log entry (or a hard state record).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WalEntry {
     pub term: u64,
     pub index: u64,
@@ -51,6 +57,11 @@ pub struct WalEntry {
     pub participants: Vec<u32>,
     pub ops: Vec<Effect>,
     pub lease: LeaseRecord,
+    /// `HardState`: the vote (0 = none) and commit index.
+    pub vote: u64,
+    pub commit: u64,
+    /// `ConfChange`: the encoded change.
+    pub data: Bytes,
 }
 
 pub fn align8(n: usize) -> usize {
@@ -59,7 +70,9 @@ pub fn align8(n: usize) -> usize {
 
 /// Serializes `entry` into a complete frame.
 pub fn encode_frame(entry: &WalEntry, mark: u32) -> Vec<u8> {
-    frame_payload(&encode_payload(entry), mark)
+    let mut frame = Vec::new();
+    write_frame(&mut frame, &encode_payload(entry), mark);
+    frame
 }
 
 /// The flatbuffers payload of `entry`.
@@ -104,7 +117,10 @@ pub fn encode_payload(entry: &WalEntry) -> Vec<u8> {
         EntryKind::Noop => walfb::EntryKind::Noop,
         EntryKind::LeaseGrant => walfb::EntryKind::LeaseGrant,
         EntryKind::LeaseRevoke => walfb::EntryKind::LeaseRevoke,
+        EntryKind::HardState => walfb::EntryKind::HardState,
+        EntryKind::ConfChange => walfb::EntryKind::ConfChange,
     };
+    let data = (!entry.data.is_empty()).then(|| fbb.create_vector(entry.data.as_ref()));
     let root = walfb::Entry::create(
         &mut fbb,
         &walfb::EntryArgs {
@@ -116,6 +132,9 @@ pub fn encode_payload(entry: &WalEntry) -> Vec<u8> {
             ops,
             lease_id: entry.lease.id,
             lease_ttl: entry.lease.ttl,
+            vote: entry.vote,
+            commit: entry.commit,
+            data,
         },
     );
     fbb.finish(root, None);
@@ -127,16 +146,23 @@ pub fn frame_len(payload_len: usize) -> usize {
     align8(FRAME_HEADER_LEN + payload_len)
 }
 
-/// Frames a payload; `mark` is the segment's durable end when the frame is appended.
-pub fn frame_payload(payload: &[u8], mark: u32) -> Vec<u8> {
-    let mut frame = vec![0u8; align8(FRAME_HEADER_LEN + payload.len())];
-    let len = payload.len() as u32;
-    frame[0..4].copy_from_slice(&len.to_le_bytes());
-    frame[8..12].copy_from_slice(&mark.to_le_bytes());
-    frame[FRAME_HEADER_LEN..FRAME_HEADER_LEN + payload.len()].copy_from_slice(payload);
-    let crc = frame_crc(&frame[0..4], &frame[8..16], payload);
-    frame[4..8].copy_from_slice(&crc.to_le_bytes());
-    frame
+/// Appends the frame of `payload` to `out` (the payload's only copy on the write path);
+/// `mark` is the segment's durable end when the frame is appended.
+pub fn write_frame(out: &mut Vec<u8>, payload: &[u8], mark: u32) {
+    let len = (payload.len() as u32).to_le_bytes();
+    let rest = {
+        let mut r = [0u8; 8];
+        r[0..4].copy_from_slice(&mark.to_le_bytes());
+        r
+    };
+    let crc = frame_crc(&len, &rest, payload);
+    out.reserve(frame_len(payload.len()));
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&rest);
+    out.extend_from_slice(payload);
+    let pad = frame_len(payload.len()) - FRAME_HEADER_LEN - payload.len();
+    out.extend_from_slice(&[0u8; 8][..pad]);
 }
 
 fn frame_crc(len: &[u8], rest: &[u8], payload: &[u8]) -> u32 {
@@ -156,6 +182,8 @@ pub enum Probe {
     Invalid(&'static str),
     Valid {
         entry: WalEntry,
+        /// The flatbuffers payload; the entry's keys and values are slices of it.
+        payload: Bytes,
         frame_len: usize,
         mark: u32,
     },
@@ -178,9 +206,15 @@ pub fn probe_frame(buf: &[u8]) -> Probe {
     if frame_crc(&buf[0..4], &buf[8..16], payload) != crc {
         return Probe::Invalid("checksum mismatch");
     }
-    match decode_payload(payload) {
+    // Verify before copying: a scan probes many offsets that hold no frame.
+    if walfb::root_as_entry(payload).is_err() {
+        return Probe::Invalid("undecodable payload");
+    }
+    let payload = Bytes::copy_from_slice(payload);
+    match decode_payload(&payload) {
         Some(entry) => Probe::Valid {
             entry,
+            payload,
             frame_len: align8(FRAME_HEADER_LEN + len),
             mark,
         },
@@ -188,8 +222,13 @@ pub fn probe_frame(buf: &[u8]) -> Probe {
     }
 }
 
-fn decode_payload(payload: &[u8]) -> Option<WalEntry> {
+/// Decodes a payload; keys, values and data are slices of `payload`, not copies.
+pub fn decode_payload(payload: &Bytes) -> Option<WalEntry> {
     let e = walfb::root_as_entry(payload).ok()?;
+    let slice = |b: Option<flatbuffers::Vector<'_, u8>>| match b {
+        Some(v) if !v.bytes().is_empty() => payload.slice_ref(v.bytes()),
+        _ => Bytes::new(),
+    };
     let kind = match e.kind() {
         walfb::EntryKind::Write => EntryKind::Write,
         walfb::EntryKind::Part => EntryKind::Part,
@@ -198,18 +237,18 @@ fn decode_payload(payload: &[u8]) -> Option<WalEntry> {
         walfb::EntryKind::Noop => EntryKind::Noop,
         walfb::EntryKind::LeaseGrant => EntryKind::LeaseGrant,
         walfb::EntryKind::LeaseRevoke => EntryKind::LeaseRevoke,
+        walfb::EntryKind::HardState => EntryKind::HardState,
+        walfb::EntryKind::ConfChange => EntryKind::ConfChange,
         _ => return None,
     };
     let mut ops = Vec::new();
     if let Some(list) = e.ops() {
         for op in list.iter() {
-            let key = Bytes::copy_from_slice(op.key().map(|k| k.bytes()).unwrap_or_default());
+            let key = slice(op.key());
             ops.push(match op.kind() {
                 walfb::OpKind::Put => Effect::Put {
                     key,
-                    value: Bytes::copy_from_slice(
-                        op.value().map(|v| v.bytes()).unwrap_or_default(),
-                    ),
+                    value: slice(op.value()),
                     lease: op.lease(),
                 },
                 walfb::OpKind::Delete => Effect::Delete { key },
@@ -231,6 +270,9 @@ fn decode_payload(payload: &[u8]) -> Option<WalEntry> {
             id: e.lease_id(),
             ttl: e.lease_ttl(),
         },
+        vote: e.vote(),
+        commit: e.commit(),
+        data: slice(e.data()),
     })
 }
 
@@ -297,6 +339,7 @@ mod tests {
                 },
             ],
             lease: LeaseRecord::default(),
+            ..Default::default()
         }
     }
 
@@ -314,6 +357,7 @@ mod tests {
                     id: 0x1234_5678_9abc,
                     ttl: 9_000_000_000,
                 },
+                ..Default::default()
             };
             match probe_frame(&encode_frame(&e, 0)) {
                 Probe::Valid { entry, .. } => assert_eq!(entry, e),
@@ -337,7 +381,9 @@ mod tests {
             },
         );
         fbb.finish(root, None);
-        match probe_frame(&frame_payload(fbb.finished_data(), 0)) {
+        let mut frame = Vec::new();
+        write_frame(&mut frame, fbb.finished_data(), 0);
+        match probe_frame(&frame) {
             Probe::Valid { entry, .. } => {
                 assert_eq!(entry.kind, EntryKind::Compact);
                 assert_eq!(entry.lease, LeaseRecord::default());
@@ -355,6 +401,7 @@ mod tests {
                 entry,
                 frame_len,
                 mark,
+                ..
             } => {
                 assert_eq!(entry, sample());
                 assert_eq!(frame_len, frame.len());

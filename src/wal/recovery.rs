@@ -10,8 +10,11 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
+
 use super::record::{
-    decode_segment_header, probe_frame, Probe, WalEntry, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
+    decode_segment_header, probe_frame, EntryKind, Probe, WalEntry, FRAME_HEADER_LEN,
+    SEGMENT_HEADER_LEN,
 };
 use crate::error::{Error, Result};
 
@@ -31,10 +34,20 @@ pub struct Tail {
     pub size: u64,
 }
 
+/// A recovered entry with the payload it was decoded from (its keys and values are slices of
+/// it), which is also the Raft log entry's data.
+#[derive(Clone, Debug)]
+pub struct LoggedEntry {
+    pub entry: WalEntry,
+    pub payload: Bytes,
+}
+
 #[derive(Debug, Default)]
 pub struct Recovered {
     /// Entries with index > `after_index`, in log order.
-    pub entries: Vec<WalEntry>,
+    pub entries: Vec<LoggedEntry>,
+    /// The newest hard state record anywhere in the log.
+    pub hard_state: Option<WalEntry>,
     /// Segment files kept, oldest first.
     pub segments: Vec<SegmentFile>,
     pub tail: Option<Tail>,
@@ -149,14 +162,21 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
             }
             match probe_frame(&map[pos..]) {
                 Probe::Valid {
-                    entry, frame_len, ..
+                    entry,
+                    payload,
+                    frame_len,
+                    ..
                 } => {
-                    if entry.index != next {
-                        break Some("entry index out of sequence");
-                    }
-                    next += 1;
-                    if entry.index > after_index {
-                        out.entries.push(entry);
+                    if entry.kind == EntryKind::HardState {
+                        out.hard_state = Some(entry);
+                    } else {
+                        if entry.index != next {
+                            break Some("entry index out of sequence");
+                        }
+                        next += 1;
+                        if entry.index > after_index {
+                            out.entries.push(LoggedEntry { entry, payload });
+                        }
                     }
                     pos += frame_len;
                 }

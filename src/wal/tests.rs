@@ -21,7 +21,7 @@ fn entry(rev: i64, key: &str, value_len: usize) -> WalEntry {
             value: Bytes::from(vec![b'x'; value_len]),
             lease: 0,
         }],
-        lease: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -68,14 +68,14 @@ fn appends_survive_reopen_and_group_commit_shares_fsyncs() {
     assert_eq!(rec.entries.len(), 200);
     assert!(rec.truncated.is_none());
     for (i, e) in rec.entries.iter().enumerate() {
-        assert_eq!(e.index, i as u64 + 1);
+        assert_eq!(e.entry.index, i as u64 + 1);
     }
     // Appending after reopen continues the sequence.
     write_entries(dir.path(), 1 << 20, 201, 10, 100);
     let rec = recover(dir.path(), 0, 0).unwrap();
     assert_eq!(rec.entries.len(), 210);
     assert_eq!(rec.last_index, 210);
-    let revs: Vec<i64> = rec.entries.iter().map(|e| e.revision).collect();
+    let revs: Vec<i64> = rec.entries.iter().map(|e| e.entry.revision).collect();
     assert_eq!(&revs[200..], &(201..=210).collect::<Vec<_>>()[..]);
 }
 
@@ -96,7 +96,7 @@ fn rolls_over_segments_and_drops_old_ones() {
     assert_eq!(rec.entries.len(), 302);
     // Recovery from a checkpoint index skips what it covers.
     let rec = recover(dir.path(), 0, 250).unwrap();
-    assert_eq!(rec.entries.first().unwrap().index, 251);
+    assert_eq!(rec.entries.first().unwrap().entry.index, 251);
     let dirp = dir.path().to_path_buf();
     let before = rec.segments.len();
     let removed = run_local(move || async move {
@@ -158,7 +158,7 @@ fn torn_tail_is_truncated_and_zeroed() {
     write_entries(dir.path(), 1 << 20, 100, 1, 10);
     let rec = recover(dir.path(), 0, 0).unwrap();
     assert_eq!(rec.entries.len(), 20);
-    assert_eq!(rec.entries[19].revision, 100);
+    assert_eq!(rec.entries[19].entry.revision, 100);
 }
 
 #[test]

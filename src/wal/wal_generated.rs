@@ -14,10 +14,10 @@ pub mod walfb {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ENTRY_KIND: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ENTRY_KIND: u8 = 6;
+pub const ENUM_MAX_ENTRY_KIND: u8 = 8;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ENTRY_KIND: [EntryKind; 7] = [
+pub const ENUM_VALUES_ENTRY_KIND: [EntryKind; 9] = [
   EntryKind::Write,
   EntryKind::Part,
   EntryKind::Abort,
@@ -25,6 +25,8 @@ pub const ENUM_VALUES_ENTRY_KIND: [EntryKind; 7] = [
   EntryKind::Noop,
   EntryKind::LeaseGrant,
   EntryKind::LeaseRevoke,
+  EntryKind::HardState,
+  EntryKind::ConfChange,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -39,9 +41,11 @@ impl EntryKind {
   pub const Noop: Self = Self(4);
   pub const LeaseGrant: Self = Self(5);
   pub const LeaseRevoke: Self = Self(6);
+  pub const HardState: Self = Self(7);
+  pub const ConfChange: Self = Self(8);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 6;
+  pub const ENUM_MAX: u8 = 8;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Write,
     Self::Part,
@@ -50,6 +54,8 @@ impl EntryKind {
     Self::Noop,
     Self::LeaseGrant,
     Self::LeaseRevoke,
+    Self::HardState,
+    Self::ConfChange,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -61,6 +67,8 @@ impl EntryKind {
       Self::Noop => Some("Noop"),
       Self::LeaseGrant => Some("LeaseGrant"),
       Self::LeaseRevoke => Some("LeaseRevoke"),
+      Self::HardState => Some("HardState"),
+      Self::ConfChange => Some("ConfChange"),
       _ => None,
     }
   }
@@ -370,6 +378,9 @@ impl<'a> Entry<'a> {
   pub const VT_OPS: ::flatbuffers::VOffsetT = 14;
   pub const VT_LEASE_ID: ::flatbuffers::VOffsetT = 16;
   pub const VT_LEASE_TTL: ::flatbuffers::VOffsetT = 18;
+  pub const VT_VOTE: ::flatbuffers::VOffsetT = 20;
+  pub const VT_COMMIT: ::flatbuffers::VOffsetT = 22;
+  pub const VT_DATA: ::flatbuffers::VOffsetT = 24;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -381,11 +392,14 @@ impl<'a> Entry<'a> {
     args: &'args EntryArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Entry<'bldr>> {
     let mut builder = EntryBuilder::new(_fbb);
+    builder.add_commit(args.commit);
+    builder.add_vote(args.vote);
     builder.add_lease_ttl(args.lease_ttl);
     builder.add_lease_id(args.lease_id);
     builder.add_revision(args.revision);
     builder.add_index(args.index);
     builder.add_term(args.term);
+    if let Some(x) = args.data { builder.add_data(x); }
     if let Some(x) = args.ops { builder.add_ops(x); }
     if let Some(x) = args.participants { builder.add_participants(x); }
     builder.add_kind(args.kind);
@@ -449,6 +463,27 @@ impl<'a> Entry<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<i64>(Entry::VT_LEASE_TTL, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn vote(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Entry::VT_VOTE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn commit(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Entry::VT_COMMIT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn data(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Entry::VT_DATA, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Entry<'_> {
@@ -465,6 +500,9 @@ impl ::flatbuffers::Verifiable for Entry<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Op>>>>("ops", Self::VT_OPS, false)?
      .visit_field::<i64>("lease_id", Self::VT_LEASE_ID, false)?
      .visit_field::<i64>("lease_ttl", Self::VT_LEASE_TTL, false)?
+     .visit_field::<u64>("vote", Self::VT_VOTE, false)?
+     .visit_field::<u64>("commit", Self::VT_COMMIT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("data", Self::VT_DATA, false)?
      .finish();
     Ok(())
   }
@@ -478,6 +516,9 @@ pub struct EntryArgs<'a> {
     pub ops: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Op<'a>>>>>,
     pub lease_id: i64,
     pub lease_ttl: i64,
+    pub vote: u64,
+    pub commit: u64,
+    pub data: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
 }
 impl<'a> Default for EntryArgs<'a> {
   #[inline]
@@ -491,6 +532,9 @@ impl<'a> Default for EntryArgs<'a> {
       ops: None,
       lease_id: 0,
       lease_ttl: 0,
+      vote: 0,
+      commit: 0,
+      data: None,
     }
   }
 }
@@ -533,6 +577,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EntryBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<i64>(Entry::VT_LEASE_TTL, lease_ttl, 0);
   }
   #[inline]
+  pub fn add_vote(&mut self, vote: u64) {
+    self.fbb_.push_slot::<u64>(Entry::VT_VOTE, vote, 0);
+  }
+  #[inline]
+  pub fn add_commit(&mut self, commit: u64) {
+    self.fbb_.push_slot::<u64>(Entry::VT_COMMIT, commit, 0);
+  }
+  #[inline]
+  pub fn add_data(&mut self, data: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Entry::VT_DATA, data);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EntryBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     EntryBuilder {
@@ -558,6 +614,9 @@ impl ::core::fmt::Debug for Entry<'_> {
       ds.field("ops", &self.ops());
       ds.field("lease_id", &self.lease_id());
       ds.field("lease_ttl", &self.lease_ttl());
+      ds.field("vote", &self.vote());
+      ds.field("commit", &self.commit());
+      ds.field("data", &self.data());
       ds.finish()
   }
 }
