@@ -391,3 +391,92 @@ fn raft_error(shard: u32, e: raft::Error) -> Error {
         reason: format!("raft: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::rc::Rc;
+
+    use super::*;
+    use crate::mvcc::Effect;
+    use crate::rt::run_local;
+    use crate::wal::{recover, WalOptions};
+
+    fn write(rev: i64) -> WalEntry {
+        WalEntry {
+            kind: EntryKind::Write,
+            revision: rev,
+            ops: vec![Effect::Put {
+                key: Bytes::from(format!("k{rev}")),
+                value: Bytes::from_static(b"v"),
+                lease: 0,
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Opens the log in `dir`, starts the group, proposes `n` writes concurrently and returns
+    /// (term, first index still in the in-memory log after compacting to the last write).
+    fn session(dir: &Path, n: i64) -> (u64, u64) {
+        let dir = dir.to_path_buf();
+        run_local(move || async move {
+            let rec = recover(&dir, 0, 0).unwrap();
+            let wal = Wal::open(&dir, 0, WalOptions::default(), &rec)
+                .await
+                .unwrap();
+            let replica = Rc::new(Replica::recover(0, (0, 0), &rec, false).unwrap());
+            replica.start(&wal).await.unwrap();
+            let mut waits = Vec::new();
+            let mut last = 0;
+            for i in 0..n {
+                let mut e = write(i + 1);
+                let index = match replica.propose(&wal, &mut e) {
+                    Ok(index) => index,
+                    Err(_) => panic!("proposal refused"),
+                };
+                assert_eq!((e.index, e.term), (index, replica.term()));
+                last = index;
+                let (wal, replica) = (wal.clone(), replica.clone());
+                waits.push(glommio::spawn_local(async move {
+                    replica.wait_committed(&wal, index, e.term).await
+                }));
+            }
+            for w in waits {
+                w.await.unwrap();
+            }
+            let r = replica.raft.as_ref().unwrap().borrow();
+            assert_eq!(
+                r.commit(),
+                last,
+                "a one-member group commits what is durable"
+            );
+            drop(r);
+            replica.compact(last).unwrap();
+            let first = replica.raft.as_ref().unwrap().borrow().first_index();
+            let term = replica.term();
+            wal.close().await;
+            (term, first)
+        })
+    }
+
+    #[test]
+    fn proposals_commit_when_durable_and_terms_grow_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            session(dir.path(), 50),
+            (1, 52),
+            "no-op at 1, writes 2..=51"
+        );
+        let rec = recover(dir.path(), 0, 0).unwrap();
+        assert_eq!(rec.entries.len(), 51);
+        let hs = rec.hard_state.as_ref().unwrap();
+        assert_eq!((hs.term, hs.vote), (1, 1));
+        // Recovered entries are the Raft log again; the next leader's no-op follows them.
+        assert_eq!(session(dir.path(), 5), (2, 58));
+        let rec = recover(dir.path(), 0, 0).unwrap();
+        let terms: Vec<u64> = rec.entries.iter().map(|l| l.entry.term).collect();
+        assert_eq!(&terms[50..], &[1, 2, 2, 2, 2, 2, 2]);
+        assert_eq!(rec.entries[51].entry.kind, EntryKind::Noop);
+        assert_eq!(rec.hard_state.unwrap().term, 2);
+    }
+}
