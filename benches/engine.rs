@@ -2,7 +2,8 @@
 //! plus resident memory with many keys. Every write is fdatasync'ed before it is acknowledged.
 //!
 //! `cargo bench --bench engine` runs all; `cargo bench --bench engine -- put1 putN range txn
-//! restart` picks some. `BENCH_OPS` scales the op counts, `BENCH_KEYS` the restart key count
+//! restart raft` picks some (`raft`: put throughput with and without the shards' Raft groups,
+//! `BENCH_ROUNDS` alternating rounds). `BENCH_OPS` scales the op counts, `BENCH_KEYS` the restart key count
 //! (default 1,000,000), `BENCH_CORES` the executor count.
 
 use std::sync::{Arc, Mutex};
@@ -97,6 +98,56 @@ fn bench_put_n(ops: usize, writers: usize) {
             .expect("put");
     });
     db.close();
+}
+
+/// Durable puts through Raft against the same engine with Raft bypassed (`bypass_raft`), in
+/// alternating rounds so both see the same disk and machine state; prints each round and the
+/// ratio of the medians.
+fn bench_raft_overhead(ops: usize, rounds: usize) {
+    for writers in [1usize, 64] {
+        let per = if writers == 1 {
+            ops
+        } else {
+            (ops * 4 / writers).max(10)
+        };
+        let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..rounds {
+            for (slot, bypass) in [(0, true), (1, false)] {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let db = Db::open(
+                    dir.path(),
+                    Options {
+                        bypass_raft: bypass,
+                        ..options()
+                    },
+                )
+                .expect("open");
+                let v = value(256);
+                let label = if bypass { "without raft" } else { "with raft" };
+                let start = Instant::now();
+                run(
+                    &format!("put {writers}w {label} r{round}"),
+                    writers,
+                    per,
+                    |t, i| {
+                        db.put(PutRequest::new(format!("w{t}/{i:08}"), v.clone()))
+                            .expect("put");
+                    },
+                );
+                rates[slot].push((writers * per) as f64 / start.elapsed().as_secs_f64());
+                db.close();
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (without, with) = (median(&mut rates[0]), median(&mut rates[1]));
+        println!(
+            "raft overhead, {writers} writer(s): median {with:.0} ops/s with raft vs {without:.0} without = {:.3}x",
+            with / without
+        );
+    }
 }
 
 fn load(db: &Db, keys: usize, val_len: usize) {
@@ -298,5 +349,8 @@ fn main() {
     }
     if want("restart") {
         bench_restart(keys);
+    }
+    if want("raft") {
+        bench_raft_overhead(ops, env_usize("BENCH_ROUNDS", 5));
     }
 }

@@ -111,10 +111,12 @@ impl Replica {
     /// Campaigns and waits until this node leads with a committed entry of its term, so that
     /// everything before it counts as committed. Runs before the shard serves.
     pub async fn start(&self, wal: &Wal) -> Result<()> {
+        // The first segment is prepared before serving (with or without Raft), so the first
+        // write does not wait for it.
+        wal.make_room(4 * RECORD_SLACK).await?;
         let Some(raft) = &self.raft else {
             return Ok(());
         };
-        wal.make_room(4 * RECORD_SLACK).await?;
         raft.borrow_mut().campaign();
         self.pump(wal);
         loop {
