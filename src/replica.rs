@@ -446,13 +446,8 @@ mod tests {
             for w in waits {
                 w.await.unwrap();
             }
-            let r = replica.raft.as_ref().unwrap().borrow();
-            assert_eq!(
-                r.commit(),
-                last,
-                "a one-member group commits what is durable"
-            );
-            drop(r);
+            let commit = replica.raft.as_ref().unwrap().borrow().commit();
+            assert_eq!(commit, last, "a one-member group commits what is durable");
             replica.compact(last).unwrap();
             let first = replica.raft.as_ref().unwrap().borrow().first_index();
             let term = replica.term();

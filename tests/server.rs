@@ -175,9 +175,19 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
     );
 }
 
+/// `raft_term` from `etcdctl endpoint status -w json`.
+fn raft_term(port: u16) -> u64 {
+    let (ok, out, err) = etcdctl(port, &["endpoint", "status", "-w", "json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["Status"]["raftTerm"].as_u64().expect("raftTerm")
+}
+
 #[test]
 fn sigterm_flushes_and_exits_zero_and_data_survives() {
     let mut s = start(&[]);
+    // A fresh data dir: each shard's group elects itself in term 1.
+    assert_eq!(raft_term(s.port), 1);
     for i in 0..20 {
         assert!(etcdctl(s.port, &["put", &format!("k{i}"), "v"]).0);
     }
@@ -203,6 +213,8 @@ fn sigterm_flushes_and_exits_zero_and_data_survives() {
     )
     .unwrap();
     assert_eq!(db.revision(), 21);
+    // The reopen elected term 2 in every shard's group.
+    assert_eq!(db.raft_term(), 2);
     db.close();
 }
 
