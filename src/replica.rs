@@ -31,7 +31,7 @@ use crate::wal::{record, EntryKind, LoggedEntry, NoRoom, Recovered, Wal, WalEntr
 pub const LOCAL_ID: raft::NodeId = 1;
 
 /// Room kept for the small records (no-op, hard state) a group logs on its own.
-const RECORD_SLACK: usize = 256;
+pub const RECORD_SLACK: usize = 256;
 
 /// Why a proposal was not logged.
 pub enum ProposeError {

@@ -173,7 +173,8 @@ impl Shard {
                 _ => {}
             }
         }
-        Ok(record::frame_len(n))
+        // Proposals also keep room for the small records Raft logs on its own.
+        Ok(record::frame_len(n) + crate::replica::RECORD_SLACK)
     }
 
     /// A write whose every key lives on this shard: evaluated, applied and logged here.
