@@ -119,7 +119,9 @@ impl Replica {
         };
         raft.borrow_mut().campaign();
         self.pump(wal);
-        loop {
+        // A one-member group wins in a few rounds (vote durable, no-op durable); a group that
+        // cannot (e.g. a log whose membership excludes this node) must not spin.
+        for _ in 0..16 {
             self.ensure_healthy()?;
             {
                 let r = raft.borrow();
@@ -130,6 +132,16 @@ impl Replica {
             wal.wait_synced(self.last_seq.get()).await?;
             self.sync(wal);
         }
+        let r = raft.borrow();
+        Err(Error::ShardFailed {
+            shard: self.shard,
+            reason: format!(
+                "could not become leader of its own group (term {}, role {:?}, commit {})",
+                r.term(),
+                r.role(),
+                r.commit()
+            ),
+        })
     }
 
     pub fn ensure_healthy(&self) -> Result<()> {
