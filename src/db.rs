@@ -1566,10 +1566,7 @@ impl ChangeSource for Feed {
         self.0.shared.clock.compact_revision()
     }
 
-    fn wait_revision(
-        &self,
-        rev: i64,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
+    fn wait_revision(&self, rev: i64) -> watch::LocalFuture<'_, ()> {
         Box::pin(self.0.shared.clock.wait_visible(rev))
     }
 
@@ -1579,8 +1576,7 @@ impl ChangeSource for Feed {
         after: i64,
         upto: i64,
         with_prev: bool,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Vec<WatchEvent>, i64)>> + '_>>
-    {
+    ) -> watch::LocalFuture<'_, Result<(Vec<WatchEvent>, i64)>> {
         Box::pin(async move {
             let shared = &self.0.shared;
             let shards: Vec<u32> = if watch::single_keys(&ranges) {

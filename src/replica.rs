@@ -54,8 +54,6 @@ pub struct Replica {
     pending_hard_state: RefCell<VecDeque<(u64, HardState)>>,
     /// (term, vote) of the newest hard state record appended.
     logged_hard_state: Cell<(u64, Option<raft::NodeId>)>,
-    /// Highest entry index acknowledged to Raft as durable.
-    acked: Cell<u64>,
     /// WAL sequence of the newest record this replica appended.
     last_seq: Cell<u64>,
     /// Set when a record Raft handed out could not be logged: the shard must stop.
@@ -100,7 +98,6 @@ impl Replica {
         Ok(Replica {
             shard,
             logged_hard_state: Cell::new((raft.term(), raft.vote())),
-            acked: Cell::new(recovered.last_index),
             raft: (!bypass).then(|| RefCell::new(raft)),
             pending_hard_state: RefCell::new(VecDeque::new()),
             last_seq: Cell::new(0),
@@ -250,12 +247,12 @@ impl Replica {
         };
         let mut p = Persisted::default();
         let durable = wal.durable_index();
-        if durable > self.acked.get() {
+        {
+            // Raft's own persisted mark is what was acknowledged so far.
             let r = raft.borrow();
-            if let Some(t) = r.term_at(durable) {
-                p.entries = Some((t, durable));
+            if durable > r.persisted() {
+                p.entries = r.term_at(durable).map(|t| (t, durable));
             }
-            self.acked.set(durable);
         }
         let synced = wal.durable_seq();
         {

@@ -73,7 +73,7 @@ pub const MAX_EVENTS_PER_FETCH: usize = 4096;
 /// that drained its sink gets the rest without waiting for the next write.
 const CATCH_UP_RETRY: Duration = Duration::from_millis(20);
 
-type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+pub type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
 /// What a hub needs from the store. The engine's core implements it; tests can fake it.
 pub trait ChangeSource {
