@@ -4,8 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use spindle::db::Options;
-use spindle::partition::Partitioner;
+use spindle::db::{Options, Partitioner};
 use spindle::server::ServerConfig;
 
 #[derive(Parser)]

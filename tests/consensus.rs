@@ -4,9 +4,10 @@
 
 use std::path::Path;
 
+use spindle::engine::meta;
 use spindle::kv::*;
 use spindle::wal::{self, EntryKind, Recovered};
-use spindle::{meta, Db, Options};
+use spindle::{Db, Options};
 
 fn opts() -> Options {
     Options {

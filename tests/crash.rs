@@ -24,7 +24,7 @@ fn txn_dirs() -> Vec<String> {
     let mut dirs: Vec<Option<String>> = vec![None; 3];
     for i in 0.. {
         let d = format!("t{i}/");
-        let s = spindle::partition::Partitioner::Directory.shard_of(d.as_bytes(), 3) as usize;
+        let s = spindle::db::Partitioner::Directory.shard_of(d.as_bytes(), 3) as usize;
         dirs[s].get_or_insert(d);
         if dirs.iter().all(Option::is_some) {
             break;

@@ -268,7 +268,7 @@ fn grpc_lock_is_mutually_exclusive() {
     const LOCKERS: usize = 8;
     let s = spindle();
     let ep = s.endpoint();
-    spindle::rt::run_local(move || async move {
+    spindle::runtime::run_local(move || async move {
         let holders = Rc::new(Cell::new(0usize));
         let done = Rc::new(Cell::new(0usize));
         let mut tasks = Vec::new();
@@ -331,7 +331,7 @@ fn leader_key_str(l: &epb::LeaderKey) -> String {
 fn grpc_election_failover_and_observe() {
     let s = spindle();
     let ep = s.endpoint();
-    spindle::rt::run_local(move || async move {
+    spindle::runtime::run_local(move || async move {
         let mut c = Client::connect(&ep).await.unwrap();
         // Observe from before there is any leader.
         let mut obs = c
@@ -477,7 +477,7 @@ fn outcome<T>(r: Result<T, Status>) -> String {
 
 /// The error cases of both services, as seen by one server.
 fn error_cases(ep: String) -> Vec<(&'static str, String)> {
-    spindle::rt::run_local(move || async move {
+    spindle::runtime::run_local(move || async move {
         let mut c = Client::connect(&ep).await.unwrap();
         let stale = epb::LeaderKey {
             name: "el".into(),
@@ -635,7 +635,7 @@ fn service_lock_excludes_the_etcdctl_recipe_and_the_gateway_serves_both() {
     let s = spindle();
     let ep = s.endpoint();
     // Held through the gRPC service...
-    let key = spindle::rt::run_local(move || async move {
+    let key = spindle::runtime::run_local(move || async move {
         let mut c = Client::connect(&ep).await.unwrap();
         let lease = grant(&mut c, 30).await;
         lock(&mut c, "shared", lease).await.expect("lock").key
@@ -653,7 +653,7 @@ fn service_lock_excludes_the_etcdctl_recipe_and_the_gateway_serves_both() {
         "etcdctl lock ran while the service lock was held"
     );
     let ep = s.endpoint();
-    spindle::rt::run_local(move || async move {
+    spindle::runtime::run_local(move || async move {
         let mut c = Client::connect(&ep).await.unwrap();
         let _: lpb::UnlockResponse = c
             .unary("/v3lockpb.Lock/Unlock", &lpb::UnlockRequest { key })

@@ -73,7 +73,7 @@ fn put(key: &str, value: &str) -> pb::RequestOp {
 }
 
 fn scenario(port: u16) -> Observed {
-    spindle::rt::run_local(move || async move {
+    spindle::runtime::run_local(move || async move {
         let ep = format!("127.0.0.1:{port}");
         let mut c = Client::connect(&ep).await.unwrap();
         let mut w = c

@@ -12,8 +12,8 @@ use http_body_util::{BodyExt, Either, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 
+use crate::runtime::io::{Conn, LocalExec};
 use crate::server::grpc::{decode_messages, encode_message, Code, Status};
-use crate::server::io::{Conn, LocalExec};
 
 type FrameStream = futures_lite::stream::Map<
     flume::r#async::RecvStream<'static, Bytes>,

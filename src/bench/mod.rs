@@ -228,7 +228,7 @@ pub fn run(cfg: BenchConfig) -> Result<Report, String> {
     let mut handles = Vec::new();
     for core in 0..cores {
         let shared = shared.clone();
-        let h = crate::rt::builder(glommio::Placement::Unbound, &format!("bench-{core}"))
+        let h = crate::runtime::builder(glommio::Placement::Unbound, &format!("bench-{core}"))
             .spawn(move || async move { run_core(core, shared).await })
             .map_err(|e| format!("executor: {e}"))?;
         handles.push(h);

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 
+use crate::runtime::io::{Conn, LocalExec};
 use crate::server::grpc;
-use crate::server::io::{Conn, LocalExec};
 
 /// A running no-op endpoint. Its executors serve until the process exits (it is a CLI aid).
 pub struct Noop {
@@ -31,8 +31,8 @@ pub fn start(cores: usize) -> Result<Noop, String> {
     for core in 0..cores {
         let ready = ready_tx.clone();
         std::thread::spawn(move || {
-            let ex =
-                crate::rt::builder(glommio::Placement::Unbound, &format!("noop-{core}")).make();
+            let ex = crate::runtime::builder(glommio::Placement::Unbound, &format!("noop-{core}"))
+                .make();
             let ex = match ex {
                 Ok(ex) => ex,
                 Err(e) => {

@@ -1,6 +1,6 @@
 //! The lease service over the engine: grant, revoke, keep-alive, time-to-live, list, and expiry.
 //!
-//! The lease table ([`crate::lease::LeaseTable`]) is shared by every core; this module owns the
+//! The lease table ([`crate::mvcc::lease::LeaseTable`]) is shared by every core; this module owns the
 //! clock and the durable side. A grant is logged (`LeaseGrant`) in the log of shard
 //! [`log_shard`]`(id)` before it is acknowledged; a revoke first makes the lease unusable, then
 //! deletes its keys in one ordinary write (a txn of deletes guarded by "still attached" compares,
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::*;
-use crate::lease::{
+use crate::mvcc::lease::{
     log_shard, LeaseGrantResponse, LeaseKeepAliveResponse, LeaseLeasesResponse,
     LeaseRevokeResponse, LeaseTimeToLiveResponse,
 };
@@ -83,7 +83,7 @@ impl Backend for Db {
     }
 }
 
-fn table(shared: &Shared) -> std::sync::RwLockWriteGuard<'_, crate::lease::LeaseTable> {
+fn table(shared: &Shared) -> std::sync::RwLockWriteGuard<'_, crate::mvcc::lease::LeaseTable> {
     shared.leases.write().unwrap_or_else(|p| p.into_inner())
 }
 

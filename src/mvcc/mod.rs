@@ -11,9 +11,12 @@
 //! module reports per-shard partial results ([`ShardRange`], [`CompareOutcome`], [`OpPartial`]) and
 //! exposes the ordering helpers ([`cmp_kvs`], [`effective_sort`], [`prefetch_window`]) a merge needs.
 
+pub mod btree;
 mod events;
 mod index;
 mod key_index;
+pub mod lease;
+pub mod plan;
 mod query;
 mod store;
 

@@ -461,7 +461,7 @@ fn assert_range(store: &ShardStore, model: &Model, r: &RangeRequest, rev: i64) {
             let got = got.expect("not compacted");
             assert_eq!(got, want.shard, "range {r:?} at {rev}");
             // The planner's merge of this one shard must give etcd's literal answer.
-            let merged = crate::plan::merge_range(r, vec![got]);
+            let merged = crate::mvcc::plan::merge_range(r, vec![got]);
             assert_eq!(merged.kvs, want.etcd_kvs, "etcd kvs for {r:?} at {rev}");
             assert_eq!(merged.more, want.etcd_more, "more for {r:?} at {rev}");
         }

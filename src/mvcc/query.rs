@@ -211,5 +211,5 @@ pub(crate) fn compare_holds(cmp: &Compare, kv: Option<&Visible<'_>>) -> bool {
             lease: v.lease,
         })
         .unwrap_or_default();
-    crate::plan::compare_kv(cmp, &kv)
+    crate::mvcc::plan::compare_kv(cmp, &kv)
 }

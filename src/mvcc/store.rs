@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::kv::{
     Compare, DeleteRangeRequest, KeyRange, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
-use crate::lease::LeaseKeys;
+use crate::mvcc::lease::LeaseKeys;
 
 /// Reads at this revision see the latest state, including writes of a txn being executed.
 const LATEST: i64 = i64::MAX;

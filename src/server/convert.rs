@@ -302,18 +302,18 @@ mod fuzz {
             for m in msgs {
                 if let Ok(t) = pb::TxnRequest::decode(m.clone()) {
                     if let Ok(t) = txn_request(t) {
-                        let _ = crate::plan::validate_txn(&t, 128);
+                        let _ = crate::mvcc::plan::validate_txn(&t, 128);
                     }
                 }
                 if let Ok(r) = pb::RangeRequest::decode(m) {
                     if let Ok(r) = range_request(r) {
-                        let _ = crate::plan::validate_range(&r);
+                        let _ = crate::mvcc::plan::validate_range(&r);
                     }
                 }
             }
         }
         if let Ok(t) = pb::TxnRequest::decode(b) {
-            let _ = txn_request(t).map(|t| crate::plan::validate_txn(&t, 128));
+            let _ = txn_request(t).map(|t| crate::mvcc::plan::validate_txn(&t, 128));
         }
     }
 

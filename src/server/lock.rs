@@ -11,13 +11,13 @@ use bytes::{Bytes, BytesMut};
 
 use super::grpc::{Code, Status};
 use super::{check_space, enc, one, Ctx};
+use crate::db::{WatchRequest, WatchUpdate};
 use crate::kv::{
     Compare, CompareResult, DeleteRangeRequest, KeyValue, PutRequest, RangeRequest, RangeResponse,
     RequestOp, ResponseOp, SortOrder, SortTarget, TxnRequest, TxnResponse,
 };
 use crate::mvcc::EventKind;
 use crate::proto::v3lockpb as lpb;
-use crate::watch::{WatchRequest, WatchUpdate};
 
 pub const LOCK: &str = "/v3lockpb.Lock/Lock";
 pub const UNLOCK: &str = "/v3lockpb.Lock/Unlock";

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::db::LocalDb;
 
 /// Latency bucket upper bounds, in seconds (shared with the engine's fsync histogram).
-pub const BUCKETS: [f64; 12] = crate::wal::LATENCY_BUCKETS;
+pub const BUCKETS: [f64; 12] = crate::runtime::LATENCY_BUCKETS;
 
 const METHODS: [&str; 17] = [
     "/etcdserverpb.KV/Range",

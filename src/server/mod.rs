@@ -11,7 +11,7 @@ mod convert;
 mod election;
 mod gateway;
 pub mod grpc;
-pub mod io;
+
 mod lease;
 mod lock;
 pub mod metrics;
@@ -271,7 +271,7 @@ async fn accept_loop(listener: glommio::net::TcpListener, ctx: Rc<Ctx>) {
                 async move { Ok::<_, std::convert::Infallible>(handle(ctx, req).await) }
             });
             // HTTP/2 for gRPC, HTTP/1.1 for curl and the JSON gateway: auto-detected per connection.
-            let conn = io::Conn::new(stream);
+            let conn = crate::runtime::io::Conn::new(stream);
             if let Err(e) = serve_connection(conn, service).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -280,7 +280,7 @@ async fn accept_loop(listener: glommio::net::TcpListener, ctx: Rc<Ctx>) {
     }
 }
 
-async fn serve_connection<S>(conn: io::Conn, service: S) -> Result<(), hyper::Error>
+async fn serve_connection<S>(conn: crate::runtime::io::Conn, service: S) -> Result<(), hyper::Error>
 where
     S: hyper::service::Service<
             Request<Incoming>,
@@ -294,7 +294,7 @@ where
     let mut conn = conn;
     let is_h2 = conn.peek_h2_preface().await;
     if is_h2 {
-        hyper::server::conn::http2::Builder::new(io::LocalExec)
+        hyper::server::conn::http2::Builder::new(crate::runtime::io::LocalExec)
             .max_concurrent_streams(1024)
             .serve_connection(conn, service)
             .await

@@ -14,8 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::grpc::{self, Code, Status};
 use super::Ctx;
-use crate::checkpoint::encode_histories;
-use crate::db::LocalDb;
+use crate::db::{encode_export, LocalDb};
 use crate::proto::etcdserverpb as pb;
 
 const CHUNK_KEYS: usize = 1024;
@@ -52,7 +51,7 @@ pub async fn hash(ctx: &Rc<Ctx>, upto: i64) -> Result<u32, Status> {
     let mut buf = Vec::new();
     for_each_chunk(&ctx.db, upto, |_, chunk| {
         buf.clear();
-        encode_histories(chunk, &mut buf);
+        encode_export(chunk, &mut buf);
         h.update(&buf);
         true
     })
@@ -112,7 +111,7 @@ pub fn stream(ctx: Rc<Ctx>) -> http::Response<grpc::GrpcBody> {
         let mut records = Vec::new();
         let result = for_each_chunk(&ctx.db, rev, |shard, chunk| {
             records.clear();
-            encode_histories(chunk, &mut records);
+            encode_export(chunk, &mut records);
             let mut b = BytesMut::with_capacity(12 + records.len());
             b.put_u32_le(shard);
             b.put_u64_le(records.len() as u64);

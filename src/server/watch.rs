@@ -1,7 +1,7 @@
 //! etcd's Watch service: one bidirectional stream carries any number of watches.
 //!
 //! A session task per stream reads requests as they arrive, registers watches with the core's
-//! hub (see [`crate::watch`]) and turns the hub's updates into WatchResponses. Every watch of
+//! hub (see [`crate::db::Watch`]) and turns the hub's updates into WatchResponses. Every watch of
 //! the stream shares one bounded sink, so a client that stops reading only makes its own
 //! watches fall back to catching up; it never holds up writers or other streams.
 
@@ -16,10 +16,10 @@ use hyper::body::Incoming;
 
 use super::grpc::{self, Code, GrpcBody, Status};
 use super::{convert, Ctx, GRPC_OVERHEAD_BYTES};
+use crate::db::{WatchRequest, WatchUpdate};
 use crate::mvcc::EventKind;
 use crate::proto::etcdserverpb as pb;
 use crate::proto::mvccpb;
-use crate::watch::{WatchRequest, WatchUpdate};
 
 /// Updates buffered per stream before its watches fall back to catching up from history.
 const STREAM_BUFFER: usize = 1024;
@@ -183,7 +183,7 @@ impl Session {
     fn request(
         &mut self,
         req: pb::WatchRequest,
-        sink: &crate::watch::WatchSink,
+        sink: &crate::db::WatchSink,
     ) -> Vec<pb::WatchResponse> {
         use pb::watch_request::RequestUnion;
         let current = self.ctx.db.revision();

@@ -21,14 +21,10 @@ use event_listener::Event;
 use glommio::io::{DmaFile, OpenOptions};
 
 use crate::error::{Error, Result};
+use crate::runtime::LATENCY_BUCKETS;
 use record::{encode_payload, encode_segment_header, frame_len, write_frame, SEGMENT_HEADER_LEN};
 pub use record::{EntryKind, LeaseRecord, WalEntry};
 pub use recovery::{recover, LoggedEntry, Recovered, SegmentFile};
-
-/// Latency histogram bucket bounds in seconds (fsyncs here, requests in the server's metrics).
-pub const LATENCY_BUCKETS: [f64; 12] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
-];
 
 /// Sync statistics of one log.
 #[derive(Clone, Debug, Default)]

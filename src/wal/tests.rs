@@ -7,7 +7,7 @@ use bytes::Bytes;
 use super::record::{encode_frame, SEGMENT_HEADER_LEN};
 use super::*;
 use crate::mvcc::Effect;
-use crate::rt::run_local;
+use crate::runtime::run_local;
 
 fn entry(rev: i64, key: &str, value_len: usize) -> WalEntry {
     WalEntry {

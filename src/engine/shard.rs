@@ -17,15 +17,15 @@ use std::rc::Rc;
 
 use glommio::sync::Semaphore;
 
-use crate::checkpoint::{self, CheckpointInfo};
+use crate::engine::checkpoint::{self, CheckpointInfo};
+use crate::engine::partition::Partitioner;
+use crate::engine::replica::{ProposeError, Replica};
+use crate::engine::revision::CoreRevisions;
 use crate::error::{Error, Result};
 use crate::kv::{Compare, RangeRequest, RequestOp, TxnRequest};
-use crate::lease::SharedLeases;
+use crate::mvcc::lease::SharedLeases;
+use crate::mvcc::plan;
 use crate::mvcc::{CompareOutcome, OpPartial, ShardRange, ShardStore, TxnPath, Undo};
-use crate::partition::Partitioner;
-use crate::plan;
-use crate::replica::{ProposeError, Replica};
-use crate::revision::CoreRevisions;
 use crate::wal::{record, EntryKind, LeaseRecord, Wal, WalEntry};
 
 /// A multi-shard part executed here and durable, awaiting the coordinator's decision.
@@ -174,7 +174,7 @@ impl Shard {
             }
         }
         // Proposals also keep room for the small records Raft logs on its own.
-        Ok(record::frame_len(n) + crate::replica::RECORD_SLACK)
+        Ok(record::frame_len(n) + crate::engine::replica::RECORD_SLACK)
     }
 
     /// A write whose every key lives on this shard: evaluated, applied and logged here.

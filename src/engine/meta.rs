@@ -5,8 +5,8 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::engine::partition::Partitioner;
 use crate::error::{Error, Result};
-use crate::partition::Partitioner;
 
 const META_FILE: &str = "spindle.meta";
 const FORMAT: u32 = 1;

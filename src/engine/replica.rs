@@ -410,7 +410,7 @@ mod tests {
 
     use super::*;
     use crate::mvcc::Effect;
-    use crate::rt::run_local;
+    use crate::runtime::run_local;
     use crate::wal::{recover, WalOptions};
 
     fn write(rev: i64) -> WalEntry {

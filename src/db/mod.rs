@@ -15,20 +15,28 @@ use std::sync::{Arc, Mutex};
 
 use glommio::Placement;
 
-use crate::checkpoint::{self, CheckpointInfo};
+use crate::engine::checkpoint::{self, CheckpointInfo};
+use crate::engine::meta;
+use crate::engine::replica::Replica;
+use crate::engine::revision::{CoreRevisions, RevisionClock};
+use crate::engine::shard::Shard;
+use crate::engine::watch::{self, ChangeSource, Hub};
+pub use crate::engine::watch::{WatchEvent, WatchRequest, WatchSink, WatchUpdate};
 use crate::error::{Error, Result};
 use crate::kv::*;
-use crate::meta;
+use crate::mvcc::plan;
 use crate::mvcc::{CompareOutcome, OpPartial, ShardRange, ShardStore, TxnPath};
-use crate::partition::Partitioner;
-use crate::plan;
-use crate::replica::Replica;
-use crate::revision::{CoreRevisions, RevisionClock};
-use crate::shard::Shard;
 use crate::wal::{self, EntryKind, Wal, WalOptions};
-use crate::watch::{self, ChangeSource, Hub, WatchEvent, WatchRequest, WatchSink, WatchUpdate};
 
 mod lease;
+
+pub use crate::engine::partition::Partitioner;
+
+/// Appends `histories` (from [`LocalDb::export`]) in the checkpoint record encoding: the body of
+/// spindle's snapshot stream and the input of its Hash/HashKV, so equal stores encode equally.
+pub fn encode_export(histories: &[crate::mvcc::KeyHistory], out: &mut Vec<u8>) {
+    checkpoint::encode_histories(histories, out)
+}
 
 /// Options for [`Db::open`].
 #[derive(Clone, Debug)]
@@ -82,7 +90,7 @@ pub struct Status {
     pub disk_bytes: u64,
     /// Highest WAL index over shards (a stand-in for etcd's raft index on a single node).
     pub log_index: u64,
-    /// WAL fdatasync calls, their total time and latency histogram (`wal::LATENCY_BUCKETS`).
+    /// WAL fdatasync calls, their total time and latency histogram (`runtime::LATENCY_BUCKETS`).
     pub fsyncs: u64,
     pub fsync_seconds: f64,
     pub fsync_buckets: Vec<u64>,
@@ -175,7 +183,7 @@ struct Shared {
     max_txn_ops: usize,
     cluster_id: u64,
     member_id: u64,
-    leases: crate::lease::SharedLeases,
+    leases: crate::mvcc::lease::SharedLeases,
     /// Highest Raft term of any shard group (response headers carry it).
     raft_term: std::sync::atomic::AtomicU64,
 }
@@ -225,7 +233,7 @@ struct RecoveredShard {
     dir: PathBuf,
     store: ShardStore,
     wal: wal::Recovered,
-    replica: crate::replica::Replica,
+    replica: crate::engine::replica::Replica,
     checkpoint_index: u64,
     /// Last revision the checkpoint reflects (0 without one).
     checkpoint_revision: i64,
@@ -301,7 +309,7 @@ impl Db {
             };
             let every = opts.checkpoint_every;
             let hook = hook.clone();
-            let handle = crate::rt::builder(placement, &format!("spindle-core-{core}"))
+            let handle = crate::runtime::builder(placement, &format!("spindle-core-{core}"))
                 .spawn(move || async move {
                     run_core(core, shared, rx, mine, wal_opts, every, ready_tx, hook).await
                 })
@@ -671,7 +679,7 @@ impl LocalDb {
             .await
     }
 
-    /// Starts a watch delivering to `sink` as `(tag, update)` (see [`crate::watch::Hub`]).
+    /// Starts a watch delivering to `sink` as `(tag, update)` (see [`crate::engine::watch::Hub`]).
     /// `sink_id` groups the watches of one consumer (from [`Self::new_watch_sink`]).
     pub fn watch(&self, req: &WatchRequest, sink_id: u64, tag: i64, sink: WatchSink) -> u64 {
         let feed = Rc::new(Feed(self.core.clone()));
@@ -909,13 +917,13 @@ fn recover_all(
 
 /// The lease table after recovery. Every lease gets its full TTL again from now, as etcd does
 /// when a new leader takes over (downtime must not expire leases whose holders could not renew).
-fn recovered_leases(shards: &[RecoveredShard]) -> crate::lease::SharedLeases {
+fn recovered_leases(shards: &[RecoveredShard]) -> crate::mvcc::lease::SharedLeases {
     // Generated ids start from the clock so a restarted store does not hand out recent ids again.
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| (d.as_millis() as u64) << 16)
         .unwrap_or(1);
-    let mut table = crate::lease::LeaseTable::new(seed);
+    let mut table = crate::mvcc::lease::LeaseTable::new(seed);
     let now = std::time::Instant::now();
     for s in shards {
         for (&id, &ttl) in &s.leases {

@@ -1,6 +1,16 @@
-//! Executor construction shared by the shard runtime, tools and tests.
+//! What every glommio-side layer shares and nothing engine-specific: executor construction (the
+//! shard runtime, the load generator, tools and tests), the adapter that lets hyper run on a
+//! glommio TCP stream (`io`, used by the server and the load generator's client), and the latency
+//! histogram bounds that the WAL's fsync histogram and `/metrics` both use.
+
+pub mod io;
 
 use glommio::{LocalExecutorBuilder, Placement};
+
+/// Latency histogram bucket bounds in seconds (WAL fsyncs, server requests).
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+];
 
 /// io_uring registered-buffer memory per executor. The machine's memlock limit (8 MiB) must cover
 /// every executor in the process, and writes larger than this fall back to ordinary allocations.
