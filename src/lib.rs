@@ -1,11 +1,13 @@
 //! spindle: an etcd-compatible key-value store built thread-per-core on glommio.
 
 pub mod bench;
+pub mod cluster;
 pub mod db;
 pub mod engine;
 pub mod error;
 pub mod kv;
 pub mod mvcc;
+pub mod peer;
 pub mod proto;
 pub mod raft;
 pub mod runtime;

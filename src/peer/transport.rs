@@ -1,0 +1,506 @@
+//! The peer transport of one core: a listener on the node's peer port (every core binds it with
+//! SO_REUSEPORT) and, per remote member, one outgoing connection this core dials lazily.
+//!
+//! Connections are one-way after the handshake: a node sends on the connection it dialed and
+//! receives on the ones it accepted, so neither side ever waits for the other to read. Messages
+//! queued with [`Transport::send`] between two [`Transport::flush`] calls leave as one batch
+//! frame per destination, one write. Raft tolerates loss, so a broken connection drops what was
+//! queued and is redialed with backoff; nothing here retries a message.
+//!
+//! Both sides check the other's `Hello` ([`check_hello`]): another cluster, another token,
+//! another shard count or protocol version, or a member the cluster does not know is refused with
+//! a message naming both sides' values, logged on both ends. A peer that sends an invalid frame is
+//! disconnected and logged; nothing a peer sends can panic the core.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use super::codec::{self, FrameReader, Hello, PeerMsg, PROTOCOL_VERSION};
+use crate::raft::{Message, NodeId};
+
+/// Receives every Raft message that arrives on this core: `(shard, message)`.
+pub type Handler = Rc<dyn Fn(u32, Message)>;
+
+/// This node's identity and its peers' addresses.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    pub local: Hello,
+    /// Member id → `host:port` of its peer listener (this node excluded).
+    pub peers: BTreeMap<NodeId, String>,
+    pub dial_timeout: Duration,
+}
+
+impl PeerConfig {
+    pub fn new(
+        cluster_id: u64,
+        member_id: u64,
+        shards: u32,
+        name: &str,
+        token: &str,
+        peers: BTreeMap<NodeId, String>,
+    ) -> PeerConfig {
+        PeerConfig {
+            local: Hello {
+                version: PROTOCOL_VERSION,
+                cluster_id,
+                member_id,
+                to_member: 0,
+                shards,
+                name: name.to_string(),
+                token: token.to_string(),
+            },
+            peers,
+            dial_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+fn who(h: &Hello) -> String {
+    format!(
+        "{} ({:x})",
+        if h.name.is_empty() { "?" } else { &h.name },
+        h.member_id
+    )
+}
+
+/// Whether `local` accepts `remote` as a peer; the error names both sides' values.
+pub fn check_hello(
+    local: &Hello,
+    remote: &Hello,
+    known: &BTreeMap<NodeId, String>,
+) -> Result<(), String> {
+    let (me, them) = (who(local), who(remote));
+    if remote.version != local.version {
+        return Err(format!(
+            "peer protocol version mismatch: {me} speaks {}, {them} speaks {}",
+            local.version, remote.version
+        ));
+    }
+    if remote.token != local.token || remote.cluster_id != local.cluster_id {
+        return Err(format!(
+            "cluster mismatch: {me} is in cluster {:x} (token {:?}), {them} in cluster {:x} \
+             (token {:?})",
+            local.cluster_id, local.token, remote.cluster_id, remote.token
+        ));
+    }
+    if remote.to_member != 0 && remote.to_member != local.member_id {
+        return Err(format!(
+            "member mismatch: {them} dialed member {:x} but reached {me}",
+            remote.to_member
+        ));
+    }
+    if !known.contains_key(&remote.member_id) {
+        return Err(format!(
+            "{them} is not a member of cluster {:x} as {me} knows it",
+            local.cluster_id
+        ));
+    }
+    if remote.shards != local.shards {
+        return Err(format!(
+            "shard count mismatch: {me} has {} shards, {them} has {}",
+            local.shards, remote.shards
+        ));
+    }
+    Ok(())
+}
+
+/// Connections to one remote member.
+struct Link {
+    to: NodeId,
+    queue: RefCell<Vec<(u32, Message)>>,
+    ready: event_listener::Event,
+}
+
+/// Counters a test or `/metrics` can read.
+#[derive(Default)]
+pub struct PeerStats {
+    pub frames_sent: Cell<u64>,
+    pub frames_received: Cell<u64>,
+    pub dropped: Cell<u64>,
+    pub refused: Cell<u64>,
+    /// The newest handshake refusal or protocol error, as logged.
+    pub last_error: RefCell<Option<String>>,
+}
+
+pub struct Transport {
+    cfg: PeerConfig,
+    links: RefCell<HashMap<NodeId, Rc<Link>>>,
+    handler: Handler,
+    pub stats: PeerStats,
+    closed: Cell<bool>,
+}
+
+impl Transport {
+    /// Starts this core's share of the transport: accepts on `listener`, dials peers as messages
+    /// for them are flushed.
+    pub fn start(cfg: PeerConfig, listener: TcpListener, handler: Handler) -> Rc<Transport> {
+        let t = Rc::new(Transport {
+            cfg,
+            links: RefCell::new(HashMap::new()),
+            handler,
+            stats: PeerStats::default(),
+            closed: Cell::new(false),
+        });
+        glommio::spawn_local(accept_loop(t.clone(), listener)).detach();
+        t
+    }
+
+    pub fn member_id(&self) -> NodeId {
+        self.cfg.local.member_id
+    }
+
+    /// Queues `msg` of `shard`'s group for member `to`; it leaves at the next [`Self::flush`].
+    pub fn send(self: &Rc<Self>, to: NodeId, shard: u32, msg: Message) {
+        let link = self.link(to);
+        link.queue.borrow_mut().push((shard, msg));
+    }
+
+    /// Sends everything queued: one frame, one write per destination.
+    pub fn flush(&self) {
+        for link in self.links.borrow().values() {
+            if !link.queue.borrow().is_empty() {
+                link.ready.notify(1);
+            }
+        }
+    }
+
+    /// Stops dialing and accepting (connections end as their tasks notice).
+    pub fn close(&self) {
+        self.closed.set(true);
+        for link in self.links.borrow().values() {
+            link.ready.notify(usize::MAX);
+        }
+    }
+
+    fn link(self: &Rc<Self>, to: NodeId) -> Rc<Link> {
+        if let Some(l) = self.links.borrow().get(&to) {
+            return l.clone();
+        }
+        let link = Rc::new(Link {
+            to,
+            queue: RefCell::new(Vec::new()),
+            ready: event_listener::Event::new(),
+        });
+        self.links.borrow_mut().insert(to, link.clone());
+        glommio::spawn_local(dial_loop(self.clone(), link.clone())).detach();
+        link
+    }
+
+    fn note_error(&self, refused: bool, msg: String) {
+        if refused {
+            self.stats.refused.set(self.stats.refused.get() + 1);
+        }
+        *self.stats.last_error.borrow_mut() = Some(msg);
+    }
+}
+
+async fn read_frame(
+    stream: &mut TcpStream,
+    reader: &mut FrameReader,
+    buf: &mut [u8],
+) -> Result<Option<bytes::Bytes>, String> {
+    loop {
+        if let Some(f) = reader.next_frame().map_err(|e| e.to_string())? {
+            return Ok(Some(f));
+        }
+        match stream.read(buf).await {
+            Ok(0) => return Ok(None),
+            Ok(n) => reader.feed(&buf[..n]),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+async fn accept_loop(t: Rc<Transport>, listener: TcpListener) {
+    while !t.closed.get() {
+        match listener.accept().await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                let t = t.clone();
+                glommio::spawn_local(async move {
+                    let peer = stream
+                        .peer_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    if let Err(e) = serve_inbound(&t, stream).await {
+                        tracing::warn!(peer = %peer, error = %e, "peer connection closed");
+                        t.note_error(e.starts_with("refused"), e);
+                    }
+                })
+                .detach();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "peer accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// One accepted connection: handshake, then Raft batches until the peer goes away.
+async fn serve_inbound(t: &Rc<Transport>, mut stream: TcpStream) -> Result<(), String> {
+    let mut reader = FrameReader::default();
+    let mut buf = vec![0u8; 64 << 10];
+    let Some(first) = read_frame(&mut stream, &mut reader, &mut buf).await? else {
+        return Ok(());
+    };
+    let hello = match codec::decode(&first, 0, 0).map_err(|e| e.to_string())? {
+        PeerMsg::Hello(h) => h,
+        other => return Err(format!("expected a hello, got {other:?}")),
+    };
+    if let Err(reason) = check_hello(&t.cfg.local, &hello, &t.cfg.peers) {
+        let _ = stream.write_all(&codec::encode_refusal(&reason)).await;
+        return Err(format!("refused: {reason}"));
+    }
+    stream
+        .write_all(&codec::encode_hello(&t.cfg.local))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (from, to) = (hello.member_id, t.cfg.local.member_id);
+    while let Some(frame) = read_frame(&mut stream, &mut reader, &mut buf).await? {
+        match codec::decode(&frame, from, to).map_err(|e| e.to_string())? {
+            PeerMsg::Batch(msgs) => {
+                t.stats
+                    .frames_received
+                    .set(t.stats.frames_received.get() + 1);
+                for (shard, m) in msgs {
+                    if shard >= t.cfg.local.shards {
+                        return Err(format!(
+                            "message for shard {shard} of {}",
+                            t.cfg.local.shards
+                        ));
+                    }
+                    (t.handler)(shard, m);
+                }
+            }
+            other => return Err(format!("unexpected frame after the handshake: {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// Keeps a connection to `link.to` while there is something to send.
+async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
+    let mut backoff = Duration::from_millis(50);
+    let mut conn: Option<TcpStream> = None;
+    while !t.closed.get() {
+        if link.queue.borrow().is_empty() {
+            let listener = link.ready.listen();
+            if link.queue.borrow().is_empty() && !t.closed.get() {
+                listener.await;
+            }
+            continue;
+        }
+        if conn.is_none() {
+            match dial(&t, link.to).await {
+                Ok(s) => {
+                    backoff = Duration::from_millis(50);
+                    conn = Some(s);
+                }
+                Err(e) => {
+                    // Raft resends what matters; what was queued for a dead peer is dropped.
+                    let n = std::mem::take(&mut *link.queue.borrow_mut()).len() as u64;
+                    t.stats.dropped.set(t.stats.dropped.get() + n);
+                    tracing::debug!(to = %format!("{:x}", link.to), error = %e, "peer dial failed");
+                    if e.starts_with("refused") {
+                        tracing::warn!(to = %format!("{:x}", link.to), error = %e, "peer refused us");
+                        t.note_error(true, e);
+                    }
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            }
+        }
+        let batch = std::mem::take(&mut *link.queue.borrow_mut());
+        let frame = codec::encode_batch(&batch);
+        let Some(s) = conn.as_mut() else { continue };
+        if let Err(e) = s.write_all(&frame).await {
+            tracing::debug!(to = %format!("{:x}", link.to), error = %e, "peer write failed");
+            t.stats
+                .dropped
+                .set(t.stats.dropped.get() + batch.len() as u64);
+            conn = None;
+            continue;
+        }
+        t.stats.frames_sent.set(t.stats.frames_sent.get() + 1);
+    }
+}
+
+/// Connects to member `to` and completes the handshake.
+async fn dial(t: &Rc<Transport>, to: NodeId) -> Result<TcpStream, String> {
+    let addr = t
+        .cfg
+        .peers
+        .get(&to)
+        .ok_or_else(|| format!("no address for member {to:x}"))?;
+    let sock: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to nothing"))?;
+    let mut s = TcpStream::connect_timeout(sock, t.cfg.dial_timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = s.set_nodelay(true);
+    let mut hello = t.cfg.local.clone();
+    hello.to_member = to;
+    s.write_all(&codec::encode_hello(&hello))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::default();
+    let mut buf = vec![0u8; 4096];
+    let reply = read_frame(&mut s, &mut reader, &mut buf)
+        .await?
+        .ok_or_else(|| format!("{addr} closed during the handshake"))?;
+    match codec::decode(&reply, 0, 0).map_err(|e| e.to_string())? {
+        PeerMsg::Hello(h) => {
+            let mut expect = h.clone();
+            expect.to_member = 0;
+            check_hello(&t.cfg.local, &expect, &t.cfg.peers)
+                .map_err(|r| format!("refused: {r}"))?;
+            if h.member_id != to {
+                return Err(format!(
+                    "refused: member mismatch: dialed {to:x} at {addr}, reached {:x}",
+                    h.member_id
+                ));
+            }
+            Ok(s)
+        }
+        PeerMsg::Refusal(r) => Err(format!("refused: {r}")),
+        other => Err(format!("expected a hello, got {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::MessageKind;
+    use crate::runtime::run_local;
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn cfg(me: u64, shards: u32, token: &str, ports: &BTreeMap<u64, u16>) -> PeerConfig {
+        let peers = ports
+            .iter()
+            .filter(|(&id, _)| id != me)
+            .map(|(&id, p)| (id, format!("127.0.0.1:{p}")))
+            .collect();
+        PeerConfig::new(77, me, shards, &format!("n{me}"), token, peers)
+    }
+
+    type Inbox = Rc<RefCell<Vec<(u32, Message)>>>;
+
+    fn start(c: PeerConfig, port: u16) -> (Rc<Transport>, Inbox) {
+        let got: Inbox = Rc::default();
+        let sink = got.clone();
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let t = Transport::start(
+            c,
+            listener,
+            Rc::new(move |s, m| sink.borrow_mut().push((s, m))),
+        );
+        (t, got)
+    }
+
+    async fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+        for _ in 0..200 {
+            if cond() {
+                return true;
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[test]
+    fn batches_flow_and_bad_peers_are_refused() {
+        run_local(|| async {
+            let ports: BTreeMap<u64, u16> = [(1, free_port()), (2, free_port()), (3, free_port())]
+                .into_iter()
+                .collect();
+            let (a, _) = start(cfg(1, 2, "tok", &ports), ports[&1]);
+            let (b, got_b) = start(cfg(2, 2, "tok", &ports), ports[&2]);
+            for shard in 0..2 {
+                let mut m = Message::new(MessageKind::Heartbeat, 1, 2, 3);
+                m.context = bytes::Bytes::copy_from_slice(&9u64.to_be_bytes());
+                a.send(2, shard, m);
+            }
+            a.flush();
+            assert!(
+                wait_for(|| got_b.borrow().len() == 2).await,
+                "{:?}",
+                got_b.borrow()
+            );
+            assert!(got_b.borrow().iter().all(|(_, m)| m.from == 1 && m.to == 2));
+            assert_eq!(
+                a.stats.frames_sent.get(),
+                1,
+                "two groups' beats in one frame"
+            );
+
+            // Member 3 believes in another shard count: both sides refuse and say why.
+            let (c, _) = start(cfg(3, 4, "tok", &ports), ports[&3]);
+            c.send(2, 0, Message::new(MessageKind::Heartbeat, 3, 2, 1));
+            c.flush();
+            assert!(wait_for(|| b.stats.refused.get() > 0 && c.stats.refused.get() > 0).await);
+            let err = b.stats.last_error.borrow().clone().unwrap();
+            assert!(err.contains("n2 (2) has 2 shards, n3 (3) has 4"), "{err}");
+            assert!(c
+                .stats
+                .last_error
+                .borrow()
+                .clone()
+                .unwrap()
+                .contains("shard count mismatch"));
+
+            // Garbage on the peer port: disconnected, logged, and the listener keeps serving.
+            let mut junk = TcpStream::connect(("127.0.0.1", ports[&2])).await.unwrap();
+            junk.write_all(&[0xde; 64]).await.unwrap();
+            let mut buf = [0u8; 16];
+            assert_eq!(
+                junk.read(&mut buf).await.unwrap_or(0),
+                0,
+                "closed on garbage"
+            );
+            a.send(2, 1, Message::new(MessageKind::RequestVote, 1, 2, 4));
+            a.flush();
+            assert!(wait_for(|| got_b.borrow().len() == 3).await);
+            a.close();
+            b.close();
+            c.close();
+        });
+    }
+
+    #[test]
+    fn hello_checks_name_both_sides() {
+        let peers: BTreeMap<u64, String> = [(2, String::new())].into_iter().collect();
+        let local = PeerConfig::new(1, 1, 2, "n1", "t", peers.clone()).local;
+        let mut remote = PeerConfig::new(1, 2, 2, "n2", "t", peers.clone()).local;
+        assert_eq!(check_hello(&local, &remote, &peers), Ok(()));
+        remote.token = "other".into();
+        let e = check_hello(&local, &remote, &peers).unwrap_err();
+        assert!(e.contains("\"t\"") && e.contains("\"other\""), "{e}");
+        remote.token = "t".into();
+        remote.member_id = 9;
+        assert!(check_hello(&local, &remote, &peers)
+            .unwrap_err()
+            .contains("not a member"));
+        remote.member_id = 2;
+        remote.to_member = 5;
+        assert!(check_hello(&local, &remote, &peers)
+            .unwrap_err()
+            .contains("dialed member 5"));
+    }
+}
