@@ -1,0 +1,508 @@
+//! The per-core loop: the messages a core's inbox carries, and the executor task that owns a
+//! core's shards and serves them (shard ops, client requests, watch feeds).
+//!
+//! Separate from the handle in `mod.rs` because everything here runs inside one pinned glommio
+//! executor and is not `Send`; the handle only sends messages to it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::recover::RecoveredShard;
+use super::route::Shared;
+use super::{lease, wait_async, CoreHook, LocalDb, Status};
+use crate::engine::checkpoint::CheckpointInfo;
+use crate::engine::revision::CoreRevisions;
+use crate::engine::shard::Shard;
+use crate::engine::watch::{self, ChangeSource, Hub, WatchEvent, WatchRequest, WatchSink};
+use crate::error::{Error, Result};
+use crate::kv::*;
+use crate::mvcc::{CompareOutcome, OpPartial, ShardRange, TxnPath};
+use crate::wal::{Wal, WalOptions};
+
+pub(super) type Reply<T> = flume::Sender<Result<T>>;
+
+pub(super) fn oneshot<T>() -> (Reply<T>, flume::Receiver<Result<T>>) {
+    flume::bounded(1)
+}
+
+/// A client request as it reaches a core.
+pub(super) enum ClientReq {
+    Range(RangeRequest, Reply<RangeResponse>),
+    Txn(Arc<TxnRequest>, Reply<TxnResponse>),
+    Compact(CompactionRequest, Reply<CompactionResponse>),
+    Checkpoint(Reply<Vec<CheckpointInfo>>),
+    Status(Reply<Status>),
+    /// Start a watch for an embedding thread (see [`Db::watch`](super::Db::watch)).
+    Watch(Box<WatchRequest>, WatchSink, Reply<u64>),
+    WatchCancel(u64),
+}
+
+/// What one core asks of a shard it does not own.
+pub(super) enum ShardOp {
+    Range(Arc<RangeRequest>, i64, Reply<ShardRange>),
+    Write(Arc<TxnRequest>, Reply<(TxnPath, Vec<OpPartial>, i64)>),
+    /// Lock for a coordinator, then evaluate compares (and, when the path is already known, check
+    /// the part) at the latest state.
+    LockEval(
+        u64,
+        Arc<TxnRequest>,
+        Arc<Vec<Compare>>,
+        Option<Arc<TxnPath>>,
+        Reply<LockEval>,
+    ),
+    Compare(Arc<Vec<Compare>>, i64, Reply<Vec<CompareOutcome>>),
+    Check(Arc<TxnRequest>, Arc<TxnPath>, i64, Reply<bool>),
+    /// Validate and execute a part that writes nothing on this shard.
+    ReadExec(Arc<TxnRequest>, Arc<TxnPath>, i64, Reply<Vec<OpPartial>>),
+    Prepare(
+        Arc<TxnRequest>,
+        Arc<TxnPath>,
+        i64,
+        Vec<u32>,
+        Reply<Vec<OpPartial>>,
+    ),
+    Commit(i64, u64, Reply<()>),
+    Abort(i64, u64, Reply<()>),
+    Unlock(u64, Reply<()>),
+    Compact(i64, Reply<()>),
+    Checkpoint(Reply<CheckpointInfo>),
+    Stats(Reply<(u64, u64, u64, crate::wal::SyncStats)>),
+    /// The shard's changes in some ranges between two revisions (watch feed).
+    Changes(Arc<Vec<KeyRange>>, i64, i64, bool, Reply<watch::ShardPage>),
+    /// Up to `max` key histories after a key, revisions up to a bound (snapshots, hashes).
+    Export(
+        Option<bytes::Bytes>,
+        usize,
+        i64,
+        Reply<Vec<crate::mvcc::KeyHistory>>,
+    ),
+    /// Lease logging and attached keys (see `db::lease`).
+    Lease(lease::LeaseOp),
+}
+
+/// What a shard reports once locked for a coordinator.
+pub(super) struct LockEval {
+    /// Revision the evaluation saw (everything applied on the shard is at or below it).
+    pub(super) latest: i64,
+    pub(super) compares: Result<Vec<CompareOutcome>>,
+    /// Whether the part writes, when the path was known up front.
+    pub(super) writes: Option<Result<bool>>,
+}
+
+pub(super) enum Msg {
+    Client(ClientReq),
+    Shard(u32, ShardOp),
+    Shutdown,
+}
+
+pub(super) struct Core {
+    pub(super) id: usize,
+    pub(super) shared: Arc<Shared>,
+    pub(super) revs: CoreRevisions,
+    shards: BTreeMap<u32, Rc<Shard>>,
+    tokens: std::cell::Cell<u64>,
+    /// Watches whose consumers live on this core.
+    pub(super) hub: Rc<Hub>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run_core(
+    id: usize,
+    shared: Arc<Shared>,
+    inbox: flume::Receiver<Msg>,
+    recovered: Vec<RecoveredShard>,
+    wal_opts: WalOptions,
+    checkpoint_every: u64,
+    ready: Reply<()>,
+    hook: Option<CoreHook>,
+) {
+    let mut shards = BTreeMap::new();
+    for r in recovered {
+        let opened = async {
+            let wal = Wal::open(&r.dir.join("wal"), r.id, wal_opts.clone(), &r.wal).await?;
+            let shard = Shard::new(
+                r.id,
+                r.dir.clone(),
+                shared.nshards,
+                shared.partitioner,
+                r.store,
+                wal,
+                r.replica,
+                r.checkpoint_index,
+                checkpoint_every,
+                shared.leases.clone(),
+                r.leases,
+            );
+            shard.replica.start(&shard.wal).await?;
+            shared
+                .raft_term
+                .fetch_max(shard.replica.term(), Ordering::Relaxed);
+            for rev in r.aborts {
+                shard.log_abort(rev).await?;
+            }
+            Ok::<_, Error>(shard)
+        }
+        .await;
+        match opened {
+            Ok(shard) => {
+                shards.insert(r.id, shard);
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                for s in shards.values() {
+                    s.wal.close().await;
+                }
+                return;
+            }
+        }
+    }
+    let core = Rc::new(Core {
+        id,
+        revs: CoreRevisions::new(shared.clock.clone(), id),
+        shared,
+        shards,
+        tokens: Default::default(),
+        hub: Hub::new(),
+    });
+    let _ = ready.send(Ok(()));
+    if id == 0 {
+        glommio::spawn_local(lease::expiry_loop(LocalDb { core: core.clone() })).detach();
+    }
+    if let Some(hook) = hook {
+        hook(LocalDb { core: core.clone() });
+    }
+    while let Ok(msg) = inbox.recv_async().await {
+        match msg {
+            Msg::Shutdown => break,
+            Msg::Client(req) => {
+                let core = core.clone();
+                glommio::spawn_local(async move { core.client(req).await }).detach();
+            }
+            Msg::Shard(shard, op) => {
+                let core = core.clone();
+                glommio::spawn_local(async move { core.shard_op(shard, op).await }).detach();
+            }
+        }
+    }
+    for s in core.shards.values() {
+        s.wal.close().await;
+    }
+    tracing::debug!(core = core.id, "core stopped");
+}
+
+impl Core {
+    /// A lock token unique across cores: core id in the high bits, a per-core counter below.
+    pub(super) fn next_token(&self) -> u64 {
+        let n = self.tokens.get() + 1;
+        self.tokens.set(n);
+        ((self.id as u64) << 48) | n
+    }
+
+    /// Runs `op` on `shard`, locally or by message to its core, and awaits the reply.
+    pub(super) async fn call<T>(
+        self: &Rc<Self>,
+        shard: u32,
+        make: impl FnOnce(Reply<T>) -> ShardOp,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot();
+        let op = make(tx);
+        let core = self.shared.core_of(shard);
+        if core == self.id {
+            self.clone().shard_op(shard, op).await;
+        } else {
+            self.send_remote(core, shard, op);
+        }
+        wait_async(rx).await
+    }
+
+    fn send_remote(&self, core: usize, shard: u32, op: ShardOp) {
+        if let Err(flume::SendError(Msg::Shard(_, op))) =
+            self.shared.inboxes[core].send(Msg::Shard(shard, op))
+        {
+            reply_err(op, || Error::Closed);
+        }
+    }
+
+    /// Starts `op` on `shard` now and returns where its reply will arrive, so that operations on
+    /// several shards run concurrently.
+    pub(super) fn dispatch<T>(
+        self: &Rc<Self>,
+        shard: u32,
+        make: impl FnOnce(Reply<T>) -> ShardOp,
+    ) -> flume::Receiver<Result<T>> {
+        let (tx, rx) = oneshot();
+        let op = make(tx);
+        let core = self.shared.core_of(shard);
+        if core == self.id {
+            let me = self.clone();
+            glommio::spawn_local(async move { me.shard_op(shard, op).await }).detach();
+        } else {
+            self.send_remote(core, shard, op);
+        }
+        rx
+    }
+
+    /// Runs an op on every shard in `shards` concurrently; results in the same order.
+    pub(super) async fn call_all<T>(
+        self: &Rc<Self>,
+        shards: &[u32],
+        make: impl Fn(Reply<T>) -> ShardOp,
+    ) -> Vec<Result<T>> {
+        let pending: Vec<_> = shards.iter().map(|&s| self.dispatch(s, &make)).collect();
+        let mut out = Vec::with_capacity(pending.len());
+        for rx in pending {
+            out.push(wait_async(rx).await);
+        }
+        out
+    }
+
+    /// Sends an op whose reply nobody waits for (commit, unlock).
+    pub(super) fn tell(self: &Rc<Self>, shards: &[u32], make: impl Fn(Reply<()>) -> ShardOp) {
+        for &s in shards {
+            drop(self.dispatch(s, &make));
+        }
+    }
+
+    async fn shard_op(self: Rc<Self>, id: u32, op: ShardOp) {
+        let Some(shard) = self.shards.get(&id).cloned() else {
+            let core = self.id;
+            reply_err(op, || {
+                Error::InvalidArgument(format!("shard {id} is not on core {core}"))
+            });
+            return;
+        };
+        match op {
+            ShardOp::Range(req, rev, r) => {
+                let _ = r.send(shard.range(&req, rev));
+            }
+            ShardOp::Write(txn, r) => {
+                let _ = r.send(shard.write_single(&self.revs, &txn).await);
+            }
+            ShardOp::LockEval(token, txn, cmps, path, r) => {
+                if let Err(e) = shard.lock_for_coordinator(token).await {
+                    let _ = r.send(Err(e));
+                    return;
+                }
+                let latest = self.shared.clock.current();
+                let eval = LockEval {
+                    latest,
+                    compares: shard.compare(&cmps, latest),
+                    writes: path.map(|p| shard.check(&txn, &p, latest)),
+                };
+                let _ = r.send(Ok(eval));
+            }
+            ShardOp::Compare(cmps, rev, r) => {
+                let _ = r.send(shard.compare(&cmps, rev));
+            }
+            ShardOp::Check(txn, path, rev, r) => {
+                let _ = r.send(shard.check(&txn, &path, rev));
+            }
+            ShardOp::ReadExec(txn, path, rev, r) => {
+                let res = shard
+                    .check(&txn, &path, rev)
+                    .map(|_| shard.execute_read(&txn, &path, rev));
+                let _ = r.send(res);
+            }
+            ShardOp::Prepare(txn, path, rev, parts, r) => {
+                let _ = r.send(shard.prepare(&txn, &path, rev, parts).await);
+            }
+            ShardOp::Commit(rev, token, r) => {
+                shard.commit(rev, token);
+                let _ = r.send(Ok(()));
+            }
+            ShardOp::Abort(rev, token, r) => {
+                let _ = r.send(shard.abort(rev, token).await);
+            }
+            ShardOp::Unlock(token, r) => {
+                shard.unlock_coordinator(token);
+                let _ = r.send(Ok(()));
+            }
+            ShardOp::Compact(rev, r) => {
+                let _ = r.send(shard.compact(rev).await);
+            }
+            ShardOp::Checkpoint(r) => {
+                let _ = r.send(shard.checkpoint().await);
+            }
+            ShardOp::Changes(ranges, after, upto, with_prev, r) => {
+                let page = shard.ensure_readable().and_then(|()| {
+                    watch::shard_page(&shard.store.borrow(), &ranges, after, upto, with_prev)
+                });
+                let _ = r.send(page);
+            }
+            ShardOp::Export(after, max, upto, r) => {
+                let out = match shard.ensure_readable() {
+                    Ok(()) => Ok(shard
+                        .store
+                        .borrow()
+                        .export_keys(after.as_deref(), max, upto)),
+                    Err(e) => Err(e),
+                };
+                let _ = r.send(out);
+            }
+            ShardOp::Stats(r) => {
+                let keys = shard.store.borrow().key_count() as u64;
+                let bytes = dir_bytes(&shard.dir);
+                let _ = r.send(Ok((
+                    keys,
+                    bytes,
+                    shard.wal.next_index() - 1,
+                    shard.wal.sync_stats(),
+                )));
+            }
+            ShardOp::Lease(op) => op.run(&shard).await,
+        }
+    }
+
+    pub(super) async fn client(self: Rc<Self>, req: ClientReq) {
+        match req {
+            ClientReq::Watch(req, sink, r) => {
+                let sink_id = self.hub.new_sink_id();
+                let id = self
+                    .hub
+                    .watch(Rc::new(Feed(self.clone())), &req, sink_id, 0, sink);
+                let _ = r.send(Ok(id));
+            }
+            ClientReq::WatchCancel(id) => {
+                self.hub.cancel(id);
+            }
+            ClientReq::Range(req, r) => {
+                let _ = r.send(self.range(req).await);
+            }
+            ClientReq::Txn(txn, r) => {
+                let _ = r.send(self.txn(txn).await);
+            }
+            ClientReq::Compact(req, r) => {
+                let _ = r.send(self.compact(req).await);
+            }
+            ClientReq::Checkpoint(r) => {
+                let mut out = Vec::new();
+                let mut res = Ok(());
+                for s in 0..self.shared.nshards {
+                    match self.call(s, ShardOp::Checkpoint).await {
+                        Ok(i) => out.push(i),
+                        Err(e) => {
+                            res = Err(e);
+                            break;
+                        }
+                    }
+                }
+                let _ = r.send(res.map(|_| out));
+            }
+            ClientReq::Status(r) => {
+                let mut st = Status {
+                    revision: self.shared.clock.read_revision(),
+                    compact_revision: self.shared.clock.compact_revision(),
+                    shards: self.shared.nshards,
+                    cores: self.shared.inboxes.len(),
+                    ..Default::default()
+                };
+                let mut res = Ok(());
+                for s in 0..self.shared.nshards {
+                    match self.call(s, ShardOp::Stats).await {
+                        Ok((k, b, i, sync)) => {
+                            st.keys += k;
+                            st.disk_bytes += b;
+                            st.log_index = st.log_index.max(i);
+                            st.fsyncs += sync.fsyncs;
+                            st.fsync_seconds += sync.seconds;
+                            st.fsync_buckets.resize(sync.buckets.len(), 0);
+                            for (t, b) in st.fsync_buckets.iter_mut().zip(sync.buckets) {
+                                *t += b;
+                            }
+                            st.queue_depths.push(sync.queued);
+                        }
+                        Err(e) => {
+                            res = Err(e);
+                            break;
+                        }
+                    }
+                }
+                let _ = r.send(res.map(|_| st));
+            }
+        }
+    }
+}
+
+/// The core as its watch hub's source of changes.
+pub(super) struct Feed(pub(super) Rc<Core>);
+
+impl ChangeSource for Feed {
+    fn read_revision(&self) -> i64 {
+        self.0.shared.clock.read_revision()
+    }
+
+    fn compact_revision(&self) -> i64 {
+        self.0.shared.clock.compact_revision()
+    }
+
+    fn wait_revision(&self, rev: i64) -> watch::LocalFuture<'_, ()> {
+        Box::pin(self.0.shared.clock.wait_visible(rev))
+    }
+
+    fn changes(
+        &self,
+        ranges: Arc<Vec<KeyRange>>,
+        after: i64,
+        upto: i64,
+        with_prev: bool,
+    ) -> watch::LocalFuture<'_, Result<(Vec<WatchEvent>, i64)>> {
+        Box::pin(async move {
+            let shared = &self.0.shared;
+            let shards: Vec<u32> = if watch::single_keys(&ranges) {
+                let set: std::collections::BTreeSet<u32> =
+                    ranges.iter().map(|r| shared.shard_of(&r.start)).collect();
+                set.into_iter().collect()
+            } else {
+                (0..shared.nshards).collect()
+            };
+            let pages = self
+                .0
+                .call_all(&shards, |r| {
+                    ShardOp::Changes(ranges.clone(), after, upto, with_prev, r)
+                })
+                .await;
+            let pages = pages.into_iter().collect::<Result<Vec<_>>>()?;
+            Ok(watch::merge_pages(pages))
+        })
+    }
+}
+
+/// Answers `op` with an error without running it (shard missing, store closing).
+fn reply_err(op: ShardOp, err: impl Fn() -> Error) {
+    match op {
+        ShardOp::Range(_, _, r) => drop(r.send(Err(err()))),
+        ShardOp::Write(_, r) => drop(r.send(Err(err()))),
+        ShardOp::LockEval(_, _, _, _, r) => drop(r.send(Err(err()))),
+        ShardOp::Commit(_, _, r)
+        | ShardOp::Abort(_, _, r)
+        | ShardOp::Unlock(_, r)
+        | ShardOp::Compact(_, r) => drop(r.send(Err(err()))),
+        ShardOp::Compare(_, _, r) => drop(r.send(Err(err()))),
+        ShardOp::Check(_, _, _, r) => drop(r.send(Err(err()))),
+        ShardOp::ReadExec(_, _, _, r) | ShardOp::Prepare(_, _, _, _, r) => drop(r.send(Err(err()))),
+        ShardOp::Checkpoint(r) => drop(r.send(Err(err()))),
+        ShardOp::Stats(r) => drop(r.send(Err(err()))),
+        ShardOp::Export(_, _, _, r) => drop(r.send(Err(err()))),
+        ShardOp::Lease(op) => op.reply_err(err()),
+        ShardOp::Changes(_, _, _, _, r) => drop(r.send(Err(err()))),
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    fn walk(p: &Path) -> u64 {
+        let Ok(rd) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        rd.flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => walk(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    walk(dir)
+}

@@ -1,0 +1,175 @@
+//! Recovery at open: loading every shard (newest checkpoint + WAL tail) in parallel, settling
+//! multi-shard revisions across shards, and rebuilding the lease table.
+//!
+//! Separate because it runs once, on the opening thread, before any core exists.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::engine::checkpoint;
+use crate::engine::meta;
+use crate::engine::replica::Replica;
+use crate::error::{Error, Result};
+use crate::mvcc::ShardStore;
+use crate::wal::{self, EntryKind};
+
+/// What recovery hands each shard's core.
+pub(super) struct RecoveredShard {
+    pub(super) id: u32,
+    pub(super) dir: PathBuf,
+    pub(super) store: ShardStore,
+    pub(super) wal: wal::Recovered,
+    pub(super) replica: crate::engine::replica::Replica,
+    pub(super) checkpoint_index: u64,
+    /// Last revision the checkpoint reflects (0 without one).
+    checkpoint_revision: i64,
+    /// Multi-shard revisions to record as aborted before serving.
+    pub(super) aborts: Vec<i64>,
+    /// Leases this shard's log grants (id → TTL), after replaying its revokes.
+    pub(super) leases: BTreeMap<i64, i64>,
+}
+
+/// Loads every shard and settles multi-shard revisions: one is committed iff every participant
+/// logged its part and none logged an abort. Returns the shards, current and compact revision.
+pub(super) fn recover_all(
+    path: &Path,
+    nshards: u32,
+    bypass_raft: bool,
+) -> Result<(Vec<RecoveredShard>, i64, i64)> {
+    type Loaded = (ShardStore, wal::Recovered, Replica, u64, PathBuf);
+    // Shards recover independently (checkpoint load + WAL scan), in parallel.
+    let loaded: Vec<Result<Loaded>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..nshards)
+            .map(|id| {
+                s.spawn(move || -> Result<_> {
+                    let dir = meta::shard_dir(path, id);
+                    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                    let (store, index, term) = match checkpoint::list(&dir)?.last() {
+                        Some((_, file)) => {
+                            let c = checkpoint::load(file, id)?;
+                            let store = ShardStore::from_histories(
+                                c.histories,
+                                c.info.last_revision,
+                                c.info.compact_revision,
+                            );
+                            (store, c.info.index, c.info.term)
+                        }
+                        None => (ShardStore::new(), 0, 0),
+                    };
+                    let wal = wal::recover(&dir.join("wal"), id, index)?;
+                    let replica = Replica::recover(id, (index, term), &wal, bypass_raft)?;
+                    Ok((store, wal, replica, index, dir))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Closed)))
+            .collect()
+    });
+    let mut shards = Vec::new();
+    for (id, r) in loaded.into_iter().enumerate() {
+        let (store, wal, replica, checkpoint_index, dir) = r?;
+        let checkpoint_revision = store.last_revision();
+        if let Some((file, offset)) = &wal.truncated {
+            tracing::warn!(file = %file.display(), offset, "truncated a torn WAL tail (unacknowledged writes)");
+        }
+        shards.push(RecoveredShard {
+            id: id as u32,
+            dir,
+            store,
+            wal,
+            replica,
+            checkpoint_index,
+            checkpoint_revision,
+            aborts: vec![],
+            leases: BTreeMap::new(),
+        });
+    }
+
+    // Multi-shard decisions.
+    let mut parts: HashMap<i64, (Vec<u32>, HashSet<u32>)> = HashMap::new();
+    let mut aborted: HashSet<i64> = HashSet::new();
+    let mut current = 0i64;
+    let mut compact = 0i64;
+    for s in &shards {
+        current = current.max(s.store.last_revision());
+        compact = compact.max(s.store.compact_revision());
+        for e in s.wal.entries.iter().map(|l| &l.entry) {
+            match e.kind {
+                EntryKind::Part => {
+                    let p = parts
+                        .entry(e.revision)
+                        .or_insert_with(|| (e.participants.clone(), HashSet::new()));
+                    p.1.insert(s.id);
+                }
+                EntryKind::Abort => {
+                    aborted.insert(e.revision);
+                }
+                EntryKind::Compact => compact = compact.max(e.revision),
+                _ => {}
+            }
+            if e.kind != EntryKind::Compact {
+                current = current.max(e.revision);
+            }
+        }
+    }
+    // A participant's part may already be folded into its checkpoint (and its log entry dropped).
+    // A checkpoint is only taken while the shard holds no undecided part, and a shard's log is in
+    // revision order, so `rev <= checkpoint revision` means its part was decided, and kept only
+    // if committed; an aborted part also leaves an Abort record on every shard that logged it.
+    let checkpointed: Vec<i64> = shards.iter().map(|s| s.checkpoint_revision).collect();
+    let committed = |rev: i64| {
+        !aborted.contains(&rev)
+            && parts.get(&rev).is_some_and(|(want, have)| {
+                want.iter().all(|p| {
+                    have.contains(p) || checkpointed.get(*p as usize).is_some_and(|&c| rev <= c)
+                })
+            })
+    };
+    for s in &mut shards {
+        let entries = std::mem::take(&mut s.wal.entries);
+        for e in entries.iter().map(|l| &l.entry) {
+            match e.kind {
+                EntryKind::Write => s.store.apply(&e.ops, e.revision),
+                EntryKind::Part if committed(e.revision) => s.store.apply(&e.ops, e.revision),
+                EntryKind::Part if !aborted.contains(&e.revision) => s.aborts.push(e.revision),
+                EntryKind::Compact => s.store.compact(e.revision),
+                EntryKind::LeaseGrant => {
+                    s.leases.insert(e.lease.id, e.lease.ttl);
+                }
+                EntryKind::LeaseRevoke => {
+                    s.leases.remove(&e.lease.id);
+                }
+                _ => {}
+            }
+        }
+        if !s.aborts.is_empty() {
+            tracing::warn!(shard = s.id, revisions = ?s.aborts, "aborting incomplete multi-shard writes");
+        }
+    }
+    // A compaction interrupted after some shards logged it is completed on all of them.
+    for s in &mut shards {
+        s.store.compact(compact);
+    }
+    Ok((shards, current, compact))
+}
+
+/// The lease table after recovery. Every lease gets its full TTL again from now, as etcd does
+/// when a new leader takes over (downtime must not expire leases whose holders could not renew).
+pub(super) fn recovered_leases(shards: &[RecoveredShard]) -> crate::mvcc::lease::SharedLeases {
+    // Generated ids start from the clock so a restarted store does not hand out recent ids again.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| (d.as_millis() as u64) << 16)
+        .unwrap_or(1);
+    let mut table = crate::mvcc::lease::LeaseTable::new(seed);
+    let now = std::time::Instant::now();
+    for s in shards {
+        for (&id, &ttl) in &s.leases {
+            table.restore(id, ttl, now);
+        }
+    }
+    Arc::new(std::sync::RwLock::new(table))
+}
