@@ -72,11 +72,19 @@ struct Chunk {
     bytes: Vec<u8>,
     last_index: u64,
     last_seq: u64,
+    /// Rewinds before the chunk's last frame (see `State::rewinds`).
+    epoch: u64,
 }
 
 struct State {
     next_index: u64,
     durable_index: u64,
+    /// Rewinds so far: each replaced the log from some index on (a follower's uncommitted tail
+    /// overwritten by a new leader's entries).
+    epoch: u64,
+    /// `(epoch, last index kept)` of rewinds that chunks queued before them may not know of: a
+    /// chunk flushed after a rewind makes durable no more than the rewind kept.
+    rewinds: Vec<(u64, u64)>,
     /// Every frame (entries and hard state records alike) gets a sequence number, so a record
     /// that takes no log index can still be waited for.
     next_seq: u64,
@@ -163,6 +171,8 @@ impl Wal {
         let st = State {
             next_index: recovered.last_index + 1,
             durable_index: recovered.last_index,
+            epoch: 0,
+            rewinds: Vec::new(),
             next_seq: 1,
             durable_seq: 0,
             failed: None,
@@ -232,24 +242,48 @@ impl Wal {
     }
 
     /// Queues an encoded record and returns its sequence number. `index` is the log index the
-    /// record carries (it must be the next one), or `None` for a record that takes no index
-    /// (hard state). Never waits; fails only when no segment has room, queueing nothing.
+    /// record carries, or `None` for a record that takes no index (hard state). An index at or
+    /// below the last one *rewinds* the log: the record replaces every entry from `index` on
+    /// (Raft overwrites a follower's uncommitted tail this way; it never rewinds over committed
+    /// entries). Never waits; fails only when no segment has room, queueing nothing.
     pub fn append_frame(&self, index: Option<u64>, payload: &[u8]) -> Result<u64, NoRoom> {
         let mut st = self.inner.st.borrow_mut();
+        let len = frame_len(payload.len()) as u64;
         if let Some(i) = index {
-            assert_eq!(
-                i, st.next_index,
-                "shard {} log index out of sequence",
-                self.inner.shard
+            assert!(
+                i >= 1 && i <= st.next_index,
+                "shard {} log index {i} leaves a gap after {}",
+                self.inner.shard,
+                st.next_index - 1
             );
         }
-        let len = frame_len(payload.len()) as u64;
+        // Checked before any state changes, so a refused rewind leaves the log as it was.
         let fits_current = st.append_segment.is_some() && st.append_pos + len <= st.append_size;
+        if !fits_current
+            && !st
+                .spare
+                .as_ref()
+                .is_some_and(|sp| SEGMENT_HEADER_LEN as u64 + len <= sp.size)
+        {
+            return Err(NoRoom {
+                frame_len: len as usize,
+            });
+        }
+        if let Some(i) = index.filter(|&i| i < st.next_index) {
+            st.next_index = i;
+            st.durable_index = st.durable_index.min(i - 1);
+            st.epoch += 1;
+            let epoch = st.epoch;
+            st.rewinds.push((epoch, i - 1));
+        }
         let mut activate = None;
         if !fits_current {
             match st.spare.take() {
                 Some(spare) if SEGMENT_HEADER_LEN as u64 + len <= spare.size => {
-                    st.append_segment = Some(st.next_index);
+                    // Named after its first index, but never reusing a name: after a rewind
+                    // the first index may not exceed the current segment's.
+                    let name = st.next_index.max(st.append_segment.map_or(0, |s| s + 1));
+                    st.append_segment = Some(name);
                     st.append_pos = SEGMENT_HEADER_LEN as u64;
                     st.append_size = spare.size;
                     activate = Some(spare);
@@ -275,11 +309,13 @@ impl Wal {
         let last_index = st.next_index - 1;
         let seq = st.next_seq;
         st.next_seq += 1;
+        let epoch = st.epoch;
         match st.pending.back_mut() {
             Some(chunk) if activate.is_none() && chunk.segment_first == segment => {
                 write_frame(&mut chunk.bytes, payload, mark as u32);
                 chunk.last_index = last_index;
                 chunk.last_seq = seq;
+                chunk.epoch = epoch;
             }
             _ => {
                 let mut bytes = Vec::new();
@@ -290,6 +326,7 @@ impl Wal {
                     bytes,
                     last_index,
                     last_seq: seq,
+                    epoch,
                 })
             }
         }
@@ -510,15 +547,29 @@ async fn flusher(inner: Rc<Inner>, mut current: Option<Current>) {
             continue;
         };
         drop(listener);
+        let epoch = chunk.epoch;
         match flush_chunk(&inner, &mut current, chunk).await {
             Ok((last_index, last_seq, segment, pos)) => {
                 let mut st = inner.st.borrow_mut();
                 assert!(last_seq > st.durable_seq, "durable sequence must grow");
-                assert!(
-                    last_index >= st.durable_index,
-                    "durable index went backwards"
-                );
-                st.durable_index = last_index;
+                // Entries a later rewind replaced do not count: cap at what every rewind since
+                // this chunk was queued kept.
+                let kept = st
+                    .rewinds
+                    .iter()
+                    .filter(|(e, _)| *e > epoch)
+                    .map(|(_, k)| *k)
+                    .min()
+                    .unwrap_or(u64::MAX);
+                let last_index = last_index.min(kept);
+                if epoch == st.epoch {
+                    st.rewinds.clear();
+                    assert!(
+                        last_index >= st.durable_index,
+                        "durable index went backwards"
+                    );
+                }
+                st.durable_index = st.durable_index.max(last_index);
                 st.durable_seq = last_seq;
                 st.durable_segment = Some(segment);
                 st.durable_pos = pos;

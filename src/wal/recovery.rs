@@ -130,27 +130,12 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
                 format!("header says shard {hdr_shard} index {hdr_first}, expected shard {shard} index {}", seg.first_index),
             ));
         }
-        match expected {
-            None if seg.first_index > after_index + 1 => {
-                return Err(Error::corrupt(
-                    &seg.path,
-                    0,
-                    format!(
-                        "log starts at index {} but the checkpoint ends at {after_index}",
-                        seg.first_index
-                    ),
-                ));
-            }
-            Some(e) if e != seg.first_index => {
-                return Err(Error::corrupt(
-                    &seg.path,
-                    0,
-                    format!("expected first index {e}"),
-                ));
-            }
-            _ => {}
-        }
-        let mut next = seg.first_index;
+        // A segment is named after the index its first entry takes, or one more than the
+        // previous segment's name when a rewind would reuse it; entries continue the previous
+        // segment's log (a rewind may restart them lower).
+        let mut next = expected.unwrap_or(seg.first_index);
+        let first_segment = expected.is_none();
+        let mut first_entry = true;
         let mut pos = SEGMENT_HEADER_LEN;
         let end_reason = loop {
             if map.len() - pos < FRAME_HEADER_LEN {
@@ -170,10 +155,24 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
                     if entry.kind == EntryKind::HardState {
                         out.hard_state = Some(entry);
                     } else {
-                        if entry.index != next {
+                        if first_segment && first_entry && entry.index > after_index + 1 {
+                            return Err(Error::corrupt(
+                                &seg.path,
+                                pos as u64,
+                                format!(
+                                    "log starts at index {} but the checkpoint ends at {after_index}",
+                                    entry.index
+                                ),
+                            ));
+                        }
+                        first_entry = false;
+                        if entry.index > next || entry.index == 0 {
                             break Some("entry index out of sequence");
                         }
-                        next += 1;
+                        // Below `next`: a rewind; the record replaces the entries from its index on.
+                        let keep = out.entries.partition_point(|e| e.entry.index < entry.index);
+                        out.entries.truncate(keep);
+                        next = entry.index + 1;
                         if entry.index > after_index {
                             out.entries.push(LoggedEntry { entry, payload });
                         }
@@ -186,7 +185,7 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
         };
         out.segments.push(seg.clone());
         expected = Some(next);
-        out.last_index = out.last_index.max(next - 1);
+        out.last_index = (next - 1).max(after_index);
 
         let stop = pos as u64;
         // Whatever follows the stop point in this segment must not prove the stop point durable.

@@ -244,3 +244,125 @@ fn damaged_segment_header_refuses_to_open() {
         other => panic!("expected corruption, got {other:?}"),
     }
 }
+
+/// Appends `entry(rev)` at log index `index` (a rewind when at or below the last index),
+/// preparing segments as needed; waits until it is durable.
+async fn append_at(wal: &Wal, index: u64, rev: i64, value_len: usize) {
+    let mut e = entry(rev, &format!("r{rev}"), value_len);
+    e.index = index;
+    let payload = super::record::encode_payload(&e);
+    loop {
+        match wal.append_frame(Some(index), &payload) {
+            Ok(_) => break,
+            Err(NoRoom { frame_len }) => wal.make_room(frame_len).await.unwrap(),
+        }
+    }
+    wal.wait_durable(index).await.unwrap();
+}
+
+fn revisions(rec: &Recovered) -> Vec<(u64, i64)> {
+    rec.entries
+        .iter()
+        .map(|l| (l.entry.index, l.entry.revision))
+        .collect()
+}
+
+#[test]
+fn rewinds_replace_the_tail_across_segments_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    // Small segments: a few entries each, so rewinds cross segment boundaries.
+    let opts = || WalOptions {
+        segment_size: 16 << 10,
+    };
+    let d2 = d.clone();
+    run_local(move || async move {
+        let rec = recover(&d2, 0, 0).unwrap();
+        let wal = Wal::open(&d2, 0, opts(), &rec).await.unwrap();
+        for i in 1..=12u64 {
+            append_at(&wal, i, i as i64, 3000).await;
+        }
+        // A new leader replaces 8.. with its own entries (revisions 100+).
+        append_at(&wal, 8, 108, 3000).await;
+        assert_eq!(wal.durable_index(), 8);
+        assert_eq!(wal.next_index(), 9);
+        append_at(&wal, 9, 109, 3000).await;
+        // And again, right at the start of the newest segment, forcing a fresh segment name.
+        let newest = wal.segments().last().unwrap().first_index;
+        for _ in 0..8 {
+            let next = wal.next_index();
+            append_at(&wal, next, 200 + next as i64, 3000).await;
+        }
+        let newest2 = wal.segments().last().unwrap().first_index;
+        assert!(newest2 > newest, "the log moved on to a new segment");
+        // Too big for what is left of that segment: the rewind opens a new one, which may not
+        // reuse the name of the segment it rewinds into.
+        append_at(&wal, newest2, 300, 15000).await;
+        assert_eq!(wal.segments().last().unwrap().first_index, newest2 + 1);
+        append_at(&wal, newest2 + 1, 301, 3000).await;
+        wal.close().await;
+    });
+    let rec = recover(&d, 0, 0).unwrap();
+    let got = revisions(&rec);
+    let idx: Vec<u64> = got.iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        idx,
+        (1..=idx.len() as u64).collect::<Vec<_>>(),
+        "contiguous"
+    );
+    assert_eq!(
+        &got[..7],
+        &(1..=7).map(|i| (i, i as i64)).collect::<Vec<_>>()[..]
+    );
+    assert_eq!(got[7], (8, 108));
+    assert_eq!(got[8], (9, 109));
+    let last = got.len() as u64;
+    assert_eq!(got[last as usize - 2].1, 300);
+    assert_eq!(got[last as usize - 1], (last, 301));
+    assert_eq!(rec.last_index, last);
+    let names: Vec<u64> = rec.segments.iter().map(|s| s.first_index).collect();
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+
+    // Reopen, rewind once more, and drop what a checkpoint covers.
+    let d3 = d.clone();
+    run_local(move || async move {
+        let rec = recover(&d3, 0, 0).unwrap();
+        let wal = Wal::open(&d3, 0, opts(), &rec).await.unwrap();
+        append_at(&wal, last, 400, 10).await;
+        wal.drop_through(9).unwrap();
+        wal.close().await;
+    });
+    let rec = recover(&d, 0, 9).unwrap();
+    let got = revisions(&rec);
+    assert_eq!(got.first().map(|g| g.0), Some(10));
+    assert_eq!(got.last(), Some(&(last, 400)));
+}
+
+#[test]
+fn a_rewind_lowers_the_durable_mark_until_its_record_is_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run_local(move || async move {
+        let rec = recover(&d, 0, 0).unwrap();
+        let wal = Wal::open(&d, 0, WalOptions::default(), &rec).await.unwrap();
+        for i in 1..=5u64 {
+            append_at(&wal, i, i as i64, 10).await;
+        }
+        // Queue 6 and 7, then rewind to 6 before any flush can report them.
+        for (i, rev) in [(6u64, 6i64), (7, 7), (6, 106)] {
+            let mut e = entry(rev, "k", 10);
+            e.index = i;
+            wal.append_frame(Some(i), &super::record::encode_payload(&e))
+                .unwrap();
+        }
+        assert!(wal.durable_index() <= 5);
+        wal.wait_durable(6).await.unwrap();
+        // The stale 7 was flushed too, but it is not part of the log.
+        assert_eq!(wal.durable_index(), 6);
+        assert_eq!(wal.next_index(), 7);
+        wal.close().await;
+        let rec = recover(&d, 0, 0).unwrap();
+        assert_eq!(revisions(&rec).last(), Some(&(6, 106)));
+        assert_eq!(rec.last_index, 6);
+    });
+}
