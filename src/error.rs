@@ -32,6 +32,15 @@ pub enum Error {
     RequestTooLarge,
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A shard's group has no leader (no quorum, or an election in progress).
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    /// Leadership moved while a write was in flight: it may or may not have been applied.
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
+    /// A write was proposed but its group did not commit it in time.
+    #[error("etcdserver: request timed out")]
+    Timeout,
 
     /// No space left for a WAL segment or checkpoint; nothing of the failed request was applied.
     #[error("disk full while writing {path}: {source}")]

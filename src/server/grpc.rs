@@ -69,6 +69,7 @@ impl From<Error> for Status {
                 )
             }
             Error::Closed => return Status::new(Code::Unavailable, "etcdserver: server stopped"),
+            Error::NoLeader | Error::LeaderChanged | Error::Timeout => Code::Unavailable,
             Error::Io { .. }
             | Error::Corrupt { .. }
             | Error::DataDir { .. }

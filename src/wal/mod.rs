@@ -259,12 +259,11 @@ impl Wal {
         }
         // Checked before any state changes, so a refused rewind leaves the log as it was.
         let fits_current = st.append_segment.is_some() && st.append_pos + len <= st.append_size;
-        if !fits_current
-            && !st
-                .spare
-                .as_ref()
-                .is_some_and(|sp| SEGMENT_HEADER_LEN as u64 + len <= sp.size)
-        {
+        let spare_fits = st
+            .spare
+            .as_ref()
+            .is_some_and(|sp| SEGMENT_HEADER_LEN as u64 + len <= sp.size);
+        if !fits_current && !spare_fits {
             return Err(NoRoom {
                 frame_len: len as usize,
             });

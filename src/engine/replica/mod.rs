@@ -12,18 +12,31 @@
 //!
 //! A single node runs a one-member group per shard: at open each shard campaigns, logs its
 //! vote, wins, and commits a no-op of its new term before it serves. The leader executes a
-//! write before proposing it (the record carries effects, not requests); followers, which come
-//! with peers, will apply committed records the way WAL replay does.
+//! write before proposing it (the record carries effects, not requests).
+//!
+//! A group with peers ([`Group`]) elects by ticks ([`Replica::tick`]), receives messages with
+//! [`Replica::step`] and sends Raft's through the sender the owner installs. Followers log what
+//! the leader sends (a new leader's entries may rewind the log's uncommitted tail) and hand
+//! committed records out ([`Replica::take_committed`]) to be applied the way WAL replay applies
+//! them. Apply is tracked by index: the store reflects entries up to [`Replica::applied`]; a
+//! leader's own proposals count as applied when proposed (it executed them first), so a leader
+//! may only execute once it has applied its whole log, including the no-op that committed it
+//! ([`Replica::can_execute`]). A leader deposed with executed entries beyond the commit index
+//! marks itself stale: its store holds writes that may never commit and must be rebuilt from
+//! disk before it serves again.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::rc::Rc;
+
+use event_listener::Event;
 
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::raft::{
-    self, ConfState, Config, DurableState, Entry, EntryKind as RaftKind, HardState, Persisted,
-    Raft, Role, Snapshot, SnapshotMeta,
+    self, ConfState, Config, DurableState, Entry, EntryKind as RaftKind, HardState, Message,
+    Persisted, Raft, Role, Snapshot, SnapshotMeta,
 };
 use crate::wal::{record, EntryKind, LoggedEntry, NoRoom, Recovered, Wal, WalEntry};
 
@@ -32,6 +45,34 @@ pub const LOCAL_ID: raft::NodeId = 1;
 
 /// Room kept for the small records (no-op, hard state) a group logs on its own.
 pub const RECORD_SLACK: usize = 256;
+
+/// Who is in a shard's group and how fast it ticks.
+#[derive(Clone, Debug)]
+pub struct Group {
+    /// This member's id (a cluster member id, or [`LOCAL_ID`] on a single node).
+    pub id: raft::NodeId,
+    /// Members as of the snapshot the group starts from.
+    pub conf: ConfState,
+    /// Ticks without a leader before a follower campaigns (election timeout / tick interval).
+    pub election_tick: u64,
+    pub heartbeat_tick: u64,
+}
+
+impl Group {
+    /// The one-member group of a single node.
+    pub fn single() -> Group {
+        Group {
+            id: LOCAL_ID,
+            conf: ConfState::new([LOCAL_ID]),
+            election_tick: 10,
+            heartbeat_tick: 1,
+        }
+    }
+
+    fn has_peers(&self) -> bool {
+        self.conf.members().any(|(id, _)| id != self.id)
+    }
+}
 
 /// Why a proposal was not logged.
 pub enum ProposeError {
@@ -58,6 +99,24 @@ pub struct Replica {
     last_seq: Cell<u64>,
     /// Set when a record Raft handed out could not be logged: the shard must stop.
     failed: RefCell<Option<String>>,
+    /// Whether the group has members other than this one (then messages flow and followers apply).
+    peers: bool,
+    /// Raft messages to send, drained by the owner ([`Self::take_messages`]).
+    outbox: RefCell<Vec<Message>>,
+    outbox_ev: Event,
+    /// Highest index whose effects the shard's store holds.
+    applied: Cell<u64>,
+    /// Committed entries the store does not hold yet, in log order (groups with peers).
+    committed: RefCell<VecDeque<Entry>>,
+    /// Commit advanced, leadership changed, or the replica failed.
+    commit_ev: Event,
+    /// Something was appended to the WAL (the sync task waits for it to become durable).
+    appended_ev: Event,
+    /// Committed entries are waiting in `committed`.
+    apply_ev: Event,
+    /// Deposed with executed entries past the commit index: the store must be rebuilt.
+    stale: Cell<bool>,
+    was_leader: Cell<bool>,
 }
 
 impl Replica {
@@ -68,6 +127,19 @@ impl Replica {
         snapshot: (u64, u64),
         recovered: &Recovered,
         bypass: bool,
+    ) -> Result<Replica> {
+        Self::recover_group(shard, snapshot, recovered, bypass, Group::single())
+    }
+
+    /// [`Self::recover`] for a member of `group`. Everything up to the snapshot and, on a
+    /// single node, the whole recovered log count as applied (recovery replayed them); a member
+    /// with peers replays only what its group commits.
+    pub fn recover_group(
+        shard: u32,
+        snapshot: (u64, u64),
+        recovered: &Recovered,
+        bypass: bool,
+        group: Group,
     ) -> Result<Replica> {
         let (index, term) = snapshot;
         let hard_state = recovered
@@ -86,15 +158,23 @@ impl Replica {
                 meta: SnapshotMeta {
                     index,
                     term,
-                    conf_state: ConfState::new([LOCAL_ID]),
+                    conf_state: group.conf.clone(),
                 },
                 data: Bytes::new(),
             },
             entries,
         };
-        let mut cfg = Config::new(LOCAL_ID);
-        cfg.seed = LOCAL_ID ^ (u64::from(shard) << 32);
+        let mut cfg = Config::new(group.id);
+        cfg.seed = group.id ^ (u64::from(shard) << 32);
+        cfg.election_tick = group.election_tick;
+        cfg.heartbeat_tick = group.heartbeat_tick;
+        let peers = group.has_peers();
         let raft = Raft::new(cfg, state).map_err(|e| raft_error(shard, e))?;
+        let applied = if peers {
+            index
+        } else {
+            recovered.last_index.max(index)
+        };
         Ok(Replica {
             shard,
             logged_hard_state: Cell::new((raft.term(), raft.vote())),
@@ -102,7 +182,168 @@ impl Replica {
             pending_hard_state: RefCell::new(VecDeque::new()),
             last_seq: Cell::new(0),
             failed: RefCell::new(None),
+            peers,
+            outbox: RefCell::new(Vec::new()),
+            outbox_ev: Event::new(),
+            applied: Cell::new(applied),
+            committed: RefCell::new(VecDeque::new()),
+            commit_ev: Event::new(),
+            appended_ev: Event::new(),
+            apply_ev: Event::new(),
+            stale: Cell::new(false),
+            was_leader: Cell::new(false),
         })
+    }
+
+    /// Whether the group has other members.
+    pub fn has_peers(&self) -> bool {
+        self.peers
+    }
+
+    /// Raft messages produced since the last call, for the transport.
+    pub fn take_messages(&self) -> Vec<Message> {
+        std::mem::take(&mut *self.outbox.borrow_mut())
+    }
+
+    /// Waits until there are messages to send (or the replica failed).
+    pub async fn wait_messages(&self) {
+        loop {
+            let l = self.outbox_ev.listen();
+            if !self.outbox.borrow().is_empty() || self.failed.borrow().is_some() {
+                return;
+            }
+            l.await;
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        match &self.raft {
+            Some(r) => r.borrow().role(),
+            None => Role::Leader,
+        }
+    }
+
+    /// The member this replica believes leads its group.
+    pub fn leader(&self) -> Option<raft::NodeId> {
+        match &self.raft {
+            Some(r) => r.borrow().leader(),
+            None => Some(LOCAL_ID),
+        }
+    }
+
+    pub fn commit(&self) -> u64 {
+        match &self.raft {
+            Some(r) => r.borrow().commit(),
+            None => u64::MAX,
+        }
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied.get()
+    }
+
+    /// Deposed with executed but uncommitted entries: the store must be rebuilt from disk.
+    pub fn is_stale(&self) -> bool {
+        self.stale.get()
+    }
+
+    /// Whether this replica may execute writes now: it leads, its term's no-op is committed, and
+    /// its store holds every entry of its log.
+    pub fn can_execute(&self) -> bool {
+        let Some(raft) = &self.raft else {
+            return true;
+        };
+        let r = raft.borrow();
+        r.role() == Role::Leader
+            && r.term_at(r.commit()) == Some(r.term())
+            && self.applied.get() >= r.last_index()
+            && !self.stale.get()
+            && r.lead_transferee().is_none()
+    }
+
+    /// Committed entries the store must apply, in order; call [`Self::mark_applied`] after.
+    pub fn take_committed(&self) -> Vec<Entry> {
+        self.committed.borrow_mut().drain(..).collect()
+    }
+
+    /// The store now holds every entry up to `index`.
+    pub fn mark_applied(&self, index: u64) {
+        debug_assert!(index >= self.applied.get(), "applied index went backwards");
+        self.applied.set(self.applied.get().max(index));
+        self.commit_ev.notify(usize::MAX);
+    }
+
+    /// Waits until committed entries are waiting to be applied.
+    pub async fn wait_committed_entries(&self) {
+        loop {
+            let l = self.apply_ev.listen();
+            if !self.committed.borrow().is_empty() || self.failed.borrow().is_some() {
+                return;
+            }
+            l.await;
+        }
+    }
+
+    /// Advances Raft's clock by one tick (heartbeats, election timeouts).
+    pub fn tick(&self, wal: &Wal) {
+        if let Some(raft) = &self.raft {
+            raft.borrow_mut().tick();
+            self.pump(wal);
+        }
+    }
+
+    /// Hands Raft a message from a peer.
+    pub fn step(&self, wal: &Wal, m: Message) {
+        if let Some(raft) = &self.raft {
+            raft.borrow_mut().step(m);
+            self.pump(wal);
+        }
+    }
+
+    /// Asks this replica to campaign now (a leader transfer target, or tests).
+    pub fn campaign(&self, wal: &Wal) {
+        if let Some(raft) = &self.raft {
+            raft.borrow_mut().campaign();
+            self.pump(wal);
+        }
+    }
+
+    /// Hands leadership to `to` (Raft's leader transfer).
+    pub fn transfer_leader(&self, wal: &Wal, to: raft::NodeId) -> Result<()> {
+        if let Some(raft) = &self.raft {
+            raft.borrow_mut()
+                .transfer_leader(to)
+                .map_err(|e| raft_error(self.shard, e))?;
+            self.pump(wal);
+        }
+        Ok(())
+    }
+
+    /// Runs for the life of a group with peers: acknowledges to Raft what the WAL made durable
+    /// (so a follower answers appends and a leader counts itself towards commit) and sends what
+    /// that produces. Ends when the replica fails.
+    pub async fn run_sync(self: Rc<Self>, wal: Wal) {
+        loop {
+            if self.failed.borrow().is_some() || wal.failure().is_some() {
+                self.commit_ev.notify(usize::MAX);
+                return;
+            }
+            let listener = self.appended_ev.listen();
+            let seq = self.last_seq.get();
+            if seq > wal.durable_seq() {
+                if wal.wait_synced(seq).await.is_err() {
+                    continue;
+                }
+            } else if wal.durable_index() <= self.persisted_mark() {
+                listener.await;
+                continue;
+            }
+            self.sync(&wal);
+        }
+    }
+
+    fn persisted_mark(&self) -> u64 {
+        self.raft.as_ref().map_or(0, |r| r.borrow().persisted())
     }
 
     /// Campaigns and waits until this node leads with a committed entry of its term, so that
@@ -114,6 +355,10 @@ impl Replica {
         let Some(raft) = &self.raft else {
             return Ok(());
         };
+        if self.peers {
+            // Elections run on ticks once the transport is up.
+            return Ok(());
+        }
         raft.borrow_mut().campaign();
         self.pump(wal);
         // A one-member group wins in a few rounds (vote durable, no-op durable); a group that
@@ -203,11 +448,20 @@ impl Replica {
                 frame_len: len + RECORD_SLACK,
             }));
         }
+        if self.peers && !self.can_execute() {
+            return Err(ProposeError::Other(if self.leader().is_some() {
+                Error::LeaderChanged
+            } else {
+                Error::NoLeader
+            }));
+        }
         let index = raft
             .borrow_mut()
             .propose(payload)
             .map_err(|e| raft_error(self.shard, e))?;
         assert_eq!(index, entry.index, "shard {} proposal index", self.shard);
+        // The leader executed this record before proposing it.
+        self.applied.set(index);
         self.pump(wal);
         self.ensure_healthy()?;
         Ok(index)
@@ -219,6 +473,26 @@ impl Replica {
         let Some(raft) = &self.raft else {
             return Ok(());
         };
+        if self.peers {
+            self.sync(wal);
+            loop {
+                let listener = self.commit_ev.listen();
+                self.ensure_healthy()?;
+                {
+                    let r = raft.borrow();
+                    if r.commit() >= index {
+                        return match r.term_at(index) {
+                            Some(t) if t != term => Err(Error::LeaderChanged),
+                            _ => Ok(()),
+                        };
+                    }
+                    if r.term() != term || r.role() != Role::Leader {
+                        return Err(Error::LeaderChanged);
+                    }
+                }
+                listener.await;
+            }
+        }
         self.sync(wal);
         self.ensure_healthy()?;
         let r = raft.borrow();
@@ -282,11 +556,14 @@ impl Replica {
                 }
                 r.ready()
             };
-            assert!(
-                rd.snapshot.is_none(),
-                "shard {}: a one-member group never receives a snapshot",
-                self.shard
-            );
+            if rd.snapshot.is_some() {
+                // Installing a leader's checkpoint is the next step of the cluster work; until
+                // then a member that fell behind the leader's log stops rather than diverge.
+                let reason = "received a snapshot; installing one is not supported yet".to_string();
+                tracing::error!(shard = self.shard, %reason, "shard stops");
+                self.fail(reason);
+                return;
+            }
             for e in &rd.entries {
                 let payload = match e.kind {
                     RaftKind::Normal if !e.data.is_empty() => e.data.clone(),
@@ -316,11 +593,63 @@ impl Replica {
                     return;
                 }
             }
-            debug_assert!(
-                rd.messages.is_empty(),
-                "a one-member group sends no messages"
-            );
+            if !rd.messages.is_empty() {
+                debug_assert!(self.peers, "a one-member group sends no messages");
+                self.outbox.borrow_mut().extend(rd.messages);
+                self.outbox_ev.notify(usize::MAX);
+            }
+            let mut notify = rd.hard_state.is_some();
+            if self.peers && !rd.committed_entries.is_empty() {
+                let applied = self.applied.get();
+                let mut q = self.committed.borrow_mut();
+                q.extend(
+                    rd.committed_entries
+                        .into_iter()
+                        .filter(|e| e.index > applied),
+                );
+                if !q.is_empty() {
+                    self.apply_ev.notify(usize::MAX);
+                }
+                notify = true;
+            }
+            self.note_role();
+            if notify {
+                self.commit_ev.notify(usize::MAX);
+            }
         }
+    }
+
+    /// Stops the replica and wakes everyone waiting on it.
+    fn fail(&self, reason: String) {
+        *self.failed.borrow_mut() = Some(reason);
+        for ev in [
+            &self.commit_ev,
+            &self.apply_ev,
+            &self.outbox_ev,
+            &self.appended_ev,
+        ] {
+            ev.notify(usize::MAX);
+        }
+    }
+
+    /// A leader that loses leadership with executed entries past its commit index goes stale.
+    fn note_role(&self) {
+        let Some(raft) = &self.raft else { return };
+        let r = raft.borrow();
+        let leading = r.role() == Role::Leader;
+        if self.was_leader.get() && !leading {
+            if self.applied.get() > r.commit() {
+                tracing::warn!(
+                    shard = self.shard,
+                    applied = self.applied.get(),
+                    commit = r.commit(),
+                    "deposed with uncommitted executed writes; the shard must be rebuilt"
+                );
+                self.stale.set(true);
+            }
+            self.commit_ev.notify(usize::MAX);
+        }
+        self.was_leader.set(leading);
     }
 
     /// Appends a hard state record; false if the shard had to stop.
@@ -346,6 +675,7 @@ impl Replica {
         match wal.append_frame(index, payload) {
             Ok(seq) => {
                 self.last_seq.set(seq);
+                self.appended_ev.notify(usize::MAX);
                 true
             }
             Err(nr) => {
@@ -356,7 +686,7 @@ impl Replica {
                     nr.frame_len
                 );
                 tracing::error!(shard = self.shard, %reason, "shard stops");
-                *self.failed.borrow_mut() = Some(reason);
+                self.fail(reason);
                 false
             }
         }
@@ -403,6 +733,8 @@ fn raft_error(shard: u32, e: raft::Error) -> Error {
     }
 }
 
+#[cfg(test)]
+mod group_tests;
 #[cfg(test)]
 mod tests {
     use std::path::Path;
