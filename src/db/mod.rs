@@ -134,6 +134,7 @@ impl Db {
             &path,
             opts.shards.unwrap_or(opts.cores as u32),
             opts.partitioner,
+            None,
         )?;
         let (shards, current, compact) = recover_all(&path, meta.shards, opts.bypass_raft)?;
         // etcd's store starts at revision 1 (its first write is revision 2); clients compare

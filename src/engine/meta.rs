@@ -65,11 +65,33 @@ pub fn shard_dir(dir: &Path, shard: u32) -> PathBuf {
     dir.join(format!("shard-{shard:03}"))
 }
 
-/// Reads the metadata, or writes it from the given defaults for a new data dir.
-pub fn load_or_create(dir: &Path, shards: u32, partitioner: Partitioner) -> Result<Meta> {
+/// Reads the metadata, or writes it from the given defaults for a new data dir. `identity`
+/// (cluster id, member id) comes from the cluster flags; without it a new data dir gets random
+/// ids, and an existing one must carry the given ids.
+pub fn load_or_create(
+    dir: &Path,
+    shards: u32,
+    partitioner: Partitioner,
+    identity: Option<(u64, u64)>,
+) -> Result<Meta> {
     let path = dir.join(META_FILE);
     match fs::read_to_string(&path) {
-        Ok(text) => parse(&path, &text),
+        Ok(text) => {
+            let meta = parse(&path, &text)?;
+            match identity {
+                Some((c, m)) if (c, m) != (meta.cluster_id, meta.member_id) => {
+                    Err(Error::DataDir {
+                        path: path.clone(),
+                        reason: format!(
+                            "belongs to cluster {:x} as member {:x}, but the flags make this \
+                             member {m:x} of cluster {c:x}",
+                            meta.cluster_id, meta.member_id
+                        ),
+                    })
+                }
+                _ => Ok(meta),
+            }
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if shards == 0 {
                 return Err(Error::InvalidArgument(
@@ -79,8 +101,8 @@ pub fn load_or_create(dir: &Path, shards: u32, partitioner: Partitioner) -> Resu
             let meta = Meta {
                 shards,
                 partitioner,
-                cluster_id: random_id(),
-                member_id: random_id(),
+                cluster_id: identity.map_or_else(random_id, |i| i.0),
+                member_id: identity.map_or_else(random_id, |i| i.1),
             };
             let text = format!(
                 "format={FORMAT}\nshards={shards}\npartitioner={}\ncluster_id={:x}\nmember_id={:x}\n",
@@ -139,6 +161,37 @@ fn parse(path: &Path, text: &str) -> Result<Meta> {
     })
 }
 
+const MEMBERSHIP_FILE: &str = "cluster.json";
+
+/// The cluster membership a member's data dir holds (`None` for a single node's).
+pub fn load_membership(dir: &Path) -> Result<Option<crate::cluster::Membership>> {
+    let path = dir.join(MEMBERSHIP_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => crate::cluster::Membership::decode(&bytes)
+            .map(Some)
+            .map_err(|e| Error::DataDir {
+                path,
+                reason: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
+/// Writes the membership durably (temp file, fsync, rename, directory fsync).
+pub fn save_membership(dir: &Path, m: &crate::cluster::Membership) -> Result<()> {
+    let path = dir.join(MEMBERSHIP_FILE);
+    let tmp = dir.join(format!("{MEMBERSHIP_FILE}.tmp"));
+    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(&m.encode())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,10 +199,10 @@ mod tests {
     #[test]
     fn created_once_then_fixed() {
         let dir = tempfile::tempdir().unwrap();
-        let m = load_or_create(dir.path(), 3, Partitioner::Directory).unwrap();
+        let m = load_or_create(dir.path(), 3, Partitioner::Directory, None).unwrap();
         assert_eq!(m.shards, 3);
         // Later opens keep the recorded shard count whatever the caller asks for.
-        let m2 = load_or_create(dir.path(), 8, Partitioner::WholeKey).unwrap();
+        let m2 = load_or_create(dir.path(), 8, Partitioner::WholeKey, None).unwrap();
         assert_eq!(m2, m);
     }
 
@@ -163,10 +216,42 @@ mod tests {
     }
 
     #[test]
+    fn a_data_dir_of_another_member_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = load_or_create(dir.path(), 2, Partitioner::Directory, Some((0xc1, 0xa1))).unwrap();
+        assert_eq!((m.cluster_id, m.member_id), (0xc1, 0xa1));
+        let err = load_or_create(dir.path(), 2, Partitioner::Directory, Some((0xc2, 0xa1)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cluster c1 as member a1") && err.contains("cluster c2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn membership_round_trips_through_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load_membership(dir.path()).unwrap(), None);
+        let (m, _) = crate::cluster::Membership::bootstrap(
+            "a=http://127.0.0.1:1,b=http://127.0.0.1:2",
+            "t",
+            "a",
+            &["http://127.0.0.1:1".to_string()],
+        )
+        .unwrap();
+        save_membership(dir.path(), &m).unwrap();
+        assert_eq!(load_membership(dir.path()).unwrap(), Some(m));
+        fs::write(dir.path().join(MEMBERSHIP_FILE), b"{").unwrap();
+        let err = load_membership(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(MEMBERSHIP_FILE), "{err}");
+    }
+
+    #[test]
     fn garbage_meta_is_rejected_with_the_path() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(META_FILE), "shards=banana\n").unwrap();
-        let err = load_or_create(dir.path(), 1, Partitioner::Directory).unwrap_err();
+        let err = load_or_create(dir.path(), 1, Partitioner::Directory, None).unwrap_err();
         assert!(err.to_string().contains(META_FILE), "{err}");
     }
 }

@@ -72,6 +72,13 @@ impl RevisionClock {
         self.compact.fetch_max(rev, SeqCst);
     }
 
+    /// A member that applies writes the leader executed (a follower) moves the counter with them.
+    pub fn observe(&self, rev: i64) {
+        if self.counter.fetch_max(rev, SeqCst) < rev {
+            self.advanced.notify(usize::MAX);
+        }
+    }
+
     /// Waits until `rev` is visible to readers.
     pub async fn wait_visible(&self, rev: i64) {
         loop {
@@ -157,6 +164,20 @@ mod tests {
         a.finish(r3);
         assert_eq!(clock.read_revision(), 13);
         assert_eq!(clock.current(), 13);
+    }
+
+    #[test]
+    fn observed_revisions_move_the_counter_forward_only() {
+        let clock = RevisionClock::new(1, 5, 0);
+        clock.observe(9);
+        clock.observe(7);
+        assert_eq!((clock.current(), clock.read_revision()), (9, 9));
+        let a = CoreRevisions::new(clock.clone(), 0);
+        assert_eq!(
+            a.begin(),
+            10,
+            "a member that becomes leader continues above what it applied"
+        );
     }
 
     #[test]
