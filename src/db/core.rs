@@ -95,6 +95,8 @@ pub(super) struct LockEval {
 pub(super) enum Msg {
     Client(ClientReq),
     Shard(u32, ShardOp),
+    /// A Raft message from a peer for a shard this core owns (it arrived on another core).
+    Peer(u32, crate::raft::Message),
     Shutdown,
 }
 
@@ -102,8 +104,10 @@ pub(super) struct Core {
     pub(super) id: usize,
     pub(super) shared: Arc<Shared>,
     pub(super) revs: CoreRevisions,
-    shards: BTreeMap<u32, Rc<Shard>>,
+    pub(super) shards: BTreeMap<u32, Rc<Shard>>,
     tokens: std::cell::Cell<u64>,
+    /// This core's peer transport (cluster members only).
+    pub(super) transport: std::cell::RefCell<Option<Rc<crate::peer::Transport>>>,
     /// Watches whose consumers live on this core.
     pub(super) hub: Rc<Hub>,
 }
@@ -165,8 +169,16 @@ pub(super) async fn run_core(
         shared,
         shards,
         tokens: Default::default(),
+        transport: Default::default(),
         hub: Hub::new(),
     });
+    if let Err(e) = super::cluster::start(&core) {
+        let _ = ready.send(Err(e));
+        for s in core.shards.values() {
+            s.wal.close().await;
+        }
+        return;
+    }
     let _ = ready.send(Ok(()));
     if id == 0 {
         glommio::spawn_local(lease::expiry_loop(LocalDb { core: core.clone() })).detach();
@@ -185,7 +197,11 @@ pub(super) async fn run_core(
                 let core = core.clone();
                 glommio::spawn_local(async move { core.shard_op(shard, op).await }).detach();
             }
+            Msg::Peer(shard, m) => core.peer_message(shard, m),
         }
+    }
+    if let Some(t) = core.transport.borrow_mut().take() {
+        t.close();
     }
     for s in core.shards.values() {
         s.wal.close().await;

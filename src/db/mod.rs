@@ -7,6 +7,7 @@
 //! blocking form (any non-executor thread) and an `_async` form (any async runtime, including
 //! another glommio executor).
 
+mod cluster;
 mod core;
 mod lease;
 mod recover;
@@ -19,6 +20,8 @@ use std::sync::{Arc, Mutex};
 
 use glommio::Placement;
 
+pub use self::cluster::ClusterOptions;
+use self::cluster::ClusterState;
 use self::core::{oneshot, run_core, ClientReq, Core, Feed, Msg, Reply, ShardOp};
 use self::recover::{recover_all, recovered_leases, RecoveredShard};
 use self::route::Shared;
@@ -57,6 +60,8 @@ pub struct Options {
     pub checkpoint_every: u64,
     /// etcd's `--max-txn-ops`.
     pub max_txn_ops: usize,
+    /// Run as a member of a cluster (etcd's cluster flags); `None` is a single node.
+    pub cluster: Option<ClusterOptions>,
     /// Benchmark baseline only: log records straight to the WAL without the shards' Raft
     /// groups (same log format, no consensus), to measure what Raft costs. Never for data.
     #[doc(hidden)]
@@ -76,6 +81,7 @@ impl Default for Options {
             wal_segment_size: WalOptions::default().segment_size,
             checkpoint_every: 100_000,
             max_txn_ops: plan::DEFAULT_MAX_TXN_OPS,
+            cluster: None,
             bypass_raft: false,
         }
     }
@@ -130,13 +136,25 @@ impl Db {
             return Err(Error::InvalidArgument("cores must be at least 1".into()));
         }
         let lock = meta::lock(&path)?;
-        let meta = meta::load_or_create(
-            &path,
-            opts.shards.unwrap_or(opts.cores as u32),
-            opts.partitioner,
-            None,
-        )?;
-        let (shards, current, compact) = recover_all(&path, meta.shards, opts.bypass_raft)?;
+        let wanted_shards = opts.shards.unwrap_or(opts.cores as u32);
+        let cluster = match &opts.cluster {
+            Some(c) => {
+                let existing = meta::load(&path)?.map(|m| m.shards);
+                Some(ClusterState::resolve(
+                    &path,
+                    c,
+                    existing.unwrap_or(wanted_shards),
+                )?)
+            }
+            None => None,
+        };
+        let identity = cluster
+            .as_ref()
+            .map(|c| (c.membership.cluster_id, c.member_id));
+        let meta = meta::load_or_create(&path, wanted_shards, opts.partitioner, identity)?;
+        let group = cluster.as_ref().map(|c| c.group());
+        let (shards, current, compact) =
+            recover_all(&path, meta.shards, opts.bypass_raft, group.as_ref())?;
         // etcd's store starts at revision 1 (its first write is revision 2); clients compare
         // revisions across servers, so an empty spindle starts there too.
         let current = current.max(1);
@@ -160,6 +178,8 @@ impl Db {
             member_id: meta.member_id,
             leases,
             raft_term: std::sync::atomic::AtomicU64::new(0),
+            cluster,
+            closing: AtomicBool::new(false),
         });
         let mut per_core: Vec<Vec<RecoveredShard>> = (0..opts.cores).map(|_| Vec::new()).collect();
         for s in shards {
@@ -366,6 +386,7 @@ impl Db {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.inner.shared.closing.store(true, Ordering::Relaxed);
         for inbox in &self.inner.shared.inboxes {
             let _ = inbox.send(Msg::Shutdown);
         }

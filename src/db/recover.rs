@@ -32,10 +32,13 @@ pub(super) struct RecoveredShard {
 
 /// Loads every shard and settles multi-shard revisions: one is committed iff every participant
 /// logged its part and none logged an abort. Returns the shards, current and compact revision.
+/// With `group` (a cluster member), the log's records are not applied here: which of them are
+/// committed is the group's to say, and they are applied as it does.
 pub(super) fn recover_all(
     path: &Path,
     nshards: u32,
     bypass_raft: bool,
+    group: Option<&crate::engine::replica::Group>,
 ) -> Result<(Vec<RecoveredShard>, i64, i64)> {
     type Loaded = (ShardStore, wal::Recovered, Replica, u64, PathBuf);
     // Shards recover independently (checkpoint load + WAL scan), in parallel.
@@ -58,7 +61,12 @@ pub(super) fn recover_all(
                         None => (ShardStore::new(), 0, 0),
                     };
                     let wal = wal::recover(&dir.join("wal"), id, index)?;
-                    let replica = Replica::recover(id, (index, term), &wal, bypass_raft)?;
+                    let replica = match group {
+                        Some(g) => {
+                            Replica::recover_group(id, (index, term), &wal, bypass_raft, g.clone())?
+                        }
+                        None => Replica::recover(id, (index, term), &wal, bypass_raft)?,
+                    };
                     Ok((store, wal, replica, index, dir))
                 })
             })
@@ -88,6 +96,14 @@ pub(super) fn recover_all(
         });
     }
 
+    if group.is_some() {
+        let current = shards.iter().map(|s| s.store.last_revision()).max();
+        let compact = shards.iter().map(|s| s.store.compact_revision()).max();
+        for s in &mut shards {
+            s.wal.entries.clear();
+        }
+        return Ok((shards, current.unwrap_or(0), compact.unwrap_or(0)));
+    }
     // Multi-shard decisions.
     let mut parts: HashMap<i64, (Vec<u32>, HashSet<u32>)> = HashMap::new();
     let mut aborted: HashSet<i64> = HashSet::new();

@@ -29,6 +29,10 @@ pub(super) struct Shared {
     pub(super) leases: crate::mvcc::lease::SharedLeases,
     /// Highest Raft term of any shard group (response headers carry it).
     pub(super) raft_term: std::sync::atomic::AtomicU64,
+    /// Set for a cluster member.
+    pub(super) cluster: Option<super::cluster::ClusterState>,
+    /// The store is shutting down (background loops stop).
+    pub(super) closing: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {

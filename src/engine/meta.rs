@@ -65,6 +65,16 @@ pub fn shard_dir(dir: &Path, shard: u32) -> PathBuf {
     dir.join(format!("shard-{shard:03}"))
 }
 
+/// Reads the metadata of an existing data dir (`None` for a new one).
+pub fn load(dir: &Path) -> Result<Option<Meta>> {
+    let path = dir.join(META_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => parse(&path, &text).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
 /// Reads the metadata, or writes it from the given defaults for a new data dir. `identity`
 /// (cluster id, member id) comes from the cluster flags; without it a new data dir gets random
 /// ids, and an existing one must carry the given ids.

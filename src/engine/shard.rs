@@ -20,7 +20,7 @@ use glommio::sync::Semaphore;
 use crate::engine::checkpoint::{self, CheckpointInfo};
 use crate::engine::partition::Partitioner;
 use crate::engine::replica::{ProposeError, Replica};
-use crate::engine::revision::CoreRevisions;
+use crate::engine::revision::{CoreRevisions, RevisionClock};
 use crate::error::{Error, Result};
 use crate::kv::{Compare, RangeRequest, RequestOp, TxnRequest};
 use crate::mvcc::lease::SharedLeases;
@@ -526,6 +526,56 @@ impl Shard {
     }
 
     /// Starts a background checkpoint when enough log has accumulated since the last one.
+    /// Applies records its group committed that this member did not execute itself (a
+    /// follower's path, and a new leader's catch-up), the way WAL replay does.
+    pub fn apply_committed(
+        &self,
+        entries: &[crate::raft::Entry],
+        clock: &RevisionClock,
+    ) -> Result<()> {
+        for e in entries {
+            if e.kind == crate::raft::EntryKind::Normal && !e.data.is_empty() {
+                let rec = record::decode_payload(&e.data).ok_or_else(|| Error::ShardFailed {
+                    shard: self.id,
+                    reason: format!("committed entry {} is not a valid record", e.index),
+                })?;
+                match rec.kind {
+                    // A part is applied once its group commits it; the abort of a multi-shard
+                    // write on a follower is not reconciled yet (see docs/design.md §5b).
+                    EntryKind::Write | EntryKind::Part => {
+                        self.store.borrow_mut().apply(&rec.ops, rec.revision);
+                        clock.observe(rec.revision);
+                    }
+                    EntryKind::Compact => {
+                        self.store.borrow_mut().compact(rec.revision);
+                        clock.set_compact_revision(rec.revision);
+                    }
+                    EntryKind::LeaseGrant => {
+                        if let Ok(mut t) = self.leases.write() {
+                            t.restore(rec.lease.id, rec.lease.ttl, std::time::Instant::now());
+                        }
+                        self.lease_log
+                            .borrow_mut()
+                            .insert(rec.lease.id, rec.lease.ttl);
+                    }
+                    EntryKind::LeaseRevoke => {
+                        if let Ok(mut t) = self.leases.write() {
+                            t.finish_revoke(rec.lease.id);
+                        }
+                        self.lease_log.borrow_mut().remove(&rec.lease.id);
+                    }
+                    EntryKind::Abort => {
+                        tracing::warn!(shard = self.id, revision = rec.revision, "a follower saw a multi-shard abort; its part stays applied until the shard is rebuilt");
+                    }
+                    _ => {}
+                }
+            }
+            self.last_write_index.set(e.index);
+            self.replica.mark_applied(e.index);
+        }
+        Ok(())
+    }
+
     fn maybe_checkpoint(self: &Rc<Self>) {
         let since = self
             .last_write_index
@@ -546,6 +596,15 @@ impl Shard {
     /// Writes a checkpoint of this shard at its current log position, then drops WAL segments it
     /// covers. Writes continue while it runs.
     pub async fn checkpoint(self: Rc<Self>) -> Result<CheckpointInfo> {
+        if self.replica.has_peers() {
+            // A checkpoint is cut at the last executed write, which in a group with peers may
+            // not be committed yet; members keep their whole log until checkpoints are cut at
+            // the applied-and-committed index and sent as snapshots.
+            return Err(Error::InvalidArgument(format!(
+                "shard {}: cluster members do not write checkpoints yet",
+                self.id
+            )));
+        }
         if self.checkpointing.replace(true) {
             return Err(Error::InvalidArgument(format!(
                 "shard {} is already writing a checkpoint",

@@ -134,6 +134,9 @@ pub struct Transport {
     handler: Handler,
     pub stats: PeerStats,
     closed: Cell<bool>,
+    /// Wakes every task of this transport when it closes, so sockets are released even while
+    /// a task waits in accept, read or write.
+    shutdown: event_listener::Event,
 }
 
 impl Transport {
@@ -146,6 +149,7 @@ impl Transport {
             handler,
             stats: PeerStats::default(),
             closed: Cell::new(false),
+            shutdown: event_listener::Event::new(),
         });
         glommio::spawn_local(accept_loop(t.clone(), listener)).detach();
         t
@@ -173,6 +177,7 @@ impl Transport {
     /// Stops dialing and accepting (connections end as their tasks notice).
     pub fn close(&self) {
         self.closed.set(true);
+        self.shutdown.notify(usize::MAX);
         for link in self.links.borrow().values() {
             link.ready.notify(usize::MAX);
         }
@@ -190,6 +195,19 @@ impl Transport {
         self.links.borrow_mut().insert(to, link.clone());
         glommio::spawn_local(dial_loop(self.clone(), link.clone())).detach();
         link
+    }
+
+    /// Runs `f` until it finishes or the transport closes (then `None`).
+    async fn until_closed<T>(&self, f: impl std::future::Future<Output = T>) -> Option<T> {
+        let l = self.shutdown.listen();
+        if self.closed.get() {
+            return None;
+        }
+        futures_lite::future::or(async { Some(f.await) }, async {
+            l.await;
+            None
+        })
+        .await
     }
 
     fn note_error(&self, refused: bool, msg: String) {
@@ -219,7 +237,10 @@ async fn read_frame(
 
 async fn accept_loop(t: Rc<Transport>, listener: TcpListener) {
     while !t.closed.get() {
-        match listener.accept().await {
+        let Some(accepted) = t.until_closed(listener.accept()).await else {
+            return;
+        };
+        match accepted {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
                 let t = t.clone();
@@ -228,7 +249,7 @@ async fn accept_loop(t: Rc<Transport>, listener: TcpListener) {
                         .peer_addr()
                         .map(|a| a.to_string())
                         .unwrap_or_default();
-                    if let Err(e) = serve_inbound(&t, stream).await {
+                    if let Some(Err(e)) = t.until_closed(serve_inbound(&t, stream)).await {
                         tracing::warn!(peer = %peer, error = %e, "peer connection closed");
                         t.note_error(e.starts_with("refused"), e);
                     }
@@ -298,7 +319,10 @@ async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
             continue;
         }
         if conn.is_none() {
-            match dial(&t, link.to).await {
+            let Some(dialed) = t.until_closed(dial(&t, link.to)).await else {
+                return;
+            };
+            match dialed {
                 Ok(s) => {
                     backoff = Duration::from_millis(50);
                     conn = Some(s);
@@ -312,7 +336,7 @@ async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
                         tracing::warn!(to = %format!("{:x}", link.to), error = %e, "peer refused us");
                         t.note_error(true, e);
                     }
-                    glommio::timer::sleep(backoff).await;
+                    t.until_closed(glommio::timer::sleep(backoff)).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
@@ -321,7 +345,10 @@ async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
         let batch = std::mem::take(&mut *link.queue.borrow_mut());
         let frame = codec::encode_batch(&batch);
         let Some(s) = conn.as_mut() else { continue };
-        if let Err(e) = s.write_all(&frame).await {
+        let Some(written) = t.until_closed(s.write_all(&frame)).await else {
+            return;
+        };
+        if let Err(e) = written {
             tracing::debug!(to = %format!("{:x}", link.to), error = %e, "peer write failed");
             t.stats
                 .dropped

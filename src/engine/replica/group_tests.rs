@@ -51,6 +51,7 @@ async fn start(dir: &Path) -> Rc<Cluster> {
             conf: conf.clone(),
             election_tick: 10,
             heartbeat_tick: 1,
+            gate: None,
         };
         let replica = Rc::new(Replica::recover_group(0, (0, 0), &rec, false, group).unwrap());
         replica.start(&wal).await.unwrap();
@@ -67,7 +68,8 @@ async fn start(dir: &Path) -> Rc<Cluster> {
     });
     for i in 0..3 {
         let m = &c.members[i];
-        glommio::spawn_local(m.replica.clone().run_sync(m.wal.clone())).detach();
+        let (r, w) = (m.replica.clone(), m.wal.clone());
+        glommio::spawn_local(async move { r.run_sync(&w).await }).detach();
         // Outgoing messages, delivered unless either end is cut off.
         let (cc, r) = (c.clone(), m.replica.clone());
         glommio::spawn_local(async move {

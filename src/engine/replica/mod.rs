@@ -27,7 +27,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::rc::Rc;
 
 use event_listener::Event;
 
@@ -46,6 +45,37 @@ pub const LOCAL_ID: raft::NodeId = 1;
 /// Room kept for the small records (no-op, hard state) a group logs on its own.
 pub const RECORD_SLACK: usize = 256;
 
+/// Which of a node's shards may execute writes right now. A node hands out revisions only
+/// while it may execute on every shard (it leads them all and has applied their logs), so two
+/// nodes never hand out revisions at once except across a leadership change.
+#[derive(Debug)]
+pub struct NodeGate {
+    ready: Vec<std::sync::atomic::AtomicBool>,
+}
+
+impl NodeGate {
+    pub fn new(shards: u32) -> std::sync::Arc<NodeGate> {
+        std::sync::Arc::new(NodeGate {
+            ready: (0..shards)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
+        })
+    }
+
+    fn set(&self, shard: u32, ready: bool) {
+        if let Some(r) = self.ready.get(shard as usize) {
+            r.store(ready, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Whether every shard of this node may execute.
+    pub fn all(&self) -> bool {
+        self.ready
+            .iter()
+            .all(|r| r.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
 /// Who is in a shard's group and how fast it ticks.
 #[derive(Clone, Debug)]
 pub struct Group {
@@ -56,6 +86,8 @@ pub struct Group {
     /// Ticks without a leader before a follower campaigns (election timeout / tick interval).
     pub election_tick: u64,
     pub heartbeat_tick: u64,
+    /// The node-wide gate (groups with peers).
+    pub gate: Option<std::sync::Arc<NodeGate>>,
 }
 
 impl Group {
@@ -66,6 +98,7 @@ impl Group {
             conf: ConfState::new([LOCAL_ID]),
             election_tick: 10,
             heartbeat_tick: 1,
+            gate: None,
         }
     }
 
@@ -117,6 +150,7 @@ pub struct Replica {
     /// Deposed with executed entries past the commit index: the store must be rebuilt.
     stale: Cell<bool>,
     was_leader: Cell<bool>,
+    gate: Option<std::sync::Arc<NodeGate>>,
 }
 
 impl Replica {
@@ -192,6 +226,7 @@ impl Replica {
             apply_ev: Event::new(),
             stale: Cell::new(false),
             was_leader: Cell::new(false),
+            gate: group.gate,
         })
     }
 
@@ -250,6 +285,11 @@ impl Replica {
     /// Whether this replica may execute writes now: it leads, its term's no-op is committed, and
     /// its store holds every entry of its log.
     pub fn can_execute(&self) -> bool {
+        self.can_execute_here() && self.gate.as_ref().is_none_or(|g| g.all())
+    }
+
+    /// [`Self::can_execute`] for this group alone.
+    fn can_execute_here(&self) -> bool {
         let Some(raft) = &self.raft else {
             return true;
         };
@@ -261,6 +301,12 @@ impl Replica {
             && r.lead_transferee().is_none()
     }
 
+    fn update_gate(&self) {
+        if let Some(g) = &self.gate {
+            g.set(self.shard, self.can_execute_here());
+        }
+    }
+
     /// Committed entries the store must apply, in order; call [`Self::mark_applied`] after.
     pub fn take_committed(&self) -> Vec<Entry> {
         self.committed.borrow_mut().drain(..).collect()
@@ -270,6 +316,7 @@ impl Replica {
     pub fn mark_applied(&self, index: u64) {
         debug_assert!(index >= self.applied.get(), "applied index went backwards");
         self.applied.set(self.applied.get().max(index));
+        self.update_gate();
         self.commit_ev.notify(usize::MAX);
     }
 
@@ -322,7 +369,7 @@ impl Replica {
     /// Runs for the life of a group with peers: acknowledges to Raft what the WAL made durable
     /// (so a follower answers appends and a leader counts itself towards commit) and sends what
     /// that produces. Ends when the replica fails.
-    pub async fn run_sync(self: Rc<Self>, wal: Wal) {
+    pub async fn run_sync(&self, wal: &Wal) {
         loop {
             if self.failed.borrow().is_some() || wal.failure().is_some() {
                 self.commit_ev.notify(usize::MAX);
@@ -338,7 +385,7 @@ impl Replica {
                 listener.await;
                 continue;
             }
-            self.sync(&wal);
+            self.sync(wal);
         }
     }
 
@@ -650,6 +697,8 @@ impl Replica {
             self.commit_ev.notify(usize::MAX);
         }
         self.was_leader.set(leading);
+        drop(r);
+        self.update_gate();
     }
 
     /// Appends a hard state record; false if the shard had to stop.

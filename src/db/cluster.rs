@@ -1,0 +1,274 @@
+//! Cluster mode: what a core runs when its shards' Raft groups have peers. Every core binds
+//! the node's peer port (SO_REUSEPORT) and runs its share of the transport; each shard it owns
+//! gets a task that sends its group's messages, one that acknowledges durable log writes to
+//! Raft, and one that applies committed records; one ticker per core drives elections and
+//! heartbeats and keeps every shard's leadership on the node that leads shard 0.
+//!
+//! Separate from the core loop because a single node runs none of it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::core::{Core, Msg};
+use crate::cluster::{Membership, DEFAULT_TOKEN};
+use crate::engine::meta;
+use crate::engine::replica::{Group, NodeGate};
+use crate::error::{Error, Result};
+use crate::peer::{PeerConfig, Transport};
+use crate::raft::{ConfState, Message, Role};
+
+/// etcd's cluster flags, as `spindle serve` takes them.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// `--name`
+    pub name: String,
+    /// `--initial-cluster`
+    pub initial_cluster: String,
+    /// `--initial-cluster-token`
+    pub token: String,
+    /// `--initial-cluster-state new` (true) or `existing`.
+    pub new_cluster: bool,
+    /// `--initial-advertise-peer-urls`
+    pub advertise_peer_urls: Vec<String>,
+    /// `--listen-peer-urls`, as `host:port`.
+    pub listen_peer: String,
+    /// `--heartbeat-interval`
+    pub heartbeat: Duration,
+    /// `--election-timeout`
+    pub election: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            name: "default".into(),
+            initial_cluster: String::new(),
+            token: DEFAULT_TOKEN.into(),
+            new_cluster: true,
+            advertise_peer_urls: Vec::new(),
+            listen_peer: String::new(),
+            heartbeat: Duration::from_millis(100),
+            election: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// What every core of a cluster member shares.
+pub(super) struct ClusterState {
+    pub(super) member_id: u64,
+    pub(super) membership: Membership,
+    pub(super) name: String,
+    pub(super) listen_peer: String,
+    pub(super) tick: Duration,
+    pub(super) election_ticks: u64,
+    pub(super) gate: Arc<NodeGate>,
+    /// Per shard: the leader this node last saw (0: none).
+    pub(super) leaders: Vec<AtomicU64>,
+}
+
+impl ClusterState {
+    /// The membership this member uses: the data dir's if it has one (a restarted member ignores
+    /// the initial-cluster flags, as etcd does), else the one the flags describe.
+    pub(super) fn resolve(
+        path: &Path,
+        opts: &ClusterOptions,
+        nshards: u32,
+    ) -> Result<ClusterState> {
+        let invalid = |e: String| Error::InvalidArgument(e);
+        let (membership, member_id) = match meta::load_membership(path)? {
+            Some(m) => {
+                let id = m
+                    .members
+                    .values()
+                    .find(|mb| mb.name == opts.name)
+                    .map(|mb| mb.id)
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "data dir {} holds cluster {:x}, which has no member named {:?}",
+                            path.display(),
+                            m.cluster_id,
+                            opts.name
+                        ))
+                    })?;
+                (m, id)
+            }
+            None if !opts.new_cluster => {
+                return Err(invalid(
+                    "--initial-cluster-state existing (joining a running cluster) is not \
+                     supported yet; start every member with --initial-cluster-state new"
+                        .into(),
+                ))
+            }
+            None => {
+                let (m, id) = Membership::bootstrap(
+                    &opts.initial_cluster,
+                    &opts.token,
+                    &opts.name,
+                    &opts.advertise_peer_urls,
+                )
+                .map_err(|e| invalid(e.to_string()))?;
+                std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+                meta::save_membership(path, &m)?;
+                (m, id)
+            }
+        };
+        let tick = opts.heartbeat.max(Duration::from_millis(1));
+        let election_ticks = (opts.election.as_millis() / tick.as_millis()).max(2) as u64;
+        Ok(ClusterState {
+            member_id,
+            membership,
+            name: opts.name.clone(),
+            listen_peer: opts.listen_peer.clone(),
+            tick,
+            election_ticks,
+            gate: NodeGate::new(nshards),
+            leaders: (0..nshards).map(|_| AtomicU64::new(0)).collect(),
+        })
+    }
+
+    /// Every shard group's make-up on this member.
+    pub(super) fn group(&self) -> Group {
+        let mut conf = ConfState::new(self.membership.voters());
+        conf.learners = self.membership.learners().collect();
+        Group {
+            id: self.member_id,
+            conf,
+            election_tick: self.election_ticks,
+            heartbeat_tick: 1,
+            gate: Some(self.gate.clone()),
+        }
+    }
+
+    fn peer_config(&self, shards: u32) -> PeerConfig {
+        let peers: BTreeMap<u64, String> = self
+            .membership
+            .members
+            .keys()
+            .filter(|&&id| id != self.member_id)
+            .filter_map(|&id| Some((id, self.membership.peer_addr(id)?.to_string())))
+            .collect();
+        PeerConfig::new(
+            self.membership.cluster_id,
+            self.member_id,
+            shards,
+            &self.name,
+            &self.membership.token,
+            peers,
+        )
+    }
+
+    /// The member that leads shard 0, as this node last saw it.
+    pub(super) fn leader_node(&self) -> u64 {
+        self.leaders[0].load(Ordering::Relaxed)
+    }
+}
+
+/// Starts this core's share of the cluster: the transport and its shards' tasks.
+pub(super) fn start(core: &Rc<Core>) -> Result<()> {
+    let Some(cl) = core.shared.cluster.as_ref() else {
+        return Ok(());
+    };
+    let listener = glommio::net::TcpListener::bind(cl.listen_peer.as_str()).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "cannot listen for peers on {}: {e}",
+            cl.listen_peer
+        ))
+    })?;
+    let weak: Weak<Core> = Rc::downgrade(core);
+    let transport = Transport::start(
+        cl.peer_config(core.shared.nshards),
+        listener,
+        Rc::new(move |shard, msg| {
+            if let Some(core) = weak.upgrade() {
+                core.peer_message(shard, msg);
+            }
+        }),
+    );
+    *core.transport.borrow_mut() = Some(transport.clone());
+    for shard in core.shards.values() {
+        let (s, t) = (shard.clone(), transport.clone());
+        glommio::spawn_local(async move {
+            loop {
+                s.replica.wait_messages().await;
+                if s.replica.ensure_healthy().is_err() {
+                    return;
+                }
+                for m in s.replica.take_messages() {
+                    t.send(m.to, s.id, m);
+                }
+                t.flush();
+            }
+        })
+        .detach();
+        let s = shard.clone();
+        glommio::spawn_local(async move { s.replica.run_sync(&s.wal).await }).detach();
+        let (s, clock) = (shard.clone(), core.shared.clock.clone());
+        glommio::spawn_local(async move {
+            loop {
+                s.replica.wait_committed_entries().await;
+                let entries = s.replica.take_committed();
+                if entries.is_empty() {
+                    return; // failed
+                }
+                if let Err(e) = s.apply_committed(&entries, &clock) {
+                    tracing::error!(shard = s.id, error = %e, "applying committed records failed");
+                    return;
+                }
+            }
+        })
+        .detach();
+    }
+    let weak = Rc::downgrade(core);
+    let tick = cl.tick;
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(tick).await;
+            let Some(core) = weak.upgrade() else { return };
+            if core.shared.closing.load(Ordering::Relaxed) {
+                return;
+            }
+            core.tick_groups();
+        }
+    })
+    .detach();
+    Ok(())
+}
+
+impl Core {
+    /// A peer's message for `shard`: stepped here, or passed to the core that owns the shard.
+    pub(super) fn peer_message(&self, shard: u32, msg: Message) {
+        match self.shards.get(&shard) {
+            Some(s) => s.replica.step(&s.wal, msg),
+            None => {
+                let core = self.shared.core_of(shard);
+                let _ = self.shared.inboxes[core].send(Msg::Peer(shard, msg));
+            }
+        }
+    }
+
+    /// One tick of every local group, then leader affinity: a node leading shard `s != 0`
+    /// while another leads shard 0 hands `s` over, so one node ends up leading every shard.
+    fn tick_groups(&self) {
+        let Some(cl) = self.shared.cluster.as_ref() else {
+            return;
+        };
+        let me = cl.member_id;
+        for (&id, s) in &self.shards {
+            s.replica.tick(&s.wal);
+            let leader = s.replica.leader().unwrap_or(0);
+            cl.leaders[id as usize].store(leader, Ordering::Relaxed);
+            let term = s.replica.term();
+            self.shared.raft_term.fetch_max(term, Ordering::Relaxed);
+            let node = cl.leader_node();
+            if id != 0 && s.replica.role() == Role::Leader && node != 0 && node != me {
+                if let Err(e) = s.replica.transfer_leader(&s.wal, node) {
+                    tracing::debug!(shard = id, error = %e, "leader transfer not started");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Three embedded cluster members in one process, talking over 127.0.0.1: elections, writes
+//! through the node that leads every shard, followers applying them, failover when the leader
+//! goes away, and a returning member catching up from the log. Ids are checked against a real
+//! etcd started with the same flags.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use spindle::db::ClusterOptions;
+use spindle::kv::{PutRequest, RangeRequest};
+use spindle::{Db, Error, Options};
+
+struct Member {
+    name: String,
+    dir: tempfile::TempDir,
+    opts: Options,
+    db: Option<Db>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn members(n: usize) -> Vec<Member> {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let initial: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("m{i}=http://127.0.0.1:{p}"))
+        .collect();
+    let initial = initial.join(",");
+    ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let opts = Options {
+                cluster: Some(ClusterOptions {
+                    name: format!("m{i}"),
+                    initial_cluster: initial.clone(),
+                    token: "cluster-test".into(),
+                    new_cluster: true,
+                    advertise_peer_urls: vec![format!("http://127.0.0.1:{p}")],
+                    listen_peer: format!("127.0.0.1:{p}"),
+                    heartbeat: Duration::from_millis(20),
+                    election: Duration::from_millis(200),
+                }),
+                ..common::db::opts(1, 2)
+            };
+            Member {
+                name: format!("m{i}"),
+                dir: tempfile::tempdir().unwrap(),
+                opts,
+                db: None,
+            }
+        })
+        .collect()
+}
+
+impl Member {
+    fn open(&mut self) {
+        self.db = Some(Db::open(self.dir.path(), self.opts.clone()).unwrap());
+    }
+    fn db(&self) -> &Db {
+        self.db.as_ref().unwrap()
+    }
+}
+
+/// Puts through whichever member accepts it; returns (member index, revision). Members that do
+/// not lead every shard refuse with etcd's leadership errors, never anything else.
+fn put(ms: &[Member], key: &str, value: &str) -> (usize, i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        for (i, m) in ms.iter().enumerate() {
+            let Some(db) = &m.db else { continue };
+            match db.put(PutRequest::new(key.to_string(), value.to_string())) {
+                Ok(r) => return (i, r.header.revision),
+                Err(Error::NoLeader | Error::LeaderChanged) => {}
+                Err(e) => panic!("{}: unexpected error {e}", m.name),
+            }
+        }
+        assert!(Instant::now() < deadline, "no member accepted a write");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every key under `k/` with its value and mod revision, as member `m` serves it.
+fn dump(m: &Member) -> Vec<(Vec<u8>, Vec<u8>, i64)> {
+    let r = m.db().range(RangeRequest::range("k/", "k0")).unwrap();
+    r.kvs
+        .into_iter()
+        .map(|kv| (kv.key.to_vec(), kv.value.to_vec(), kv.mod_revision))
+        .collect()
+}
+
+fn converge(ms: &[Member], want: usize) -> Vec<(Vec<u8>, Vec<u8>, i64)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let views: Vec<_> = ms.iter().filter(|m| m.db.is_some()).map(dump).collect();
+        if views.iter().all(|v| v.len() == want && *v == views[0]) {
+            return views[0].clone();
+        }
+        if Instant::now() >= deadline {
+            for m in ms.iter().filter(|m| m.db.is_some()) {
+                eprintln!(
+                    "{}: {:?} term {}",
+                    m.name,
+                    m.db().status(),
+                    m.db().raft_term()
+                );
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members did not converge on {want} keys: {:?}",
+            views.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn three_members_replicate_fail_over_and_catch_up() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut ms = members(3);
+    for m in &mut ms {
+        m.open();
+    }
+    let ids: Vec<_> = ms.iter().map(|m| m.db().identity()).collect();
+    assert!(ids.iter().all(|(c, _)| *c == ids[0].0), "one cluster id");
+
+    let mut last_rev = 0;
+    let mut leader = 0;
+    for i in 0..30 {
+        let (who, rev) = put(&ms, &format!("k/{i:02}"), &format!("v{i}"));
+        assert!(rev > last_rev, "revisions grow: {rev} after {last_rev}");
+        last_rev = rev;
+        leader = who;
+    }
+    let first = converge(&ms, 30);
+
+    // The leader goes away; the two others elect and keep accepting writes.
+    ms[leader].db.take().unwrap().close();
+    for i in 30..60 {
+        let (who, rev) = put(&ms, &format!("k/{i:02}"), &format!("v{i}"));
+        assert_ne!(who, leader);
+        assert!(
+            rev > last_rev,
+            "no revision reused after failover: {rev} after {last_rev}"
+        );
+        last_rev = rev;
+    }
+    let after = converge(&ms, 60);
+    assert_eq!(
+        &after[..30],
+        &first[..],
+        "acknowledged writes survive the failover"
+    );
+
+    // The old leader comes back and catches up from the others' logs.
+    ms[leader].open();
+    let all = converge(&ms, 60);
+    assert_eq!(all, after);
+    for m in ms.iter_mut() {
+        if let Some(db) = m.db.take() {
+            db.close();
+        }
+    }
+}
+
+#[test]
+fn member_and_cluster_ids_match_etcds() {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let initial: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("n{i}=http://127.0.0.1:{p}"))
+        .collect();
+    let initial = initial.join(",");
+    let (ours, me) = spindle::cluster::Membership::bootstrap(
+        &initial,
+        "id-check",
+        "n0",
+        &[format!("http://127.0.0.1:{}", ports[0])],
+    )
+    .unwrap();
+    // One etcd member of that cluster logs every member's id and the cluster id at start.
+    let client = free_port();
+    let data = tempfile::tempdir().unwrap();
+    let peer = format!("http://127.0.0.1:{}", ports[0]);
+    let client_url = format!("http://127.0.0.1:{client}");
+    let mut etcd = common::process::Kill::new(
+        std::process::Command::new("etcd")
+            .args(["--name", "n0", "--data-dir"])
+            .arg(data.path().join("etcd"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &initial])
+            .args(["--initial-cluster-token", "id-check"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start etcd"),
+    );
+    let stderr = etcd.child().stderr.take().unwrap();
+    let (tx, rx) = flume::unbounded();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let want_cluster = format!("{:x}", ours.cluster_id);
+    let mut log = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ours
+        .members
+        .keys()
+        .all(|id| log.contains(&format!("added member {id:x}")))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                log.push_str(&line);
+                log.push('\n');
+            }
+            Err(_) => panic!("etcd did not log its members:\n{log}"),
+        }
+    }
+    drop(etcd);
+    assert!(
+        log.contains(&format!("starting member {me:x} in cluster {want_cluster}")),
+        "{log}"
+    );
+    for (id, m) in &ours.members {
+        assert!(
+            log.contains(&format!(
+                "added member {id:x} [{}] to cluster {want_cluster}",
+                m.peer_urls[0]
+            )),
+            "member {} ({id:x}) not in etcd's log:\n{log}",
+            m.name
+        );
+    }
+}
