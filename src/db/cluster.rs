@@ -259,6 +259,16 @@ impl Core {
         let me = cl.member_id;
         for (&id, s) in &self.shards {
             s.replica.tick(&s.wal);
+            if s.replica.is_stale() && !s.rebuilding.replace(true) {
+                let s = s.clone();
+                glommio::spawn_local(async move {
+                    if let Err(e) = s.rebuild().await {
+                        tracing::error!(shard = s.id, error = %e, "rebuilding the shard failed");
+                    }
+                    s.rebuilding.set(false);
+                })
+                .detach();
+            }
             let leader = s.replica.leader().unwrap_or(0);
             cl.leaders[id as usize].store(leader, Ordering::Relaxed);
             let term = s.replica.term();

@@ -52,6 +52,8 @@ pub struct Shard {
     /// Log index and revision of the last checkpoint.
     pub checkpoint_index: Cell<u64>,
     checkpointing: Cell<bool>,
+    /// A rebuild (see [`Shard::rebuild`]) is running.
+    pub rebuilding: Cell<bool>,
     /// WAL index of the last write, for checkpoint scheduling.
     last_write_index: Cell<u64>,
     pub checkpoint_every: u64,
@@ -99,6 +101,7 @@ impl Shard {
             lock_owner: Cell::new(None),
             checkpoint_index: Cell::new(checkpoint_index),
             checkpointing: Cell::new(false),
+            rebuilding: Cell::new(false),
             last_write_index: Cell::new(0),
             checkpoint_every,
             leases,
@@ -573,6 +576,33 @@ impl Shard {
             self.last_write_index.set(e.index);
             self.replica.mark_applied(e.index);
         }
+        Ok(())
+    }
+
+    /// Throws away what this shard executed and reloads it from its newest checkpoint; the
+    /// group's committed entries after it are applied again. A leader deposed with executed but
+    /// uncommitted writes does this before it may serve writes again.
+    pub async fn rebuild(&self) -> Result<()> {
+        let _guard = self.acquire().await?;
+        let (store, index) = match checkpoint::list(&self.dir)?.last() {
+            Some((_, file)) => {
+                let c = checkpoint::load(file, self.id)?;
+                let store = ShardStore::from_histories(
+                    c.histories,
+                    c.info.last_revision,
+                    c.info.compact_revision,
+                );
+                (store, c.info.index)
+            }
+            None => (ShardStore::new(), 0),
+        };
+        *self.store.borrow_mut() = store;
+        self.replica.reset_applied(index)?;
+        tracing::info!(
+            shard = self.id,
+            from = index,
+            "rebuilt the shard from its checkpoint and committed log"
+        );
         Ok(())
     }
 

@@ -307,6 +307,36 @@ impl Replica {
         }
     }
 
+    /// Starts applying over from `index` (the store was reloaded from a checkpoint there): the
+    /// committed entries after it are handed out again, and the replica is no longer stale.
+    pub fn reset_applied(&self, index: u64) -> Result<()> {
+        let Some(raft) = &self.raft else {
+            return Ok(());
+        };
+        let r = raft.borrow();
+        if index + 1 < r.first_index() {
+            return Err(Error::ShardFailed {
+                shard: self.shard,
+                reason: format!(
+                    "cannot rebuild from index {index}: the log starts at {}",
+                    r.first_index()
+                ),
+            });
+        }
+        let mut q = self.committed.borrow_mut();
+        q.clear();
+        q.extend((index + 1..=r.commit().min(r.applied())).filter_map(|i| r.entry(i).cloned()));
+        // Entries committed but not yet handed out by Raft arrive through `pump` as usual.
+        drop(r);
+        self.applied.set(index);
+        self.stale.set(false);
+        self.update_gate();
+        if !q.is_empty() {
+            self.apply_ev.notify(usize::MAX);
+        }
+        Ok(())
+    }
+
     /// Committed entries the store must apply, in order; call [`Self::mark_applied`] after.
     pub fn take_committed(&self) -> Vec<Entry> {
         self.committed.borrow_mut().drain(..).collect()
