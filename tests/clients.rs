@@ -12,13 +12,22 @@ use std::path::PathBuf;
 use std::process::Command;
 
 mod common;
+use common::server::{Kind, Server};
 
-fn clients_dir() -> PathBuf {
-    std::env::var_os("SPINDLE_CLIENTS_DIR")
+/// `path` in `$SPINDLE_CLIENTS_DIR`, which must exist: `what` is installed there by tools/test.
+fn installed(path: &str, what: &str) -> PathBuf {
+    let dir = std::env::var_os("SPINDLE_CLIENTS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/spindle-clients")
-        })
+        });
+    let p = dir.join(path);
+    assert!(
+        p.exists(),
+        "{what} is not installed at {}; run tools/test",
+        p.display()
+    );
+    p
 }
 
 fn script(name: &str) -> PathBuf {
@@ -29,15 +38,15 @@ fn script(name: &str) -> PathBuf {
 
 /// Runs a client script against etcd, then spindle; both must print "ok".
 fn run_both(make: impl Fn(&str) -> Command) {
-    for etcd in [true, false] {
-        let s = common::start(if etcd { "etcd" } else { "spindle" }, &[]);
-        let out = make(&format!("127.0.0.1:{}", s.port))
+    for kind in [Kind::Etcd, Kind::Spindle] {
+        let s = Server::start(kind, &[]);
+        let out = make(&s.endpoint())
             .output()
             .expect("run the client (tools/test installs it)");
-        let who = if etcd { "etcd" } else { "spindle" };
         assert!(
             out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
-            "{who}: {}\n{}",
+            "{}: {}\n{}",
+            s.name(),
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -46,15 +55,11 @@ fn run_both(make: impl Fn(&str) -> Command) {
 
 #[test]
 fn node_etcd3_client_works_unchanged() {
-    let modules = clients_dir().join("node/node_modules");
-    assert!(
-        modules.join("etcd3").is_dir(),
-        "Node's etcd3 is not installed in {}; run tools/test",
-        modules.display()
-    );
+    let etcd3 = installed("node/node_modules/etcd3", "Node's etcd3");
+    let modules = etcd3.parent().unwrap();
     run_both(|ep| {
         let mut c = Command::new("node");
-        c.env("NODE_PATH", &modules)
+        c.env("NODE_PATH", modules)
             .arg(script("node_client.js"))
             .arg(ep);
         c
@@ -63,12 +68,7 @@ fn node_etcd3_client_works_unchanged() {
 
 #[test]
 fn python_etcd3_client_works_unchanged() {
-    let python = clients_dir().join("python/bin/python");
-    assert!(
-        python.exists(),
-        "Python's etcd3 is not installed in {}; run tools/test",
-        python.display()
-    );
+    let python = installed("python/bin/python", "Python's etcd3");
     run_both(|ep| {
         let mut c = Command::new(&python);
         c.arg(script("python_client.py")).arg(ep);
@@ -78,11 +78,9 @@ fn python_etcd3_client_works_unchanged() {
 
 #[test]
 fn rust_etcd_client_works_unchanged() {
-    let bin = clients_dir().join("rust-target/release/spindle-rust-client-check");
-    assert!(
-        bin.exists(),
-        "the Rust client check is not built at {}; run tools/test",
-        bin.display()
+    let bin = installed(
+        "rust-target/release/spindle-rust-client-check",
+        "the Rust client check",
     );
     run_both(|ep| {
         let mut c = Command::new(&bin);

@@ -9,20 +9,14 @@ use spindle::kv::*;
 use spindle::wal::{self, EntryKind, Recovered};
 use spindle::{Db, Options};
 
+mod common;
+use common::db::put;
+
 fn opts() -> Options {
     Options {
-        cores: 1,
-        shards: Some(2),
-        pin: false,
         wal_segment_size: 64 << 10,
-        checkpoint_every: 0,
-        ..Options::default()
+        ..common::db::opts(1, 2)
     }
-}
-
-fn put(db: &Db, key: &str, value: &str) {
-    db.put(PutRequest::new(key.to_string(), value.to_string()))
-        .unwrap();
 }
 
 fn get(db: &Db, key: &str) -> Option<String> {

@@ -17,6 +17,8 @@ use rand::{Rng, SeedableRng};
 use spindle::kv::*;
 use spindle::{Db, Options};
 
+mod common;
+
 const DIR_ENV: &str = "SPINDLE_CRASH_DIR";
 const PREFIX_ENV: &str = "SPINDLE_CRASH_PREFIX";
 /// Directories of a multi-shard txn's keys: one per shard, so every txn spans all three.
@@ -35,12 +37,9 @@ fn txn_dirs() -> Vec<String> {
 
 fn options() -> Options {
     Options {
-        cores: 2,
-        shards: Some(3),
-        pin: false,
         wal_segment_size: 128 << 10,
         checkpoint_every: 300,
-        ..Options::default()
+        ..common::db::opts(2, 3)
     }
 }
 

@@ -3,18 +3,10 @@
 
 use bytes::Bytes;
 use spindle::kv::*;
-use spindle::{Db, Error, Options};
+use spindle::{Db, Error};
 
-fn opts(cores: usize, shards: u32) -> Options {
-    Options {
-        cores,
-        shards: Some(shards),
-        pin: false,
-        wal_segment_size: 256 << 10,
-        checkpoint_every: 0,
-        ..Options::default()
-    }
-}
+mod common;
+use common::db::{opts, put};
 
 fn get(db: &Db, key: &str) -> Option<KeyValue> {
     db.range(RangeRequest::key(key.to_string()))
@@ -22,13 +14,6 @@ fn get(db: &Db, key: &str) -> Option<KeyValue> {
         .kvs
         .into_iter()
         .next()
-}
-
-fn put(db: &Db, key: &str, value: &str) -> i64 {
-    db.put(PutRequest::new(key.to_string(), value.to_string()))
-        .unwrap()
-        .header
-        .revision
 }
 
 fn keys_of(resp: &RangeResponse) -> Vec<String> {

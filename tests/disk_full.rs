@@ -9,6 +9,10 @@ use std::process::Command;
 use spindle::kv::*;
 use spindle::{Db, Error, Options};
 
+mod common;
+use common::db::opts;
+use common::process::output_ok;
+
 struct Mount(PathBuf);
 
 impl Mount {
@@ -46,15 +50,11 @@ fn full_disk_is_a_typed_error_and_the_store_stays_consistent() {
         }
     };
     let dir = mount.0.join("db");
-    let opts = Options {
-        cores: 1,
-        shards: Some(1),
-        pin: false,
+    let options = Options {
         wal_segment_size: 512 << 10,
-        checkpoint_every: 0,
-        ..Options::default()
+        ..opts(1, 1)
     };
-    let db = Db::open(&dir, opts.clone()).unwrap();
+    let db = Db::open(&dir, options.clone()).unwrap();
     let value = bytes::Bytes::from(vec![b'x'; 8 << 10]);
     let mut acked = Vec::new();
     let mut full = None;
@@ -94,22 +94,17 @@ fn full_disk_is_a_typed_error_and_the_store_stays_consistent() {
     ));
     assert_eq!(db.revision(), rev);
     // The operator frees space (here: grows the filesystem); the same open store writes again.
-    let out = Command::new("mount")
-        .args(["-o", "remount,size=16m"])
-        .arg(&mount.0)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    output_ok(
+        Command::new("mount")
+            .args(["-o", "remount,size=16m"])
+            .arg(&mount.0),
     );
     let later = db.put(PutRequest::new("after", "space")).unwrap();
     assert_eq!(later.header.revision, rev + 1);
     acked.push(("after".to_string(), rev + 1));
     db.close();
     // Everything acknowledged is there after a reopen.
-    let db = Db::open(&dir, opts).unwrap();
+    let db = Db::open(&dir, options).unwrap();
     assert_eq!(db.revision(), rev + 1);
     for (k, r) in &acked {
         let got = db.range(RangeRequest::key(k.clone())).unwrap();

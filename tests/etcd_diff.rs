@@ -20,177 +20,17 @@
 //!
 //! Needs `etcd` and `etcdctl` 3.4 on PATH (`tools/test` installs them).
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::process::{Child, Stdio};
 
 use base64::Engine as _;
 use serde_json::{json, Value};
 
+mod common;
+use common::server::{Kind, Server};
+
 /// `--max-request-bytes` for both servers, so that "request is too large" is cheap to provoke.
 const MAX_REQUEST_BYTES: &str = "4096";
-
-// ---------------------------------------------------------------------------------------------
-// Processes
-// ---------------------------------------------------------------------------------------------
-
-/// A server process this test started; killed (by its own pid) when dropped.
-struct Server {
-    name: &'static str,
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    fn assert_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "{} exited ({status}); last log lines:\n{}",
-                self.name,
-                self.log_tail()
-            );
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("--endpoints=127.0.0.1:{}", self.port)
-    }
-}
-
-/// `n` distinct free ports (all bound at once so they differ).
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
-
-fn log_file(path: &Path) -> (Stdio, Stdio) {
-    let f = File::create(path).expect("create log file");
-    let g = f.try_clone().expect("clone log file");
-    (Stdio::from(f), Stdio::from(g))
-}
-
-fn spawn_etcd() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let ports = free_ports(2);
-    let client = format!("http://127.0.0.1:{}", ports[0]);
-    let peer = format!("http://127.0.0.1:{}", ports[1]);
-    let log = dir.path().join("etcd.log");
-    let (out, err) = log_file(&log);
-    let child = Command::new("etcd")
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--name", "default"])
-        .args(["--listen-client-urls", &client])
-        .args(["--advertise-client-urls", &client])
-        .args(["--listen-peer-urls", &peer])
-        .args(["--initial-advertise-peer-urls", &peer])
-        .args(["--initial-cluster", &format!("default={peer}")])
-        .args(["--max-request-bytes", MAX_REQUEST_BYTES])
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("start etcd (Debian package etcd-server; tools/test installs it)");
-    Server {
-        name: "etcd",
-        child,
-        port: ports[0],
-        log,
-        _dir: dir,
-    }
-}
-
-fn spawn_spindle() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_ports(1)[0];
-    let log = dir.path().join("spindle.log");
-    let (out, err) = log_file(&log);
-    let child = Command::new(env!("CARGO_BIN_EXE_spindle"))
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--listen-client-urls", &format!("http://127.0.0.1:{port}")])
-        .args(["--cores", "2"])
-        .args(["--max-request-bytes", MAX_REQUEST_BYTES])
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("start spindle");
-    Server {
-        name: "spindle",
-        child,
-        port,
-        log,
-        _dir: dir,
-    }
-}
-
-fn wait_etcd(s: &mut Server) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        s.assert_alive();
-        if TcpStream::connect(("127.0.0.1", s.port)).is_ok() {
-            let out = Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .arg(s.endpoint())
-                .args(["--dial-timeout=1s", "--command-timeout=2s"])
-                .args(["endpoint", "health"])
-                .stdin(Stdio::null())
-                .output()
-                .expect("run etcdctl (Debian package etcd-client)");
-            if out.status.success() {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "etcd did not become healthy; last log lines:\n{}",
-            s.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn wait_spindle(s: &mut Server) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        s.assert_alive();
-        let log = std::fs::read_to_string(&s.log).unwrap_or_default();
-        if log.contains("ready to serve client requests") {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "spindle did not log readiness; last log lines:\n{}",
-            s.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // etcdctl
@@ -207,11 +47,8 @@ struct Ctl {
 }
 
 fn spawn_etcdctl(s: &Server, args: &[&str], stdin: Option<&str>) -> Child {
-    let mut child = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(s.endpoint())
-        .args(["--dial-timeout=3s", "--command-timeout=10s"])
-        .args(args)
+    let mut child = s
+        .etcdctl_cmd(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -262,9 +99,9 @@ fn finish_etcdctl(s: &mut Server, child: Child, what: &str) -> Ctl {
         s.assert_alive();
         panic!(
             "{what}: could not talk to {}: {:?}\nlast log lines:\n{}",
-            s.name,
+            s.name(),
             ctl.errors,
-            s.log_tail()
+            s.log_tail(30)
         );
     }
     ctl
@@ -330,16 +167,7 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
 
 /// POSTs `body` to `path` and returns the HTTP status and the parsed JSON body.
 fn post(port: u16, path: &str, body: &str) -> (u16, Value) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the gateway");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read the gateway's answer");
+    let raw = common::http::post_raw(port, path, body);
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -460,10 +288,11 @@ impl Pair {
 
     /// Both servers fresh, untouched.
     fn start_fresh() -> Pair {
-        let mut etcd = spawn_etcd();
-        let mut spindle = spawn_spindle();
-        wait_spindle(&mut spindle);
-        wait_etcd(&mut etcd);
+        let extra = ["--max-request-bytes", MAX_REQUEST_BYTES];
+        let mut etcd = Server::spawn(Kind::Etcd, &extra);
+        let mut spindle = Server::spawn(Kind::Spindle, &extra);
+        spindle.wait_ready();
+        etcd.wait_ready();
         Pair { etcd, spindle }
     }
 

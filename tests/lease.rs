@@ -1,24 +1,18 @@
 //! Leases end to end: the embedded API, expiry across shards, keep-alive, and recovery after a
 //! crash (SIGKILL of `spindle serve`) and after checkpoints dropped the log holding the grants.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::Value;
 use spindle::kv::*;
-use spindle::{Db, Error, Options};
+use spindle::{Db, Error};
 
-fn opts(cores: usize, shards: u32) -> Options {
-    Options {
-        cores,
-        shards: Some(shards),
-        pin: false,
-        wal_segment_size: 256 << 10,
-        checkpoint_every: 0,
-        ..Options::default()
-    }
-}
+mod common;
+use common::db::opts;
+use common::process::spawn_piped;
+use common::server::Server;
 
 /// Keys in several directories, so that they land on several shards.
 const KEYS: [&str; 6] = ["a/1", "b/2", "c/3", "d/4", "e/5", "f/6"];
@@ -232,119 +226,54 @@ fn embedded_reopen_and_checkpoints_keep_leases() {
 
 // ---- spindle serve, killed with SIGKILL ----
 
-struct Server {
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(data: &std::path::Path, log: &std::path::Path, port: u16) -> Server {
-    let logf = std::fs::File::create(log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_spindle"))
-        .args(["serve", "--data-dir"])
-        .arg(data)
-        .args([
-            "--listen-client-urls",
-            &format!("http://127.0.0.1:{port}"),
-            "--cores",
-            "2",
-            "--shards",
-            "4",
-        ])
-        .stdout(Stdio::null())
-        .stderr(logf)
-        .spawn()
-        .expect("start spindle");
-    let mut s = Server { child };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains("ready to serve client requests") {
-            return s;
-        }
-        if let Ok(Some(status)) = s.child.try_wait() {
-            panic!("spindle exited before serving ({status}):\n{text}");
-        }
-        assert!(Instant::now() < deadline, "spindle did not start:\n{text}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn ctl(port: u16, args: &[&str]) -> Value {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints=127.0.0.1:{port}"))
-        .args(["--command-timeout=5s", "--dial-timeout=3s", "-w", "json"])
-        .args(args)
-        .output()
-        .expect("etcdctl is installed by tools/test");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Runs `etcdctl -w json ARGS` (which must succeed) and parses its output.
+fn ctl(s: &Server, args: &[&str]) -> Value {
+    let out = s.etcdctl(&[&["-w", "json"], args].concat());
+    assert!(out.ok, "etcdctl {args:?}: {}", out.stderr);
     if args[0] == "defrag" {
         return Value::Null; // prints a sentence, not JSON
     }
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout))
 }
 
 #[test]
 fn sigkill_restart_recovers_leases_with_a_fresh_ttl() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let s = serve(&data, &dir.path().join("1.log"), port);
-    let id = ctl(port, &["lease", "grant", "20"])["ID"].as_i64().unwrap();
-    let gone = ctl(port, &["lease", "grant", "20"])["ID"].as_i64().unwrap();
+    let mut s = Server::spindle(&["--shards", "4"]);
+    let id = ctl(&s, &["lease", "grant", "20"])["ID"].as_i64().unwrap();
+    let gone = ctl(&s, &["lease", "grant", "20"])["ID"].as_i64().unwrap();
     let hex = format!("{id:x}");
     for k in KEYS {
-        ctl(port, &["put", k, "v", &format!("--lease={hex}")]);
+        ctl(&s, &["put", k, "v", &format!("--lease={hex}")]);
     }
-    ctl(port, &["lease", "revoke", &format!("{gone:x}")]);
+    ctl(&s, &["lease", "revoke", &format!("{gone:x}")]);
     // A checkpoint (defragment) drops the log segments that held the grant.
-    ctl(port, &["defrag"]);
+    ctl(&s, &["defrag"]);
     // A streaming keep-alive (etcdctl renews every TTL/3) holds a 2 s lease past its TTL.
-    let short = ctl(port, &["lease", "grant", "2"])["ID"].as_i64().unwrap();
+    let short = ctl(&s, &["lease", "grant", "2"])["ID"].as_i64().unwrap();
     let short_hex = format!("{short:x}");
     ctl(
-        port,
+        &s,
         &["put", "k/short", "v", &format!("--lease={short_hex}")],
     );
-    let mut keeper = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints=127.0.0.1:{port}"))
-        .args(["lease", "keep-alive", &short_hex])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let keeper = spawn_piped(
+        s.etcdctl_cmd(&["lease", "keep-alive", &short_hex])
+            .stderr(Stdio::null()),
+    );
     std::thread::sleep(Duration::from_millis(3200));
-    let alive = ctl(port, &["lease", "timetolive", &short_hex, "--keys"]);
-    let _ = keeper.kill();
-    let out = keeper.wait_with_output().unwrap();
+    let alive = ctl(&s, &["lease", "timetolive", &short_hex, "--keys"]);
+    let out = keeper.kill_and_output();
     let renewals = String::from_utf8_lossy(&out.stdout)
         .matches("keepalived with TTL(2)")
         .count();
     assert!(renewals >= 3, "{renewals} renewals");
     assert_eq!(alive["keys"].as_array().map(Vec::len), Some(1), "{alive}");
-    ctl(port, &["lease", "revoke", &short_hex]);
-    let before = ctl(port, &["lease", "timetolive", &hex]);
+    ctl(&s, &["lease", "revoke", &short_hex]);
+    let before = ctl(&s, &["lease", "timetolive", &hex]);
     assert!(before["ttl"].as_i64().unwrap() <= 16, "{before}");
-    drop(s); // SIGKILL
+    s.kill();
 
-    let s = serve(&data, &dir.path().join("2.log"), port);
-    let list = ctl(port, &["lease", "list"]);
+    s.restart(); // same data dir and port
+    let list = ctl(&s, &["lease", "list"]);
     let ids: Vec<i64> = list["leases"]
         .as_array()
         .unwrap()
@@ -352,17 +281,17 @@ fn sigkill_restart_recovers_leases_with_a_fresh_ttl() {
         .map(|l| l["id"].as_i64().unwrap())
         .collect();
     assert_eq!(ids, vec![id]);
-    let after = ctl(port, &["lease", "timetolive", &hex, "--keys"]);
+    let after = ctl(&s, &["lease", "timetolive", &hex, "--keys"]);
     // etcd refreshes every lease to its full TTL when a leader takes over.
     assert!(after["ttl"].as_i64().unwrap() >= 19, "{after}");
     assert_eq!(after["granted-ttl"].as_i64().unwrap(), 20);
     assert_eq!(after["keys"].as_array().unwrap().len(), KEYS.len());
-    let rev = ctl(port, &["get", "x"])["header"]["revision"]
+    let rev = ctl(&s, &["get", "x"])["header"]["revision"]
         .as_i64()
         .unwrap();
-    let revoked = ctl(port, &["lease", "revoke", &hex]);
+    let revoked = ctl(&s, &["lease", "revoke", &hex]);
     assert_eq!(revoked["header"]["revision"].as_i64().unwrap(), rev + 1);
-    assert_eq!(ctl(port, &["get", "", "--prefix"])["count"].as_i64(), None);
+    assert_eq!(ctl(&s, &["get", "", "--prefix"])["count"].as_i64(), None);
     drop(s);
 }
 

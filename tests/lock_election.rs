@@ -5,13 +5,8 @@
 //! Needs `etcd` and `etcdctl` 3.4 on PATH (`tools/test` installs them).
 
 use std::cell::Cell;
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use spindle::bench::client::Client;
 use spindle::proto::etcdserverpb as pb;
@@ -19,151 +14,10 @@ use spindle::proto::v3electionpb as epb;
 use spindle::proto::v3lockpb as lpb;
 use spindle::server::grpc::Status;
 
-/// A server process this test started; killed by its own pid when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
-
-fn spawn(cmd: &mut Command, port: u16, dir: tempfile::TempDir) -> Server {
-    let log = dir.path().join("server.log");
-    let f = File::create(&log).unwrap();
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .spawn()
-        .expect("start server");
-    Server {
-        child,
-        port,
-        log,
-        _dir: dir,
-    }
-}
-
-fn spindle() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_ports(1)[0];
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spindle"));
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--listen-client-urls", &format!("http://127.0.0.1:{port}")])
-        .args(["--cores", "2"]);
-    let mut s = spawn(&mut cmd, port, dir);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !s.log().contains("ready to serve client requests") {
-        assert!(
-            s.child.try_wait().unwrap().is_none(),
-            "spindle exited:\n{}",
-            s.log()
-        );
-        assert!(Instant::now() < deadline, "spindle not ready:\n{}", s.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    s
-}
-
-fn etcd() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let ports = free_ports(2);
-    let client = format!("http://127.0.0.1:{}", ports[0]);
-    let peer = format!("http://127.0.0.1:{}", ports[1]);
-    let mut cmd = Command::new("etcd");
-    cmd.arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--name", "default"])
-        .args(["--listen-client-urls", &client])
-        .args(["--advertise-client-urls", &client])
-        .args(["--listen-peer-urls", &peer])
-        .args(["--initial-advertise-peer-urls", &peer])
-        .args(["--initial-cluster", &format!("default={peer}")]);
-    let mut s = spawn(&mut cmd, ports[0], dir);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(
-            s.child.try_wait().unwrap().is_none(),
-            "etcd exited:\n{}",
-            s.log()
-        );
-        if TcpStream::connect(("127.0.0.1", s.port)).is_ok()
-            && etcdctl(&s, &["endpoint", "health"]).status.success()
-        {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "etcd not healthy:\n{}", s.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn etcdctl_cmd(s: &Server, args: &[&str]) -> Command {
-    let mut c = Command::new("etcdctl");
-    c.env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", s.endpoint()))
-        .args(["--dial-timeout=2s", "--command-timeout=5s"])
-        .args(args)
-        .stdin(Stdio::null());
-    c
-}
-
-fn etcdctl(s: &Server, args: &[&str]) -> std::process::Output {
-    etcdctl_cmd(s, args).output().expect("run etcdctl")
-}
-
-/// Lines a child prints on stdout, delivered as they come.
-fn lines_of(child: &mut Child) -> flume::Receiver<String> {
-    let (tx, rx) = flume::unbounded();
-    let out = child.stdout.take().expect("piped stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-fn next_line(rx: &flume::Receiver<String>, what: &str) -> String {
-    rx.recv_timeout(Duration::from_secs(10))
-        .unwrap_or_else(|_| panic!("no output from {what}"))
-}
-
-/// Kills a child this test started, by its own handle.
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::http::post;
+use common::process::{next_line, signal, spawn_lines};
+use common::server::Server;
 
 async fn grant(c: &mut Client, ttl: i64) -> i64 {
     let r: pb::LeaseGrantResponse = c
@@ -207,46 +61,32 @@ async fn sleep_ms(ms: u64) {
 
 #[test]
 fn etcdctl_lock_and_elect_recipes() {
-    let s = spindle();
+    let s = Server::spindle(&[]);
     // The client-side lock recipe (KV, Lease, Watch): runs the command while holding the lock.
-    let out = etcdctl(&s, &["lock", "mylock", "--", "sh", "-c", "echo locked"]);
-    assert!(out.status.success(), "etcdctl lock: {out:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "locked");
+    let out = s.etcdctl(&["lock", "mylock", "--", "sh", "-c", "echo locked"]);
+    assert!(out.ok, "etcdctl lock: {out:?}");
+    assert_eq!(out.stdout.trim(), "locked");
     // The lock key is gone once the command finished.
-    let keys = etcdctl(&s, &["get", "mylock", "--prefix", "--keys-only"]);
-    assert_eq!(String::from_utf8_lossy(&keys.stdout).trim(), "");
+    let keys = s.etcdctl(&["get", "mylock", "--prefix", "--keys-only"]);
+    assert_eq!(keys.stdout.trim(), "");
 
     // `etcdctl elect`: an observer sees the proposal, and then the next leader.
-    let mut obs = etcdctl_cmd(&s, &["elect", "-l", "myelection"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let obs_lines = lines_of(&mut obs);
-    let _obs = Kill(obs);
-    let mut a = etcdctl_cmd(&s, &["elect", "myelection", "v1"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let a_lines = lines_of(&mut a);
+    let (_obs, obs_lines) = spawn_lines(&mut s.etcdctl_cmd(&["elect", "-l", "myelection"]));
+    let (mut a, a_lines) = spawn_lines(&mut s.etcdctl_cmd(&["elect", "myelection", "v1"]));
     let a_key = next_line(&a_lines, "the first candidate");
     assert!(a_key.starts_with("myelection/"), "{a_key}");
     assert_eq!(next_line(&a_lines, "the first candidate"), "v1");
     assert_eq!(next_line(&obs_lines, "the observer"), a_key);
     assert_eq!(next_line(&obs_lines, "the observer"), "v1");
-    let mut b = etcdctl_cmd(&s, &["elect", "myelection", "v2"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let b_lines = lines_of(&mut b);
-    let _b = Kill(b);
+    let (_b, b_lines) = spawn_lines(&mut s.etcdctl_cmd(&["elect", "myelection", "v2"]));
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         b_lines.try_recv().is_err(),
         "second candidate won while the first leads"
     );
     // The first candidate goes away; its lease is revoked on SIGINT, so the second one wins.
-    unsafe_interrupt(&a);
-    let _ = a.wait();
+    signal(a.child(), libc::SIGINT);
+    let _ = a.child().wait();
     let b_key = next_line(&b_lines, "the second candidate");
     assert_ne!(b_key, a_key);
     assert_eq!(next_line(&b_lines, "the second candidate"), "v2");
@@ -254,19 +94,10 @@ fn etcdctl_lock_and_elect_recipes() {
     assert_eq!(next_line(&obs_lines, "the observer"), "v2");
 }
 
-/// Sends SIGINT to a child this test started (etcdctl resigns and revokes on it).
-fn unsafe_interrupt(c: &Child) {
-    let st = Command::new("kill")
-        .args(["-INT", &c.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(st.success());
-}
-
 #[test]
 fn grpc_lock_is_mutually_exclusive() {
     const LOCKERS: usize = 8;
-    let s = spindle();
+    let s = Server::spindle(&[]);
     let ep = s.endpoint();
     spindle::runtime::run_local(move || async move {
         let holders = Rc::new(Cell::new(0usize));
@@ -329,7 +160,7 @@ fn leader_key_str(l: &epb::LeaderKey) -> String {
 
 #[test]
 fn grpc_election_failover_and_observe() {
-    let s = spindle();
+    let s = Server::spindle(&[]);
     let ep = s.endpoint();
     spindle::runtime::run_local(move || async move {
         let mut c = Client::connect(&ep).await.unwrap();
@@ -590,7 +421,7 @@ fn error_cases(ep: String) -> Vec<(&'static str, String)> {
 
 #[test]
 fn error_cases_match_etcd() {
-    let (sp, et) = (spindle(), etcd());
+    let (sp, et) = (Server::spindle(&[]), Server::etcd(&[]));
     let ours = error_cases(sp.endpoint());
     let theirs = error_cases(et.endpoint());
     assert_eq!(ours, theirs, "spindle (left) vs etcd (right)");
@@ -615,24 +446,9 @@ fn error_cases_match_etcd() {
     );
 }
 
-/// One HTTP/1.1 POST to the JSON gateway; the whole response as text.
-fn post(port: u16, path: &str, body: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn service_lock_excludes_the_etcdctl_recipe_and_the_gateway_serves_both() {
-    let s = spindle();
+    let s = Server::spindle(&[]);
     let ep = s.endpoint();
     // Held through the gRPC service...
     let key = spindle::runtime::run_local(move || async move {
@@ -641,12 +457,8 @@ fn service_lock_excludes_the_etcdctl_recipe_and_the_gateway_serves_both() {
         lock(&mut c, "shared", lease).await.expect("lock").key
     });
     // ...so etcdctl's recipe on the same name waits until it is released.
-    let mut waiter = etcdctl_cmd(&s, &["lock", "shared", "--", "sh", "-c", "echo got"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = lines_of(&mut waiter);
-    let _waiter = Kill(waiter);
+    let (_waiter, lines) =
+        spawn_lines(&mut s.etcdctl_cmd(&["lock", "shared", "--", "sh", "-c", "echo got"]));
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         lines.try_recv().is_err(),

@@ -8,26 +8,18 @@ use spindle::kv::*;
 use spindle::mvcc::EventKind;
 use spindle::{Db, Options, Watch, WatchEvent, WatchRequest, WatchUpdate};
 
+mod common;
+use common::db::put;
+
 fn open(dir: &std::path::Path) -> Db {
     Db::open(
         dir,
         Options {
-            cores: 2,
-            shards: Some(4),
-            pin: false,
             wal_segment_size: 1 << 20,
-            checkpoint_every: 0,
-            ..Options::default()
+            ..common::db::opts(2, 4)
         },
     )
     .unwrap()
-}
-
-fn put(db: &Db, key: &str, value: &str) -> i64 {
-    db.put(PutRequest::new(key.to_string(), value.to_string()))
-        .unwrap()
-        .header
-        .revision
 }
 
 fn prefix(p: &str) -> WatchRequest {

@@ -7,17 +7,17 @@
 //! Needs `etcd` and `etcdctl` 3.4 on PATH (`tools/test` installs them).
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use spindle::bench::client::Client;
 use spindle::proto::etcdserverpb as pb;
 
 mod common;
-use common::{start as start_server, Server};
+use common::process::{spawn_piped, text};
+use common::server::{Kind, Server};
 
-fn start(name: &'static str) -> Server {
-    start_server(name, &["--max-request-bytes", "4096"])
+fn start(kind: Kind) -> Server {
+    Server::start(kind, &["--max-request-bytes", "4096"])
 }
 
 /// A response with the identities that differ between clusters removed.
@@ -170,8 +170,8 @@ fn scenario(port: u16) -> Observed {
 
 #[test]
 fn watch_streams_match_etcd() {
-    let etcd = start("etcd");
-    let spindle = start("spindle");
+    let etcd = start(Kind::Etcd);
+    let spindle = start(Kind::Spindle);
     let want = scenario(etcd.port);
     let got = scenario(spindle.port);
     assert!(!want.is_empty());
@@ -180,8 +180,8 @@ fn watch_streams_match_etcd() {
             got.get(id),
             want.get(id),
             "watch id {id}: {} vs {}",
-            spindle.name,
-            etcd.name
+            spindle.name(),
+            etcd.name()
         );
     }
 }
@@ -189,36 +189,23 @@ fn watch_streams_match_etcd() {
 #[test]
 fn etcdctl_watch_output_matches_etcd() {
     let run = |s: &Server| -> String {
-        let ep = format!("--endpoints=127.0.0.1:{}", s.port);
         let ctl = |args: &[&str]| {
-            let out = Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .arg(&ep)
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{args:?}: {out:?}");
+            let out = s.etcdctl(args);
+            assert!(out.ok, "{args:?}: {out:?}");
         };
         ctl(&["put", "k1", "a"]);
         ctl(&["put", "k2", "b"]);
         ctl(&["del", "k1"]);
         // History replay from revision 2, then the live tail, ended by a timeout.
-        let mut watch = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(&ep)
-            .args(["watch", "--rev=2", "--prefix", "k", "--prev-kv"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let watch =
+            spawn_piped(&mut s.etcdctl_cmd(&["watch", "--rev=2", "--prefix", "k", "--prev-kv"]));
         std::thread::sleep(Duration::from_millis(500));
         ctl(&["put", "k3", "c"]);
         std::thread::sleep(Duration::from_millis(700));
-        let _ = watch.kill();
-        let out = watch.wait_with_output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        text(&watch.kill_and_output().stdout)
     };
-    let etcd = start("etcd");
-    let spindle = start("spindle");
+    let etcd = start(Kind::Etcd);
+    let spindle = start(Kind::Spindle);
     let want = run(&etcd);
     assert!(want.contains("k3"), "{want}");
     assert_eq!(run(&spindle), want);
@@ -226,25 +213,14 @@ fn etcdctl_watch_output_matches_etcd() {
 
 /// Runs `spindle bench ARGS --endpoints S --json`, asserting a clean exit and no errors.
 fn bench(s: &Server, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_spindle"))
-        .arg("bench")
-        .args(args)
-        .args(["--endpoints", &s.endpoint(), "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = common::server::bench(&[args, &["--endpoints", &s.endpoint(), "--json"]].concat());
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");
     report
 }
 
 #[test]
 fn bench_watch_delivers_every_event_to_every_watcher() {
-    let s = start("spindle");
+    let s = start(Kind::Spindle);
     let report = bench(
         &s,
         &[
@@ -280,15 +256,7 @@ fn json_gateway_watch_matches_etcd() {
         .unwrap();
         std::thread::sleep(Duration::from_millis(300));
         for (k, v) in [("foo", "1"), ("foo/x", "2"), ("foo", "3")] {
-            let ok = Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .arg(format!("--endpoints=127.0.0.1:{}", s.port))
-                .args(["put", k, v])
-                .stdout(Stdio::null())
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok);
+            assert!(s.etcdctl(&["put", k, v]).ok);
         }
         sock.set_read_timeout(Some(Duration::from_millis(1500)))
             .unwrap();
@@ -314,8 +282,8 @@ fn json_gateway_watch_matches_etcd() {
             })
             .collect()
     };
-    let etcd = start("etcd");
-    let spindle = start("spindle");
+    let etcd = start(Kind::Etcd);
+    let spindle = start(Kind::Spindle);
     let want = run(&etcd);
     assert_eq!(want.len(), 4, "{want:?}");
     assert_eq!(run(&spindle), want);
@@ -323,7 +291,7 @@ fn json_gateway_watch_matches_etcd() {
 
 #[test]
 fn bench_txn_mixed_and_watch_latency_run_clean() {
-    let s = start("spindle");
+    let s = start(Kind::Spindle);
     let mixed = bench(
         &s,
         &[
