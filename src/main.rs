@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Open (or create) a data dir and run the node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load generator for any etcd v3 endpoint (spindle or etcd).
     Bench(BenchArgs),
 }
@@ -131,9 +131,28 @@ struct ServeArgs {
     /// Client URLs advertised to clients (member list); default: the listen URLs.
     #[arg(long)]
     advertise_client_urls: Option<String>,
-    /// Peer URLs advertised in the member list (no peer traffic until clustering lands).
+    /// This member's peer URLs, as the other members reach it.
     #[arg(long, default_value = "http://localhost:2380")]
     initial_advertise_peer_urls: String,
+    /// Initial cluster configuration for bootstrapping: NAME=PEER_URL,... Without it (or with
+    /// only this member) spindle runs as a single node. Ignored once the data dir exists.
+    #[arg(long)]
+    initial_cluster: Option<String>,
+    /// "new" to bootstrap a cluster; "existing" to join a running one.
+    #[arg(long, default_value = "new")]
+    initial_cluster_state: String,
+    /// Cluster token: member and cluster ids derive from it and the peer URLs.
+    #[arg(long, default_value = "etcd-cluster")]
+    initial_cluster_token: String,
+    /// URLs to listen on for peer traffic (http only; one is used).
+    #[arg(long, default_value = "http://localhost:2380")]
+    listen_peer_urls: String,
+    /// Time between heartbeats, in milliseconds (also the Raft tick).
+    #[arg(long, default_value_t = 100)]
+    heartbeat_interval: u64,
+    /// Time without a leader before a member campaigns, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    election_timeout: u64,
     /// Executors to run, one per core; default: all available cores.
     #[arg(long)]
     cores: Option<usize>,
@@ -174,7 +193,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Serve(args) => match serve(args) {
+        Command::Serve(args) => match serve(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("spindle: {e}");
@@ -212,6 +231,58 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
+/// The cluster a member's flags describe; `None` for a single node (no `--initial-cluster`, or
+/// one that lists only this member).
+fn cluster_options(
+    args: &ServeArgs,
+    advertised: &[String],
+) -> Result<Option<spindle::db::ClusterOptions>, spindle::Error> {
+    let invalid = |m: String| spindle::Error::InvalidArgument(m);
+    let Some(initial) = args.initial_cluster.as_deref() else {
+        return Ok(None);
+    };
+    let members =
+        spindle::cluster::parse_initial_cluster(initial).map_err(|e| invalid(e.to_string()))?;
+    if members.len() < 2 {
+        return Ok(None);
+    }
+    let new_cluster = match args.initial_cluster_state.as_str() {
+        "new" => true,
+        "existing" => false,
+        other => {
+            return Err(invalid(format!(
+                "--initial-cluster-state must be new or existing, not {other:?}"
+            )))
+        }
+    };
+    let listen = args
+        .listen_peer_urls
+        .split(',')
+        .map(str::trim)
+        .find(|u| !u.is_empty())
+        .ok_or_else(|| invalid("--listen-peer-urls is empty".into()))?;
+    let listen_peer = spindle::cluster::url_authority(listen)
+        .map_err(|e| invalid(e.to_string()))?
+        .to_string();
+    if args.heartbeat_interval == 0 || args.election_timeout < 5 * args.heartbeat_interval {
+        // etcd's rule: the election timeout must be at least 5 heartbeats.
+        return Err(invalid(format!(
+            "--election-timeout[{}ms] should be at least 5 times as --heartbeat-interval[{}ms]",
+            args.election_timeout, args.heartbeat_interval
+        )));
+    }
+    Ok(Some(spindle::db::ClusterOptions {
+        name: args.name.clone(),
+        initial_cluster: initial.to_string(),
+        token: args.initial_cluster_token.clone(),
+        new_cluster,
+        advertise_peer_urls: advertised.to_vec(),
+        listen_peer,
+        heartbeat: std::time::Duration::from_millis(args.heartbeat_interval),
+        election: std::time::Duration::from_millis(args.election_timeout),
+    }))
+}
+
 fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
     let invalid = |m: String| spindle::Error::InvalidArgument(m);
     let mut opts = Options::default();
@@ -231,8 +302,9 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
         s.split(',')
             .map(|u| u.trim().to_string())
             .filter(|u| !u.is_empty())
-            .collect()
+            .collect::<Vec<String>>()
     };
+    opts.cluster = cluster_options(&args, &split(&args.initial_advertise_peer_urls))?;
     let cfg = ServerConfig {
         name: args.name,
         listen,

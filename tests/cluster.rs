@@ -5,6 +5,9 @@
 
 mod common;
 
+use common::etcdctl;
+use common::server::{Kind, Ports, Server};
+
 use std::time::{Duration, Instant};
 
 use spindle::db::ClusterOptions;
@@ -256,4 +259,152 @@ fn member_and_cluster_ids_match_etcds() {
             m.name
         );
     }
+}
+
+/// Member index whose id every live member's Status names as leader.
+fn process_leader(servers: &[Server], alive: &[bool]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let statuses: Vec<(u64, u64)> = servers
+            .iter()
+            .zip(alive)
+            .filter(|(_, a)| **a)
+            .filter_map(|(s, _)| {
+                let out = etcdctl::run(&s.endpoint(), &["endpoint", "status", "-w", "json"]);
+                let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+                let st = &v[0]["Status"];
+                Some((st["header"]["member_id"].as_u64()?, st["leader"].as_u64()?))
+            })
+            .collect();
+        let live = alive.iter().filter(|a| **a).count();
+        if statuses.len() == live && statuses.iter().all(|s| s.1 != 0 && s.1 == statuses[0].1) {
+            if let Some(i) = statuses.iter().position(|s| s.0 == statuses[0].1) {
+                let ids: Vec<usize> = (0..servers.len()).filter(|&i| alive[i]).collect();
+                return ids[i];
+            }
+        }
+        assert!(Instant::now() < deadline, "no agreed leader: {statuses:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn keys_on(s: &Server) -> Vec<String> {
+    let out = etcdctl::run(
+        &s.endpoint(),
+        &[
+            "get",
+            "k/",
+            "--prefix",
+            "--consistency=s",
+            "--print-value-only",
+        ],
+    );
+    assert!(out.ok, "{}", out.stderr);
+    out.stdout.lines().map(str::to_string).collect()
+}
+
+fn wait_keys(s: &Server, want: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while keys_on(s) != want {
+        assert!(
+            Instant::now() < deadline,
+            "{} has {:?}",
+            s.name(),
+            keys_on(s)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn spindle_serve_members_bootstrap_serve_etcdctl_and_survive_a_leader_kill() {
+    let ports = Ports::free(3);
+    let initial: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("s{i}={}", p.peer_url()))
+        .collect();
+    let initial = initial.join(",");
+    let mut servers: Vec<Server> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let args: Vec<String> = [
+                "--name",
+                &format!("s{i}"),
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-token",
+                "proc-test",
+                "--listen-peer-urls",
+                &p.peer_url(),
+                "--initial-advertise-peer-urls",
+                &p.peer_url(),
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+            Server::spawn_on(Kind::Spindle, *p, &args)
+        })
+        .collect();
+    for s in &mut servers {
+        s.wait_ready();
+    }
+    let mut alive = vec![true; 3];
+
+    // Every member lists the same three members, with the ids etcd derives from these flags.
+    let (want, _) = spindle::cluster::Membership::bootstrap(
+        &initial,
+        "proc-test",
+        "s0",
+        &[ports[0].peer_url()],
+    )
+    .unwrap();
+    for s in &servers {
+        let out = etcdctl::run(&s.endpoint(), &["member", "list", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        let mut ids: Vec<u64> = v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["ID"].as_u64().unwrap())
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, want.members.keys().copied().collect::<Vec<_>>());
+        assert_eq!(v["header"]["cluster_id"].as_u64(), Some(want.cluster_id));
+    }
+
+    let l = process_leader(&servers, &alive);
+    let mut values = Vec::new();
+    for i in 0..20 {
+        let v = format!("v{i:02}");
+        let out = etcdctl::run(&servers[l].endpoint(), &["put", &format!("k/{i:02}"), &v]);
+        assert!(out.ok, "{}", out.stderr);
+        values.push(v);
+    }
+    for s in &servers {
+        wait_keys(s, &values);
+    }
+
+    // kill -9 of the leader: the survivors elect a new one, which takes writes.
+    servers[l].kill();
+    alive[l] = false;
+    let n = process_leader(&servers, &alive);
+    assert_ne!(n, l);
+    for i in 20..40 {
+        let v = format!("v{i:02}");
+        let out = etcdctl::run(&servers[n].endpoint(), &["put", &format!("k/{i:02}"), &v]);
+        assert!(out.ok, "{}", out.stderr);
+        values.push(v);
+    }
+    for (s, _) in servers.iter().zip(&alive).filter(|(_, a)| **a) {
+        wait_keys(s, &values);
+    }
+    // The killed member restarts from its data dir (ignoring the bootstrap flags) and catches up.
+    servers[l].restart();
+    wait_keys(&servers[l], &values);
 }

@@ -239,6 +239,34 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
 }
 
 impl Core {
+    /// A cluster member takes a write only while it may execute on every shard. While this node
+    /// is becoming the leader node (it leads shard 0 and the others are being handed over, or
+    /// an election is running) the write waits, up to two election timeouts; a member that
+    /// another node leads refuses at once, as etcd's followers would if they did not forward.
+    pub(super) async fn wait_writable(&self) -> Result<()> {
+        let Some(cl) = self.shared.cluster.as_ref() else {
+            return Ok(());
+        };
+        let deadline = std::time::Instant::now() + 2 * cl.tick * cl.election_ticks as u32;
+        loop {
+            if cl.gate.all() {
+                return Ok(());
+            }
+            let leader = cl.leader_node();
+            if leader != 0 && leader != cl.member_id {
+                return Err(Error::LeaderChanged);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(if leader == 0 {
+                    Error::NoLeader
+                } else {
+                    Error::Timeout
+                });
+            }
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// A peer's message for `shard`: stepped here, or passed to the core that owns the shard.
     pub(super) fn peer_message(&self, shard: u32, msg: Message) {
         match self.shards.get(&shard) {

@@ -251,11 +251,13 @@ pub(super) async fn expiry_loop(db: LocalDb) {
 impl LocalDb {
     /// etcd's LeaseGrant: `id` 0 picks a fresh id; durable when it returns.
     pub async fn lease_grant(&self, id: i64, ttl: i64) -> Result<LeaseGrantResponse> {
+        self.core.wait_writable().await?;
         grant(self, id, ttl).await
     }
 
     /// etcd's LeaseRevoke: deletes the attached keys (one revision), then the lease.
     pub async fn lease_revoke(&self, id: i64) -> Result<LeaseRevokeResponse> {
+        self.core.wait_writable().await?;
         revoke(self, id).await
     }
 

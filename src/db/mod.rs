@@ -485,6 +485,21 @@ impl LocalDb {
         self.core.shared.raft_term.load(Ordering::Relaxed)
     }
 
+    /// The cluster's members (`None` on a single node).
+    pub fn members(&self) -> Option<Vec<crate::cluster::Member>> {
+        let cl = self.core.shared.cluster.as_ref()?;
+        Some(cl.membership.members.values().cloned().collect())
+    }
+
+    /// The member leading the cluster (the leader of shard 0) as this node last saw it; 0 when
+    /// there is none. A single node leads itself.
+    pub fn leader(&self) -> u64 {
+        match &self.core.shared.cluster {
+            Some(cl) => cl.leader_node(),
+            None => self.core.shared.member_id,
+        }
+    }
+
     /// The current compaction revision.
     pub fn compact_revision(&self) -> i64 {
         self.core.shared.clock.compact_revision()

@@ -110,6 +110,7 @@ impl Core {
         if !plan::txn_has_writes(&txn) || touched.is_empty() {
             return self.read_txn(txn, &touched).await;
         }
+        self.wait_writable().await?;
         if let [only] = touched.as_slice() {
             let (path, partials, rev) =
                 self.call(*only, |r| ShardOp::Write(txn.clone(), r)).await?;
@@ -341,6 +342,7 @@ impl Core {
         self: &Rc<Self>,
         req: CompactionRequest,
     ) -> Result<CompactionResponse> {
+        self.wait_writable().await?;
         let clock = &self.shared.clock;
         if req.revision > clock.current() {
             return Err(Error::FutureRevision);

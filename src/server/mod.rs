@@ -515,7 +515,7 @@ async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Stat
                 header: Some(ctx.header(st.revision)),
                 version: ETCD_API_VERSION.into(),
                 db_size: st.disk_bytes as i64,
-                leader: ctx.member_id,
+                leader: ctx.db.leader(),
                 raft_index: st.log_index,
                 raft_term: ctx.db.raft_term(),
                 raft_applied_index: st.log_index,
@@ -591,9 +591,29 @@ async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Stat
         }
         "/etcdserverpb.Cluster/MemberList" => {
             let _: pb::MemberListRequest = one(msgs)?;
+            let members = match db.members() {
+                // Other members' client URLs are not exchanged yet; this member's are its own.
+                Some(ms) => ms
+                    .into_iter()
+                    .map(|m| {
+                        if m.id == ctx.member_id {
+                            ctx.member()
+                        } else {
+                            pb::Member {
+                                id: m.id,
+                                name: m.name,
+                                peer_ur_ls: m.peer_urls,
+                                client_ur_ls: m.client_urls,
+                                is_learner: m.is_learner,
+                            }
+                        }
+                    })
+                    .collect(),
+                None => vec![ctx.member()],
+            };
             Ok(enc(&pb::MemberListResponse {
                 header: Some(ctx.header(db.revision())),
-                members: vec![ctx.member()],
+                members,
             }))
         }
         "/etcdserverpb.Cluster/MemberAdd" => {
