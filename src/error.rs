@@ -35,6 +35,9 @@ pub enum Error {
     /// A shard's group has no leader (no quorum, or an election in progress).
     #[error("etcdserver: no leader")]
     NoLeader,
+    /// Another member leads: the request was not executed here (the server forwards it).
+    #[error("etcdserver: not leader")]
+    NotLeader,
     /// Leadership moved while a write was in flight: it may or may not have been applied.
     #[error("etcdserver: leader changed")]
     LeaderChanged,

@@ -280,6 +280,7 @@ fn cluster_options(
         listen_peer,
         heartbeat: std::time::Duration::from_millis(args.heartbeat_interval),
         election: std::time::Duration::from_millis(args.election_timeout),
+        client_urls: Vec::new(),
     }))
 }
 
@@ -327,6 +328,9 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
             ))
         })?,
     };
+    if let Some(c) = opts.cluster.as_mut() {
+        c.client_urls = cfg.advertise_client_urls.clone();
+    }
     let signals = block_shutdown_signals();
     let started = std::time::Instant::now();
     let server = spindle::server::start(&args.data_dir, opts, cfg.clone())?;

@@ -51,6 +51,7 @@ fn members(n: usize) -> Vec<Member> {
                     listen_peer: format!("127.0.0.1:{p}"),
                     heartbeat: Duration::from_millis(20),
                     election: Duration::from_millis(200),
+                    client_urls: Vec::new(),
                 }),
                 ..common::db::opts(1, 2)
             };
@@ -82,7 +83,7 @@ fn put(ms: &[Member], key: &str, value: &str) -> (usize, i64) {
             let Some(db) = &m.db else { continue };
             match db.put(PutRequest::new(key.to_string(), value.to_string())) {
                 Ok(r) => return (i, r.header.revision),
-                Err(Error::NoLeader | Error::LeaderChanged) => {}
+                Err(Error::NoLeader | Error::NotLeader | Error::LeaderChanged) => {}
                 Err(e) => panic!("{}: unexpected error {e}", m.name),
             }
         }
@@ -380,11 +381,28 @@ fn spindle_serve_members_bootstrap_serve_etcdctl_and_survive_a_leader_kill() {
 
     let l = process_leader(&servers, &alive);
     let mut values = Vec::new();
-    for i in 0..20 {
+    // Through the leader, through a follower (which forwards), and through etcdctl's own pick
+    // among all members.
+    let all: Vec<String> = servers.iter().map(|s| s.endpoint()).collect();
+    let all = all.join(",");
+    let follower = servers[(l + 1) % 3].endpoint();
+    for i in 0..30 {
         let v = format!("v{i:02}");
-        let out = etcdctl::run(&servers[l].endpoint(), &["put", &format!("k/{i:02}"), &v]);
-        assert!(out.ok, "{}", out.stderr);
+        let ep = match i % 3 {
+            0 => servers[l].endpoint(),
+            1 => follower.clone(),
+            _ => all.clone(),
+        };
+        let out = etcdctl::run(&ep, &["put", &format!("k/{i:02}"), &v]);
+        assert!(out.ok, "put via {ep}: {}", out.stderr);
         values.push(v);
+    }
+    // A linearizable read on a follower sees a write the leader just acknowledged.
+    for i in 0..5 {
+        let v = format!("lin{i}");
+        assert!(etcdctl::run(&servers[l].endpoint(), &["put", "lin", &v]).ok);
+        let got = etcdctl::run(&follower, &["get", "lin", "--print-value-only"]);
+        assert_eq!(got.stdout.trim(), v, "{}", got.stderr);
     }
     for s in &servers {
         wait_keys(s, &values);
@@ -395,9 +413,11 @@ fn spindle_serve_members_bootstrap_serve_etcdctl_and_survive_a_leader_kill() {
     alive[l] = false;
     let n = process_leader(&servers, &alive);
     assert_ne!(n, l);
-    for i in 20..40 {
+    let survivor = (0..3).find(|&i| i != l && i != n).unwrap();
+    for i in 30..50 {
         let v = format!("v{i:02}");
-        let out = etcdctl::run(&servers[n].endpoint(), &["put", &format!("k/{i:02}"), &v]);
+        let ep = if i % 2 == 0 { n } else { survivor };
+        let out = etcdctl::run(&servers[ep].endpoint(), &["put", &format!("k/{i:02}"), &v]);
         assert!(out.ok, "{}", out.stderr);
         values.push(v);
     }

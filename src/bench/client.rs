@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 
 use crate::runtime::io::{Conn, LocalExec};
-use crate::server::grpc::{decode_messages, encode_message, Code, Status};
+use crate::server::grpc::{decode_messages, encode_message, status_of, Code, Status};
 
 type FrameStream = futures_lite::stream::Map<
     flume::r#async::RecvStream<'static, Bytes>,
@@ -197,30 +197,4 @@ impl<Resp: prost::Message + Default> GrpcStream<Resp> {
             }
         }
     }
-}
-
-/// The gRPC status in a header or trailer map, if it is an error.
-fn status_of(h: &http::HeaderMap) -> Option<Status> {
-    let code: u16 = h.get("grpc-status")?.to_str().ok()?.parse().ok()?;
-    if code == 0 {
-        return None;
-    }
-    let message = h
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let code = match code {
-        1 => Code::Cancelled,
-        3 => Code::InvalidArgument,
-        5 => Code::NotFound,
-        8 => Code::ResourceExhausted,
-        9 => Code::FailedPrecondition,
-        11 => Code::OutOfRange,
-        12 => Code::Unimplemented,
-        14 => Code::Unavailable,
-        13 => Code::Internal,
-        _ => Code::Unknown,
-    };
-    Some(Status::new(code, message))
 }

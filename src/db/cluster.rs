@@ -40,6 +40,9 @@ pub struct ClusterOptions {
     pub heartbeat: Duration,
     /// `--election-timeout`
     pub election: Duration,
+    /// `--advertise-client-urls`, announced to peers (they forward writes here when this
+    /// member leads).
+    pub client_urls: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -53,6 +56,7 @@ impl Default for ClusterOptions {
             listen_peer: String::new(),
             heartbeat: Duration::from_millis(100),
             election: Duration::from_millis(1000),
+            client_urls: Vec::new(),
         }
     }
 }
@@ -68,6 +72,9 @@ pub(super) struct ClusterState {
     pub(super) gate: Arc<NodeGate>,
     /// Per shard: the leader this node last saw (0: none).
     pub(super) leaders: Vec<AtomicU64>,
+    pub(super) client_urls: Vec<String>,
+    /// Other members' client URLs, learned from their handshakes.
+    pub(super) peer_client_urls: Arc<std::sync::RwLock<BTreeMap<u64, Vec<String>>>>,
 }
 
 impl ClusterState {
@@ -127,6 +134,8 @@ impl ClusterState {
             election_ticks,
             gate: NodeGate::new(nshards),
             leaders: (0..nshards).map(|_| AtomicU64::new(0)).collect(),
+            client_urls: opts.client_urls.clone(),
+            peer_client_urls: Arc::default(),
         })
     }
 
@@ -151,14 +160,17 @@ impl ClusterState {
             .filter(|&&id| id != self.member_id)
             .filter_map(|&id| Some((id, self.membership.peer_addr(id)?.to_string())))
             .collect();
-        PeerConfig::new(
+        let mut cfg = PeerConfig::new(
             self.membership.cluster_id,
             self.member_id,
             shards,
             &self.name,
             &self.membership.token,
             peers,
-        )
+        );
+        cfg.local.client_urls = self.client_urls.clone();
+        cfg.peer_client_urls = self.peer_client_urls.clone();
+        cfg
     }
 
     /// The member that leads shard 0, as this node last saw it.
@@ -254,7 +266,7 @@ impl Core {
             }
             let leader = cl.leader_node();
             if leader != 0 && leader != cl.member_id {
-                return Err(Error::LeaderChanged);
+                return Err(Error::NotLeader);
             }
             if std::time::Instant::now() >= deadline {
                 return Err(if leader == 0 {

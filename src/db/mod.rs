@@ -488,7 +488,32 @@ impl LocalDb {
     /// The cluster's members (`None` on a single node).
     pub fn members(&self) -> Option<Vec<crate::cluster::Member>> {
         let cl = self.core.shared.cluster.as_ref()?;
-        Some(cl.membership.members.values().cloned().collect())
+        let urls = cl.peer_client_urls.read().ok();
+        Some(
+            cl.membership
+                .members
+                .values()
+                .cloned()
+                .map(|mut m| {
+                    if let Some(u) = urls.as_ref().and_then(|u| u.get(&m.id)) {
+                        m.client_urls = u.clone();
+                    }
+                    m
+                })
+                .collect(),
+        )
+    }
+
+    /// A client URL of the member leading the cluster, when another member leads and has
+    /// announced one (followers forward writes there).
+    pub fn leader_client_url(&self) -> Option<String> {
+        let cl = self.core.shared.cluster.as_ref()?;
+        let leader = cl.leader_node();
+        if leader == 0 || leader == cl.member_id {
+            return None;
+        }
+        let urls = cl.peer_client_urls.read().ok()?;
+        urls.get(&leader)?.first().cloned()
     }
 
     /// The member leading the cluster (the leader of shard 0) as this node last saw it; 0 when

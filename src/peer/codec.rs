@@ -42,6 +42,7 @@ pub struct Hello {
     pub shards: u32,
     pub name: String,
     pub token: String,
+    pub client_urls: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,6 +131,8 @@ pub fn encode_hello(h: &Hello) -> Bytes {
     let mut fbb = FlatBufferBuilder::with_capacity(128);
     let name = fbb.create_string(&h.name);
     let token = fbb.create_string(&h.token);
+    let urls: Vec<_> = h.client_urls.iter().map(|u| fbb.create_string(u)).collect();
+    let client_urls = fbb.create_vector(&urls);
     let hello = fb::Hello::create(
         &mut fbb,
         &fb::HelloArgs {
@@ -140,6 +143,7 @@ pub fn encode_hello(h: &Hello) -> Bytes {
             shards: h.shards,
             name: Some(name),
             token: Some(token),
+            client_urls: Some(client_urls),
         },
     );
     finish(fbb, fb::Body::Hello, hello.as_union_value())
@@ -289,6 +293,10 @@ pub fn decode(payload: &Bytes, from: NodeId, to: NodeId) -> Result<PeerMsg, Code
                 shards: h.shards(),
                 name: h.name().unwrap_or_default().to_string(),
                 token: h.token().unwrap_or_default().to_string(),
+                client_urls: h
+                    .client_urls()
+                    .map(|v| v.iter().map(str::to_string).collect())
+                    .unwrap_or_default(),
             }))
         }
         fb::Body::Refusal => {
@@ -503,6 +511,7 @@ mod tests {
             shards: 4,
             name: "n1".into(),
             token: "t".into(),
+            client_urls: vec!["http://127.0.0.1:2379".into()],
         };
         let mut stream = encode_hello(&h).to_vec();
         stream.extend_from_slice(&encode_refusal("no"));

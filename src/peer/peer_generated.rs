@@ -1137,6 +1137,7 @@ impl<'a> Hello<'a> {
   pub const VT_SHARDS: ::flatbuffers::VOffsetT = 12;
   pub const VT_NAME: ::flatbuffers::VOffsetT = 14;
   pub const VT_TOKEN: ::flatbuffers::VOffsetT = 16;
+  pub const VT_CLIENT_URLS: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1151,6 +1152,7 @@ impl<'a> Hello<'a> {
     builder.add_to_member(args.to_member);
     builder.add_member_id(args.member_id);
     builder.add_cluster_id(args.cluster_id);
+    if let Some(x) = args.client_urls { builder.add_client_urls(x); }
     if let Some(x) = args.token { builder.add_token(x); }
     if let Some(x) = args.name { builder.add_name(x); }
     builder.add_shards(args.shards);
@@ -1208,6 +1210,13 @@ impl<'a> Hello<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Hello::VT_TOKEN, None)}
   }
+  #[inline]
+  pub fn client_urls(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(Hello::VT_CLIENT_URLS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Hello<'_> {
@@ -1223,6 +1232,7 @@ impl ::flatbuffers::Verifiable for Hello<'_> {
      .visit_field::<u32>("shards", Self::VT_SHARDS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("token", Self::VT_TOKEN, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("client_urls", Self::VT_CLIENT_URLS, false)?
      .finish();
     Ok(())
   }
@@ -1235,6 +1245,7 @@ pub struct HelloArgs<'a> {
     pub shards: u32,
     pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub token: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub client_urls: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
 }
 impl<'a> Default for HelloArgs<'a> {
   #[inline]
@@ -1247,6 +1258,7 @@ impl<'a> Default for HelloArgs<'a> {
       shards: 0,
       name: None,
       token: None,
+      client_urls: None,
     }
   }
 }
@@ -1285,6 +1297,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HelloBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Hello::VT_TOKEN, token);
   }
   #[inline]
+  pub fn add_client_urls(&mut self, client_urls: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Hello::VT_CLIENT_URLS, client_urls);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HelloBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     HelloBuilder {
@@ -1309,6 +1325,7 @@ impl ::core::fmt::Debug for Hello<'_> {
       ds.field("shards", &self.shards());
       ds.field("name", &self.name());
       ds.field("token", &self.token());
+      ds.field("client_urls", &self.client_urls());
       ds.finish()
   }
 }

@@ -16,6 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -34,6 +35,8 @@ pub struct PeerConfig {
     /// Member id → `host:port` of its peer listener (this node excluded).
     pub peers: BTreeMap<NodeId, String>,
     pub dial_timeout: Duration,
+    /// Client URLs peers announced in their handshakes, shared with the rest of the node.
+    pub peer_client_urls: Arc<RwLock<BTreeMap<NodeId, Vec<String>>>>,
 }
 
 impl PeerConfig {
@@ -54,9 +57,11 @@ impl PeerConfig {
                 shards,
                 name: name.to_string(),
                 token: token.to_string(),
+                client_urls: Vec::new(),
             },
             peers,
             dial_timeout: Duration::from_millis(500),
+            peer_client_urls: Arc::default(),
         }
     }
 }
@@ -210,6 +215,12 @@ impl Transport {
         .await
     }
 
+    fn note_peer(&self, h: &Hello) {
+        if let Ok(mut m) = self.cfg.peer_client_urls.write() {
+            m.insert(h.member_id, h.client_urls.clone());
+        }
+    }
+
     fn note_error(&self, refused: bool, msg: String) {
         if refused {
             self.stats.refused.set(self.stats.refused.get() + 1);
@@ -279,6 +290,7 @@ async fn serve_inbound(t: &Rc<Transport>, mut stream: TcpStream) -> Result<(), S
         let _ = stream.write_all(&codec::encode_refusal(&reason)).await;
         return Err(format!("refused: {reason}"));
     }
+    t.note_peer(&hello);
     stream
         .write_all(&codec::encode_hello(&t.cfg.local))
         .await
@@ -397,6 +409,7 @@ async fn dial(t: &Rc<Transport>, to: NodeId) -> Result<TcpStream, String> {
                     h.member_id
                 ));
             }
+            t.note_peer(&h);
             Ok(s)
         }
         PeerMsg::Refusal(r) => Err(format!("refused: {r}")),

@@ -69,7 +69,9 @@ impl From<Error> for Status {
                 )
             }
             Error::Closed => return Status::new(Code::Unavailable, "etcdserver: server stopped"),
-            Error::NoLeader | Error::LeaderChanged | Error::Timeout => Code::Unavailable,
+            Error::NoLeader | Error::NotLeader | Error::LeaderChanged | Error::Timeout => {
+                Code::Unavailable
+            }
             Error::Io { .. }
             | Error::Corrupt { .. }
             | Error::DataDir { .. }
@@ -219,6 +221,32 @@ pub fn error(status: &Status) -> Response<GrpcBody> {
 /// A server-streaming reply fed by `rx`; the sender ends it with a trailers frame.
 pub fn stream(rx: flume::Receiver<Frame<Bytes>>) -> Response<GrpcBody> {
     grpc_response(GrpcBody::Stream(Box::pin(rx.into_stream())))
+}
+
+/// The gRPC status in a header or trailer map, if it is an error.
+pub fn status_of(h: &http::HeaderMap) -> Option<Status> {
+    let code: u16 = h.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    if code == 0 {
+        return None;
+    }
+    let message = h
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let code = match code {
+        1 => Code::Cancelled,
+        3 => Code::InvalidArgument,
+        5 => Code::NotFound,
+        8 => Code::ResourceExhausted,
+        9 => Code::FailedPrecondition,
+        11 => Code::OutOfRange,
+        12 => Code::Unimplemented,
+        14 => Code::Unavailable,
+        13 => Code::Internal,
+        _ => Code::Unknown,
+    };
+    Some(Status::new(code, message))
 }
 
 #[cfg(test)]

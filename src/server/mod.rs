@@ -9,6 +9,7 @@
 pub mod compaction;
 mod convert;
 mod election;
+mod forward;
 mod gateway;
 pub mod grpc;
 
@@ -107,6 +108,7 @@ struct Ctx {
     drain: Arc<Drain>,
     cluster_id: u64,
     member_id: u64,
+    forwarder: forward::Forwarder,
 }
 
 impl Ctx {
@@ -181,6 +183,7 @@ pub fn start(
                 drain: drain.clone(),
                 cluster_id,
                 member_id,
+                forwarder: Default::default(),
             });
             for addr in &cfg.listen {
                 match glommio::net::TcpListener::bind(addr) {
@@ -430,10 +433,43 @@ async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBo
             Err(s) => grpc::error(&s),
         };
     }
+    if let Some(url) = ctx.db.leader_client_url() {
+        if needs_leader(path, &msgs) {
+            return match ctx.forwarder.unary(&url, path, &msgs).await {
+                Ok(resp) => grpc::ok_bytes(resp),
+                Err(s) => grpc::error(&s),
+            };
+        }
+    }
+    let forward = msgs.clone();
     match call(ctx, path, msgs).await {
         Ok(resp) => grpc::ok_bytes(resp),
+        Err(s) if is_not_leader(&s) => match ctx.db.leader_client_url() {
+            Some(url) => match ctx.forwarder.unary(&url, path, &forward).await {
+                Ok(resp) => grpc::ok_bytes(resp),
+                Err(s) => grpc::error(&s),
+            },
+            None => grpc::error(&s),
+        },
         Err(s) => grpc::error(&s),
     }
+}
+
+/// Reads a follower must not serve from its own state: linearizable ranges and txns (etcd
+/// treats every txn as linearizable). Serializable ranges are served locally.
+fn needs_leader(path: &str, msgs: &[Bytes]) -> bool {
+    match path {
+        "/etcdserverpb.KV/Txn" => true,
+        "/etcdserverpb.KV/Range" => msgs.first().is_some_and(|m| {
+            <pb::RangeRequest as prost::Message>::decode(m.clone()).is_ok_and(|r| !r.serializable)
+        }),
+        _ => false,
+    }
+}
+
+/// This member refused the call before executing anything because another member leads.
+fn is_not_leader(s: &Status) -> bool {
+    s.code == Code::Unavailable && s.message == crate::error::Error::NotLeader.to_string()
 }
 
 /// Decodes exactly one request message.
