@@ -404,6 +404,14 @@ fn spindle_serve_members_bootstrap_serve_etcdctl_and_survive_a_leader_kill() {
         let got = etcdctl::run(&follower, &["get", "lin", "--print-value-only"]);
         assert_eq!(got.stdout.trim(), v, "{}", got.stderr);
     }
+    // Leases through a follower: the grant is forwarded, keep-alives reach the leader's table.
+    let out = etcdctl::run(&follower, &["lease", "grant", "60"]);
+    assert!(out.ok, "{}", out.stderr);
+    let id = out.stdout.split_whitespace().nth(1).unwrap().to_string();
+    let ka = etcdctl::run(&follower, &["lease", "keep-alive", "--once", &id]);
+    assert!(ka.ok && ka.stdout.contains("TTL(60)"), "{ka:?}");
+    let ttl = etcdctl::run(&servers[l].endpoint(), &["lease", "timetolive", &id]);
+    assert!(ttl.stdout.contains("granted with TTL(60s)"), "{ttl:?}");
     for s in &servers {
         wait_keys(s, &values);
     }

@@ -232,8 +232,22 @@ fn leases(shared: &Shared) -> LeaseLeasesResponse {
 
 /// Revokes expired leases every [`EXPIRY_CHECK`]; runs on core 0 for the life of the store.
 pub(super) async fn expiry_loop(db: LocalDb) {
+    let mut leading = db.core.shared.cluster.is_none();
     loop {
         glommio::timer::sleep(EXPIRY_CHECK).await;
+        if let Some(cl) = &db.core.shared.cluster {
+            // Expiry runs where writes do: on the node that leads every shard. Keep-alives reach
+            // only that node, so a node that takes over gives every lease a full TTL from now,
+            // as etcd's new leaders do.
+            let now_leading = cl.gate.all();
+            if now_leading && !leading {
+                refresh_all(&db.core.shared, Instant::now());
+            }
+            leading = now_leading;
+            if !leading {
+                continue;
+            }
+        }
         let expired = table(&db.core.shared).expired(Instant::now());
         for id in expired {
             match revoke(&db, id).await {
@@ -244,6 +258,18 @@ pub(super) async fn expiry_loop(db: LocalDb) {
                     tracing::warn!(lease = id, error = %e, "revoking an expired lease failed")
                 }
             }
+        }
+    }
+}
+
+/// Every lease expires a full granted TTL from `now`.
+fn refresh_all(shared: &Shared, now: Instant) {
+    let Ok(mut t) = shared.leases.write() else {
+        return;
+    };
+    for id in t.ids() {
+        if let Some(ttl) = t.time_to_live(id, now) {
+            t.restore(id, ttl.granted, now);
         }
     }
 }

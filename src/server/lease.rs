@@ -125,8 +125,20 @@ async fn pump(
             }
             buf.advance(5);
             let msg = buf.split_to(len).freeze();
-            let req: pb::LeaseKeepAliveRequest = one(vec![msg])?;
-            let resp = keep_alive(ctx, req.id);
+            let resp = match ctx.db.leader_client_url() {
+                // Only the leader's table counts: a follower relays each renewal, one at a time,
+                // as a single-message stream of its own.
+                Some(url) => {
+                    let out = ctx.forwarder.unary(&url, KEEP_ALIVE, &[msg]).await?;
+                    <pb::LeaseKeepAliveResponse as prost::Message>::decode(out).map_err(|e| {
+                        Status::new(Code::Internal, format!("leader's keep-alive answer: {e}"))
+                    })?
+                }
+                None => {
+                    let req: pb::LeaseKeepAliveRequest = one(vec![msg])?;
+                    keep_alive(ctx, req.id)
+                }
+            };
             if tx.send(Frame::data(grpc::encode_message(&resp))).is_err() {
                 return Ok(()); // the client went away
             }

@@ -459,7 +459,10 @@ async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBo
 /// treats every txn as linearizable). Serializable ranges are served locally.
 fn needs_leader(path: &str, msgs: &[Bytes]) -> bool {
     match path {
-        "/etcdserverpb.KV/Txn" => true,
+        // Only the leader's lease table is renewed by keep-alives.
+        "/etcdserverpb.KV/Txn"
+        | "/etcdserverpb.Lease/LeaseTimeToLive"
+        | "/etcdserverpb.Lease/LeaseLeases" => true,
         "/etcdserverpb.KV/Range" => msgs.first().is_some_and(|m| {
             <pb::RangeRequest as prost::Message>::decode(m.clone()).is_ok_and(|r| !r.serializable)
         }),
