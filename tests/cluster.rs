@@ -6,6 +6,7 @@
 mod common;
 
 use common::etcdctl;
+use common::process::free_ports;
 use common::server::{Kind, Ports, Server};
 
 use std::time::{Duration, Instant};
@@ -21,22 +22,19 @@ struct Member {
     db: Option<Db>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `--initial-cluster` for members `{prefix}0..` on 127.0.0.1 peer `ports`.
+fn initial_cluster(prefix: &str, ports: &[u16]) -> String {
+    let members: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{prefix}{i}=http://127.0.0.1:{p}"))
+        .collect();
+    members.join(",")
 }
 
 fn members(n: usize) -> Vec<Member> {
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let initial: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("m{i}=http://127.0.0.1:{p}"))
-        .collect();
-    let initial = initial.join(",");
+    let ports = free_ports(n);
+    let initial = initial_cluster("m", &ports);
     ports
         .iter()
         .enumerate()
@@ -181,13 +179,8 @@ fn three_members_replicate_fail_over_and_catch_up() {
 
 #[test]
 fn member_and_cluster_ids_match_etcds() {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let initial: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("n{i}=http://127.0.0.1:{p}"))
-        .collect();
-    let initial = initial.join(",");
+    let ports = free_ports(4);
+    let initial = initial_cluster("n", &ports[..3]);
     let (ours, me) = spindle::cluster::Membership::bootstrap(
         &initial,
         "id-check",
@@ -196,7 +189,7 @@ fn member_and_cluster_ids_match_etcds() {
     )
     .unwrap();
     // One etcd member of that cluster logs every member's id and the cluster id at start.
-    let client = free_port();
+    let client = ports[3];
     let data = tempfile::tempdir().unwrap();
     let peer = format!("http://127.0.0.1:{}", ports[0]);
     let client_url = format!("http://127.0.0.1:{client}");

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::Duration;
 
+use super::tests::write;
 use super::*;
-use crate::mvcc::Effect;
 use crate::runtime::run_local;
 use crate::wal::{recover, WalOptions};
 
@@ -24,19 +24,6 @@ struct Cluster {
     members: Vec<Member>,
     /// Members cut off from everyone.
     isolated: Rc<RefCell<HashSet<raft::NodeId>>>,
-}
-
-fn write(rev: i64) -> WalEntry {
-    WalEntry {
-        kind: EntryKind::Write,
-        revision: rev,
-        ops: vec![Effect::Put {
-            key: Bytes::from(format!("k{rev}")),
-            value: Bytes::from_static(b"v"),
-            lease: 0,
-        }],
-        ..Default::default()
-    }
 }
 
 async fn start(dir: &Path) -> Rc<Cluster> {

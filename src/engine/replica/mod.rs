@@ -824,7 +824,7 @@ mod tests {
     use crate::runtime::run_local;
     use crate::wal::{recover, WalOptions};
 
-    fn write(rev: i64) -> WalEntry {
+    pub(super) fn write(rev: i64) -> WalEntry {
         WalEntry {
             kind: EntryKind::Write,
             revision: rev,
