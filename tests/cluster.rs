@@ -7,6 +7,7 @@ mod common;
 
 use common::etcdctl;
 use common::process::free_ports;
+use common::proxy::{Mode, Proxy};
 use common::server::{Kind, Ports, Server};
 
 use std::time::{Duration, Instant};
@@ -33,20 +34,31 @@ fn initial_cluster(prefix: &str, ports: &[u16]) -> String {
 }
 
 fn members(n: usize) -> Vec<Member> {
-    let ports = free_ports(n);
-    let initial = initial_cluster("m", &ports);
-    ports
+    members_via(&free_ports(n))
+}
+
+/// Members listening for peers on `listen` ports; each advertises `advertise[i]` (a proxy in
+/// front of it, or the port itself).
+fn members_advertising(listen: &[u16], advertise: &[u16]) -> Vec<Member> {
+    // RUST_LOG=spindle=info shows the members' elections, rebuilds and peer errors.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let initial = initial_cluster("m", advertise);
+    listen
         .iter()
+        .zip(advertise)
         .enumerate()
-        .map(|(i, p)| {
+        .map(|(i, (l, a))| {
             let opts = Options {
                 cluster: Some(ClusterOptions {
                     name: format!("m{i}"),
                     initial_cluster: initial.clone(),
                     token: "cluster-test".into(),
                     new_cluster: true,
-                    advertise_peer_urls: vec![format!("http://127.0.0.1:{p}")],
-                    listen_peer: format!("127.0.0.1:{p}"),
+                    advertise_peer_urls: vec![format!("http://127.0.0.1:{a}")],
+                    listen_peer: format!("127.0.0.1:{l}"),
                     heartbeat: Duration::from_millis(20),
                     election: Duration::from_millis(200),
                     client_urls: Vec::new(),
@@ -61,6 +73,10 @@ fn members(n: usize) -> Vec<Member> {
             }
         })
         .collect()
+}
+
+fn members_via(ports: &[u16]) -> Vec<Member> {
+    members_advertising(ports, ports)
 }
 
 impl Member {
@@ -127,10 +143,6 @@ fn converge(ms: &[Member], want: usize) -> Vec<(Vec<u8>, Vec<u8>, i64)> {
 
 #[test]
 fn three_members_replicate_fail_over_and_catch_up() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
     let mut ms = members(3);
     for m in &mut ms {
         m.open();
@@ -428,4 +440,129 @@ fn spindle_serve_members_bootstrap_serve_etcdctl_and_survive_a_leader_kill() {
     // The killed member restarts from its data dir (ignoring the bootstrap flags) and catches up.
     servers[l].restart();
     wait_keys(&servers[l], &values);
+}
+
+#[test]
+fn five_members_lose_two_and_keep_going() {
+    let mut ms = members(5);
+    for m in &mut ms {
+        m.open();
+    }
+    let mut acked = 0;
+    for i in 0..10 {
+        put(&ms, &format!("k/{i:02}"), "a");
+        acked += 1;
+    }
+    let (leader, _) = put(&ms, "k/10", "a");
+    acked += 1;
+    // The leader and one follower go: three of five still form a majority.
+    let other = (leader + 1) % 5;
+    ms[leader].db.take().unwrap().close();
+    ms[other].db.take().unwrap().close();
+    for i in 11..20 {
+        put(&ms, &format!("k/{i:02}"), "b");
+        acked += 1;
+    }
+    converge(&ms, acked);
+    for m in ms.iter_mut() {
+        if let Some(db) = m.db.take() {
+            db.close();
+        }
+    }
+}
+
+#[test]
+fn a_partitioned_leader_steps_down_the_majority_goes_on_and_healing_converges() {
+    let listen = free_ports(3);
+    let proxies: Vec<Proxy> = listen.iter().map(|&p| Proxy::start(p)).collect();
+    let advertise: Vec<u16> = proxies.iter().map(|p| p.port).collect();
+    let mut ms = members_advertising(&listen, &advertise);
+    for m in &mut ms {
+        m.open();
+    }
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        let key = format!("k/{i:02}");
+        put(&ms, &key, "before");
+        acked.push(key);
+    }
+    let (l, _) = put(&ms, "k/10", "before");
+    acked.push("k/10".to_string());
+
+    // Nothing reaches the leader any more: it cannot commit, and steps down.
+    proxies[l].set(Mode::Blackhole);
+    let pending = ms[l].db().put(PutRequest::new(
+        "k/pending".to_string(),
+        "maybe".to_string(),
+    ));
+    assert!(
+        matches!(
+            pending,
+            Err(Error::LeaderChanged | Error::NoLeader | Error::NotLeader | Error::Timeout)
+        ),
+        "a leader without a quorum acknowledged a write: {pending:?}"
+    );
+    // The majority elects and goes on.
+    let majority: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut written = 0;
+    while written < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the majority did not take writes"
+        );
+        let key = format!("k/m{written:02}");
+        let mut ok = false;
+        for &i in &majority {
+            if ms[i]
+                .db()
+                .put(PutRequest::new(key.clone(), "during".to_string()))
+                .is_ok()
+            {
+                ok = true;
+                break;
+            }
+        }
+        if ok {
+            acked.push(key);
+            written += 1;
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // The minority refuses writes.
+    let refused = ms[l]
+        .db()
+        .put(PutRequest::new("k/minority".to_string(), "no".to_string()));
+    assert!(
+        refused.is_err(),
+        "the cut-off member took a write: {refused:?}"
+    );
+
+    // Heal (fresh connections): everyone converges on the same data, acknowledged writes in it.
+    proxies[l].set(Mode::Drop);
+    proxies[l].set(Mode::Pass);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let views: Vec<_> = ms.iter().map(dump).collect();
+        let same = views.iter().all(|v| *v == views[0]);
+        let keys: Vec<String> = views[0]
+            .iter()
+            .map(|(k, _, _)| String::from_utf8_lossy(k).to_string())
+            .collect();
+        if same && acked.iter().all(|k| keys.contains(k)) {
+            assert!(!keys.contains(&"k/minority".to_string()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "no convergence after healing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And the healed member can lead writes again once it is elected, or forwards nothing
+    // wrong meanwhile: a write through whichever member leads still works.
+    put(&ms, "k/after", "healed");
+    for m in ms.iter_mut() {
+        if let Some(db) = m.db.take() {
+            db.close();
+        }
+    }
 }

@@ -10,4 +10,5 @@ pub mod etcd;
 pub mod etcdctl;
 pub mod http;
 pub mod process;
+pub mod proxy;
 pub mod server;
