@@ -38,6 +38,9 @@ pub enum Error {
     /// Another member leads: the request was not executed here (the server forwards it).
     #[error("etcdserver: not leader")]
     NotLeader,
+    /// MoveLeader to a member that cannot lead (unknown, a learner).
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
     /// Leadership moved while a write was in flight: it may or may not have been applied.
     #[error("etcdserver: leader changed")]
     LeaderChanged,

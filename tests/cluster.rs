@@ -421,6 +421,26 @@ fn spindle_serve_members_bootstrap_serve_etcdctl_and_survive_a_leader_kill() {
         wait_keys(s, &values);
     }
 
+    // move-leader hands the cluster to another member (etcdctl finds the leader itself).
+    let target = (l + 2) % 3;
+    let status = etcdctl::run(
+        &servers[target].endpoint(),
+        &["endpoint", "status", "-w", "json"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let tid = v[0]["Status"]["header"]["member_id"].as_u64().unwrap();
+    let moved = etcdctl::run(&all, &["move-leader", &format!("{tid:x}")]);
+    assert!(moved.ok, "{moved:?}");
+    assert_eq!(process_leader(&servers, &alive), target);
+    let bad = etcdctl::run(&all, &["move-leader", "abcdef"]);
+    assert!(
+        bad.stderr.contains("etcdserver: bad leader transferee"),
+        "{bad:?}"
+    );
+    let l = target;
+    let out = etcdctl::run(&follower, &["put", "k/29", "v29"]);
+    assert!(out.ok, "{}", out.stderr);
+
     // kill -9 of the leader: the survivors elect a new one, which takes writes.
     servers[l].kill();
     alive[l] = false;

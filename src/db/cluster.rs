@@ -250,6 +250,51 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
     Ok(())
 }
 
+impl super::LocalDb {
+    /// etcd's MoveLeader: the leader hands shard 0 to `target` (the other shards follow it by
+    /// leader affinity) and returns once `target` leads shard 0. A member that does not lead
+    /// answers `etcdserver: not leader` (the server forwards the call to the leader).
+    pub async fn move_leader(&self, target: u64) -> Result<()> {
+        let shared = &self.core.shared;
+        let Some(cl) = shared.cluster.as_ref() else {
+            return if target == shared.member_id {
+                Ok(())
+            } else {
+                Err(Error::BadLeaderTransferee)
+            };
+        };
+        if !cl
+            .membership
+            .members
+            .get(&target)
+            .is_some_and(|m| !m.is_learner)
+        {
+            return Err(Error::BadLeaderTransferee);
+        }
+        if cl.leader_node() != cl.member_id {
+            return Err(if cl.leader_node() == 0 {
+                Error::NoLeader
+            } else {
+                Error::NotLeader
+            });
+        }
+        if target == cl.member_id {
+            return Ok(());
+        }
+        self.core
+            .call(0, |r| super::core::ShardOp::Transfer(target, r))
+            .await?;
+        let deadline = std::time::Instant::now() + 2 * cl.tick * cl.election_ticks as u32;
+        while cl.leader_node() != target {
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Timeout);
+            }
+            glommio::timer::sleep(cl.tick).await;
+        }
+        Ok(())
+    }
+}
+
 impl Core {
     /// A cluster member takes a write only while it may execute on every shard. While this node
     /// is becoming the leader node (it leads shard 0 and the others are being handed over, or

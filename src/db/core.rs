@@ -81,6 +81,8 @@ pub(super) enum ShardOp {
     ),
     /// Lease logging and attached keys (see `db::lease`).
     Lease(lease::LeaseOp),
+    /// Hand the shard's leadership to a member (MoveLeader).
+    Transfer(u64, Reply<()>),
 }
 
 /// What a shard reports once locked for a coordinator.
@@ -369,6 +371,9 @@ impl Core {
                 )));
             }
             ShardOp::Lease(op) => op.run(&shard).await,
+            ShardOp::Transfer(to, r) => {
+                let _ = r.send(shard.replica.transfer_leader(&shard.wal, to));
+            }
         }
     }
 
@@ -495,6 +500,7 @@ fn reply_err(op: ShardOp, err: impl Fn() -> Error) {
         ShardOp::Commit(_, _, r)
         | ShardOp::Abort(_, _, r)
         | ShardOp::Unlock(_, r)
+        | ShardOp::Transfer(_, r)
         | ShardOp::Compact(_, r) => drop(r.send(Err(err()))),
         ShardOp::Compare(_, _, r) => drop(r.send(Err(err()))),
         ShardOp::Check(_, _, _, r) => drop(r.send(Err(err()))),

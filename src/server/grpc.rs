@@ -52,7 +52,7 @@ impl From<Error> for Status {
         let code = match &e {
             Error::Compacted | Error::FutureRevision | Error::LeaseTtlTooLarge => Code::OutOfRange,
             Error::LeaseNotFound => Code::NotFound,
-            Error::LeaseExists => Code::FailedPrecondition,
+            Error::LeaseExists | Error::BadLeaderTransferee => Code::FailedPrecondition,
             Error::KeyNotFound
             | Error::DuplicateKey
             | Error::TooManyOps

@@ -618,12 +618,7 @@ async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Stat
         }
         "/etcdserverpb.Maintenance/MoveLeader" => {
             let req: pb::MoveLeaderRequest = one(msgs)?;
-            if req.target_id != ctx.member_id {
-                return Err(Status::new(
-                    Code::FailedPrecondition,
-                    "etcdserver: bad leader transferee",
-                ));
-            }
+            db.move_leader(req.target_id).await?;
             Ok(enc(&pb::MoveLeaderResponse {
                 header: Some(ctx.header(db.revision())),
             }))
