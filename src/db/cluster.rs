@@ -263,12 +263,12 @@ impl super::LocalDb {
                 Err(Error::BadLeaderTransferee)
             };
         };
-        if !cl
+        let can_lead = cl
             .membership
             .members
             .get(&target)
-            .is_some_and(|m| !m.is_learner)
-        {
+            .is_some_and(|m| !m.is_learner);
+        if !can_lead {
             return Err(Error::BadLeaderTransferee);
         }
         if cl.leader_node() != cl.member_id {
