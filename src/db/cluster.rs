@@ -224,7 +224,11 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
                 s.replica.wait_committed_entries().await;
                 let entries = s.replica.take_committed();
                 if entries.is_empty() {
-                    return; // failed
+                    // Woken by a failure, or a rebuild took the queue over.
+                    if s.replica.ensure_healthy().is_err() {
+                        return;
+                    }
+                    continue;
                 }
                 if let Err(e) = s.apply_committed(&entries, &clock) {
                     tracing::error!(shard = s.id, error = %e, "applying committed records failed");
