@@ -70,8 +70,8 @@ pub(super) struct ClusterState {
     pub(super) tick: Duration,
     pub(super) election_ticks: u64,
     pub(super) gate: Arc<NodeGate>,
-    /// Per shard: the leader this node last saw (0: none).
-    pub(super) leaders: Vec<AtomicU64>,
+    /// The leader of shard 0 as this node last saw it (0: none): the node every shard follows.
+    leader_node: AtomicU64,
     pub(super) client_urls: Vec<String>,
     /// Other members' client URLs, learned from their handshakes.
     pub(super) peer_client_urls: Arc<std::sync::RwLock<BTreeMap<u64, Vec<String>>>>,
@@ -133,7 +133,7 @@ impl ClusterState {
             tick,
             election_ticks,
             gate: NodeGate::new(nshards),
-            leaders: (0..nshards).map(|_| AtomicU64::new(0)).collect(),
+            leader_node: AtomicU64::new(0),
             client_urls: opts.client_urls.clone(),
             peer_client_urls: Arc::default(),
         })
@@ -175,7 +175,12 @@ impl ClusterState {
 
     /// The member that leads shard 0, as this node last saw it.
     pub(super) fn leader_node(&self) -> u64 {
-        self.leaders[0].load(Ordering::Relaxed)
+        self.leader_node.load(Ordering::Relaxed)
+    }
+
+    /// How long a write or a MoveLeader waits for leadership to settle: two election timeouts.
+    fn patience(&self) -> Duration {
+        2 * self.tick * self.election_ticks as u32
     }
 }
 
@@ -288,7 +293,7 @@ impl super::LocalDb {
         self.core
             .call(0, |r| super::core::ShardOp::Transfer(target, r))
             .await?;
-        let deadline = std::time::Instant::now() + 2 * cl.tick * cl.election_ticks as u32;
+        let deadline = std::time::Instant::now() + cl.patience();
         while cl.leader_node() != target {
             if std::time::Instant::now() >= deadline {
                 return Err(Error::Timeout);
@@ -308,7 +313,7 @@ impl Core {
         let Some(cl) = self.shared.cluster.as_ref() else {
             return Ok(());
         };
-        let deadline = std::time::Instant::now() + 2 * cl.tick * cl.election_ticks as u32;
+        let deadline = std::time::Instant::now() + cl.patience();
         loop {
             if cl.gate.all() {
                 return Ok(());
@@ -358,8 +363,10 @@ impl Core {
                 })
                 .detach();
             }
-            let leader = s.replica.leader().unwrap_or(0);
-            cl.leaders[id as usize].store(leader, Ordering::Relaxed);
+            if id == 0 {
+                cl.leader_node
+                    .store(s.replica.leader().unwrap_or(0), Ordering::Relaxed);
+            }
             let term = s.replica.term();
             self.shared.raft_term.fetch_max(term, Ordering::Relaxed);
             let node = cl.leader_node();

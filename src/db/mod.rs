@@ -485,6 +485,11 @@ impl LocalDb {
         self.core.shared.raft_term.load(Ordering::Relaxed)
     }
 
+    /// Whether this store is a member of a cluster (then another member may lead).
+    pub fn is_cluster_member(&self) -> bool {
+        self.core.shared.cluster.is_some()
+    }
+
     /// The cluster's members (`None` on a single node).
     pub fn members(&self) -> Option<Vec<crate::cluster::Member>> {
         let cl = self.core.shared.cluster.as_ref()?;

@@ -48,18 +48,7 @@ pub(super) fn recover_all(
                 s.spawn(move || -> Result<_> {
                     let dir = meta::shard_dir(path, id);
                     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-                    let (store, index, term) = match checkpoint::list(&dir)?.last() {
-                        Some((_, file)) => {
-                            let c = checkpoint::load(file, id)?;
-                            let store = ShardStore::from_histories(
-                                c.histories,
-                                c.info.last_revision,
-                                c.info.compact_revision,
-                            );
-                            (store, c.info.index, c.info.term)
-                        }
-                        None => (ShardStore::new(), 0, 0),
-                    };
+                    let (store, index, term) = checkpoint::load_newest(&dir, id)?;
                     let wal = wal::recover(&dir.join("wal"), id, index)?;
                     let replica = match group {
                         Some(g) => {

@@ -170,6 +170,24 @@ pub struct Loaded {
 }
 
 /// Maps and fully validates a checkpoint (checksum, structure), returning its key histories.
+/// The store a shard's newest checkpoint in `dir` holds, with the checkpoint's log index and
+/// term; an empty store at index 0 when there is none. Opening a shard and rebuilding one both
+/// start here.
+pub fn load_newest(dir: &Path, shard: u32) -> Result<(crate::mvcc::ShardStore, u64, u64)> {
+    match list(dir)?.last() {
+        Some((_, file)) => {
+            let c = load(file, shard)?;
+            let store = crate::mvcc::ShardStore::from_histories(
+                c.histories,
+                c.info.last_revision,
+                c.info.compact_revision,
+            );
+            Ok((store, c.info.index, c.info.term))
+        }
+        None => Ok((crate::mvcc::ShardStore::new(), 0, 0)),
+    }
+}
+
 pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
     let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: checkpoint files are immutable once renamed into place, and this process holds the

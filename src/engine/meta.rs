@@ -85,24 +85,19 @@ pub fn load_or_create(
     identity: Option<(u64, u64)>,
 ) -> Result<Meta> {
     let path = dir.join(META_FILE);
-    match fs::read_to_string(&path) {
-        Ok(text) => {
-            let meta = parse(&path, &text)?;
-            match identity {
-                Some((c, m)) if (c, m) != (meta.cluster_id, meta.member_id) => {
-                    Err(Error::DataDir {
-                        path: path.clone(),
-                        reason: format!(
-                            "belongs to cluster {:x} as member {:x}, but the flags make this \
-                             member {m:x} of cluster {c:x}",
-                            meta.cluster_id, meta.member_id
-                        ),
-                    })
-                }
-                _ => Ok(meta),
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    match load(dir)? {
+        Some(meta) => match identity {
+            Some((c, m)) if (c, m) != (meta.cluster_id, meta.member_id) => Err(Error::DataDir {
+                path,
+                reason: format!(
+                    "belongs to cluster {:x} as member {:x}, but the flags make this member \
+                     {m:x} of cluster {c:x}",
+                    meta.cluster_id, meta.member_id
+                ),
+            }),
+            _ => Ok(meta),
+        },
+        None => {
             if shards == 0 {
                 return Err(Error::InvalidArgument(
                     "shard count must be at least 1".into(),
@@ -131,7 +126,6 @@ pub fn load_or_create(
                 .map_err(|e| Error::io(dir, e))?;
             Ok(meta)
         }
-        Err(e) => Err(Error::io(&path, e)),
     }
 }
 

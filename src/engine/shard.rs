@@ -584,18 +584,7 @@ impl Shard {
     /// uncommitted writes does this before it may serve writes again.
     pub async fn rebuild(&self) -> Result<()> {
         let _guard = self.acquire().await?;
-        let (store, index) = match checkpoint::list(&self.dir)?.last() {
-            Some((_, file)) => {
-                let c = checkpoint::load(file, self.id)?;
-                let store = ShardStore::from_histories(
-                    c.histories,
-                    c.info.last_revision,
-                    c.info.compact_revision,
-                );
-                (store, c.info.index)
-            }
-            None => (ShardStore::new(), 0),
-        };
+        let (store, index, _) = checkpoint::load_newest(&self.dir, self.id)?;
         *self.store.borrow_mut() = store;
         self.replica.reset_applied(index)?;
         tracing::info!(

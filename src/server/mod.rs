@@ -441,15 +441,16 @@ async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBo
             };
         }
     }
-    let forward = msgs.clone();
+    // Kept only where a refusal may be forwarded: a single node's hot path copies nothing.
+    let forward = ctx.db.is_cluster_member().then(|| msgs.clone());
     match call(ctx, path, msgs).await {
         Ok(resp) => grpc::ok_bytes(resp),
-        Err(s) if is_not_leader(&s) => match ctx.db.leader_client_url() {
-            Some(url) => match ctx.forwarder.unary(&url, path, &forward).await {
+        Err(s) if is_not_leader(&s) => match (ctx.db.leader_client_url(), forward) {
+            (Some(url), Some(msgs)) => match ctx.forwarder.unary(&url, path, &msgs).await {
                 Ok(resp) => grpc::ok_bytes(resp),
                 Err(s) => grpc::error(&s),
             },
-            None => grpc::error(&s),
+            _ => grpc::error(&s),
         },
         Err(s) => grpc::error(&s),
     }

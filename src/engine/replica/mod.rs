@@ -15,7 +15,8 @@
 //! write before proposing it (the record carries effects, not requests).
 //!
 //! A group with peers ([`Group`]) elects by ticks ([`Replica::tick`]), receives messages with
-//! [`Replica::step`] and sends Raft's through the sender the owner installs. Followers log what
+//! [`Replica::step`] and leaves Raft's in an outbox the owner drains ([`Replica::take_messages`]).
+//! Followers log what
 //! the leader sends (a new leader's entries may rewind the log's uncommitted tail) and hand
 //! committed records out ([`Replica::take_committed`]) to be applied the way WAL replay applies
 //! them. Apply is tracked by index: the store reflects entries up to [`Replica::applied`]; a
@@ -242,9 +243,15 @@ impl Replica {
 
     /// Waits until there are messages to send (or the replica failed).
     pub async fn wait_messages(&self) {
+        self.wait_for(&self.outbox_ev, || !self.outbox.borrow().is_empty())
+            .await
+    }
+
+    /// Waits on `ev` until `ready()` holds or the replica failed.
+    async fn wait_for(&self, ev: &Event, ready: impl Fn() -> bool) {
         loop {
-            let l = self.outbox_ev.listen();
-            if !self.outbox.borrow().is_empty() || self.failed.borrow().is_some() {
+            let l = ev.listen();
+            if ready() || self.failed.borrow().is_some() {
                 return;
             }
             l.await;
@@ -263,13 +270,6 @@ impl Replica {
         match &self.raft {
             Some(r) => r.borrow().leader(),
             None => Some(LOCAL_ID),
-        }
-    }
-
-    pub fn commit(&self) -> u64 {
-        match &self.raft {
-            Some(r) => r.borrow().commit(),
-            None => u64::MAX,
         }
     }
 
@@ -325,8 +325,8 @@ impl Replica {
         }
         let mut q = self.committed.borrow_mut();
         q.clear();
-        q.extend((index + 1..=r.commit().min(r.applied())).filter_map(|i| r.entry(i).cloned()));
-        // Entries committed but not yet handed out by Raft arrive through `pump` as usual.
+        // What Raft handed out for apply so far; entries committed later arrive through `pump`.
+        q.extend((index + 1..=r.applied()).filter_map(|i| r.entry(i).cloned()));
         drop(r);
         self.applied.set(index);
         self.stale.set(false);
@@ -350,15 +350,10 @@ impl Replica {
         self.commit_ev.notify(usize::MAX);
     }
 
-    /// Waits until committed entries are waiting to be applied.
+    /// Waits until committed entries are waiting to be applied (or the replica failed).
     pub async fn wait_committed_entries(&self) {
-        loop {
-            let l = self.apply_ev.listen();
-            if !self.committed.borrow().is_empty() || self.failed.borrow().is_some() {
-                return;
-            }
-            l.await;
-        }
+        self.wait_for(&self.apply_ev, || !self.committed.borrow().is_empty())
+            .await
     }
 
     /// Advances Raft's clock by one tick (heartbeats, election timeouts).
@@ -373,14 +368,6 @@ impl Replica {
     pub fn step(&self, wal: &Wal, m: Message) {
         if let Some(raft) = &self.raft {
             raft.borrow_mut().step(m);
-            self.pump(wal);
-        }
-    }
-
-    /// Asks this replica to campaign now (a leader transfer target, or tests).
-    pub fn campaign(&self, wal: &Wal) {
-        if let Some(raft) = &self.raft {
-            raft.borrow_mut().campaign();
             self.pump(wal);
         }
     }
@@ -507,6 +494,13 @@ impl Replica {
             entry.term = 1;
             return wal.try_append(entry).map_err(ProposeError::NoRoom);
         };
+        if self.peers && !self.can_execute() {
+            return Err(ProposeError::Other(if self.leader().is_some() {
+                Error::LeaderChanged
+            } else {
+                Error::NoLeader
+            }));
+        }
         {
             let r = raft.borrow();
             entry.term = r.term();
@@ -523,13 +517,6 @@ impl Replica {
         if !wal.has_room(len + RECORD_SLACK) {
             return Err(ProposeError::NoRoom(NoRoom {
                 frame_len: len + RECORD_SLACK,
-            }));
-        }
-        if self.peers && !self.can_execute() {
-            return Err(ProposeError::Other(if self.leader().is_some() {
-                Error::LeaderChanged
-            } else {
-                Error::NoLeader
             }));
         }
         let index = raft
@@ -573,8 +560,7 @@ impl Replica {
         self.sync(wal);
         self.ensure_healthy()?;
         let r = raft.borrow();
-        // A one-member group commits what is durable; groups with peers wait here for the
-        // quorum once a transport exists.
+        // A one-member group commits what is durable.
         if r.commit() < index {
             return Err(Error::ShardFailed {
                 shard: self.shard,
@@ -618,9 +604,10 @@ impl Replica {
         }
     }
 
-    /// Hands Raft's output to the WAL: new entries (our proposals, a leader's no-op) and
-    /// changed hard state. Committed entries need no apply here: the leader executed them
-    /// before proposing, and recovery replayed the rest.
+    /// Hands Raft's output on: new entries (proposals, a leader's no-op, a leader's entries on a
+    /// follower) and changed hard state to the WAL, messages to the outbox, and committed
+    /// entries this member did not execute itself to the apply queue (the leader executed its
+    /// own before proposing; on a single node recovery replayed the rest).
     fn pump(&self, wal: &Wal) {
         let Some(raft) = &self.raft else {
             return;
