@@ -41,6 +41,27 @@ pub enum Error {
     /// MoveLeader to a member that cannot lead (unknown, a learner).
     #[error("etcdserver: bad leader transferee")]
     BadLeaderTransferee,
+    /// Membership changes (etcd's Cluster service), with etcd's messages.
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+    #[error("etcdserver: member ID already exist")]
+    MemberExists,
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExists,
+    #[error("etcdserver: given member URLs are invalid")]
+    MemberBadUrls,
+    /// Adding a voter would leave the cluster without a quorum of started members.
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    NotEnoughStartedMembers,
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    #[error("etcdserver: too many learner members in cluster")]
+    TooManyLearners,
+    /// Removing the member would leave too few active voters for a quorum.
+    #[error("etcdserver: unhealthy cluster")]
+    Unhealthy,
     /// Leadership moved while a write was in flight: it may or may not have been applied.
     #[error("etcdserver: leader changed")]
     LeaderChanged,

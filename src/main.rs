@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use spindle::db::{Options, Partitioner};
@@ -331,6 +333,7 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
     if let Some(c) = opts.cluster.as_mut() {
         c.client_urls = cfg.advertise_client_urls.clone();
     }
+    let opts_is_cluster = opts.cluster.is_some();
     let signals = block_shutdown_signals();
     let started = std::time::Instant::now();
     let server = spindle::server::start(&args.data_dir, opts, cfg.clone())?;
@@ -347,6 +350,20 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
     );
     tracing::info!(urls = ?cfg.advertise_client_urls, "ready to serve client requests");
     let compactor = compaction.map(|p| spindle::server::compaction::spawn(db.clone(), p));
+    // A member removed from its cluster stops, as etcd's do: the watcher wakes the signal wait.
+    let removed = Arc::new(AtomicBool::new(false));
+    if opts_is_cluster {
+        let (db, removed) = (db.clone(), removed.clone());
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if db.is_removed() {
+                removed.store(true, Ordering::SeqCst);
+                // SAFETY: signalling our own process; SIGTERM is blocked and awaited by sigwait.
+                unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                return;
+            }
+        });
+    }
     let sig = wait_for_signal(&signals);
     tracing::info!(
         signal = sig,
@@ -357,6 +374,10 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
     }
     db.close();
     tracing::info!("store closed cleanly");
+    if removed.load(Ordering::SeqCst) {
+        tracing::error!("the member has been permanently removed from the cluster");
+        std::process::exit(1);
+    }
     Ok(())
 }
 

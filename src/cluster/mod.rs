@@ -12,6 +12,8 @@ use std::fmt;
 
 use sha1::{Digest, Sha1};
 
+use crate::raft::ConfChange;
+
 /// etcd's default `--initial-cluster-token`.
 pub const DEFAULT_TOKEN: &str = "etcd-cluster";
 
@@ -37,6 +39,13 @@ pub enum ClusterError {
     },
     #[error("membership record: {0}")]
     Corrupt(String),
+}
+
+/// Why peer URLs given to MemberAdd or MemberUpdate were refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerUrlError {
+    Invalid,
+    Exists,
 }
 
 /// One member as every node records it.
@@ -217,6 +226,68 @@ impl Membership {
         self.members.values().filter(|m| m.is_learner).map(|m| m.id)
     }
 
+    /// Applies a committed change of shard 0's group, the group that carries membership.
+    /// `context` is the member's record as the proposer attached it (empty for removals).
+    /// Re-applying a change (a restarted member replays its log over the membership it saved)
+    /// ends in the same membership.
+    pub fn apply_change(&mut self, cc: &ConfChange, context: &[u8]) {
+        let record = serde_json::from_slice::<Member>(context)
+            .ok()
+            .filter(|m| m.id == cc.node());
+        match *cc {
+            ConfChange::Remove(id) => {
+                self.members.remove(&id);
+            }
+            ConfChange::AddVoter(id)
+            | ConfChange::AddLearner(id)
+            | ConfChange::PromoteLearner(id)
+            | ConfChange::Update(id) => {
+                let m = self.members.entry(id).or_insert_with(|| Member {
+                    id,
+                    name: String::new(),
+                    peer_urls: Vec::new(),
+                    client_urls: Vec::new(),
+                    // Only an addition creates a record; a learner it is unless added as voter.
+                    is_learner: !matches!(cc, ConfChange::AddVoter(_)),
+                });
+                if let Some(r) = record {
+                    m.peer_urls = r.peer_urls;
+                    if !r.name.is_empty() {
+                        m.name = r.name;
+                    }
+                    if !r.client_urls.is_empty() {
+                        m.client_urls = r.client_urls;
+                    }
+                }
+                // The same rule as Raft's own membership (`ConfState::apply`).
+                if matches!(cc, ConfChange::AddVoter(_) | ConfChange::PromoteLearner(_)) {
+                    m.is_learner = false;
+                }
+            }
+        }
+    }
+
+    /// Checks peer URLs for a new member (`except` = None) or for member `except` changing
+    /// its own: each must be `http://host:port`, and none may belong to another member.
+    pub fn check_peer_urls(
+        &self,
+        urls: &[String],
+        except: Option<u64>,
+    ) -> Result<(), PeerUrlError> {
+        if urls.is_empty() || urls.iter().any(|u| url_authority(u).is_err()) {
+            return Err(PeerUrlError::Invalid);
+        }
+        let taken = self
+            .members
+            .values()
+            .filter(|m| Some(m.id) != except)
+            .any(|m| m.peer_urls.iter().any(|u| urls.contains(u)));
+        if taken {
+            return Err(PeerUrlError::Exists);
+        }
+        Ok(())
+    }
+
     /// The first peer URL's `host:port` of member `id`.
     pub fn peer_addr(&self, id: u64) -> Option<&str> {
         let m = self.members.get(&id)?;
@@ -251,6 +322,62 @@ mod tests {
         let mut h = Sha1::new();
         h.update(b"http://a:1http://b:2t");
         assert_eq!(a, first_u64(&h.finalize()));
+    }
+
+    #[test]
+    fn changes_apply_in_log_order_and_replay_to_the_same_membership() {
+        let ic = "n1=http://127.0.0.1:1,n2=http://127.0.0.1:2,n3=http://127.0.0.1:3";
+        let (base, _) =
+            Membership::bootstrap(ic, "t", "n1", &urls(&["http://127.0.0.1:1"])).unwrap();
+        let new = Member {
+            id: 44,
+            name: String::new(),
+            peer_urls: urls(&["http://127.0.0.1:4"]),
+            client_urls: Vec::new(),
+            is_learner: true,
+        };
+        let ctx = serde_json::to_vec(&new).unwrap();
+        let victim = *base.members.keys().next().unwrap();
+        let mut moved = new.clone();
+        moved.peer_urls = urls(&["http://127.0.0.1:5"]);
+        let log: Vec<(ConfChange, Vec<u8>)> = vec![
+            (ConfChange::AddLearner(44), ctx.clone()),
+            (ConfChange::PromoteLearner(44), Vec::new()),
+            (ConfChange::Update(44), serde_json::to_vec(&moved).unwrap()),
+            (ConfChange::Remove(victim), Vec::new()),
+        ];
+        let mut m = base.clone();
+        assert_eq!(
+            m.check_peer_urls(&urls(&["http://127.0.0.1:4"]), None),
+            Ok(())
+        );
+        m.apply_change(&log[0].0, &log[0].1);
+        assert!(m.members[&44].is_learner);
+        assert_eq!(
+            m.check_peer_urls(&urls(&["http://127.0.0.1:4"]), None),
+            Err(PeerUrlError::Exists)
+        );
+        assert_eq!(
+            m.check_peer_urls(&urls(&["http://127.0.0.1:4"]), Some(44)),
+            Ok(())
+        );
+        assert_eq!(
+            m.check_peer_urls(&urls(&["127.0.0.1:4"]), None),
+            Err(PeerUrlError::Invalid)
+        );
+        for (cc, ctx) in &log[1..] {
+            m.apply_change(cc, ctx);
+        }
+        assert!(!m.members[&44].is_learner);
+        assert_eq!(m.members[&44].peer_urls, urls(&["http://127.0.0.1:5"]));
+        assert!(!m.members.contains_key(&victim));
+        assert_eq!(m.voters().count(), 3);
+        // A restarted member replays its whole log over the membership it saved.
+        let mut again = m.clone();
+        for (cc, ctx) in &log {
+            again.apply_change(cc, ctx);
+        }
+        assert_eq!(again, m);
     }
 
     #[test]

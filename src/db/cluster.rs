@@ -7,19 +7,19 @@
 //! Separate from the core loop because a single node runs none of it.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::core::{Core, Msg};
-use crate::cluster::{Membership, DEFAULT_TOKEN};
+use crate::cluster::{parse_initial_cluster, url_authority, Membership, DEFAULT_TOKEN};
 use crate::engine::meta;
 use crate::engine::replica::{Group, NodeGate};
 use crate::error::{Error, Result};
-use crate::peer::{PeerConfig, Transport};
-use crate::raft::{ConfState, Message, Role};
+use crate::peer::{request_membership, Join, PeerConfig, PeerInfo, Transport, PROTOCOL_VERSION};
+use crate::raft::{ConfChange, ConfState, EntryKind, Message, Role};
 
 /// etcd's cluster flags, as `spindle serve` takes them.
 #[derive(Clone, Debug)]
@@ -64,7 +64,12 @@ impl Default for ClusterOptions {
 /// What every core of a cluster member shares.
 pub(super) struct ClusterState {
     pub(super) member_id: u64,
-    pub(super) membership: Membership,
+    pub(super) cluster_id: u64,
+    /// The membership as shard 0's group has applied it (that group carries membership
+    /// changes; the others follow, `members.rs`).
+    membership: RwLock<Membership>,
+    /// Where `cluster.json` lives.
+    dir: PathBuf,
     pub(super) name: String,
     pub(super) listen_peer: String,
     pub(super) tick: Duration,
@@ -73,13 +78,20 @@ pub(super) struct ClusterState {
     /// The leader of shard 0 as this node last saw it (0: none): the node every shard follows.
     leader_node: AtomicU64,
     pub(super) client_urls: Vec<String>,
-    /// Other members' client URLs, learned from their handshakes.
-    pub(super) peer_client_urls: Arc<std::sync::RwLock<BTreeMap<u64, Vec<String>>>>,
+    /// What the transports dial (member id → peer address), rewritten on membership changes.
+    peers: Arc<RwLock<BTreeMap<u64, String>>>,
+    /// The membership handed to joining members.
+    membership_json: Arc<RwLock<Vec<u8>>>,
+    /// Other members' names and client URLs, learned from their handshakes.
+    pub(super) peer_info: Arc<RwLock<BTreeMap<u64, PeerInfo>>>,
+    /// This member applied its own removal: it takes no part in the cluster any more.
+    removed: AtomicBool,
 }
 
 impl ClusterState {
     /// The membership this member uses: the data dir's if it has one (a restarted member ignores
-    /// the initial-cluster flags, as etcd does), else the one the flags describe.
+    /// the initial-cluster flags, as etcd does), else the one the flags describe, or for
+    /// `--initial-cluster-state existing` the one a running member hands out.
     pub(super) fn resolve(
         path: &Path,
         opts: &ClusterOptions,
@@ -88,36 +100,44 @@ impl ClusterState {
         let invalid = |e: String| Error::InvalidArgument(e);
         let (membership, member_id) = match meta::load_membership(path)? {
             Some(m) => {
-                let id = m
-                    .members
-                    .values()
-                    .find(|mb| mb.name == opts.name)
-                    .map(|mb| mb.id)
-                    .ok_or_else(|| {
-                        invalid(format!(
+                // The member id in spindle.meta names this member; a member added at run time
+                // is recorded by others without a name until it starts.
+                let stored = meta::load(path)?.map(|meta| meta.member_id);
+                let id = stored.filter(|id| m.members.contains_key(id)).or_else(|| {
+                    m.members
+                        .values()
+                        .find(|mb| mb.name == opts.name)
+                        .map(|mb| mb.id)
+                });
+                let Some(id) = id else {
+                    return Err(invalid(match stored {
+                        Some(id) => format!(
+                            "data dir {}: member {id:x} has been permanently removed from                              cluster {:x}; start it with a new data dir and add it again",
+                            path.display(),
+                            m.cluster_id
+                        ),
+                        None => format!(
                             "data dir {} holds cluster {:x}, which has no member named {:?}",
                             path.display(),
                             m.cluster_id,
                             opts.name
-                        ))
-                    })?;
+                        ),
+                    }));
+                };
                 (m, id)
             }
-            None if !opts.new_cluster => {
-                return Err(invalid(
-                    "--initial-cluster-state existing (joining a running cluster) is not \
-                     supported yet; start every member with --initial-cluster-state new"
-                        .into(),
-                ))
-            }
             None => {
-                let (m, id) = Membership::bootstrap(
-                    &opts.initial_cluster,
-                    &opts.token,
-                    &opts.name,
-                    &opts.advertise_peer_urls,
-                )
-                .map_err(|e| invalid(e.to_string()))?;
+                let (m, id) = if opts.new_cluster {
+                    Membership::bootstrap(
+                        &opts.initial_cluster,
+                        &opts.token,
+                        &opts.name,
+                        &opts.advertise_peer_urls,
+                    )
+                    .map_err(|e| invalid(e.to_string()))?
+                } else {
+                    join(opts, nshards)?
+                };
                 std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
                 meta::save_membership(path, &m)?;
                 (m, id)
@@ -125,9 +145,11 @@ impl ClusterState {
         };
         let tick = opts.heartbeat.max(Duration::from_millis(1));
         let election_ticks = (opts.election.as_millis() / tick.as_millis()).max(2) as u64;
-        Ok(ClusterState {
+        let state = ClusterState {
             member_id,
-            membership,
+            cluster_id: membership.cluster_id,
+            membership: RwLock::new(membership),
+            dir: path.to_path_buf(),
             name: opts.name.clone(),
             listen_peer: opts.listen_peer.clone(),
             tick,
@@ -135,14 +157,72 @@ impl ClusterState {
             gate: NodeGate::new(nshards),
             leader_node: AtomicU64::new(0),
             client_urls: opts.client_urls.clone(),
-            peer_client_urls: Arc::default(),
-        })
+            peers: Arc::default(),
+            membership_json: Arc::default(),
+            peer_info: Arc::default(),
+            removed: AtomicBool::new(false),
+        };
+        state.publish();
+        Ok(state)
     }
 
-    /// Every shard group's make-up on this member.
+    /// A copy of the membership as this member last applied it.
+    pub(super) fn membership(&self) -> Membership {
+        match self.membership.read() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Applies a committed change of shard 0's group: the record, `cluster.json`, and the
+    /// peer table every core's transport dials from.
+    pub(super) fn apply_change(&self, cc: &ConfChange, context: &[u8]) -> Result<()> {
+        let m = {
+            let mut m = match self.membership.write() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            m.apply_change(cc, context);
+            m.clone()
+        };
+        meta::save_membership(&self.dir, &m)?;
+        self.publish();
+        if !m.members.contains_key(&self.member_id) && !self.removed.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                member = %format!("{:x}", self.member_id),
+                "the member has been permanently removed from the cluster"
+            );
+        }
+        Ok(())
+    }
+
+    /// Rewrites what the transports read: peer addresses and the record joiners get.
+    fn publish(&self) {
+        let m = self.membership();
+        let peers: BTreeMap<u64, String> = m
+            .members
+            .keys()
+            .filter(|&&id| id != self.member_id)
+            .filter_map(|&id| Some((id, m.peer_addr(id)?.to_string())))
+            .collect();
+        if let Ok(mut p) = self.peers.write() {
+            *p = peers;
+        }
+        if let Ok(mut j) = self.membership_json.write() {
+            *j = m.encode();
+        }
+    }
+
+    /// Whether this member applied its own removal.
+    pub(super) fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::SeqCst)
+    }
+
+    /// Every shard group's make-up on this member at open.
     pub(super) fn group(&self) -> Group {
-        let mut conf = ConfState::new(self.membership.voters());
-        conf.learners = self.membership.learners().collect();
+        let m = self.membership();
+        let mut conf = ConfState::new(m.voters());
+        conf.learners = m.learners().collect();
         Group {
             id: self.member_id,
             conf,
@@ -153,23 +233,19 @@ impl ClusterState {
     }
 
     fn peer_config(&self, shards: u32) -> PeerConfig {
-        let peers: BTreeMap<u64, String> = self
-            .membership
-            .members
-            .keys()
-            .filter(|&&id| id != self.member_id)
-            .filter_map(|&id| Some((id, self.membership.peer_addr(id)?.to_string())))
-            .collect();
+        let m = self.membership();
         let mut cfg = PeerConfig::new(
-            self.membership.cluster_id,
+            self.cluster_id,
             self.member_id,
             shards,
             &self.name,
-            &self.membership.token,
-            peers,
+            &m.token,
+            BTreeMap::new(),
         );
         cfg.local.client_urls = self.client_urls.clone();
-        cfg.peer_client_urls = self.peer_client_urls.clone();
+        cfg.peers = self.peers.clone();
+        cfg.peer_info = self.peer_info.clone();
+        cfg.membership = self.membership_json.clone();
         cfg
     }
 
@@ -179,9 +255,82 @@ impl ClusterState {
     }
 
     /// How long a write or a MoveLeader waits for leadership to settle: two election timeouts.
-    fn patience(&self) -> Duration {
+    pub(super) fn patience(&self) -> Duration {
         2 * self.tick * self.election_ticks as u32
     }
+}
+
+/// `--initial-cluster-state existing`: asks the members `--initial-cluster` names for the
+/// membership (this member must have been added with its advertised peer URLs) and checks the
+/// flags against it, as etcd does.
+fn join(opts: &ClusterOptions, nshards: u32) -> Result<(Membership, u64)> {
+    let invalid = |e: String| Error::InvalidArgument(e);
+    let named = parse_initial_cluster(&opts.initial_cluster).map_err(|e| invalid(e.to_string()))?;
+    let request = Join {
+        version: PROTOCOL_VERSION,
+        token: opts.token.clone(),
+        shards: nshards,
+        peer_urls: opts.advertise_peer_urls.clone(),
+    };
+    let mut errors = Vec::new();
+    let mut found = None;
+    for url in named
+        .values()
+        .flatten()
+        .filter(|u| !opts.advertise_peer_urls.contains(u))
+    {
+        let Ok(addr) = url_authority(url) else {
+            continue;
+        };
+        match request_membership(addr, &request, Duration::from_secs(2)) {
+            Ok(bytes) => match Membership::decode(&bytes) {
+                Ok(m) => {
+                    found = Some(m);
+                    break;
+                }
+                Err(e) => errors.push(format!("{url}: {e}")),
+            },
+            Err(e) => errors.push(format!("{url}: {e}")),
+        }
+    }
+    let Some(mut m) = found else {
+        return Err(invalid(format!(
+            "--initial-cluster-state existing: no member of the cluster answered ({})",
+            errors.join("; ")
+        )));
+    };
+    if named.len() != m.members.len() {
+        return Err(invalid(format!(
+            "error validating peerURLs: member count is unequal (--initial-cluster names {},              cluster {:x} has {})",
+            named.len(),
+            m.cluster_id,
+            m.members.len()
+        )));
+    }
+    let mut mine = opts.advertise_peer_urls.clone();
+    mine.sort();
+    let id = m
+        .members
+        .values()
+        .find(|mb| {
+            let mut u = mb.peer_urls.clone();
+            u.sort();
+            u == mine
+        })
+        .map(|mb| mb.id)
+        .ok_or_else(|| {
+            invalid(format!(
+                "error validating peerURLs: cluster {:x} has no member with peer URLs {} (add                  it first with `etcdctl member add {} --peer-urls={}`)",
+                m.cluster_id,
+                opts.advertise_peer_urls.join(","),
+                opts.name,
+                opts.advertise_peer_urls.join(",")
+            ))
+        })?;
+    if let Some(me) = m.members.get_mut(&id) {
+        me.name = opts.name.clone();
+    }
+    Ok((m, id))
 }
 
 /// Starts this core's share of the cluster: the transport and its shards' tasks.
@@ -223,8 +372,15 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
         .detach();
         let s = shard.clone();
         glommio::spawn_local(async move { s.replica.run_sync(&s.wal).await }).detach();
-        let (s, clock) = (shard.clone(), core.shared.clock.clone());
+        let (s, clock, shared) = (
+            shard.clone(),
+            core.shared.clock.clone(),
+            core.shared.clone(),
+        );
         glommio::spawn_local(async move {
+            let Some(cl) = shared.cluster.as_ref() else {
+                return;
+            };
             loop {
                 s.replica.wait_committed_entries().await;
                 let entries = s.replica.take_committed();
@@ -234,6 +390,19 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
                         return;
                     }
                     continue;
+                }
+                if s.id == 0 {
+                    // Shard 0's group carries membership (`db::members`).
+                    for e in entries.iter().filter(|e| e.kind == EntryKind::ConfChange) {
+                        let Ok(cc) = ConfChange::decode(&e.data) else {
+                            continue;
+                        };
+                        if let Err(err) = cl.apply_change(&cc, ConfChange::context(&e.data)) {
+                            tracing::error!(error = %err, "recording a membership change failed");
+                            return;
+                        }
+                        tracing::info!(change = ?cc, index = e.index, "membership changed");
+                    }
                 }
                 if let Err(e) = s.apply_committed(&entries, &clock) {
                     tracing::error!(shard = s.id, error = %e, "applying committed records failed");
@@ -273,7 +442,7 @@ impl super::LocalDb {
             };
         };
         let can_lead = cl
-            .membership
+            .membership()
             .members
             .get(&target)
             .is_some_and(|m| !m.is_learner);
@@ -336,7 +505,10 @@ impl Core {
     /// A peer's message for `shard`: stepped here, or passed to the core that owns the shard.
     pub(super) fn peer_message(&self, shard: u32, msg: Message) {
         match self.shards.get(&shard) {
-            Some(s) => s.replica.step(&s.wal, msg),
+            Some(s) => {
+                self.note_heard(shard, msg.from);
+                s.replica.step(&s.wal, msg)
+            }
             None => {
                 let core = self.shared.core_of(shard);
                 let _ = self.shared.inboxes[core].send(Msg::Peer(shard, msg));
@@ -369,6 +541,9 @@ impl Core {
             }
             let term = s.replica.term();
             self.shared.raft_term.fetch_max(term, Ordering::Relaxed);
+            if cl.is_removed() {
+                continue;
+            }
             let node = cl.leader_node();
             if id != 0 && s.replica.role() == Role::Leader && node != 0 && node != me {
                 if let Err(e) = s.replica.transfer_leader(&s.wal, node) {
@@ -376,5 +551,6 @@ impl Core {
                 }
             }
         }
+        self.reconcile_groups();
     }
 }

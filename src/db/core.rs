@@ -83,6 +83,8 @@ pub(super) enum ShardOp {
     Lease(lease::LeaseOp),
     /// Hand the shard's leadership to a member (MoveLeader).
     Transfer(u64, Reply<()>),
+    /// A membership change (shard 0 only, see `db::members`); replies with the member's id.
+    Member(super::members::MemberOp, Reply<u64>),
 }
 
 /// What a shard reports once locked for a coordinator.
@@ -112,6 +114,8 @@ pub(super) struct Core {
     pub(super) transport: std::cell::RefCell<Option<Rc<crate::peer::Transport>>>,
     /// Watches whose consumers live on this core.
     pub(super) hub: Rc<Hub>,
+    /// When each member last spoke in shard 0's group (on the core owning shard 0).
+    pub(super) heard: std::cell::RefCell<std::collections::HashMap<u64, std::time::Instant>>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -173,6 +177,7 @@ pub(super) async fn run_core(
         tokens: Default::default(),
         transport: Default::default(),
         hub: Hub::new(),
+        heard: Default::default(),
     });
     if let Err(e) = super::cluster::start(&core) {
         let _ = ready.send(Err(e));
@@ -374,6 +379,9 @@ impl Core {
             ShardOp::Transfer(to, r) => {
                 let _ = r.send(shard.replica.transfer_leader(&shard.wal, to));
             }
+            ShardOp::Member(op, r) => {
+                let _ = r.send(self.member_change(&shard, op).await);
+            }
         }
     }
 
@@ -506,6 +514,7 @@ fn reply_err(op: ShardOp, err: impl Fn() -> Error) {
         ShardOp::Check(_, _, _, r) => drop(r.send(Err(err()))),
         ShardOp::ReadExec(_, _, _, r) | ShardOp::Prepare(_, _, _, _, r) => drop(r.send(Err(err()))),
         ShardOp::Checkpoint(r) => drop(r.send(Err(err()))),
+        ShardOp::Member(_, r) => drop(r.send(Err(err()))),
         ShardOp::Stats(r) => drop(r.send(Err(err()))),
         ShardOp::Export(_, _, _, r) => drop(r.send(Err(err()))),
         ShardOp::Lease(op) => op.reply_err(err()),

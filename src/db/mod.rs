@@ -10,6 +10,7 @@
 mod cluster;
 mod core;
 mod lease;
+mod members;
 mod recover;
 mod route;
 
@@ -148,9 +149,7 @@ impl Db {
             }
             None => None,
         };
-        let identity = cluster
-            .as_ref()
-            .map(|c| (c.membership.cluster_id, c.member_id));
+        let identity = cluster.as_ref().map(|c| (c.cluster_id, c.member_id));
         let meta = meta::load_or_create(&path, wanted_shards, opts.partitioner, identity)?;
         let group = cluster.as_ref().map(|c| c.group());
         let (shards, current, compact) =
@@ -238,6 +237,15 @@ impl Db {
     /// `(cluster id, member id)`, fixed when the data dir was created.
     pub fn identity(&self) -> (u64, u64) {
         (self.inner.shared.cluster_id, self.inner.shared.member_id)
+    }
+
+    /// Whether this cluster member applied its own removal (MemberRemove).
+    pub fn is_removed(&self) -> bool {
+        self.inner
+            .shared
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.is_removed())
     }
 
     /// The highest Raft term of the shard groups.
@@ -493,15 +501,19 @@ impl LocalDb {
     /// The cluster's members (`None` on a single node).
     pub fn members(&self) -> Option<Vec<crate::cluster::Member>> {
         let cl = self.core.shared.cluster.as_ref()?;
-        let urls = cl.peer_client_urls.read().ok();
+        let info = cl.peer_info.read().ok();
         Some(
-            cl.membership
+            cl.membership()
                 .members
-                .values()
-                .cloned()
+                .into_values()
                 .map(|mut m| {
-                    if let Some(u) = urls.as_ref().and_then(|u| u.get(&m.id)) {
-                        m.client_urls = u.clone();
+                    // A member added at run time is unnamed in the record until it starts;
+                    // once it has connected, its handshake says who it is.
+                    if let Some(i) = info.as_ref().and_then(|u| u.get(&m.id)) {
+                        m.client_urls = i.client_urls.clone();
+                        if m.name.is_empty() {
+                            m.name = i.name.clone();
+                        }
                     }
                     m
                 })
@@ -517,8 +529,8 @@ impl LocalDb {
         if leader == 0 || leader == cl.member_id {
             return None;
         }
-        let urls = cl.peer_client_urls.read().ok()?;
-        urls.get(&leader)?.first().cloned()
+        let info = cl.peer_info.read().ok()?;
+        info.get(&leader)?.client_urls.first().cloned()
     }
 
     /// The member leading the cluster (the leader of shard 0) as this node last saw it; 0 when

@@ -45,10 +45,22 @@ pub struct Hello {
     pub client_urls: Vec<String>,
 }
 
+/// A joining member's request for the cluster's membership.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Join {
+    pub version: u32,
+    pub token: String,
+    pub shards: u32,
+    pub peer_urls: Vec<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerMsg {
     Hello(Hello),
     Refusal(String),
+    Join(Join),
+    /// The membership record (JSON) answering a `Join`.
+    Members(Bytes),
     /// Raft messages, each tagged with its shard; sender and receiver are the connection's.
     Batch(Vec<(u32, Message)>),
 }
@@ -155,6 +167,37 @@ pub fn encode_refusal(reason: &str) -> Bytes {
     let r = fbb.create_string(reason);
     let refusal = fb::Refusal::create(&mut fbb, &fb::RefusalArgs { reason: Some(r) });
     finish(fbb, fb::Body::Refusal, refusal.as_union_value())
+}
+
+/// One framed `Join`.
+pub fn encode_join(j: &Join) -> Bytes {
+    let mut fbb = FlatBufferBuilder::with_capacity(128);
+    let token = fbb.create_string(&j.token);
+    let urls: Vec<_> = j.peer_urls.iter().map(|u| fbb.create_string(u)).collect();
+    let peer_urls = fbb.create_vector(&urls);
+    let join = fb::Join::create(
+        &mut fbb,
+        &fb::JoinArgs {
+            version: j.version,
+            token: Some(token),
+            shards: j.shards,
+            peer_urls: Some(peer_urls),
+        },
+    );
+    finish(fbb, fb::Body::Join, join.as_union_value())
+}
+
+/// One framed `Members` answer.
+pub fn encode_members(membership: &[u8]) -> Bytes {
+    let mut fbb = FlatBufferBuilder::with_capacity(64 + membership.len());
+    let m = fbb.create_vector(membership);
+    let members = fb::Members::create(
+        &mut fbb,
+        &fb::MembersArgs {
+            membership: Some(m),
+        },
+    );
+    finish(fbb, fb::Body::Members, members.as_union_value())
 }
 
 /// One framed batch of Raft messages (all from this node to one peer).
@@ -304,6 +347,28 @@ pub fn decode(payload: &Bytes, from: NodeId, to: NodeId) -> Result<PeerMsg, Code
                 .body_as_refusal()
                 .ok_or_else(|| malformed("empty refusal"))?;
             Ok(PeerMsg::Refusal(r.reason().unwrap_or_default().to_string()))
+        }
+        fb::Body::Join => {
+            let j = frame
+                .body_as_join()
+                .ok_or_else(|| malformed("empty join"))?;
+            Ok(PeerMsg::Join(Join {
+                version: j.version(),
+                token: j.token().unwrap_or_default().to_string(),
+                shards: j.shards(),
+                peer_urls: j
+                    .peer_urls()
+                    .map(|v| v.iter().map(str::to_string).collect())
+                    .unwrap_or_default(),
+            }))
+        }
+        fb::Body::Members => {
+            let m = frame
+                .body_as_members()
+                .ok_or_else(|| malformed("empty members"))?;
+            Ok(PeerMsg::Members(Bytes::copy_from_slice(
+                m.membership().map(|v| v.bytes()).unwrap_or_default(),
+            )))
         }
         fb::Body::Batch => {
             let b = frame
@@ -515,11 +580,24 @@ mod tests {
         };
         let mut stream = encode_hello(&h).to_vec();
         stream.extend_from_slice(&encode_refusal("no"));
+        let join = Join {
+            version: PROTOCOL_VERSION,
+            token: "t".into(),
+            shards: 4,
+            peer_urls: vec!["http://127.0.0.1:2380".into()],
+        };
+        stream.extend_from_slice(&encode_join(&join));
+        stream.extend_from_slice(&encode_members(b"{}"));
         let frames = read_all(&stream).unwrap();
         assert_eq!(decode(&frames[0], 0, 0).unwrap(), PeerMsg::Hello(h));
         assert_eq!(
             decode(&frames[1], 0, 0).unwrap(),
             PeerMsg::Refusal("no".into())
+        );
+        assert_eq!(decode(&frames[2], 0, 0).unwrap(), PeerMsg::Join(join));
+        assert_eq!(
+            decode(&frames[3], 0, 0).unwrap(),
+            PeerMsg::Members(Bytes::from_static(b"{}"))
         );
         // A partial frame waits for more bytes.
         let mut r = FrameReader::default();

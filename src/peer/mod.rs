@@ -8,5 +8,5 @@ pub mod codec;
 mod peer_generated;
 pub mod transport;
 
-pub use codec::{CodecError, Hello, PeerMsg};
-pub use transport::{check_hello, Handler, PeerConfig, Transport};
+pub use codec::{CodecError, Hello, Join, PeerMsg, PROTOCOL_VERSION};
+pub use transport::{check_hello, request_membership, Handler, PeerConfig, PeerInfo, Transport};

@@ -14,14 +14,16 @@ pub mod peerfb {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 3;
+pub const ENUM_MAX_BODY: u8 = 5;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 4] = [
+pub const ENUM_VALUES_BODY: [Body; 6] = [
   Body::NONE,
   Body::Hello,
   Body::Refusal,
   Body::Batch,
+  Body::Join,
+  Body::Members,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -33,14 +35,18 @@ impl Body {
   pub const Hello: Self = Self(1);
   pub const Refusal: Self = Self(2);
   pub const Batch: Self = Self(3);
+  pub const Join: Self = Self(4);
+  pub const Members: Self = Self(5);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 3;
+  pub const ENUM_MAX: u8 = 5;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
     Self::Refusal,
     Self::Batch,
+    Self::Join,
+    Self::Members,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -49,6 +55,8 @@ impl Body {
       Self::Hello => Some("Hello"),
       Self::Refusal => Some("Refusal"),
       Self::Batch => Some("Batch"),
+      Self::Join => Some("Join"),
+      Self::Members => Some("Members"),
       _ => None,
     }
   }
@@ -1425,6 +1433,249 @@ impl ::core::fmt::Debug for Refusal<'_> {
       ds.finish()
   }
 }
+pub enum JoinOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Join<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Join<'a> {
+  type Inner = Join<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Join<'a> {
+  pub const VT_VERSION: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TOKEN: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SHARDS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_PEER_URLS: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Join { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args JoinArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Join<'bldr>> {
+    let mut builder = JoinBuilder::new(_fbb);
+    if let Some(x) = args.peer_urls { builder.add_peer_urls(x); }
+    builder.add_shards(args.shards);
+    if let Some(x) = args.token { builder.add_token(x); }
+    builder.add_version(args.version);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn version(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Join::VT_VERSION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn token(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Join::VT_TOKEN, None)}
+  }
+  #[inline]
+  pub fn shards(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Join::VT_SHARDS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn peer_urls(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(Join::VT_PEER_URLS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Join<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("version", Self::VT_VERSION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("token", Self::VT_TOKEN, false)?
+     .visit_field::<u32>("shards", Self::VT_SHARDS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("peer_urls", Self::VT_PEER_URLS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct JoinArgs<'a> {
+    pub version: u32,
+    pub token: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub shards: u32,
+    pub peer_urls: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+}
+impl<'a> Default for JoinArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    JoinArgs {
+      version: 0,
+      token: None,
+      shards: 0,
+      peer_urls: None,
+    }
+  }
+}
+
+pub struct JoinBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> JoinBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_version(&mut self, version: u32) {
+    self.fbb_.push_slot::<u32>(Join::VT_VERSION, version, 0);
+  }
+  #[inline]
+  pub fn add_token(&mut self, token: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Join::VT_TOKEN, token);
+  }
+  #[inline]
+  pub fn add_shards(&mut self, shards: u32) {
+    self.fbb_.push_slot::<u32>(Join::VT_SHARDS, shards, 0);
+  }
+  #[inline]
+  pub fn add_peer_urls(&mut self, peer_urls: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Join::VT_PEER_URLS, peer_urls);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> JoinBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    JoinBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Join<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Join<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Join");
+      ds.field("version", &self.version());
+      ds.field("token", &self.token());
+      ds.field("shards", &self.shards());
+      ds.field("peer_urls", &self.peer_urls());
+      ds.finish()
+  }
+}
+pub enum MembersOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Members<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Members<'a> {
+  type Inner = Members<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Members<'a> {
+  pub const VT_MEMBERSHIP: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Members { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args MembersArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Members<'bldr>> {
+    let mut builder = MembersBuilder::new(_fbb);
+    if let Some(x) = args.membership { builder.add_membership(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn membership(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Members::VT_MEMBERSHIP, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Members<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("membership", Self::VT_MEMBERSHIP, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MembersArgs<'a> {
+    pub membership: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for MembersArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    MembersArgs {
+      membership: None,
+    }
+  }
+}
+
+pub struct MembersBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MembersBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_membership(&mut self, membership: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Members::VT_MEMBERSHIP, membership);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MembersBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MembersBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Members<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Members<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Members");
+      ds.field("membership", &self.membership());
+      ds.finish()
+  }
+}
 pub enum FrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -1519,6 +1770,36 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_join(&self) -> Option<Join<'a>> {
+    if self.body_type() == Body::Join {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Join::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_members(&self) -> Option<Members<'a>> {
+    if self.body_type() == Body::Members {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Members::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -1532,6 +1813,8 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Body::Hello => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Hello>>("Body::Hello", pos),
           Body::Refusal => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Refusal>>("Body::Refusal", pos),
           Body::Batch => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Batch>>("Body::Batch", pos),
+          Body::Join => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Join>>("Body::Join", pos),
+          Body::Members => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Members>>("Body::Members", pos),
           _ => Ok(()),
         }
      })?
@@ -1602,6 +1885,20 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Body::Batch => {
           if let Some(x) = self.body_as_batch() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::Join => {
+          if let Some(x) = self.body_as_join() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::Members => {
+          if let Some(x) = self.body_as_members() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -19,24 +19,35 @@ use std::rc::Rc;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
-use super::codec::{self, FrameReader, Hello, PeerMsg, PROTOCOL_VERSION};
+use super::codec::{self, FrameReader, Hello, Join, PeerMsg, PROTOCOL_VERSION};
 use crate::raft::{Message, NodeId};
 
 /// Receives every Raft message that arrives on this core: `(shard, message)`.
 pub type Handler = Rc<dyn Fn(u32, Message)>;
 
+/// What a peer announced about itself in its handshake.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub name: String,
+    pub client_urls: Vec<String>,
+}
+
 /// This node's identity and its peers' addresses.
 #[derive(Clone, Debug)]
 pub struct PeerConfig {
     pub local: Hello,
-    /// Member id → `host:port` of its peer listener (this node excluded).
-    pub peers: BTreeMap<NodeId, String>,
+    /// Member id → `host:port` of its peer listener (this node excluded). Shared with the
+    /// cluster layer, which rewrites it when membership changes.
+    pub peers: Arc<RwLock<BTreeMap<NodeId, String>>>,
     pub dial_timeout: Duration,
-    /// Client URLs peers announced in their handshakes, shared with the rest of the node.
-    pub peer_client_urls: Arc<RwLock<BTreeMap<NodeId, Vec<String>>>>,
+    /// What peers announced in their handshakes, shared with the rest of the node.
+    pub peer_info: Arc<RwLock<BTreeMap<NodeId, PeerInfo>>>,
+    /// The membership record (JSON) handed to a joining member; empty: joins are refused.
+    pub membership: Arc<RwLock<Vec<u8>>>,
 }
 
 impl PeerConfig {
@@ -59,9 +70,90 @@ impl PeerConfig {
                 token: token.to_string(),
                 client_urls: Vec::new(),
             },
-            peers,
+            peers: Arc::new(RwLock::new(peers)),
             dial_timeout: Duration::from_millis(500),
-            peer_client_urls: Arc::default(),
+            peer_info: Arc::default(),
+            membership: Arc::default(),
+        }
+    }
+
+    fn knows(&self, remote: &Hello) -> Result<(), String> {
+        let peers = self
+            .peers
+            .read()
+            .map_err(|_| "peer table poisoned".to_string())?;
+        check_hello(&self.local, remote, &peers)
+    }
+
+    fn addr_of(&self, id: NodeId) -> Option<String> {
+        self.peers.read().ok()?.get(&id).cloned()
+    }
+
+    /// The answer to a joining member: the membership, or why it may not join.
+    fn answer_join(&self, j: &Join) -> Result<Bytes, String> {
+        let local = &self.local;
+        if j.version != local.version {
+            return Err(format!(
+                "peer protocol version mismatch: {} speaks {}, the joiner speaks {}",
+                who(local),
+                local.version,
+                j.version
+            ));
+        }
+        if j.token != local.token {
+            return Err(format!(
+                "cluster mismatch: {} is in a cluster with token {:?}, the joiner has token {:?}",
+                who(local),
+                local.token,
+                j.token
+            ));
+        }
+        if j.shards != local.shards {
+            return Err(format!(
+                "shard count mismatch: {} has {} shards, the joiner has {}",
+                who(local),
+                local.shards,
+                j.shards
+            ));
+        }
+        let m = self.membership.read().map_err(|_| "membership poisoned")?;
+        if m.is_empty() {
+            return Err(format!("{} does not take joining members", who(local)));
+        }
+        Ok(Bytes::copy_from_slice(&m))
+    }
+}
+
+/// Asks the member at `addr` (`host:port`) for the cluster's membership, as a member started
+/// with `--initial-cluster-state existing` does before it opens its data dir. Blocking: it runs
+/// before any executor exists.
+pub fn request_membership(addr: &str, join: &Join, timeout: Duration) -> Result<Bytes, String> {
+    use std::io::{Read, Write};
+    let sock = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to nothing"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.write_all(&codec::encode_join(join))
+        .map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::default();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        if let Some(frame) = reader.next_frame().map_err(|e| e.to_string())? {
+            return match codec::decode(&frame, 0, 0).map_err(|e| e.to_string())? {
+                PeerMsg::Members(m) => Ok(m),
+                PeerMsg::Refusal(r) => Err(format!("refused: {r}")),
+                other => Err(format!("expected the membership, got {other:?}")),
+            };
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return Err(format!("{addr} closed before answering")),
+            Ok(n) => reader.feed(&buf[..n]),
+            Err(e) => return Err(e.to_string()),
         }
     }
 }
@@ -216,8 +308,14 @@ impl Transport {
     }
 
     fn note_peer(&self, h: &Hello) {
-        if let Ok(mut m) = self.cfg.peer_client_urls.write() {
-            m.insert(h.member_id, h.client_urls.clone());
+        if let Ok(mut m) = self.cfg.peer_info.write() {
+            m.insert(
+                h.member_id,
+                PeerInfo {
+                    name: h.name.clone(),
+                    client_urls: h.client_urls.clone(),
+                },
+            );
         }
     }
 
@@ -284,9 +382,19 @@ async fn serve_inbound(t: &Rc<Transport>, mut stream: TcpStream) -> Result<(), S
     };
     let hello = match codec::decode(&first, 0, 0).map_err(|e| e.to_string())? {
         PeerMsg::Hello(h) => h,
+        PeerMsg::Join(j) => {
+            let answer = match t.cfg.answer_join(&j) {
+                Ok(m) => codec::encode_members(&m),
+                Err(reason) => {
+                    tracing::warn!(peer_urls = ?j.peer_urls, %reason, "refused a joining member");
+                    codec::encode_refusal(&reason)
+                }
+            };
+            return stream.write_all(&answer).await.map_err(|e| e.to_string());
+        }
         other => return Err(format!("expected a hello, got {other:?}")),
     };
-    if let Err(reason) = check_hello(&t.cfg.local, &hello, &t.cfg.peers) {
+    if let Err(reason) = t.cfg.knows(&hello) {
         let _ = stream.write_all(&codec::encode_refusal(&reason)).await;
         return Err(format!("refused: {reason}"));
     }
@@ -376,8 +484,7 @@ async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
 async fn dial(t: &Rc<Transport>, to: NodeId) -> Result<TcpStream, String> {
     let addr = t
         .cfg
-        .peers
-        .get(&to)
+        .addr_of(to)
         .ok_or_else(|| format!("no address for member {to:x}"))?;
     let sock: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
         .map_err(|e| e.to_string())?
@@ -401,8 +508,7 @@ async fn dial(t: &Rc<Transport>, to: NodeId) -> Result<TcpStream, String> {
         PeerMsg::Hello(h) => {
             let mut expect = h.clone();
             expect.to_member = 0;
-            check_hello(&t.cfg.local, &expect, &t.cfg.peers)
-                .map_err(|r| format!("refused: {r}"))?;
+            t.cfg.knows(&expect).map_err(|r| format!("refused: {r}"))?;
             if h.member_id != to {
                 return Err(format!(
                     "refused: member mismatch: dialed {to:x} at {addr}, reached {:x}",

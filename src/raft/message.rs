@@ -86,6 +86,7 @@ impl ConfState {
                 self.voters.remove(&id);
                 self.learners.remove(&id);
             }
+            ConfChange::Update(_) => {}
         }
     }
 }
@@ -98,37 +99,55 @@ pub enum ConfChange {
     AddLearner(NodeId),
     PromoteLearner(NodeId),
     Remove(NodeId),
+    /// Changes nothing Raft tracks: it carries new member attributes (peer URLs) in its
+    /// context through the log, so every replica applies them at the same point.
+    Update(NodeId),
 }
 
 impl ConfChange {
     /// 1 tag byte + 8-byte big-endian node id.
     pub fn encode(&self) -> Bytes {
+        self.encode_with(&[])
+    }
+
+    /// The change followed by an opaque `context` Raft ignores (the application's record of
+    /// the member, e.g. its name and peer URLs), as etcd's `ConfChange.Context`.
+    pub fn encode_with(&self, context: &[u8]) -> Bytes {
         let (tag, id) = match *self {
             ConfChange::AddVoter(id) => (1u8, id),
             ConfChange::AddLearner(id) => (2, id),
             ConfChange::PromoteLearner(id) => (3, id),
             ConfChange::Remove(id) => (4, id),
+            ConfChange::Update(id) => (5, id),
         };
-        let mut b = BytesMut::with_capacity(9);
+        let mut b = BytesMut::with_capacity(9 + context.len());
         b.put_u8(tag);
         b.put_u64(id);
+        b.put_slice(context);
         b.freeze()
     }
 
+    /// The change an entry's data holds; its context follows ([`Self::context`]).
     pub fn decode(data: &[u8]) -> Result<Self> {
-        if data.len() != 9 {
+        if data.len() < 9 {
             return Err(Error::MalformedConfChange);
         }
         let mut id = [0u8; 8];
-        id.copy_from_slice(&data[1..]);
+        id.copy_from_slice(&data[1..9]);
         let id = u64::from_be_bytes(id);
         Ok(match data[0] {
             1 => ConfChange::AddVoter(id),
             2 => ConfChange::AddLearner(id),
             3 => ConfChange::PromoteLearner(id),
             4 => ConfChange::Remove(id),
+            5 => ConfChange::Update(id),
             _ => return Err(Error::MalformedConfChange),
         })
+    }
+
+    /// The context [`Self::encode_with`] appended (empty if none).
+    pub fn context(data: &[u8]) -> &[u8] {
+        data.get(9..).unwrap_or(&[])
     }
 
     pub fn node(&self) -> NodeId {
@@ -136,7 +155,8 @@ impl ConfChange {
             ConfChange::AddVoter(id)
             | ConfChange::AddLearner(id)
             | ConfChange::PromoteLearner(id)
-            | ConfChange::Remove(id) => id,
+            | ConfChange::Remove(id)
+            | ConfChange::Update(id) => id,
         }
     }
 }

@@ -250,6 +250,17 @@ impl Raft {
     pub fn conf_state(&self) -> &ConfState {
         &self.conf
     }
+    /// Whether a membership change is proposed and not yet applied (a new one is refused).
+    pub fn conf_change_pending(&self) -> bool {
+        self.pending_conf_index > self.log.applied()
+    }
+
+    /// On a leader: the highest index `id` is known to hold, and whether it answered since
+    /// the last check-quorum round.
+    pub fn progress_of(&self, id: NodeId) -> Option<(u64, bool)> {
+        self.prs.get(&id).map(|p| (p.matched, p.recent_active))
+    }
+
     pub fn lead_transferee(&self) -> Option<NodeId> {
         self.lead_transferee
     }
@@ -286,6 +297,11 @@ impl Raft {
     }
 
     pub fn propose_conf_change(&mut self, cc: ConfChange) -> Result<u64> {
+        self.propose_conf_change_with(cc, &[])
+    }
+
+    /// [`Self::propose_conf_change`] with an application context carried in the entry.
+    pub fn propose_conf_change_with(&mut self, cc: ConfChange, context: &[u8]) -> Result<u64> {
         self.check_can_propose()?;
         if self.pending_conf_index > self.log.applied() {
             return Err(Error::ConfChangePending);
@@ -301,7 +317,7 @@ impl Raft {
             ConfChange::PromoteLearner(id) if !c.learners.contains(&id) => {
                 return Err(Error::InvalidConfChange("not a learner"))
             }
-            ConfChange::Remove(id) if !c.contains(id) => {
+            ConfChange::Remove(id) | ConfChange::Update(id) if !c.contains(id) => {
                 return Err(Error::InvalidConfChange("not a member"))
             }
             ConfChange::Remove(id) if c.voters.len() == 1 && c.voters.contains(&id) => {
@@ -310,7 +326,7 @@ impl Raft {
             _ if cc.node() == 0 => return Err(Error::InvalidConfChange("node id 0")),
             _ => {}
         }
-        let index = self.append_and_broadcast(EntryKind::ConfChange, cc.encode());
+        let index = self.append_and_broadcast(EntryKind::ConfChange, cc.encode_with(context));
         self.pending_conf_index = index;
         Ok(index)
     }

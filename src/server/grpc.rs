@@ -51,8 +51,15 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match &e {
             Error::Compacted | Error::FutureRevision | Error::LeaseTtlTooLarge => Code::OutOfRange,
-            Error::LeaseNotFound => Code::NotFound,
-            Error::LeaseExists | Error::BadLeaderTransferee => Code::FailedPrecondition,
+            Error::LeaseNotFound | Error::MemberNotFound => Code::NotFound,
+            Error::LeaseExists
+            | Error::BadLeaderTransferee
+            | Error::MemberExists
+            | Error::PeerUrlExists
+            | Error::NotEnoughStartedMembers
+            | Error::MemberNotLearner
+            | Error::LearnerNotReady
+            | Error::TooManyLearners => Code::FailedPrecondition,
             Error::KeyNotFound
             | Error::DuplicateKey
             | Error::TooManyOps
@@ -61,6 +68,7 @@ impl From<Error> for Status {
             | Error::LeaseProvided
             | Error::InvalidSortOption
             | Error::RequestTooLarge
+            | Error::MemberBadUrls
             | Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::DiskFull { .. } => {
                 return Status::new(
@@ -69,9 +77,11 @@ impl From<Error> for Status {
                 )
             }
             Error::Closed => return Status::new(Code::Unavailable, "etcdserver: server stopped"),
-            Error::NoLeader | Error::NotLeader | Error::LeaderChanged | Error::Timeout => {
-                Code::Unavailable
-            }
+            Error::NoLeader
+            | Error::NotLeader
+            | Error::LeaderChanged
+            | Error::Timeout
+            | Error::Unhealthy => Code::Unavailable,
             Error::Io { .. }
             | Error::Corrupt { .. }
             | Error::DataDir { .. }

@@ -561,7 +561,7 @@ async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Stat
                 raft_applied_index: st.log_index,
                 errors: vec![],
                 db_size_in_use: st.disk_bytes as i64,
-                is_learner: false,
+                is_learner: ctx.db.is_learner(),
             }))
         }
         "/etcdserverpb.Maintenance/Alarm" => {
@@ -626,52 +626,61 @@ async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Stat
         }
         "/etcdserverpb.Cluster/MemberList" => {
             let _: pb::MemberListRequest = one(msgs)?;
-            let members = match db.members() {
-                // Other members' client URLs are not exchanged yet; this member's are its own.
-                Some(ms) => ms
-                    .into_iter()
-                    .map(|m| {
-                        if m.id == ctx.member_id {
-                            ctx.member()
-                        } else {
-                            pb::Member {
-                                id: m.id,
-                                name: m.name,
-                                peer_ur_ls: m.peer_urls,
-                                client_ur_ls: m.client_urls,
-                                is_learner: m.is_learner,
-                            }
-                        }
-                    })
-                    .collect(),
-                None => vec![ctx.member()],
-            };
             Ok(enc(&pb::MemberListResponse {
                 header: Some(ctx.header(db.revision())),
-                members,
+                members: member_list(ctx),
             }))
         }
         "/etcdserverpb.Cluster/MemberAdd" => {
-            let _: pb::MemberAddRequest = one(msgs)?;
-            Err(not_enough_members())
+            let req: pb::MemberAddRequest = one(msgs)?;
+            if !db.is_cluster_member() {
+                return Err(not_enough_members());
+            }
+            let m = db.member_add(req.peer_ur_ls, req.is_learner).await?;
+            Ok(enc(&pb::MemberAddResponse {
+                header: Some(ctx.header(db.revision())),
+                member: Some(pb_member(m)),
+                members: member_list(ctx),
+            }))
         }
         "/etcdserverpb.Cluster/MemberRemove" => {
             let req: pb::MemberRemoveRequest = one(msgs)?;
-            Err(member_change(ctx, req.id))
+            if !db.is_cluster_member() {
+                return Err(member_change(ctx, req.id));
+            }
+            db.member_remove(req.id).await?;
+            Ok(enc(&pb::MemberRemoveResponse {
+                header: Some(ctx.header(db.revision())),
+                members: member_list(ctx),
+            }))
         }
         "/etcdserverpb.Cluster/MemberUpdate" => {
             let req: pb::MemberUpdateRequest = one(msgs)?;
-            Err(member_change(ctx, req.id))
+            if !db.is_cluster_member() {
+                return Err(member_change(ctx, req.id));
+            }
+            db.member_update(req.id, req.peer_ur_ls).await?;
+            Ok(enc(&pb::MemberUpdateResponse {
+                header: Some(ctx.header(db.revision())),
+                members: member_list(ctx),
+            }))
         }
         "/etcdserverpb.Cluster/MemberPromote" => {
             let req: pb::MemberPromoteRequest = one(msgs)?;
-            if req.id != ctx.member_id {
-                return Err(Status::new(Code::NotFound, "etcdserver: member not found"));
+            if !db.is_cluster_member() {
+                if req.id != ctx.member_id {
+                    return Err(Status::new(Code::NotFound, "etcdserver: member not found"));
+                }
+                return Err(Status::new(
+                    Code::FailedPrecondition,
+                    "etcdserver: can only promote a learner member",
+                ));
             }
-            Err(Status::new(
-                Code::FailedPrecondition,
-                "etcdserver: can only promote a learner member",
-            ))
+            db.member_promote(req.id).await?;
+            Ok(enc(&pb::MemberPromoteResponse {
+                header: Some(ctx.header(db.revision())),
+                members: member_list(ctx),
+            }))
         }
         p if p.starts_with("/etcdserverpb.Lease/") || p == lease::KEEP_ALIVE_ONCE => {
             lease::call(ctx, p, msgs).await
@@ -682,8 +691,36 @@ async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Stat
     }
 }
 
-/// Membership changes need the cluster layer; until then etcd's refusal for a change the
-/// cluster cannot take is returned.
+fn pb_member(m: crate::cluster::Member) -> pb::Member {
+    pb::Member {
+        id: m.id,
+        name: m.name,
+        peer_ur_ls: m.peer_urls,
+        client_ur_ls: m.client_urls,
+        is_learner: m.is_learner,
+    }
+}
+
+/// The members as this member knows them; its own entry carries its flags' names and URLs.
+fn member_list(ctx: &Ctx) -> Vec<pb::Member> {
+    match ctx.db.members() {
+        Some(ms) => ms
+            .into_iter()
+            .map(|m| {
+                if m.id == ctx.member_id {
+                    let mut me = ctx.member();
+                    me.is_learner = m.is_learner;
+                    me
+                } else {
+                    pb_member(m)
+                }
+            })
+            .collect(),
+        None => vec![ctx.member()],
+    }
+}
+
+/// A single node cannot change membership: etcd's refusal for a change the cluster cannot take.
 fn not_enough_members() -> Status {
     Status::new(
         Code::FailedPrecondition,

@@ -269,6 +269,15 @@ impl Server {
         status
     }
 
+    /// Waits up to `timeout` for the server to exit by itself and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let name = self.name();
+        let child = self.child.as_mut().expect("the server is not running");
+        let status = wait_exit(child, timeout, name);
+        self.child = None;
+        status
+    }
+
     /// SIGKILL, and reaps the process.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

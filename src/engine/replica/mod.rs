@@ -103,8 +103,10 @@ impl Group {
         }
     }
 
+    /// A cluster member's group runs the peer machinery (ticks, messages, apply) even when
+    /// membership changes leave it alone in the group.
     fn has_peers(&self) -> bool {
-        self.conf.members().any(|(id, _)| id != self.id)
+        self.gate.is_some() || self.conf.members().any(|(id, _)| id != self.id)
     }
 }
 
@@ -529,6 +531,67 @@ impl Replica {
         self.pump(wal);
         self.ensure_healthy()?;
         Ok(index)
+    }
+
+    /// Proposes a membership change with the member's record as context. The entry is logged
+    /// like any other; it takes effect in Raft, and in the store's membership, once applied.
+    pub fn propose_conf_change(
+        &self,
+        wal: &Wal,
+        cc: raft::ConfChange,
+        context: &[u8],
+    ) -> Result<u64> {
+        self.ensure_healthy()?;
+        let Some(raft) = &self.raft else {
+            return Err(Error::InvalidArgument(
+                "membership changes need a cluster".into(),
+            ));
+        };
+        if !self.can_execute_here() {
+            return Err(if self.leader().is_some() {
+                Error::NotLeader
+            } else {
+                Error::NoLeader
+            });
+        }
+        if !wal.has_room(record::frame_len(context.len() + 64) + RECORD_SLACK) {
+            return Err(Error::Timeout);
+        }
+        let index = raft
+            .borrow_mut()
+            .propose_conf_change_with(cc, context)
+            .map_err(|e| match e {
+                // The previous change is still being applied; the client may retry.
+                raft::Error::ConfChangePending => Error::Timeout,
+                raft::Error::InvalidConfChange(why) => Error::InvalidArgument(why.to_string()),
+                e => raft_error(self.shard, e),
+            })?;
+        self.pump(wal);
+        self.ensure_healthy()?;
+        Ok(index)
+    }
+
+    /// The group's voters and learners as Raft applies them.
+    pub fn conf(&self) -> ConfState {
+        match &self.raft {
+            Some(r) => r.borrow().conf_state().clone(),
+            None => ConfState::new([LOCAL_ID]),
+        }
+    }
+
+    /// A membership change is proposed in this group and not yet applied.
+    pub fn conf_change_pending(&self) -> bool {
+        self.raft
+            .as_ref()
+            .is_some_and(|r| r.borrow().conf_change_pending())
+    }
+
+    /// On the leader: what member `id` holds of the log (match index) and whether it answered
+    /// lately; plus the leader's own last index.
+    pub fn progress_of(&self, id: raft::NodeId) -> Option<(u64, bool, u64)> {
+        let r = self.raft.as_ref()?.borrow();
+        let (matched, active) = r.progress_of(id)?;
+        Some((matched, active, r.last_index()))
     }
 
     /// Waits until the entry at `index`, proposed in `term`, is committed.
