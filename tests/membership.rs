@@ -13,6 +13,18 @@ use common::server::{Kind, Ports, Server};
 const TOKEN: &str = "membership-test";
 
 fn member_args(name: &str, p: &Ports, initial: &str, state: &str) -> Vec<String> {
+    let mut args = cluster_args(name, initial, state);
+    args.extend([
+        "--listen-peer-urls".to_string(),
+        p.peer_url(),
+        "--initial-advertise-peer-urls".to_string(),
+        p.peer_url(),
+    ]);
+    args
+}
+
+/// The cluster flags spindle and etcd share (the harness adds etcd's peer URL flags itself).
+fn cluster_args(name: &str, initial: &str, state: &str) -> Vec<String> {
     [
         "--name",
         name,
@@ -22,10 +34,6 @@ fn member_args(name: &str, p: &Ports, initial: &str, state: &str) -> Vec<String>
         state,
         "--initial-cluster-token",
         TOKEN,
-        "--listen-peer-urls",
-        &p.peer_url(),
-        "--initial-advertise-peer-urls",
-        &p.peer_url(),
         "--heartbeat-interval",
         "50",
         "--election-timeout",
@@ -298,4 +306,267 @@ fn add_learner_join_promote_update_and_remove_members() {
     servers[rest[0]].restart();
     until_ok(&eps, &["put", "k/4", "again"], 20);
     wait_value(&servers[rest[0]].endpoint(), "k/4", "again");
+}
+
+/// Three members of `kind` bootstrapped together, ready to serve.
+fn cluster_of(kind: Kind, ports: &[Ports]) -> Vec<Server> {
+    let initial: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("s{i}={}", p.peer_url()))
+        .collect();
+    let initial = initial.join(",");
+    let mut servers: Vec<Server> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let name = format!("s{i}");
+            let args = match kind {
+                Kind::Spindle => member_args(&name, p, &initial, "new"),
+                Kind::Etcd => cluster_args(&name, &initial, "new"),
+            };
+            Server::spawn_on(kind, *p, &args)
+        })
+        .collect();
+    for s in &mut servers {
+        s.wait_ready();
+    }
+    servers
+}
+
+/// etcdctl's output with the run's ids and ports replaced by placeholders, so two clusters'
+/// answers compare equal when they behave alike.
+fn normalize(text: &str, ids: &[(u64, &str)], ports: &[(u16, &str)]) -> String {
+    // etcdctl logs retries as JSON lines (timestamps, client ids) and pads ids to 16 columns.
+    let mut t = text
+        .lines()
+        .filter(|l| !l.starts_with('{'))
+        // Health checks time their proposal.
+        .map(|l| l.split_once(": took =").map_or(l, |(head, _)| head))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for (id, name) in ids.iter().filter(|(id, _)| *id != 0) {
+        t = t.replace(&format!("{id:x}"), &format!("<{name}>"));
+    }
+    for (port, name) in ports {
+        t = t.replace(&port.to_string(), &format!("<{name}>"));
+    }
+    // Members come in id order, and ids differ between the two clusters.
+    let mut lines: Vec<String> = t
+        .lines()
+        .map(|l| match l.strip_prefix("ETCD_INITIAL_CLUSTER=") {
+            Some(v) => {
+                let mut parts: Vec<&str> = v.trim_matches('"').split(',').collect();
+                parts.sort_unstable();
+                format!("ETCD_INITIAL_CLUSTER=\"{}\"", parts.join(","))
+            }
+            None => l.to_string(),
+        })
+        .collect();
+    if lines
+        .iter()
+        .all(|l| l.starts_with('<') || l.starts_with("http"))
+    {
+        lines.sort();
+    }
+    lines.join("\n")
+}
+
+/// The same membership session against a running cluster: what etcdctl printed for each step
+/// (exit status and output, ids and ports normalized).
+fn membership_session(servers: &mut [Server], ports: &[Ports], spare: &Ports) -> Vec<String> {
+    let all: Vec<String> = servers.iter().map(|s| s.endpoint()).collect();
+    let all = all.join(",");
+    until_ok(&all, &["put", "k", "v"], 20);
+    // etcd refuses changes until its peers have been connected for its health interval (5 s).
+    std::thread::sleep(Duration::from_secs(6));
+    let ids: Vec<u64> = servers.iter().map(member_id).collect();
+    let cluster_id = {
+        let st = etcdctl::run(&all, &["member", "list", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap_or_default();
+        v["header"]["cluster_id"].as_u64().unwrap_or(0)
+    };
+    let mut names: Vec<(u64, String)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (*id, format!("s{i}")))
+        .collect();
+    names.push((cluster_id, "cluster".into()));
+    let mut port_names: Vec<(u16, String)> = Vec::new();
+    for (i, p) in ports.iter().enumerate() {
+        port_names.push((p.client, format!("client{i}")));
+        port_names.push((p.peer, format!("peer{i}")));
+    }
+    port_names.push((spare.peer, "spare".into()));
+    let out = std::cell::RefCell::new(Vec::new());
+    let step = |label: &str, args: &[&str], names: &[(u64, String)]| -> etcdctl::Ctl {
+        let r = etcdctl::run(&all, args);
+        let ids: Vec<(u64, &str)> = names.iter().map(|(i, n)| (*i, n.as_str())).collect();
+        let ports: Vec<(u16, &str)> = port_names.iter().map(|(p, n)| (*p, n.as_str())).collect();
+        let text = if r.ok { &r.stdout } else { &r.stderr };
+        // etcdctl prefixes errors with a timestamp; keep the message.
+        let text = text
+            .lines()
+            .map(|l| l.split_once("Error: ").map_or(l, |(_, m)| m))
+            .collect::<Vec<_>>()
+            .join("\n");
+        out.borrow_mut().push(format!(
+            "{label}: ok={} {}",
+            r.ok,
+            normalize(text.trim(), &ids, &ports)
+        ));
+        r
+    };
+    let s0 = format!("{:x}", ids[0]);
+    step("health", &["endpoint", "health", "--cluster"], &names);
+    let st = etcdctl::run(
+        &servers[0].endpoint(),
+        &["endpoint", "status", "--cluster", "-w", "json"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap_or_default();
+    let statuses = v.as_array().cloned().unwrap_or_default();
+    let leaders: Vec<u64> = statuses
+        .iter()
+        .map(|e| e["Status"]["leader"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(leaders.len(), 3, "{st:?}");
+    out.borrow_mut().push(format!(
+        "status --cluster: {} endpoints, one leader among them: {}, learners: {:?}, terms and indexes set: {}",
+        statuses.len(),
+        leaders.windows(2).all(|w| w[0] == w[1]) && ids.contains(&leaders[0]),
+        statuses
+            .iter()
+            .map(|e| e["Status"]["isLearner"].as_bool().unwrap_or(false))
+            .collect::<Vec<_>>(),
+        statuses.iter().all(|e| e["Status"]["raft_term"].as_u64().unwrap_or(0) > 0
+            && e["Status"]["raft_index"].as_u64().unwrap_or(0) > 0),
+    ));
+    step(
+        "add a taken peer URL",
+        &[
+            "member",
+            "add",
+            "x",
+            &format!("--peer-urls={}", ports[0].peer_url()),
+        ],
+        &names,
+    );
+    step(
+        "remove an unknown id",
+        &["member", "remove", "abcdef"],
+        &names,
+    );
+    step("promote a voter", &["member", "promote", &s0], &names);
+    step(
+        "update to a taken URL",
+        &[
+            "member",
+            "update",
+            &s0,
+            &format!("--peer-urls={}", ports[1].peer_url()),
+        ],
+        &names,
+    );
+    step(
+        "update an unknown id",
+        &[
+            "member",
+            "update",
+            "abcdef",
+            "--peer-urls=http://127.0.0.1:1",
+        ],
+        &names,
+    );
+    let added = step(
+        "add a learner",
+        &[
+            "member",
+            "add",
+            "s3",
+            "--learner",
+            &format!("--peer-urls={}", spare.peer_url()),
+        ],
+        &[],
+    );
+    let new_id = added
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or(0);
+    assert_ne!(new_id, 0, "{added:?}");
+    names.push((new_id, "s3".into()));
+    // The "added" line names the new id and the cluster id; normalize them after the fact.
+    if let Some(last) = out.borrow_mut().last_mut() {
+        *last = last
+            .replace(&format!("{new_id:x}"), "<s3>")
+            .replace(&format!("{cluster_id:x}"), "<cluster>");
+    }
+    step(
+        "add a second learner",
+        &[
+            "member",
+            "add",
+            "s4",
+            "--learner",
+            "--peer-urls=http://127.0.0.1:2",
+        ],
+        &names,
+    );
+    step(
+        "promote a learner that never started",
+        &["member", "promote", &format!("{new_id:x}")],
+        &names,
+    );
+    step("list", &["member", "list"], &names);
+    step(
+        "remove the learner",
+        &["member", "remove", &format!("{new_id:x}")],
+        &names,
+    );
+    names.pop();
+    step("list again", &["member", "list"], &names);
+    step(
+        "move-leader to an unknown id",
+        &["move-leader", "abcdef"],
+        &names,
+    );
+    // One voter down: adding a voter is refused, removing the down one is allowed.
+    servers[2].kill();
+    std::thread::sleep(Duration::from_secs(6));
+    step(
+        "add a voter with a member down",
+        &["member", "add", "s5", "--peer-urls=http://127.0.0.1:3"],
+        &names,
+    );
+    step(
+        "remove the member that is down",
+        &["member", "remove", &format!("{:x}", ids[2])],
+        &names,
+    );
+    names.retain(|(id, _)| *id != ids[2]);
+    step("list with two", &["member", "list"], &names);
+    out.into_inner()
+}
+
+#[test]
+fn membership_calls_answer_as_etcds_do() {
+    // Separate ports: the first cluster's peer ports linger in TIME_WAIT.
+    let ports = Ports::free(8);
+    let mut etcd = cluster_of(Kind::Etcd, &ports[..3]);
+    let want = membership_session(&mut etcd, &ports[..3], &ports[3]);
+    drop(etcd);
+    let mut ours = cluster_of(Kind::Spindle, &ports[4..7]);
+    let got = membership_session(&mut ours, &ports[4..7], &ports[7]);
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(
+            g,
+            w,
+            "\n--- spindle ---\n{}\n--- etcd ---\n{}",
+            got.join("\n"),
+            want.join("\n")
+        );
+    }
+    assert_eq!(got.len(), want.len());
 }

@@ -121,7 +121,7 @@ impl Core {
         self.wait_writable().await?;
         let m = cl.membership();
         let me = cl.member_id;
-        let voters: Vec<u64> = m.voters().collect();
+        let voters: Vec<&Member> = m.members.values().filter(|r| !r.is_learner).collect();
         let active = |id: u64| {
             id == me
                 || self
@@ -130,7 +130,15 @@ impl Core {
                     .get(&id)
                     .is_some_and(|t| t.elapsed() < ACTIVE_WINDOW)
         };
-        let started = voters.iter().filter(|&&v| active(v)).count();
+        // etcd's strict reconfiguration checks: "started" members have published their name;
+        // a change that adds a voter needs every voter connected.
+        let started = |except: u64| {
+            voters
+                .iter()
+                .filter(|r| r.id != except && !r.name.is_empty())
+                .count()
+        };
+        let all_connected = || voters.iter().all(|r| active(r.id));
         let urls_ok = |r: std::result::Result<(), PeerUrlError>| {
             r.map_err(|e| match e {
                 PeerUrlError::Invalid => Error::MemberBadUrls,
@@ -148,9 +156,14 @@ impl Core {
                     if m.learners().count() >= MAX_LEARNERS {
                         return Err(Error::TooManyLearners);
                     }
-                } else if started < (voters.len() + 1) / 2 + 1 {
-                    // The new voter counts towards the quorum before it has started.
-                    return Err(Error::NotEnoughStartedMembers);
+                } else {
+                    let (n, up) = (voters.len() + 1, started(0));
+                    if !(up == 1 && n == 2) && up < n / 2 + 1 {
+                        return Err(Error::NotEnoughStartedMembers);
+                    }
+                    if !all_connected() {
+                        return Err(Error::Unhealthy);
+                    }
                 }
                 let record = Member {
                     id,
@@ -169,13 +182,14 @@ impl Core {
             MemberOp::Remove(id) => {
                 let target = m.members.get(&id).ok_or(Error::MemberNotFound)?;
                 if !target.is_learner {
-                    let remaining = voters.len() - 1;
-                    let started_after = voters.iter().filter(|&&v| v != id && active(v)).count();
-                    if started_after < remaining / 2 + 1 {
+                    let n = voters.len() - 1;
+                    if started(id) < n / 2 + 1 {
                         return Err(Error::NotEnoughStartedMembers);
                     }
-                    // Removing a member that is up must leave a quorum of the others up.
-                    if active(id) && started - 1 < 1 + (voters.len() - 1) / 2 {
+                    // A member that is down is safe to remove; removing one that is up must
+                    // leave a quorum of the others up.
+                    let up = voters.iter().filter(|r| active(r.id)).count();
+                    if (id == me || active(id)) && up - 1 < 1 + (voters.len() - 1) / 2 {
                         return Err(Error::Unhealthy);
                     }
                 }
@@ -199,11 +213,15 @@ impl Core {
                     .is_some_and(|(matched, _, last)| {
                         matched as f64 >= last as f64 * LEARNER_READY
                     });
-                if !ready || !active(id) {
+                if !ready {
                     return Err(Error::LearnerNotReady);
                 }
-                if started + 1 < (voters.len() + 1) / 2 + 1 {
+                let n = voters.len() + 1;
+                if started(0) + 1 < n / 2 + 1 {
                     return Err(Error::NotEnoughStartedMembers);
+                }
+                if !all_connected() {
+                    return Err(Error::Unhealthy);
                 }
                 (ConfChange::PromoteLearner(id), Some(target.clone()))
             }

@@ -14,8 +14,16 @@ use glommio::net::TcpStream;
 pub struct Conn {
     stream: TcpStream,
     buf: Box<[u8]>,
-    /// Bytes read while sniffing the protocol, replayed before the socket.
+    /// Bytes read while sniffing the protocol (or produced by the filter), served before the
+    /// socket.
     replay: Vec<u8>,
+    filter: Option<Box<dyn ReadFilter>>,
+}
+
+/// Rewrites what a client sent before the protocol layer reads it; dropped once `done`.
+pub trait ReadFilter {
+    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>);
+    fn done(&self) -> bool;
 }
 
 /// Start of the HTTP/2 client connection preface (`PRI * HTTP/2.0...`).
@@ -27,6 +35,17 @@ impl Conn {
             stream,
             buf: vec![0u8; 16 << 10].into_boxed_slice(),
             replay: Vec::new(),
+            filter: None,
+        }
+    }
+
+    /// Passes every byte still to be read (including those sniffed) through `filter`.
+    pub fn filter_reads(&mut self, mut filter: Box<dyn ReadFilter>) {
+        let mut out = Vec::new();
+        filter.feed(&self.replay, &mut out);
+        self.replay = out;
+        if !filter.done() {
+            self.filter = Some(filter);
         }
     }
 
@@ -65,14 +84,30 @@ impl hyper::rt::Read for Conn {
             this.replay.drain(..n);
             return Poll::Ready(Ok(()));
         }
-        let want = out.remaining().min(this.buf.len());
-        match Pin::new(&mut this.stream).poll_read(cx, &mut this.buf[..want]) {
-            Poll::Ready(Ok(n)) => {
-                out.put_slice(&this.buf[..n]);
-                Poll::Ready(Ok(()))
+        loop {
+            let want = out.remaining().min(this.buf.len());
+            match Pin::new(&mut this.stream).poll_read(cx, &mut this.buf[..want]) {
+                Poll::Ready(Ok(n)) => {
+                    let Some(f) = this.filter.as_mut().filter(|_| n > 0) else {
+                        out.put_slice(&this.buf[..n]);
+                        return Poll::Ready(Ok(()));
+                    };
+                    f.feed(&this.buf[..n], &mut this.replay);
+                    if f.done() {
+                        this.filter = None;
+                    }
+                    if this.replay.is_empty() {
+                        // The filter holds a partial frame: read on rather than report EOF.
+                        continue;
+                    }
+                    let k = out.remaining().min(this.replay.len());
+                    out.put_slice(&this.replay[..k]);
+                    this.replay.drain(..k);
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
             }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! through [`LocalDb`]: data this core owns is served without any hop, other shards are one
 //! message away. HTTP/2 streams of one connection are served concurrently.
 
+mod authority;
 pub mod compaction;
 mod convert;
 mod election;
@@ -297,6 +298,7 @@ where
     let mut conn = conn;
     let is_h2 = conn.peek_h2_preface().await;
     if is_h2 {
+        conn.filter_reads(Box::<authority::AuthorityFix>::default());
         hyper::server::conn::http2::Builder::new(crate::runtime::io::LocalExec)
             .max_concurrent_streams(1024)
             .serve_connection(conn, service)
