@@ -1,7 +1,8 @@
-//! Membership changes on `spindle serve` processes, driven by etcdctl as an operator would:
-//! add a learner, start it with `--initial-cluster-state existing`, promote it once it caught up,
+//! Operating a cluster of `spindle serve` processes with etcdctl, as an operator would: add a
+//! learner, start it with `--initial-cluster-state existing`, promote it once it caught up,
 //! update and remove members (a removed member stops by itself), with etcd's errors for changes
-//! the cluster must refuse.
+//! the cluster must refuse (compared with a real etcd cluster); and a rolling restart under a
+//! writer.
 
 mod common;
 
@@ -569,4 +570,73 @@ fn membership_calls_answer_as_etcds_do() {
         );
     }
     assert_eq!(got.len(), want.len());
+}
+
+#[test]
+fn rolling_restart_under_a_writer_keeps_every_acknowledged_write() {
+    let ports = Ports::free(3);
+    let mut servers = cluster_of(Kind::Spindle, &ports);
+    let all: Vec<String> = servers.iter().map(|s| s.endpoint()).collect();
+    let all = all.join(",");
+    until_ok(&all, &["put", "warm", "up"], 15);
+    // A writer puts numbered keys through every member in turn and records what was
+    // acknowledged; failures during a restart are allowed, losses are not.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let eps: Vec<String> = servers.iter().map(|s| s.endpoint()).collect();
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("r/{i:05}");
+                let ep = &eps[i as usize % eps.len()];
+                if etcdctl::run(ep, &["--command-timeout=3s", "put", &key, "v"]).ok {
+                    acked.push(key);
+                }
+                i += 1;
+            }
+            acked
+        })
+    };
+    for i in 0..3 {
+        std::thread::sleep(Duration::from_millis(500));
+        let status = servers[i].terminate();
+        assert!(status.success(), "{status}");
+        std::thread::sleep(Duration::from_millis(300));
+        servers[i].restart();
+        // The cluster takes writes again before the next member goes down.
+        until_ok(&all, &["put", &format!("after/{i}"), "v"], 20);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.join().unwrap();
+    assert!(
+        acked.len() > 10,
+        "the writer got {} writes through",
+        acked.len()
+    );
+    for s in &servers {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let out = s.etcdctl(&["get", "r/", "--prefix", "--keys-only", "--consistency=s"]);
+            let have: std::collections::BTreeSet<&str> =
+                out.stdout.lines().filter(|l| !l.is_empty()).collect();
+            let missing: Vec<&String> = acked
+                .iter()
+                .filter(|k| !have.contains(k.as_str()))
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} lost {} acknowledged writes, e.g. {:?}",
+                s.endpoint(),
+                missing.len(),
+                &missing[..missing.len().min(5)]
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
