@@ -502,6 +502,25 @@ impl Core {
         }
     }
 
+    /// Before a linearizable read on a cluster member: this member must lead the cluster (else
+    /// `not leader`, which the server forwards) and Raft's ReadIndex on shard 0 must confirm
+    /// it still does. That one confirmation covers every shard: no other member can have
+    /// committed a write since, as writes need the leadership of shard 0 too.
+    pub(super) async fn confirm_read(&self, shard0: &crate::engine::shard::Shard) -> Result<u64> {
+        let Some(cl) = self.shared.cluster.as_ref() else {
+            return Ok(0);
+        };
+        let leader = cl.leader_node();
+        if leader != cl.member_id {
+            return Err(if leader == 0 {
+                Error::NoLeader
+            } else {
+                Error::NotLeader
+            });
+        }
+        shard0.replica.read_index(&shard0.wal, cl.patience()).await
+    }
+
     /// A peer's message for `shard`: stepped here, or passed to the core that owns the shard.
     pub(super) fn peer_message(&self, shard: u32, msg: Message) {
         match self.shards.get(&shard) {

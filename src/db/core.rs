@@ -83,6 +83,8 @@ pub(super) enum ShardOp {
     Lease(lease::LeaseOp),
     /// Hand the shard's leadership to a member (MoveLeader).
     Transfer(u64, Reply<()>),
+    /// Confirm with Raft's ReadIndex that this member still leads (shard 0 only).
+    ReadIndex(Reply<u64>),
     /// A membership change (shard 0 only, see `db::members`); replies with the member's id.
     Member(super::members::MemberOp, Reply<u64>),
 }
@@ -379,6 +381,9 @@ impl Core {
             ShardOp::Transfer(to, r) => {
                 let _ = r.send(shard.replica.transfer_leader(&shard.wal, to));
             }
+            ShardOp::ReadIndex(r) => {
+                let _ = r.send(self.confirm_read(&shard).await);
+            }
             ShardOp::Member(op, r) => {
                 let _ = r.send(self.member_change(&shard, op).await);
             }
@@ -515,6 +520,7 @@ fn reply_err(op: ShardOp, err: impl Fn() -> Error) {
         ShardOp::ReadExec(_, _, _, r) | ShardOp::Prepare(_, _, _, _, r) => drop(r.send(Err(err()))),
         ShardOp::Checkpoint(r) => drop(r.send(Err(err()))),
         ShardOp::Member(_, r) => drop(r.send(Err(err()))),
+        ShardOp::ReadIndex(r) => drop(r.send(Err(err()))),
         ShardOp::Stats(r) => drop(r.send(Err(err()))),
         ShardOp::Export(_, _, _, r) => drop(r.send(Err(err()))),
         ShardOp::Lease(op) => op.reply_err(err()),

@@ -74,6 +74,16 @@ impl super::LocalDb {
         self.member_op(MemberOp::Promote(id)).await.map(drop)
     }
 
+    /// How long a request waits for leadership to settle in a cluster (two election timeouts;
+    /// zero on a single node).
+    pub fn leader_patience(&self) -> Duration {
+        self.core
+            .shared
+            .cluster
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.patience())
+    }
+
     /// Whether this member is a learner (replicates, does not vote).
     pub fn is_learner(&self) -> bool {
         let Some(cl) = self.core.shared.cluster.as_ref() else {

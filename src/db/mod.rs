@@ -542,6 +542,15 @@ impl LocalDb {
         }
     }
 
+    /// On a cluster member, before a linearizable read: see `Core::confirm_read`. Nothing on a
+    /// single node.
+    async fn confirm_leadership(&self) -> Result<()> {
+        if self.core.shared.cluster.is_none() {
+            return Ok(());
+        }
+        self.core.call(0, ShardOp::ReadIndex).await.map(drop)
+    }
+
     /// The current compaction revision.
     pub fn compact_revision(&self) -> i64 {
         self.core.shared.clock.compact_revision()
@@ -554,6 +563,9 @@ impl LocalDb {
 
     pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
         plan::validate_range(&req)?;
+        if !req.serializable {
+            self.confirm_leadership().await?;
+        }
         match self.core.shared.range_core(&req) {
             Some(c) if c != self.core.id => {
                 let (tx, rx) = oneshot();
@@ -570,6 +582,10 @@ impl LocalDb {
     }
 
     async fn txn_unchecked(&self, req: TxnRequest) -> Result<TxnResponse> {
+        if !plan::txn_has_writes(&req) {
+            // A write confirms leadership by committing; a read-only txn asks Raft.
+            self.confirm_leadership().await?;
+        }
         match self.core.shared.txn_core(&req) {
             Some(c) if c != self.core.id => {
                 let (tx, rx) = oneshot();

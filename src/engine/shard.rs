@@ -600,7 +600,12 @@ impl Shard {
             .last_write_index
             .get()
             .saturating_sub(self.checkpoint_index.get());
-        if self.checkpoint_every > 0 && since >= self.checkpoint_every && !self.checkpointing.get()
+        // Cluster members keep their whole log until they cut checkpoints at a committed index
+        // (see `checkpoint`), so they do not try.
+        if self.checkpoint_every > 0
+            && since >= self.checkpoint_every
+            && !self.checkpointing.get()
+            && !self.replica.has_peers()
         {
             let shard = self.clone();
             glommio::spawn_local(async move {

@@ -29,6 +29,24 @@ fn unavailable(what: impl std::fmt::Display) -> Status {
     )
 }
 
+impl From<ForwardError> for Status {
+    fn from(e: ForwardError) -> Status {
+        match e {
+            ForwardError::NotSent(s) | ForwardError::Sent(s) => s,
+        }
+    }
+}
+
+/// Why a forward failed: whether the leader may have seen the request decides whether another
+/// leader may be asked.
+#[derive(Debug)]
+pub enum ForwardError {
+    /// Nothing reached the leader (no connection): safe to send elsewhere.
+    NotSent(Status),
+    /// The leader answered with this error, or the exchange broke after sending.
+    Sent(Status),
+}
+
 impl Forwarder {
     async fn connection(&self, authority: &str) -> Result<SendRequest<Full<Bytes>>, Status> {
         if let Some(c) = self.conns.borrow().get(authority) {
@@ -61,7 +79,8 @@ impl Forwarder {
         leader_url: &str,
         path: &str,
         msgs: &[Bytes],
-    ) -> Result<Bytes, Status> {
+    ) -> Result<Bytes, ForwardError> {
+        use ForwardError::{NotSent, Sent};
         let authority = leader_url
             .trim_start_matches("http://")
             .trim_end_matches('/');
@@ -73,31 +92,44 @@ impl Forwarder {
         }
         let uri: Uri = format!("http://{authority}{path}")
             .parse()
-            .map_err(|e| Status::new(Code::Internal, format!("bad leader URL: {e}")))?;
+            .map_err(|e| Sent(Status::new(Code::Internal, format!("bad leader URL: {e}"))))?;
         let req = Request::post(uri)
             .header("content-type", "application/grpc")
             .header("te", "trailers")
             .body(Full::new(body.freeze()))
-            .map_err(|e| Status::new(Code::Internal, e.to_string()))?;
-        let mut send = self.connection(authority).await?;
-        send.ready().await.map_err(unavailable)?;
+            .map_err(|e| Sent(Status::new(Code::Internal, e.to_string())))?;
+        let mut send = self.connection(authority).await.map_err(NotSent)?;
+        if let Err(e) = send.ready().await {
+            self.conns.borrow_mut().remove(authority);
+            return Err(NotSent(unavailable(e)));
+        }
         let resp = match send.send_request(req).await {
             Ok(r) => r,
             Err(e) => {
                 self.conns.borrow_mut().remove(authority);
-                return Err(unavailable(e));
+                return Err(Sent(unavailable(e)));
             }
         };
         if let Some(status) = status_of(resp.headers()) {
-            return Err(status);
+            return Err(Sent(status));
         }
-        let collected = resp.into_body().collect().await.map_err(unavailable)?;
+        let collected = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Sent(unavailable(e)))?;
         if let Some(status) = collected.trailers().and_then(status_of) {
-            return Err(status);
+            return Err(Sent(status));
         }
-        decode_messages(collected.to_bytes())?
+        decode_messages(collected.to_bytes())
+            .map_err(Sent)?
             .into_iter()
             .next()
-            .ok_or_else(|| Status::new(Code::Internal, "empty response from the leader"))
+            .ok_or_else(|| {
+                Sent(Status::new(
+                    Code::Internal,
+                    "empty response from the leader",
+                ))
+            })
     }
 }

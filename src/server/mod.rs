@@ -435,26 +435,63 @@ async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBo
             Err(s) => grpc::error(&s),
         };
     }
-    if let Some(url) = ctx.db.leader_client_url() {
-        if needs_leader(path, &msgs) {
-            return match ctx.forwarder.unary(&url, path, &msgs).await {
-                Ok(resp) => grpc::ok_bytes(resp),
-                Err(s) => grpc::error(&s),
-            };
-        }
+    // A member that does not lead never answers a linearizable read from its own state: it
+    // forwards to the leader, or waits for one.
+    if ctx.db.is_cluster_member() && ctx.db.leader() != ctx.member_id && needs_leader(path, &msgs) {
+        return forward(ctx, ctx.db.leader_client_url(), path, msgs).await;
     }
     // Kept only where a refusal may be forwarded: a single node's hot path copies nothing.
-    let forward = ctx.db.is_cluster_member().then(|| msgs.clone());
+    let copy = ctx.db.is_cluster_member().then(|| msgs.clone());
     match call(ctx, path, msgs).await {
         Ok(resp) => grpc::ok_bytes(resp),
-        Err(s) if is_not_leader(&s) => match (ctx.db.leader_client_url(), forward) {
-            (Some(url), Some(msgs)) => match ctx.forwarder.unary(&url, path, &msgs).await {
-                Ok(resp) => grpc::ok_bytes(resp),
-                Err(s) => grpc::error(&s),
-            },
+        Err(s) if is_not_leader(&s) => match (ctx.db.leader_client_url(), copy) {
+            (Some(url), Some(msgs)) => forward(ctx, Some(url), path, msgs).await,
             _ => grpc::error(&s),
         },
         Err(s) => grpc::error(&s),
+    }
+}
+
+/// Relays a call to the leader at `url`. When the leader cannot be reached (it died, and this
+/// member has not seen the election yet) the call waits for the next leader, up to two election
+/// timeouts, as etcd's followers hold requests during an election; if this member is elected,
+/// it runs the call itself. A call the leader may have seen is never sent twice.
+async fn forward(
+    ctx: &Rc<Ctx>,
+    mut url: Option<String>,
+    path: &str,
+    msgs: Vec<Bytes>,
+) -> Response<GrpcBody> {
+    let deadline = Instant::now() + ctx.db.leader_patience();
+    let mut last: Status = Error::NoLeader.into();
+    loop {
+        if let Some(u) = &url {
+            match ctx.forwarder.unary(u, path, &msgs).await {
+                Ok(resp) => return grpc::ok_bytes(resp),
+                Err(forward::ForwardError::Sent(s)) => return grpc::error(&s),
+                Err(forward::ForwardError::NotSent(s)) => last = s,
+            }
+        }
+        loop {
+            if Instant::now() >= deadline {
+                tracing::debug!(url = ?url, error = %last.message, "no reachable leader in time");
+                return grpc::error(&Error::Timeout.into());
+            }
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            match ctx.db.leader_client_url() {
+                Some(next) if url.as_ref() != Some(&next) => {
+                    url = Some(next);
+                    break;
+                }
+                None if ctx.db.leader() == ctx.member_id => {
+                    return match call(ctx, path, msgs).await {
+                        Ok(resp) => grpc::ok_bytes(resp),
+                        Err(s) => grpc::error(&s),
+                    };
+                }
+                _ => {}
+            }
+        }
     }
 }
 

@@ -154,6 +154,11 @@ pub struct Replica {
     stale: Cell<bool>,
     was_leader: Cell<bool>,
     gate: Option<std::sync::Arc<NodeGate>>,
+    /// Linearizable reads waiting for Raft to confirm leadership: id → confirmed index, once
+    /// known.
+    reads: RefCell<std::collections::HashMap<u64, Option<u64>>>,
+    next_read: Cell<u64>,
+    read_ev: Event,
 }
 
 impl Replica {
@@ -230,6 +235,9 @@ impl Replica {
             stale: Cell::new(false),
             was_leader: Cell::new(false),
             gate: group.gate,
+            reads: RefCell::default(),
+            next_read: Cell::new(0),
+            read_ev: Event::new(),
         })
     }
 
@@ -594,6 +602,40 @@ impl Replica {
         Some((matched, active, r.last_index()))
     }
 
+    /// Raft's ReadIndex: confirms with a heartbeat round that this member still leads and
+    /// returns the commit index a linearizable read must see. Waits at most `patience` (a
+    /// read Raft drops, e.g. on a leader change, never answers).
+    pub async fn read_index(&self, wal: &Wal, patience: std::time::Duration) -> Result<u64> {
+        self.ensure_healthy()?;
+        let Some(raft) = &self.raft else {
+            return Ok(self.applied.get());
+        };
+        let id = self.next_read.get() + 1;
+        self.next_read.set(id);
+        raft.borrow_mut()
+            .read_index(Bytes::copy_from_slice(&id.to_be_bytes()))
+            .map_err(|_| Error::NoLeader)?;
+        self.reads.borrow_mut().insert(id, None);
+        self.pump(wal);
+        let deadline = std::time::Instant::now() + patience;
+        let result = loop {
+            let l = self.read_ev.listen();
+            if let Some(Some(index)) = self.reads.borrow().get(&id) {
+                break Ok(*index);
+            }
+            if let Err(e) = self.ensure_healthy() {
+                break Err(e);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break Err(Error::Timeout);
+            }
+            futures_lite::future::or(l, glommio::timer::sleep(left)).await;
+        };
+        self.reads.borrow_mut().remove(&id);
+        result
+    }
+
     /// Waits until the entry at `index`, proposed in `term`, is committed.
     pub async fn wait_committed(&self, wal: &Wal, index: u64, term: u64) -> Result<()> {
         wal.wait_durable(index).await?;
@@ -719,6 +761,16 @@ impl Replica {
                 {
                     return;
                 }
+            }
+            if !rd.read_states.is_empty() {
+                let mut reads = self.reads.borrow_mut();
+                for rs in &rd.read_states {
+                    let id = <[u8; 8]>::try_from(rs.ctx.as_ref()).map(u64::from_be_bytes);
+                    if let Some(slot) = id.ok().and_then(|id| reads.get_mut(&id)) {
+                        *slot = Some(rs.index);
+                    }
+                }
+                self.read_ev.notify(usize::MAX);
             }
             if !rd.messages.is_empty() {
                 debug_assert!(self.peers, "a one-member group sends no messages");
