@@ -335,6 +335,15 @@ impl Scenario {
         }
         let endpoints = cluster.endpoints();
         let rec = Recorder::new();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        // Server logs are stamped in UTC: this lines them up with history times.
+        eprintln!(
+            "history time 0 is unix time {}.{:03}",
+            wall.as_secs(),
+            wall.subsec_millis()
+        );
         let sh = Arc::new(Shared {
             seed,
             endpoints: endpoints.clone(),
