@@ -313,8 +313,8 @@ pub fn check(history: &History) -> Result<Report, Violation> {
 /// Checks `history`: etcd's revision rules over all keys, then every key's linearizability.
 pub fn check_with(history: &History, limits: Limits) -> Result<Report, Violation> {
     let h = Normalized::new(history);
-    h.check_reads()?;
-    h.check_revisions()?;
+    let revealed = h.check_reads()?;
+    h.check_revisions(&revealed)?;
     let mut report = Report {
         ops: history.len(),
         acknowledged_writes: h
@@ -473,7 +473,17 @@ impl<'a> Normalized<'a> {
 
     /// Every value read was written by a put that may have happened, and when exactly one put
     /// wrote it and was acknowledged, the read's `mod_revision` is that put's revision.
-    fn check_reads(&self) -> Result<(), Violation> {
+    ///
+    /// Returns the revisions reads reveal for puts of unknown outcome (index into `self.ops`,
+    /// revision): such a put took effect, at the read's `mod_revision`, when its value is unique.
+    fn check_reads(&self) -> Result<HashMap<usize, i64>, Violation> {
+        let index: HashMap<OpId, usize> = self
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o.id, i))
+            .collect();
+        let mut revealed: HashMap<usize, (i64, OpId)> = HashMap::new();
         let mut writers: HashMap<(&[u8], &[u8]), Vec<&Norm>> = HashMap::new();
         for o in &self.ops {
             if let Op::Put { key, value } = o.op {
@@ -511,12 +521,25 @@ impl<'a> Normalized<'a> {
                     ));
                 }
                 Some([w]) => {
-                    if let Some(rev) = w.write_revision() {
+                    let known = match (w.write_revision(), w.done) {
+                        (Some(rev), _) => Some((rev, w.id)),
+                        (None, None) => {
+                            let i = index.get(&w.id).copied().unwrap_or(usize::MAX);
+                            let first = *revealed.entry(i).or_insert((*mod_revision, o.id));
+                            Some(first)
+                        }
+                        _ => None,
+                    };
+                    if let Some((rev, by)) = known {
                         if rev != *mod_revision {
+                            let mut ops = vec![w.id, o.id];
+                            if by != w.id {
+                                ops.insert(1, by);
+                            }
                             return Err(self.violation(
                                 ViolationKind::ModRevision,
                                 Some(key),
-                                vec![w.id, o.id],
+                                ops,
                                 format!(
                                     "key {}: a read returned the value put at revision {rev} \
                                      with mod_revision {mod_revision}",
@@ -529,15 +552,22 @@ impl<'a> Normalized<'a> {
                 Some(_) => {} // several puts of one value: the register search decides
             }
         }
-        Ok(())
+        Ok(revealed.into_iter().map(|(i, (rev, _))| (i, rev)).collect())
     }
 
-    /// Acknowledged writes have distinct revisions, ordered as real time orders the writes.
-    fn check_revisions(&self) -> Result<(), Violation> {
+    /// Writes with a known revision (acknowledged, or `revealed` by a read) have distinct
+    /// revisions, ordered as real time orders the writes. A revealed write has no known
+    /// completion time, so it is only ever the later of two.
+    fn check_revisions(&self, revealed: &HashMap<usize, i64>) -> Result<(), Violation> {
         let mut writes: Vec<(&Norm, i64, u64)> = self
             .ops
             .iter()
             .filter_map(|o| Some((o, o.write_revision()?, o.done?.0)))
+            .chain(
+                revealed
+                    .iter()
+                    .filter_map(|(&i, &rev)| Some((self.ops.get(i)?, rev, u64::MAX))),
+            )
             .collect();
         writes.sort_by_key(|w| w.1);
         for pair in writes.windows(2) {
@@ -547,7 +577,7 @@ impl<'a> Normalized<'a> {
                         ViolationKind::DuplicateRevision,
                         None,
                         vec![a.0.id, b.0.id],
-                        format!("two acknowledged writes share revision {}", a.1),
+                        format!("two writes share revision {}", a.1),
                     ));
                 }
             }
@@ -578,7 +608,7 @@ impl<'a> Normalized<'a> {
                         vec![a.0.id, b.0.id],
                         format!(
                             "a write acknowledged at revision {} completed before a write was \
-                             invoked that got revision {}",
+                             invoked that took revision {}",
                             a.1, b.1
                         ),
                     ));

@@ -216,12 +216,44 @@ fn an_unknown_put_may_or_may_not_take_effect() {
     b.get(2, "k", Some("u"), 2, (40, 50));
     b.get(2, "k", Some("a"), 1, (60, 70));
     assert_eq!(b.violation().kind, ViolationKind::NotLinearizable);
-    // Its revision, once read, is fixed, and it must be above the writes before it.
+    // Its revision must be above the writes of the key placed before it (here the writes
+    // overlap, so only the register search can tell).
     let mut b = B::default();
-    b.put(1, "k", "a", (0, 10), 5);
-    b.put_unknown(1, "k", "u", (20, 30));
+    b.put(1, "k", "a", (0, 25), 5);
+    b.put_unknown(2, "k", "u", (20, 30));
     b.get(2, "k", Some("u"), 3, (40, 50));
     assert_eq!(b.violation().kind, ViolationKind::NotLinearizable);
+}
+
+#[test]
+fn the_revision_a_read_reveals_for_an_unknown_put_follows_the_revision_rules() {
+    // Revealed at a revision an acknowledged write on another key already has.
+    let mut b = B::default();
+    b.put(1, "j", "x", (0, 10), 3);
+    let u = b.put_unknown(2, "k", "u", (0, 10));
+    b.get(3, "k", Some("u"), 3, (20, 30));
+    let v = b.violation();
+    assert_eq!(v.kind, ViolationKind::DuplicateRevision);
+    assert!(v.ops.contains(&u), "{v}");
+    // Invoked after an acknowledged write completed, yet revealed below its revision.
+    let mut b = B::default();
+    b.put(1, "j", "x", (0, 10), 7);
+    b.put_unknown(2, "k", "u", (20, 30));
+    b.get(3, "k", Some("u"), 5, (40, 50));
+    assert_eq!(b.violation().kind, ViolationKind::RevisionOrder);
+    // Two reads disagree on it.
+    let mut b = B::default();
+    b.put_unknown(2, "k", "u", (0, 10));
+    b.get(3, "k", Some("u"), 5, (20, 30));
+    b.get(3, "k", Some("u"), 6, (40, 50));
+    assert_eq!(b.violation().kind, ViolationKind::ModRevision);
+    // Consistent: passes.
+    let mut b = B::default();
+    b.put(1, "j", "x", (0, 10), 7);
+    b.put_unknown(2, "k", "u", (20, 30));
+    b.get(3, "k", Some("u"), 8, (40, 50));
+    b.check()
+        .expect("revealed revision above the earlier write's");
 }
 
 #[test]
