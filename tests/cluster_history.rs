@@ -467,10 +467,13 @@ impl Scenario {
         let history = rec.history();
         let report = match lincheck::check(&history) {
             Ok(r) => r,
-            Err(v) => panic!(
-                "the recorded history is not linearizable:\n{}",
-                rec.explain(&v)
-            ),
+            Err(v) => {
+                dump_logs(&cluster);
+                panic!(
+                    "the recorded history is not linearizable:\n{}",
+                    rec.explain(&v)
+                )
+            }
         };
         log(format!("lincheck: {report}"));
         assert!(report.conclusive(), "lincheck gave up: {report}");
@@ -492,12 +495,31 @@ impl Scenario {
             .collect();
         let checked = on_executor(move || async move { verify_members(&endpoints, &acked).await });
         if let Err(e) = checked.join().expect("verification") {
-            for (i, s) in cluster.servers.iter().enumerate() {
-                eprintln!("--- h{i} log tail ---\n{}", s.log_tail(40));
-            }
+            dump_logs(&cluster);
             panic!("{e}");
         }
         log("done".into());
+    }
+}
+
+/// Every start's log of every member (the harness shows only the current start's), to line up
+/// with the history's times.
+fn dump_logs(cluster: &Cluster) {
+    for (i, s) in cluster.servers.iter().enumerate() {
+        let mut logs: Vec<_> = std::fs::read_dir(s.dir())
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        logs.retain(|p| p.extension().is_some_and(|e| e == "log"));
+        logs.sort();
+        for p in logs {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!(
+                "--- h{i} {} (last 40 lines) ---\n{}",
+                p.file_name().unwrap_or_default().to_string_lossy(),
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
     }
 }
 
