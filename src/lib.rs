@@ -6,6 +6,8 @@ pub mod db;
 pub mod engine;
 pub mod error;
 pub mod kv;
+#[doc(hidden)]
+pub mod lincheck;
 pub mod mvcc;
 pub mod peer;
 pub mod proto;

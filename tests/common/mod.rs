@@ -8,6 +8,7 @@
 pub mod db;
 pub mod etcd;
 pub mod etcdctl;
+pub mod history;
 pub mod http;
 pub mod process;
 pub mod proxy;
