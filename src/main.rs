@@ -188,7 +188,13 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+    // glommio logs its failed poll-ring probe as an error once per core; the failure is on
+    // purpose (see `wal::Wal::open`), so that one target stays quiet unless asked for.
+    let mut directives = cli.log_level.clone();
+    if !directives.contains("glommio") {
+        directives.push_str(",glommio::reactor=off");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

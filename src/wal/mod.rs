@@ -138,6 +138,14 @@ struct Current {
 
 impl Wal {
     /// Opens the log after `recover` has validated it. Must run on the shard's executor.
+    /// Segments are opened write-only (the log is read through `std` and mmap, never through
+    /// glommio). That is what keeps the log's I/O off glommio's IOPOLL ring: glommio decides
+    /// per device and thread whether to poll by probing a read on the first O_DIRECT file it
+    /// opens, and on a device without poll queues (`queue/io_poll` = 0) that probe succeeds
+    /// anyway; the executor then busy-polls every write in flight and starves the kernel
+    /// worker that completes it (the milliseconds-long stalls in docs/benchmarks.md). A
+    /// write-only file makes the probe fail, so every write goes through the interrupt-driven
+    /// main ring and the executor sleeps while its flush is in flight.
     pub async fn open(
         dir: &Path,
         shard: u32,
@@ -148,8 +156,8 @@ impl Wal {
         let mut current = None;
         let (append_segment, append_pos, append_size) = match &recovered.tail {
             Some(tail) => {
+                // Write-only on purpose: see `Wal::open`'s note on glommio's poll ring.
                 let file = OpenOptions::new()
-                    .read(true)
                     .write(true)
                     .dma_open(&tail.segment.path)
                     .await
@@ -418,8 +426,8 @@ impl Wal {
     async fn create_spare(&self, seq: u64, size: u64) -> Result<Spare> {
         let path = self.inner.dir.join(format!("next-{seq}.tmp"));
         let res: Result<Spare> = async {
+            // Write-only, like every WAL file glommio opens (see `Wal::open`).
             let file = OpenOptions::new()
-                .read(true)
                 .write(true)
                 .create(true)
                 .truncate(true)
