@@ -2,8 +2,8 @@
 //! plus resident memory with many keys. Every write is fdatasync'ed before it is acknowledged.
 //!
 //! `cargo bench --bench engine` runs all; `cargo bench --bench engine -- put1 putN range txn
-//! restart raft` picks some (`raft`: put throughput with and without the shards' Raft groups,
-//! `BENCH_ROUNDS` alternating rounds). `BENCH_OPS` scales the op counts, `BENCH_KEYS` the restart key count
+//! restart raft hop` picks some (`raft`: put throughput with and without the shards' Raft groups,
+//! `BENCH_ROUNDS` alternating rounds; `hop`: the cross-core message round trip alone). `BENCH_OPS` scales the op counts, `BENCH_KEYS` the restart key count
 //! (default 1,000,000), `BENCH_CORES` the executor count.
 
 use std::sync::{Arc, Mutex};
@@ -319,6 +319,90 @@ fn bench_restart(keys: usize) {
     }
 }
 
+/// A request and the channel its answer goes back on, as a core's inbox carries them.
+type HopMsg = (u64, flume::Sender<u64>);
+
+/// Where the hop benchmark's executor `core` runs: pinned as `spindle serve` pins its cores.
+fn hop_placement(core: usize) -> glommio::Placement {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    glommio::Placement::Fixed(core % cpus)
+}
+
+/// Answers every message on `inbox` until all senders are gone.
+async fn hop_echo(inbox: flume::Receiver<HopMsg>) {
+    while let Ok((v, reply)) = inbox.recv_async().await {
+        let _ = reply.send(v);
+    }
+}
+
+/// `ops` round trips in total from `tasks` concurrent tasks through `inbox`, each answered on its
+/// own bounded(1) channel (the engine's `oneshot`); returns the elapsed time and the histogram.
+async fn hop_rounds(
+    inbox: flume::Sender<HopMsg>,
+    tasks: usize,
+    ops: usize,
+) -> (Duration, Histogram<u64>) {
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let inbox = inbox.clone();
+        handles.push(glommio::spawn_local(async move {
+            let mut h = new_hist();
+            for i in 0..(ops / tasks) as u64 {
+                let t0 = Instant::now();
+                let (tx, rx) = flume::bounded(1);
+                inbox.send((i, tx)).expect("echo task alive");
+                let v = rx.recv_async().await.expect("echo answers");
+                assert_eq!(v, i);
+                h.record(t0.elapsed().as_nanos() as u64).expect("in range");
+            }
+            h
+        }));
+    }
+    let mut total = new_hist();
+    for handle in handles {
+        total.add(handle.await).expect("same bounds");
+    }
+    (start.elapsed(), total)
+}
+
+/// The hop the engine makes for every request whose shard lives on another core (`db/core.rs`): a
+/// message into that core's flume inbox, awaited there by a glommio executor, and the answer back
+/// on a bounded(1) flume channel. Measured alone, with nothing else running: both ends on one
+/// executor (no hop, the baseline), then across two executors pinned to cores 0 and 1 with one
+/// and with 64 round trips in flight.
+fn bench_hop(ops: usize) {
+    let ops = ops * 4;
+    let same = spindle::runtime::builder(hop_placement(0), "hop-same")
+        .spawn(move || async move {
+            let (tx, rx) = flume::unbounded();
+            glommio::spawn_local(hop_echo(rx)).detach();
+            hop_rounds(tx, 1, ops).await
+        })
+        .expect("executor")
+        .join()
+        .expect("hop executor");
+    report("same core, no hop", ops, same.0, &same.1);
+    for tasks in [1usize, 64] {
+        let (tx, rx) = flume::unbounded();
+        let echo = spindle::runtime::builder(hop_placement(1), "hop-echo")
+            .spawn(move || hop_echo(rx))
+            .expect("executor");
+        let (elapsed, h) = spindle::runtime::builder(hop_placement(0), "hop-send")
+            .spawn(move || hop_rounds(tx, tasks, ops))
+            .expect("executor")
+            .join()
+            .expect("hop executor");
+        echo.join().expect("echo executor");
+        report(
+            &format!("cross-core hop, {tasks} in flight"),
+            ops,
+            elapsed,
+            &h,
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -352,5 +436,8 @@ fn main() {
     }
     if want("raft") {
         bench_raft_overhead(ops, env_usize("BENCH_ROUNDS", 5));
+    }
+    if want("hop") {
+        bench_hop(ops);
     }
 }
