@@ -121,6 +121,30 @@ fn rolls_over_segments_and_drops_old_ones() {
     assert_eq!(rec.entries.len(), 52);
 }
 
+#[test]
+fn the_log_keeps_off_glommios_poll_ring() {
+    // A request in flight on glommio's IOPOLL ring keeps the executor spinning (see
+    // `Wal::open`): appends, flushes and segment rollovers must leave that ring unused.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let (polled, entries) = run_local(move || async move {
+        let rec = recover(&dir, 0, 0).unwrap();
+        let opts = WalOptions {
+            segment_size: 64 << 10,
+        };
+        let wal = Wal::open(&dir, 0, opts, &rec).await.unwrap();
+        for i in 0..100 {
+            append_at(&wal, i + 1, i as i64 + 1, 1000).await;
+        }
+        wal.close().await;
+        let ring = glommio::executor().io_stats().poll_ring;
+        let polled = ring.file_writes().0 + ring.file_reads().0;
+        (polled, recover(&dir, 0, 0).unwrap().entries.len())
+    });
+    assert_eq!(polled, 0, "WAL requests went through the poll ring");
+    assert_eq!(entries, 100);
+}
+
 fn only_segment(dir: &Path) -> std::path::PathBuf {
     let segs = recovery::list_segments(dir).unwrap();
     assert_eq!(segs.len(), 1);
