@@ -599,12 +599,12 @@ fn rolling_restart_under_a_writer_keeps_every_acknowledged_write() {
             acked
         })
     };
-    for i in 0..3 {
+    for (i, server) in servers.iter_mut().enumerate() {
         std::thread::sleep(Duration::from_millis(500));
-        let status = servers[i].terminate();
+        let status = server.terminate();
         assert!(status.success(), "{status}");
         std::thread::sleep(Duration::from_millis(300));
-        servers[i].restart();
+        server.restart();
         // The cluster takes writes again before the next member goes down.
         until_ok(&all, &["put", &format!("after/{i}"), "v"], 20);
     }
