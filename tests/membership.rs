@@ -237,6 +237,19 @@ fn add_learner_join_promote_update_and_remove_members() {
     let four = format!("{all},{}", servers[3].endpoint());
     until_ok(&four, &["put", "k/1", "four"], 15);
     wait_value(&servers[3].endpoint(), "k/1", "four");
+    // The JSON gateway of a follower forwards writes and linearizable reads to the leader.
+    let leader = leader_id(&servers[0]);
+    let f = servers.iter().find(|s| member_id(s) != leader).unwrap();
+    let port: u16 = f.endpoint().rsplit(':').next().unwrap().parse().unwrap();
+    // "gw" and "via-gateway" in base64.
+    let put = common::http::post(
+        port,
+        "/v3/kv/put",
+        r#"{"key":"Z3c=","value":"dmlhLWdhdGV3YXk="}"#,
+    );
+    assert!(put.contains("\"revision\""), "{put}");
+    let got = common::http::post(port, "/v3/kv/range", r#"{"key":"Z3c="}"#);
+    assert!(got.contains("dmlhLWdhdGV3YXk="), "{got}");
 
     // MemberUpdate: another member's URL is refused; its own URLs are accepted.
     let clash = etcdctl::run(

@@ -274,10 +274,15 @@ mod tests {
             ConfChange::AddLearner(u64::MAX),
             ConfChange::PromoteLearner(1),
             ConfChange::Remove(3),
+            ConfChange::Update(9),
         ] {
             assert_eq!(ConfChange::decode(&cc.encode()).ok(), Some(cc));
+            let with = cc.encode_with(b"{\"name\":\"n4\"}");
+            assert_eq!(ConfChange::decode(&with).ok(), Some(cc));
+            assert_eq!(ConfChange::context(&with), b"{\"name\":\"n4\"}");
+            assert!(ConfChange::context(&cc.encode()).is_empty());
         }
-        assert!(ConfChange::decode(b"\x05\0\0\0\0\0\0\0\x01").is_err());
+        assert!(ConfChange::decode(b"\x06\0\0\0\0\0\0\0\x01").is_err());
         assert!(ConfChange::decode(b"").is_err());
     }
 

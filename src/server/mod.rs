@@ -435,6 +435,15 @@ async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBo
             Err(s) => grpc::error(&s),
         };
     }
+    match call_anywhere(ctx, path, msgs).await {
+        Ok(resp) => grpc::ok_bytes(resp),
+        Err(s) => grpc::error(&s),
+    }
+}
+
+/// [`call`] on any member of a cluster: what only the leader may do is forwarded to it (the
+/// gRPC services and the JSON gateway both come through here).
+async fn call_anywhere(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Status> {
     // A member that does not lead never answers a linearizable read from its own state: it
     // forwards to the leader, or waits for one.
     if ctx.db.is_cluster_member() && ctx.db.leader() != ctx.member_id && needs_leader(path, &msgs) {
@@ -443,12 +452,11 @@ async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBo
     // Kept only where a refusal may be forwarded: a single node's hot path copies nothing.
     let copy = ctx.db.is_cluster_member().then(|| msgs.clone());
     match call(ctx, path, msgs).await {
-        Ok(resp) => grpc::ok_bytes(resp),
         Err(s) if is_not_leader(&s) => match (ctx.db.leader_client_url(), copy) {
             (Some(url), Some(msgs)) => forward(ctx, Some(url), path, msgs).await,
-            _ => grpc::error(&s),
+            _ => Err(s),
         },
-        Err(s) => grpc::error(&s),
+        other => other,
     }
 }
 
@@ -461,21 +469,21 @@ async fn forward(
     mut url: Option<String>,
     path: &str,
     msgs: Vec<Bytes>,
-) -> Response<GrpcBody> {
+) -> Result<Bytes, Status> {
     let deadline = Instant::now() + ctx.db.leader_patience();
     let mut last: Status = Error::NoLeader.into();
     loop {
         if let Some(u) = &url {
             match ctx.forwarder.unary(u, path, &msgs).await {
-                Ok(resp) => return grpc::ok_bytes(resp),
-                Err(forward::ForwardError::Sent(s)) => return grpc::error(&s),
+                Ok(resp) => return Ok(resp),
+                Err(forward::ForwardError::Sent(s)) => return Err(s),
                 Err(forward::ForwardError::NotSent(s)) => last = s,
             }
         }
         loop {
             if Instant::now() >= deadline {
                 tracing::debug!(url = ?url, error = %last.message, "no reachable leader in time");
-                return grpc::error(&Error::Timeout.into());
+                return Err(Error::Timeout.into());
             }
             glommio::timer::sleep(Duration::from_millis(20)).await;
             match ctx.db.leader_client_url() {
@@ -483,12 +491,7 @@ async fn forward(
                     url = Some(next);
                     break;
                 }
-                None if ctx.db.leader() == ctx.member_id => {
-                    return match call(ctx, path, msgs).await {
-                        Ok(resp) => grpc::ok_bytes(resp),
-                        Err(s) => grpc::error(&s),
-                    };
-                }
+                None if ctx.db.leader() == ctx.member_id => return call(ctx, path, msgs).await,
                 _ => {}
             }
         }
