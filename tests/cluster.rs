@@ -325,35 +325,20 @@ fn wait_keys(s: &Server, want: &[String]) {
 #[test]
 fn spindle_serve_members_bootstrap_serve_etcdctl_and_survive_a_leader_kill() {
     let ports = Ports::free(3);
-    let initial: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("s{i}={}", p.peer_url()))
-        .collect();
-    let initial = initial.join(",");
+    let urls: Vec<String> = ports.iter().map(Ports::peer_url).collect();
+    let initial = common::cluster::initial_cluster("s", &urls);
     let mut servers: Vec<Server> = ports
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let args: Vec<String> = [
-                "--name",
+            let args = common::cluster::spindle_member(
                 &format!("s{i}"),
-                "--initial-cluster",
                 &initial,
-                "--initial-cluster-token",
+                "new",
                 "proc-test",
-                "--listen-peer-urls",
                 &p.peer_url(),
-                "--initial-advertise-peer-urls",
                 &p.peer_url(),
-                "--heartbeat-interval",
-                "50",
-                "--election-timeout",
-                "500",
-            ]
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+            );
             Server::spawn_on(Kind::Spindle, *p, &args)
         })
         .collect();

@@ -98,36 +98,21 @@ impl Cluster {
     fn start() -> Cluster {
         let ports = Ports::free(MEMBERS);
         let proxies: Vec<Proxy> = ports.iter().map(|p| Proxy::start(p.peer)).collect();
-        let initial: Vec<String> = proxies
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("h{i}={}", p.url()))
-            .collect();
-        let initial = initial.join(",");
+        let urls: Vec<String> = proxies.iter().map(Proxy::url).collect();
+        let initial = common::cluster::initial_cluster("h", &urls);
         let mut servers: Vec<Server> = ports
             .iter()
-            .zip(&proxies)
+            .zip(&urls)
             .enumerate()
-            .map(|(i, (p, proxy))| {
-                let args: Vec<String> = [
-                    "--name",
+            .map(|(i, (p, advertised))| {
+                let args = common::cluster::spindle_member(
                     &format!("h{i}"),
-                    "--initial-cluster",
                     &initial,
-                    "--initial-cluster-token",
+                    "new",
                     "history-test",
-                    "--listen-peer-urls",
                     &p.peer_url(),
-                    "--initial-advertise-peer-urls",
-                    &proxy.url(),
-                    "--heartbeat-interval",
-                    "50",
-                    "--election-timeout",
-                    "500",
-                ]
-                .iter()
-                .map(|a| a.to_string())
-                .collect();
+                    advertised,
+                );
                 Server::spawn_on(Kind::Spindle, *p, &args)
             })
             .collect();

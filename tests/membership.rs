@@ -8,41 +8,20 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::etcdctl;
 use common::server::{Kind, Ports, Server};
+use common::{cluster, etcdctl};
 
 const TOKEN: &str = "membership-test";
 
 fn member_args(name: &str, p: &Ports, initial: &str, state: &str) -> Vec<String> {
-    let mut args = cluster_args(name, initial, state);
-    args.extend([
-        "--listen-peer-urls".to_string(),
-        p.peer_url(),
-        "--initial-advertise-peer-urls".to_string(),
-        p.peer_url(),
-    ]);
-    args
+    let peer = p.peer_url();
+    cluster::spindle_member(name, initial, state, TOKEN, &peer, &peer)
 }
 
-/// The cluster flags spindle and etcd share (the harness adds etcd's peer URL flags itself).
-fn cluster_args(name: &str, initial: &str, state: &str) -> Vec<String> {
-    [
-        "--name",
-        name,
-        "--initial-cluster",
-        initial,
-        "--initial-cluster-state",
-        state,
-        "--initial-cluster-token",
-        TOKEN,
-        "--heartbeat-interval",
-        "50",
-        "--election-timeout",
-        "500",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect()
+/// `--initial-cluster` for members `s0..` on `ports`.
+fn initial_of(ports: &[Ports]) -> String {
+    let urls: Vec<String> = ports.iter().map(Ports::peer_url).collect();
+    cluster::initial_cluster("s", &urls)
 }
 
 /// `(id, name, is_learner)` of every member, as `endpoint` lists them.
@@ -114,12 +93,7 @@ fn wait_value(endpoint: &str, key: &str, want: &str) {
 #[test]
 fn add_learner_join_promote_update_and_remove_members() {
     let ports = Ports::free(4);
-    let initial: Vec<String> = ports[..3]
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("s{i}={}", p.peer_url()))
-        .collect();
-    let initial = initial.join(",");
+    let initial = initial_of(&ports[..3]);
     let mut servers: Vec<Server> = (0..3)
         .map(|i| {
             let args = member_args(&format!("s{i}"), &ports[i], &initial, "new");
@@ -324,12 +298,7 @@ fn add_learner_join_promote_update_and_remove_members() {
 
 /// Three members of `kind` bootstrapped together, ready to serve.
 fn cluster_of(kind: Kind, ports: &[Ports]) -> Vec<Server> {
-    let initial: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("s{i}={}", p.peer_url()))
-        .collect();
-    let initial = initial.join(",");
+    let initial = initial_of(ports);
     let mut servers: Vec<Server> = ports
         .iter()
         .enumerate()
@@ -337,7 +306,7 @@ fn cluster_of(kind: Kind, ports: &[Ports]) -> Vec<Server> {
             let name = format!("s{i}");
             let args = match kind {
                 Kind::Spindle => member_args(&name, p, &initial, "new"),
-                Kind::Etcd => cluster_args(&name, &initial, "new"),
+                Kind::Etcd => cluster::flags(&name, &initial, "new", TOKEN),
             };
             Server::spawn_on(kind, *p, &args)
         })
