@@ -345,15 +345,25 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
     let server = spindle::server::start(&args.data_dir, opts, cfg.clone())?;
     let db = server.db.clone();
     let status = db.status()?;
-    tracing::info!(
-        data_dir = %args.data_dir.display(),
-        revision = status.revision,
-        keys = status.keys,
-        shards = status.shards,
-        cores = status.cores,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "store opened and recovered"
-    );
+    if opts_is_cluster {
+        tracing::info!(
+            data_dir = %args.data_dir.display(),
+            shards = status.shards,
+            cores = status.cores,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "store opened; its log is applied as the cluster confirms it committed"
+        );
+    } else {
+        tracing::info!(
+            data_dir = %args.data_dir.display(),
+            revision = status.revision,
+            keys = status.keys,
+            shards = status.shards,
+            cores = status.cores,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "store opened and recovered"
+        );
+    }
     tracing::info!(urls = ?cfg.advertise_client_urls, "ready to serve client requests");
     let compactor = compaction.map(|p| spindle::server::compaction::spawn(db.clone(), p));
     // A member removed from its cluster stops, as etcd's do: the watcher wakes the signal wait.

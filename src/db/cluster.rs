@@ -526,7 +526,15 @@ impl Core {
         match self.shards.get(&shard) {
             Some(s) => {
                 self.note_heard(shard, msg.from);
-                s.replica.step(&s.wal, msg)
+                s.replica.step(&s.wal, msg);
+                if shard == 0 {
+                    // Learn a new leader at once, not at the next tick: followers forward to it
+                    // and waiting writes look for it.
+                    if let Some(cl) = self.shared.cluster.as_ref() {
+                        cl.leader_node
+                            .store(s.replica.leader().unwrap_or(0), Ordering::Relaxed);
+                    }
+                }
             }
             None => {
                 let core = self.shared.core_of(shard);
