@@ -86,6 +86,9 @@ pub(super) struct ClusterState {
     pub(super) peer_info: Arc<RwLock<BTreeMap<u64, PeerInfo>>>,
     /// This member applied its own removal: it takes no part in the cluster any more.
     removed: AtomicBool,
+    /// Per shard: whether its group's membership, as applied here, equals shard 0's. A new
+    /// membership change waits for all (so no group is ever more than one change behind).
+    pub(super) conf_synced: Vec<AtomicBool>,
 }
 
 impl ClusterState {
@@ -161,6 +164,7 @@ impl ClusterState {
             membership_json: Arc::default(),
             peer_info: Arc::default(),
             removed: AtomicBool::new(false),
+            conf_synced: (0..nshards).map(|_| AtomicBool::new(true)).collect(),
         };
         state.publish();
         Ok(state)
@@ -510,15 +514,18 @@ impl Core {
         let Some(cl) = self.shared.cluster.as_ref() else {
             return Ok(0);
         };
-        let leader = cl.leader_node();
-        if leader != cl.member_id {
-            return Err(if leader == 0 {
-                Error::NoLeader
-            } else {
-                Error::NotLeader
-            });
+        // Leading every shard with its whole log applied (the write gate) means every write
+        // any member committed is in this member's stores; ReadIndex then proves no other member
+        // has taken shard 0, without which no write can commit anywhere.
+        self.wait_writable().await?;
+        let index = shard0
+            .replica
+            .read_index(&shard0.wal, cl.patience())
+            .await?;
+        if !cl.gate.all() || shard0.replica.applied() < index {
+            return Err(Error::LeaderChanged);
         }
-        shard0.replica.read_index(&shard0.wal, cl.patience()).await
+        Ok(index)
     }
 
     /// A peer's message for `shard`: stepped here, or passed to the core that owns the shard.

@@ -10,6 +10,7 @@
 //! so its old and new majorities overlap as Raft requires.
 
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::cluster::ClusterState;
@@ -129,6 +130,16 @@ impl Core {
             return Err(Error::NotEnoughStartedMembers);
         };
         self.wait_writable().await?;
+        // Every group has caught up with the previous change: groups then never differ from
+        // shard 0 (or, after a restart, from what a member assumes) by more than one step, and
+        // single-step changes keep old and new majorities overlapping.
+        let deadline = Instant::now() + cl.patience();
+        while !cl.conf_synced.iter().all(|f| f.load(Ordering::SeqCst)) {
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout);
+            }
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
         let m = cl.membership();
         let me = cl.member_id;
         let voters: Vec<&Member> = m.members.values().filter(|r| !r.is_learner).collect();
@@ -236,9 +247,11 @@ impl Core {
                 (ConfChange::PromoteLearner(id), Some(target.clone()))
             }
         };
-        let context = record
-            .map(|r| serde_json::to_vec(&r).unwrap_or_default())
-            .unwrap_or_default();
+        let context = match record {
+            Some(r) => serde_json::to_vec(&r)
+                .map_err(|e| Error::InvalidArgument(format!("member record: {e}")))?,
+            None => Vec::new(),
+        };
         let term = shard.replica.term();
         let index = shard
             .replica
@@ -253,6 +266,10 @@ impl Core {
                 return Err(Error::Timeout);
             }
             glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        // The other groups follow from the next tick on; until each has, the next change waits.
+        for f in cl.conf_synced.iter().skip(1) {
+            f.store(false, Ordering::SeqCst);
         }
         Ok(cc.node())
     }
@@ -277,17 +294,23 @@ impl Core {
         let mut want = ConfState::new(m.voters());
         want.learners = m.learners().collect();
         for (&id, s) in &self.shards {
+            let step = next_step(&s.replica.conf(), &want);
+            if let Some(f) = cl.conf_synced.get(id as usize) {
+                f.store(id == 0 || step.is_none(), Ordering::SeqCst);
+            }
             if id == 0 || s.replica.role() != Role::Leader || s.replica.conf_change_pending() {
                 continue;
             }
-            let Some(cc) = next_step(&s.replica.conf(), &want) else {
+            let Some(cc) = step else {
                 continue;
             };
-            let context = m
+            let Some(context) = m
                 .members
                 .get(&cc.node())
-                .and_then(|r| serde_json::to_vec(r).ok())
-                .unwrap_or_default();
+                .map_or(Some(Vec::new()), |r| serde_json::to_vec(r).ok())
+            else {
+                continue;
+            };
             match s.replica.propose_conf_change(&s.wal, cc, &context) {
                 Ok(index) => {
                     tracing::info!(shard = id, change = ?cc, index, "following shard 0's membership")
@@ -334,7 +357,9 @@ impl Core {
             })
         };
         let Some(record) = stale else { return };
-        let context = serde_json::to_vec(&record).unwrap_or_default();
+        let Ok(context) = serde_json::to_vec(&record) else {
+            return;
+        };
         match s
             .replica
             .propose_conf_change(&s.wal, ConfChange::Update(record.id), &context)

@@ -529,8 +529,21 @@ impl LocalDb {
         if leader == 0 || leader == cl.member_id {
             return None;
         }
-        let info = cl.peer_info.read().ok()?;
-        info.get(&leader)?.client_urls.first().cloned()
+        // Its handshake's URLs are the freshest; the membership record has them too once the
+        // leader published them, also when this member has not connected to it yet.
+        let announced = cl
+            .peer_info
+            .read()
+            .ok()
+            .and_then(|info| info.get(&leader)?.client_urls.first().cloned());
+        announced.or_else(|| {
+            cl.membership()
+                .members
+                .get(&leader)?
+                .client_urls
+                .first()
+                .cloned()
+        })
     }
 
     /// The member leading the cluster (the leader of shard 0) as this node last saw it; 0 when

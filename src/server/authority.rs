@@ -19,6 +19,10 @@ const HEADERS: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
+/// HTTP/2's default SETTINGS_MAX_FRAME_SIZE, which our server keeps.
+const MAX_FRAME: usize = 16_384;
+/// Frames looked at before giving up on finding a first request (then everything passes).
+const MAX_INSPECTED: u32 = 16;
 /// HPACK's static table index of `:authority`.
 const AUTHORITY_INDEX: u64 = 1;
 
@@ -45,6 +49,8 @@ impl crate::runtime::io::ReadFilter for AuthorityFix {
 #[derive(Debug)]
 pub struct AuthorityFix {
     mode: Mode,
+    /// Frames seen while no request has decided the mode yet.
+    inspected: u32,
     preface_left: usize,
     /// Bytes of an incomplete frame.
     partial: Vec<u8>,
@@ -54,6 +60,7 @@ impl Default for AuthorityFix {
     fn default() -> Self {
         AuthorityFix {
             mode: Mode::Inspect { rewriting: false },
+            inspected: 0,
             preface_left: PREFACE.len(),
             partial: Vec::new(),
         }
@@ -86,12 +93,23 @@ impl AuthorityFix {
             }
             let h = &self.partial[at..];
             let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+            if len > MAX_FRAME {
+                // Larger than HTTP/2's default frame limit: not ours to buffer; the server
+                // will refuse it.
+                self.mode = Mode::Pass;
+                break;
+            }
             if h.len() < FRAME_HEADER + len {
                 break;
             }
             let frame = &self.partial[at..at + FRAME_HEADER + len];
             filter_frame(&mut self.mode, frame, out);
             at += FRAME_HEADER + len;
+            self.inspected += 1;
+            if self.mode == (Mode::Inspect { rewriting: false }) && self.inspected >= MAX_INSPECTED
+            {
+                self.mode = Mode::Pass;
+            }
         }
         if self.mode == Mode::Pass {
             out.extend_from_slice(&self.partial[at..]);
@@ -133,6 +151,8 @@ fn filter_frame(mode: &mut Mode, frame: &[u8], out: &mut Vec<u8>) {
     }
     let block = &payload[start + priority..end];
     match rewrite_block(block) {
+        // Re-framed, the block must still fit the frame size limit.
+        Some((_, fixed)) if 5 + fixed.len() > MAX_FRAME => out.extend_from_slice(frame),
         Some((authority_is_url, fixed)) => {
             if !rewriting && !authority_is_url {
                 *mode = Mode::Pass;
@@ -153,7 +173,14 @@ fn filter_frame(mode: &mut Mode, frame: &[u8], out: &mut Vec<u8>) {
             out.extend_from_slice(&payload[start..start + priority]);
             out.extend_from_slice(&fixed);
         }
-        None => out.extend_from_slice(frame),
+        None => {
+            // The first request carries no authority literal we can read: nothing to fix on
+            // this connection.
+            if !rewriting {
+                *mode = Mode::Pass;
+            }
+            out.extend_from_slice(frame)
+        }
     }
 }
 
@@ -386,6 +413,29 @@ mod tests {
                 assert!(done);
             }
         }
+    }
+
+    #[test]
+    fn big_frames_and_requests_without_an_authority_end_the_inspection() {
+        // A frame announcing more than 16 KiB is not buffered: everything passes from there.
+        let mut stream = PREFACE.to_vec();
+        stream.extend(&frame(0x0, 0, 1, &[])[..FRAME_HEADER]);
+        stream[PREFACE.len()] = 0x01; // 65,536 + bytes
+        let (out, done) = run(&stream, 4096);
+        assert_eq!(out, stream);
+        assert!(done);
+        // A first request whose authority is indexed (no literal to read) decides too.
+        let mut plain = PREFACE.to_vec();
+        plain.extend(frame(HEADERS, END_HEADERS, 1, &[0x83, 0x81]));
+        plain.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            3,
+            &block(b"http://later:1", false),
+        ));
+        let (out, done) = run(&plain, 7);
+        assert_eq!(out, plain);
+        assert!(done);
     }
 
     #[test]

@@ -480,6 +480,7 @@ async fn forward(
                 Err(forward::ForwardError::NotSent(s)) => last = s,
             }
         }
+        let retry_same = Instant::now() + Duration::from_millis(200);
         loop {
             if Instant::now() >= deadline {
                 tracing::debug!(url = ?url, error = %last.message, "no reachable leader in time");
@@ -487,7 +488,9 @@ async fn forward(
             }
             glommio::timer::sleep(Duration::from_millis(20)).await;
             match ctx.db.leader_client_url() {
-                Some(next) if url.as_ref() != Some(&next) => {
+                // A new leader, or the same one again after a pause (it may have restarted
+                // and been re-elected).
+                Some(next) if url.as_ref() != Some(&next) || Instant::now() >= retry_same => {
                     url = Some(next);
                     break;
                 }
