@@ -202,6 +202,14 @@ fn add_learner_join_promote_update_and_remove_members() {
     wait_value(&servers[3].endpoint(), "k/0", "before");
     let status = servers[3].etcdctl(&["endpoint", "status", "-w", "json"]);
     assert!(status.stdout.contains("\"isLearner\":true"), "{status:?}");
+    // As etcd's, a learner serves only Status and serializable reads.
+    let refused = servers[3].etcdctl(&["put", "k/learner", "x"]);
+    assert!(
+        refused
+            .stderr
+            .contains("etcdserver: rpc not supported for learner"),
+        "{refused:?}"
+    );
 
     until_ok(&all, &["member", "promote", &format!("{new_id:x}")], 20);
     for s in &servers {

@@ -86,6 +86,8 @@ pub(super) struct ClusterState {
     pub(super) peer_info: Arc<RwLock<BTreeMap<u64, PeerInfo>>>,
     /// This member applied its own removal: it takes no part in the cluster any more.
     removed: AtomicBool,
+    /// This member is a learner (read on every request, so kept apart from the membership).
+    learner: AtomicBool,
     /// Per shard: whether its group's membership, as applied here, equals shard 0's. A new
     /// membership change waits for all (so no group is ever more than one change behind).
     pub(super) conf_synced: Vec<AtomicBool>,
@@ -164,6 +166,7 @@ impl ClusterState {
             membership_json: Arc::default(),
             peer_info: Arc::default(),
             removed: AtomicBool::new(false),
+            learner: AtomicBool::new(false),
             conf_synced: (0..nshards).map(|_| AtomicBool::new(true)).collect(),
         };
         state.publish();
@@ -200,9 +203,16 @@ impl ClusterState {
         Ok(())
     }
 
+    /// Whether this member is a learner.
+    pub(super) fn is_learner(&self) -> bool {
+        self.learner.load(Ordering::Relaxed)
+    }
+
     /// Rewrites what the transports read: peer addresses and the record joiners get.
     fn publish(&self) {
         let m = self.membership();
+        let learner = m.members.get(&self.member_id).is_some_and(|r| r.is_learner);
+        self.learner.store(learner, Ordering::Relaxed);
         let peers: BTreeMap<u64, String> = m
             .members
             .keys()

@@ -87,13 +87,11 @@ impl super::LocalDb {
 
     /// Whether this member is a learner (replicates, does not vote).
     pub fn is_learner(&self) -> bool {
-        let Some(cl) = self.core.shared.cluster.as_ref() else {
-            return false;
-        };
-        cl.membership()
-            .members
-            .get(&cl.member_id)
-            .is_some_and(|m| m.is_learner)
+        self.core
+            .shared
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.is_learner())
     }
 
     /// Whether this member applied its own removal (a server stops serving then, as etcd's
@@ -252,6 +250,14 @@ impl Core {
                 .map_err(|e| Error::InvalidArgument(format!("member record: {e}")))?,
             None => Vec::new(),
         };
+        // One change at a time per group (a published name may hold the slot briefly): wait
+        // for the previous one rather than fail.
+        while shard.replica.conf_change_pending() {
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout);
+            }
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
         let term = shard.replica.term();
         let index = shard
             .replica

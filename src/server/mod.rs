@@ -411,6 +411,17 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Status> {
 }
 
 async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBody> {
+    let learner = ctx.db.is_learner();
+    if learner
+        && !matches!(
+            path,
+            "/etcdserverpb.Maintenance/Status" | "/etcdserverpb.KV/Range"
+        )
+    {
+        // etcd's learners serve only Status and serializable ranges; clients move on to
+        // another member.
+        return grpc::error(&not_for_learner());
+    }
     if path == "/etcdserverpb.Maintenance/Snapshot" {
         return snapshot::stream(ctx.clone());
     }
@@ -429,6 +440,14 @@ async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBo
         Ok(m) => m,
         Err(s) => return grpc::error(&s),
     };
+    if learner
+        && !msgs.first().is_some_and(|m| {
+            <pb::RangeRequest as prost::Message>::decode(m.clone()).is_ok_and(|r| r.serializable)
+        })
+        && path != "/etcdserverpb.Maintenance/Status"
+    {
+        return grpc::error(&not_for_learner());
+    }
     if path == election::OBSERVE {
         return match one(msgs) {
             Ok(req) => election::observe(ctx.clone(), req),
@@ -763,6 +782,13 @@ fn member_list(ctx: &Ctx) -> Vec<pb::Member> {
             .collect(),
         None => vec![ctx.member()],
     }
+}
+
+fn not_for_learner() -> Status {
+    Status::new(
+        Code::Unavailable,
+        "etcdserver: rpc not supported for learner",
+    )
 }
 
 /// A single node cannot change membership: etcd's refusal for a change the cluster cannot take.
