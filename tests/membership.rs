@@ -302,6 +302,16 @@ fn add_learner_join_promote_update_and_remove_members() {
     servers[rest[0]].restart();
     until_ok(&eps, &["put", "k/4", "again"], 20);
     wait_value(&servers[rest[0]].endpoint(), "k/4", "again");
+    // Two members down to one: every group needs both votes to drop the second, which works
+    // because the data groups drop it before shard 0 takes it off the peer tables.
+    let (last, gone) = (rest[0], rest[1]);
+    let gid = member_id(&servers[gone]);
+    until_ok(&eps, &["member", "remove", &format!("{gid:x}")], 20);
+    servers[gone].wait_exit(Duration::from_secs(10));
+    let one = servers[last].endpoint();
+    until_ok(&one, &["put", "k/5", "alone"], 20);
+    assert_eq!(get(&one, "k/5", false), "alone");
+    assert_eq!(member_list(&one).len(), 1);
 }
 
 /// Three members of `kind` bootstrapped together, ready to serve.

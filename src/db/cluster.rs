@@ -88,6 +88,9 @@ pub(super) struct ClusterState {
     removed: AtomicBool,
     /// This member is a learner (read on every request, so kept apart from the membership).
     learner: AtomicBool,
+    /// A member being removed (0: none): the data groups drop it before shard 0 does, so its
+    /// vote still counts while they commit the change (`db::members`).
+    pub(super) removing: AtomicU64,
     /// Per shard: whether its group's membership, as applied here, equals shard 0's. A new
     /// membership change waits for all (so no group is ever more than one change behind).
     pub(super) conf_synced: Vec<AtomicBool>,
@@ -167,6 +170,7 @@ impl ClusterState {
             peer_info: Arc::default(),
             removed: AtomicBool::new(false),
             learner: AtomicBool::new(false),
+            removing: AtomicU64::new(0),
             conf_synced: (0..nshards).map(|_| AtomicBool::new(true)).collect(),
         };
         state.publish();

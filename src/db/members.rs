@@ -250,6 +250,23 @@ impl Core {
                 .map_err(|e| Error::InvalidArgument(format!("member record: {e}")))?,
             None => Vec::new(),
         };
+        // A removal leaves the data groups first and shard 0 last: shard 0 is what takes the
+        // member off every peer table (and stops it), so until the data groups have committed
+        // the change without it, its vote must still reach them.
+        let _removing = match cc {
+            ConfChange::Remove(id) if self.shared.nshards > 1 => {
+                let guard = Removing::start(cl, id);
+                let deadline = Instant::now() + 2 * cl.patience();
+                while !cl.conf_synced.iter().all(|f| f.load(Ordering::SeqCst)) {
+                    if Instant::now() >= deadline {
+                        return Err(Error::Timeout);
+                    }
+                    glommio::timer::sleep(Duration::from_millis(5)).await;
+                }
+                Some(guard)
+            }
+            _ => None,
+        };
         // One change at a time per group (a published name may hold the slot briefly): wait
         // for the previous one rather than fail.
         while shard.replica.conf_change_pending() {
@@ -299,6 +316,11 @@ impl Core {
         }
         let mut want = ConfState::new(m.voters());
         want.learners = m.learners().collect();
+        let removing = cl.removing.load(Ordering::SeqCst);
+        if removing != 0 {
+            want.voters.remove(&removing);
+            want.learners.remove(&removing);
+        }
         for (&id, s) in &self.shards {
             let step = next_step(&s.replica.conf(), &want);
             if let Some(f) = cl.conf_synced.get(id as usize) {
@@ -326,6 +348,26 @@ impl Core {
                 }
             }
         }
+    }
+}
+
+/// Marks a member as being removed from the data groups for as long as it lives.
+struct Removing<'a>(&'a ClusterState);
+
+impl<'a> Removing<'a> {
+    fn start(cl: &'a ClusterState, id: u64) -> Removing<'a> {
+        cl.removing.store(id, Ordering::SeqCst);
+        // The groups report again against the new target from their next tick.
+        for f in cl.conf_synced.iter().skip(1) {
+            f.store(false, Ordering::SeqCst);
+        }
+        Removing(cl)
+    }
+}
+
+impl Drop for Removing<'_> {
+    fn drop(&mut self) {
+        self.0.removing.store(0, Ordering::SeqCst);
     }
 }
 
