@@ -25,12 +25,11 @@ struct Member {
 
 /// `--initial-cluster` for members `{prefix}0..` on 127.0.0.1 peer `ports`.
 fn initial_cluster(prefix: &str, ports: &[u16]) -> String {
-    let members: Vec<String> = ports
+    let urls: Vec<String> = ports
         .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{prefix}{i}=http://127.0.0.1:{p}"))
+        .map(|p| format!("http://127.0.0.1:{p}"))
         .collect();
-    members.join(",")
+    common::cluster::initial_cluster(prefix, &urls)
 }
 
 fn members(n: usize) -> Vec<Member> {
@@ -85,6 +84,15 @@ impl Member {
     }
     fn db(&self) -> &Db {
         self.db.as_ref().unwrap()
+    }
+}
+
+/// Closes every member still open.
+fn close_all(ms: &mut [Member]) {
+    for m in ms.iter_mut() {
+        if let Some(db) = m.db.take() {
+            db.close();
+        }
     }
 }
 
@@ -182,11 +190,7 @@ fn three_members_replicate_fail_over_and_catch_up() {
     ms[leader].open();
     let all = converge(&ms, 60);
     assert_eq!(all, after);
-    for m in ms.iter_mut() {
-        if let Some(db) = m.db.take() {
-            db.close();
-        }
-    }
+    close_all(&mut ms);
 }
 
 #[test]
@@ -469,11 +473,7 @@ fn five_members_lose_two_and_keep_going() {
         acked += 1;
     }
     converge(&ms, acked);
-    for m in ms.iter_mut() {
-        if let Some(db) = m.db.take() {
-            db.close();
-        }
-    }
+    close_all(&mut ms);
 }
 
 #[test]
@@ -565,9 +565,5 @@ fn a_partitioned_leader_steps_down_the_majority_goes_on_and_healing_converges() 
     // And the healed member can lead writes again once it is elected, or forwards nothing
     // wrong meanwhile: a write through whichever member leads still works.
     put(&ms, "k/after", "healed");
-    for m in ms.iter_mut() {
-        if let Some(db) = m.db.take() {
-            db.close();
-        }
-    }
+    close_all(&mut ms);
 }

@@ -261,14 +261,7 @@ async fn client(id: u64, sh: Arc<Shared>) {
                 members.unary(member, "/etcdserverpb.KV/Range", &req).await;
             let failed = match r {
                 Ok(r) => {
-                    let kv = r.kvs.first();
-                    rec.complete(
-                        op,
-                        Outcome::GetOk {
-                            value: kv.map(|kv| kv.value.to_vec()),
-                            mod_revision: kv.map_or(0, |kv| kv.mod_revision),
-                        },
-                    );
+                    rec.complete(op, get_outcome(&r));
                     note_answer(rec, op, member, r.header.as_ref());
                     false
                 }
@@ -431,14 +424,7 @@ impl Scenario {
                             members.unary(leader, "/etcdserverpb.KV/Range", &req).await;
                         match r {
                             Ok(r) => {
-                                let kv = r.kvs.first();
-                                rec.complete(
-                                    op,
-                                    Outcome::GetOk {
-                                        value: kv.map(|kv| kv.value.to_vec()),
-                                        mod_revision: kv.map_or(0, |kv| kv.mod_revision),
-                                    },
-                                );
+                                rec.complete(op, get_outcome(&r));
                                 note_answer(&rec, op, leader, r.header.as_ref());
                                 break;
                             }
@@ -489,6 +475,15 @@ impl Scenario {
             panic!("{e}");
         }
         log("done".into());
+    }
+}
+
+/// What a completed Range says about its key, for the history.
+fn get_outcome(r: &pb::RangeResponse) -> Outcome {
+    let kv = r.kvs.first();
+    Outcome::GetOk {
+        value: kv.map(|kv| kv.value.to_vec()),
+        mod_revision: kv.map_or(0, |kv| kv.mod_revision),
     }
 }
 

@@ -173,7 +173,7 @@ impl ClusterState {
             removing: AtomicU64::new(0),
             conf_synced: (0..nshards).map(|_| AtomicBool::new(true)).collect(),
         };
-        state.publish();
+        state.publish(&state.membership());
         Ok(state)
     }
 
@@ -197,7 +197,7 @@ impl ClusterState {
             m.clone()
         };
         meta::save_membership(&self.dir, &m)?;
-        self.publish();
+        self.publish(&m);
         if !m.members.contains_key(&self.member_id) && !self.removed.swap(true, Ordering::SeqCst) {
             tracing::warn!(
                 member = %format!("{:x}", self.member_id),
@@ -207,14 +207,18 @@ impl ClusterState {
         Ok(())
     }
 
+    /// Whether every group's membership has caught up with shard 0's.
+    pub(super) fn groups_synced(&self) -> bool {
+        self.conf_synced.iter().all(|f| f.load(Ordering::SeqCst))
+    }
+
     /// Whether this member is a learner.
     pub(super) fn is_learner(&self) -> bool {
         self.learner.load(Ordering::Relaxed)
     }
 
     /// Rewrites what the transports read: peer addresses and the record joiners get.
-    fn publish(&self) {
-        let m = self.membership();
+    fn publish(&self, m: &Membership) {
         let learner = m.members.get(&self.member_id).is_some_and(|r| r.is_learner);
         self.learner.store(learner, Ordering::Relaxed);
         let peers: BTreeMap<u64, String> = m

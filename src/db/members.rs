@@ -113,6 +113,18 @@ impl super::LocalDb {
     }
 }
 
+/// Waits until `ready()` holds, checking every few milliseconds; `etcdserver: request timed
+/// out` at `deadline`. Membership changes are rare, so polling is simpler than wake-ups.
+async fn poll_until(deadline: Instant, ready: impl Fn() -> bool) -> Result<()> {
+    while !ready() {
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout);
+        }
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -132,12 +144,7 @@ impl Core {
         // shard 0 (or, after a restart, from what a member assumes) by more than one step, and
         // single-step changes keep old and new majorities overlapping.
         let deadline = Instant::now() + cl.patience();
-        while !cl.conf_synced.iter().all(|f| f.load(Ordering::SeqCst)) {
-            if Instant::now() >= deadline {
-                return Err(Error::Timeout);
-            }
-            glommio::timer::sleep(Duration::from_millis(5)).await;
-        }
+        poll_until(deadline, || cl.groups_synced()).await?;
         let m = cl.membership();
         let me = cl.member_id;
         let voters: Vec<&Member> = m.members.values().filter(|r| !r.is_learner).collect();
@@ -256,25 +263,14 @@ impl Core {
         let _removing = match cc {
             ConfChange::Remove(id) if self.shared.nshards > 1 => {
                 let guard = Removing::start(cl, id);
-                let deadline = Instant::now() + 2 * cl.patience();
-                while !cl.conf_synced.iter().all(|f| f.load(Ordering::SeqCst)) {
-                    if Instant::now() >= deadline {
-                        return Err(Error::Timeout);
-                    }
-                    glommio::timer::sleep(Duration::from_millis(5)).await;
-                }
+                poll_until(Instant::now() + 2 * cl.patience(), || cl.groups_synced()).await?;
                 Some(guard)
             }
             _ => None,
         };
         // One change at a time per group (a published name may hold the slot briefly): wait
         // for the previous one rather than fail.
-        while shard.replica.conf_change_pending() {
-            if Instant::now() >= deadline {
-                return Err(Error::Timeout);
-            }
-            glommio::timer::sleep(Duration::from_millis(5)).await;
-        }
+        poll_until(deadline, || !shard.replica.conf_change_pending()).await?;
         let term = shard.replica.term();
         let index = shard
             .replica

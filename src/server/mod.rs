@@ -440,12 +440,7 @@ async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBo
         Ok(m) => m,
         Err(s) => return grpc::error(&s),
     };
-    if learner
-        && !msgs.first().is_some_and(|m| {
-            <pb::RangeRequest as prost::Message>::decode(m.clone()).is_ok_and(|r| r.serializable)
-        })
-        && path != "/etcdserverpb.Maintenance/Status"
-    {
+    if learner && path == "/etcdserverpb.KV/Range" && range_serializable(&msgs) != Some(true) {
         return grpc::error(&not_for_learner());
     }
     if path == election::OBSERVE {
@@ -528,11 +523,18 @@ fn needs_leader(path: &str, msgs: &[Bytes]) -> bool {
         "/etcdserverpb.KV/Txn"
         | "/etcdserverpb.Lease/LeaseTimeToLive"
         | "/etcdserverpb.Lease/LeaseLeases" => true,
-        "/etcdserverpb.KV/Range" => msgs.first().is_some_and(|m| {
-            <pb::RangeRequest as prost::Message>::decode(m.clone()).is_ok_and(|r| !r.serializable)
-        }),
+        "/etcdserverpb.KV/Range" => range_serializable(msgs) == Some(false),
         _ => false,
     }
+}
+
+/// Whether a Range call asks for a serializable read (what followers and learners may serve
+/// from their own state); `None` when the request does not decode (the call refuses it).
+fn range_serializable(msgs: &[Bytes]) -> Option<bool> {
+    let m = msgs.first()?;
+    <pb::RangeRequest as prost::Message>::decode(m.clone())
+        .ok()
+        .map(|r| r.serializable)
 }
 
 /// This member refused the call before executing anything because another member leads.
