@@ -177,6 +177,10 @@ struct ServeArgs {
     /// Size of each preallocated WAL segment, in MiB.
     #[arg(long, default_value_t = 64)]
     wal_segment_mb: u64,
+    /// Log entries per shard between checkpoints (etcd's flag): the WAL and Raft's in-memory log
+    /// stay bounded by it, and a member that falls further behind catches up from a checkpoint.
+    #[arg(long, default_value_t = 100_000)]
+    snapshot_count: u64,
     /// Automatic compaction: "periodic" (retention is a duration such as 1h or 30m) or "revision"
     /// (retention is a number of revisions to keep).
     #[arg(long, default_value = "periodic")]
@@ -302,6 +306,7 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
     opts.partitioner = Partitioner::from_name(&args.partitioner)
         .ok_or_else(|| invalid(format!("unknown partitioner {:?}", args.partitioner)))?;
     opts.wal_segment_size = args.wal_segment_mb.max(1) << 20;
+    opts.checkpoint_every = args.snapshot_count;
     let compaction = spindle::server::compaction::Policy::parse(
         &args.auto_compaction_mode,
         &args.auto_compaction_retention,

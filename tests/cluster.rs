@@ -567,3 +567,80 @@ fn a_partitioned_leader_steps_down_the_majority_goes_on_and_healing_converges() 
     put(&ms, "k/after", "healed");
     close_all(&mut ms);
 }
+
+/// Checkpoint files of every shard in member `m`'s data dir: (shard dir, index).
+fn checkpoints(m: &Member) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for shard in std::fs::read_dir(m.dir.path()).unwrap().flatten() {
+        let name = shard.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("shard-") {
+            continue;
+        }
+        for f in std::fs::read_dir(shard.path()).unwrap().flatten() {
+            let file = f.file_name().to_string_lossy().into_owned();
+            if let Some(i) = file
+                .strip_prefix("checkpoint-")
+                .and_then(|s| s.strip_suffix(".ckpt"))
+            {
+                out.push((name.clone(), i.parse().unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_member_behind_the_leaders_checkpoints_catches_up_from_one() {
+    let mut ms = members(3);
+    for m in &mut ms {
+        m.opts.checkpoint_every = 40;
+        m.open();
+    }
+    for i in 0..10 {
+        put(&ms, &format!("k/{i:03}"), &format!("v{i}"));
+    }
+    converge(&ms, 10);
+    let (leader, _) = put(&ms, "k/010", "v10");
+    let away = (leader + 1) % 3;
+    ms[away].db.take().unwrap().close();
+    let before = checkpoints(&ms[away]);
+
+    // Enough writes that the leader checkpoints past what `away` holds, with values large
+    // enough that the checkpoint travels in several chunks.
+    let big = "x".repeat(8 << 10);
+    for i in 11..400 {
+        put(&ms, &format!("k/{i:03}"), &format!("v{i}{big}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !checkpoints(&ms[leader]).iter().any(|(_, i)| *i >= 200) {
+        assert!(Instant::now() < deadline, "the leader wrote no checkpoints");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let want = converge(&ms, 400);
+
+    // Back: it cannot catch up from the log alone, so it installs the leader's checkpoints.
+    ms[away].open();
+    assert_eq!(converge(&ms, 400), want);
+    let after = checkpoints(&ms[away]);
+    assert_ne!(
+        after, before,
+        "the returning member holds the leader's checkpoints"
+    );
+
+    // What it installed survives its own restart, and it keeps up with new writes.
+    ms[away].db.take().unwrap().close();
+    ms[away].open();
+    for i in 400..420 {
+        put(&ms, &format!("k/{i:03}"), &format!("v{i}"));
+    }
+    let want = converge(&ms, 420);
+
+    // With the old leader gone, the member that caught up is part of the majority that goes on.
+    let (leader, _) = put(&ms, "k/420", "v420");
+    ms[leader].db.take().unwrap().close();
+    put(&ms, "k/421", "v421");
+    let now = converge(&ms, 422);
+    assert_eq!(&now[..420], &want[..]);
+    close_all(&mut ms);
+}

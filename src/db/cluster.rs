@@ -19,7 +19,7 @@ use crate::engine::meta;
 use crate::engine::replica::{Group, NodeGate};
 use crate::error::{Error, Result};
 use crate::peer::{request_membership, Join, PeerConfig, PeerInfo, Transport, PROTOCOL_VERSION};
-use crate::raft::{ConfChange, ConfState, EntryKind, Message, Role};
+use crate::raft::{ConfChange, ConfState, EntryKind, Message, MessageKind, Role};
 
 /// etcd's cluster flags, as `spindle serve` takes them.
 #[derive(Clone, Debug)]
@@ -207,6 +207,29 @@ impl ClusterState {
         Ok(())
     }
 
+    /// Takes over the membership an installed shard-0 snapshot carries (the changes it covers
+    /// were compacted away, so this member never applied them one by one).
+    pub(super) fn replace_membership(&self, record: &[u8]) -> Result<()> {
+        let m = Membership::decode(record)
+            .map_err(|e| Error::InvalidArgument(format!("snapshot membership: {e}")))?;
+        {
+            let mut cur = match self.membership.write() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            *cur = m.clone();
+        }
+        meta::save_membership(&self.dir, &m)?;
+        self.publish(&m);
+        if !m.members.contains_key(&self.member_id) && !self.removed.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                member = %format!("{:x}", self.member_id),
+                "the member has been permanently removed from the cluster"
+            );
+        }
+        Ok(())
+    }
+
     /// Whether every group's membership has caught up with shard 0's.
     pub(super) fn groups_synced(&self) -> bool {
         self.conf_synced.iter().all(|f| f.load(Ordering::SeqCst))
@@ -378,7 +401,7 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
     );
     *core.transport.borrow_mut() = Some(transport.clone());
     for shard in core.shards.values() {
-        let (s, t) = (shard.clone(), transport.clone());
+        let (s, t, catchup) = (shard.clone(), transport.clone(), core.catchup.clone());
         glommio::spawn_local(async move {
             loop {
                 s.replica.wait_messages().await;
@@ -386,7 +409,12 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
                     return;
                 }
                 for m in s.replica.take_messages() {
-                    t.send(m.to, s.id, m);
+                    if m.kind == MessageKind::Snapshot {
+                        // The snapshot is the checkpoint file, streamed in chunks.
+                        catchup.send(&s, &t, m);
+                    } else {
+                        t.send(m.to, s.id, m);
+                    }
                 }
                 t.flush();
             }
@@ -405,6 +433,23 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
             };
             loop {
                 s.replica.wait_committed_entries().await;
+                if let Some(meta) = s.replica.pending_install() {
+                    match s.install(&meta, &clock).await {
+                        Ok(record) if s.id == 0 && !record.is_empty() => {
+                            if let Err(e) = cl.replace_membership(&record) {
+                                tracing::error!(error = %e, "taking the snapshot's membership failed");
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            s.replica
+                                .stop(format!("installing the leader's snapshot failed: {e}"));
+                            return;
+                        }
+                    }
+                    continue;
+                }
                 let entries = s.replica.take_committed();
                 if entries.is_empty() {
                     // Woken by a failure, or a rebuild took the queue over.
@@ -551,6 +596,14 @@ impl Core {
         match self.shards.get(&shard) {
             Some(s) => {
                 self.note_heard(shard, msg.from);
+                let msg = if super::catchup::is_chunk(&msg) {
+                    match self.catchup.receive(s, msg) {
+                        Some(m) => m,
+                        None => return,
+                    }
+                } else {
+                    msg
+                };
                 s.replica.step(&s.wal, msg);
                 if shard == 0 {
                     // Learn a new leader at once, not at the next tick: followers forward to it
@@ -577,6 +630,17 @@ impl Core {
         let me = cl.member_id;
         for (&id, s) in &self.shards {
             s.replica.tick(&s.wal);
+            if s.wants_checkpoint() {
+                // Members cut checkpoints on ticks; a lagging member receives the newest one as
+                // its snapshot.
+                let (s, shared) = (s.clone(), self.shared.clone());
+                glommio::spawn_local(async move {
+                    if let Err(e) = s.checkpoint_with(move || shared.membership_record()).await {
+                        tracing::warn!(error = %e, "background checkpoint failed; the WAL keeps everything");
+                    }
+                })
+                .detach();
+            }
             if s.replica.is_stale() && !s.rebuilding.replace(true) {
                 let s = s.clone();
                 glommio::spawn_local(async move {

@@ -116,6 +116,8 @@ pub(super) struct Core {
     pub(super) transport: std::cell::RefCell<Option<Rc<crate::peer::Transport>>>,
     /// Watches whose consumers live on this core.
     pub(super) hub: Rc<Hub>,
+    /// Snapshot transfers to and from this core's shards (cluster members).
+    pub(super) catchup: Rc<super::catchup::Catchup>,
     /// When each member last spoke in shard 0's group (on the core owning shard 0).
     pub(super) heard: std::cell::RefCell<std::collections::HashMap<u64, std::time::Instant>>,
 }
@@ -178,6 +180,7 @@ pub(super) async fn run_core(
         shards,
         tokens: Default::default(),
         transport: Default::default(),
+        catchup: Default::default(),
         hub: Hub::new(),
         heard: Default::default(),
     });
@@ -349,7 +352,13 @@ impl Core {
                 let _ = r.send(shard.compact(rev).await);
             }
             ShardOp::Checkpoint(r) => {
-                let _ = r.send(shard.checkpoint().await);
+                let shared = self.shared.clone();
+                let _ = r.send(
+                    shard
+                        .clone()
+                        .checkpoint_with(move || shared.membership_record())
+                        .await,
+                );
             }
             ShardOp::Changes(ranges, after, upto, with_prev, r) => {
                 let page = shard.ensure_readable().and_then(|()| {

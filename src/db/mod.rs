@@ -7,6 +7,7 @@
 //! blocking form (any non-executor thread) and an `_async` form (any async runtime, including
 //! another glommio executor).
 
+mod catchup;
 mod cluster;
 mod core;
 mod lease;

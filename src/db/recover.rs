@@ -40,7 +40,14 @@ pub(super) fn recover_all(
     bypass_raft: bool,
     group: Option<&crate::engine::replica::Group>,
 ) -> Result<(Vec<RecoveredShard>, i64, i64)> {
-    type Loaded = (ShardStore, wal::Recovered, Replica, u64, PathBuf);
+    type Loaded = (
+        ShardStore,
+        wal::Recovered,
+        Replica,
+        u64,
+        PathBuf,
+        BTreeMap<i64, i64>,
+    );
     // Shards recover independently (checkpoint load + WAL scan), in parallel.
     let loaded: Vec<Result<Loaded>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..nshards)
@@ -48,15 +55,29 @@ pub(super) fn recover_all(
                 s.spawn(move || -> Result<_> {
                     let dir = meta::shard_dir(path, id);
                     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-                    let (store, index, term) = checkpoint::load_newest(&dir, id)?;
-                    let wal = wal::recover(&dir.join("wal"), id, index)?;
+                    checkpoint::discard_received(&dir)?;
+                    let newest = checkpoint::load_newest(&dir, id)?;
+                    let (index, term) = (newest.index, newest.term);
+                    let mut wal = wal::recover(&dir.join("wal"), id, index)?;
+                    if wal.term_at_after.is_some_and(|t| t != term) {
+                        // An install of the leader's checkpoint stopped before its anchor entry:
+                        // what follows in the log is an old tail the leader does not share.
+                        tracing::warn!(
+                            shard = id,
+                            index,
+                            "dropping a log tail an installed snapshot replaced"
+                        );
+                        wal.entries.clear();
+                        wal.last_index = index;
+                    }
                     let replica = match group {
                         Some(g) => {
                             Replica::recover_group(id, (index, term), &wal, bypass_raft, g.clone())?
                         }
                         None => Replica::recover(id, (index, term), &wal, bypass_raft)?,
                     };
-                    Ok((store, wal, replica, index, dir))
+                    let leases = newest.extras.leases.iter().copied().collect();
+                    Ok((newest.store, wal, replica, index, dir, leases))
                 })
             })
             .collect();
@@ -67,7 +88,7 @@ pub(super) fn recover_all(
     });
     let mut shards = Vec::new();
     for (id, r) in loaded.into_iter().enumerate() {
-        let (store, wal, replica, checkpoint_index, dir) = r?;
+        let (store, wal, replica, checkpoint_index, dir, leases) = r?;
         let checkpoint_revision = store.last_revision();
         if let Some((file, offset)) = &wal.truncated {
             tracing::warn!(file = %file.display(), offset, "truncated a torn WAL tail (unacknowledged writes)");
@@ -81,7 +102,7 @@ pub(super) fn recover_all(
             checkpoint_index,
             checkpoint_revision,
             aborts: vec![],
-            leases: BTreeMap::new(),
+            leases,
         });
     }
 

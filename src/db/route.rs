@@ -36,6 +36,15 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// The membership record (JSON) a cluster member's shard-0 checkpoint carries; empty on a
+    /// single node.
+    pub(super) fn membership_record(&self) -> bytes::Bytes {
+        self.cluster
+            .as_ref()
+            .map(|c| bytes::Bytes::from(c.membership().encode()))
+            .unwrap_or_default()
+    }
+
     pub(super) fn shard_of(&self, key: &[u8]) -> u32 {
         self.partitioner.shard_of(key, self.nshards)
     }

@@ -6,7 +6,11 @@
 //! mapped with memmap2 and values stay in the mapping: they are `Bytes` slices of it, so a restarted
 //! shard's values live in the page cache rather than on the heap.
 //!
-//! Layout (little endian): header (64 bytes) | key records | footer (`crc32` of all before | magic).
+//! Layout (little endian): header (64 bytes) | extras | key records | footer (`crc32` of all
+//! before | magic). Extras (version 2; version 1 files have none) carry what a cluster member
+//! cannot re-log after the checkpoint, since a follower proposes nothing: `len:u32` then
+//! `lease_count:u32 { id:i64 ttl:i64 } meta_len:u32 meta` (the shard's live leases, and for
+//! shard 0 the cluster membership).
 //! A key record: `key_len:u32 key gen_count:u32 { create:i64 first_version:i64 tombstone:i64(0 = live)
 //! put_count:u32 { rev:i64 lease:i64 value_len:u32 value } }`.
 
@@ -22,7 +26,7 @@ use crate::mvcc::{Generation, KeyHistory, PutEvent};
 
 const MAGIC: &[u8; 8] = b"SPNDLCKP";
 const END_MAGIC: &[u8; 8] = b"SPNDLEND";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER_LEN: usize = 64;
 const FOOTER_LEN: usize = 12;
 
@@ -36,6 +40,51 @@ pub struct CheckpointInfo {
     pub last_revision: i64,
     pub compact_revision: i64,
     pub key_count: u64,
+}
+
+/// What a checkpoint carries besides keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Extras {
+    /// Live leases logged in this shard: id → TTL.
+    pub leases: Vec<(i64, i64)>,
+    /// Shard 0's checkpoint: the membership record (JSON) as of its index.
+    pub membership: Bytes,
+}
+
+impl Extras {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(12 + 16 * self.leases.len() + self.membership.len());
+        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(&(self.leases.len() as u32).to_le_bytes());
+        for (id, ttl) in &self.leases {
+            b.extend_from_slice(&id.to_le_bytes());
+            b.extend_from_slice(&ttl.to_le_bytes());
+        }
+        b.extend_from_slice(&(self.membership.len() as u32).to_le_bytes());
+        b.extend_from_slice(&self.membership);
+        let len = (b.len() - 4) as u32;
+        b[..4].copy_from_slice(&len.to_le_bytes());
+        b
+    }
+
+    fn decode(r: &mut Reader<'_>, owner: &Bytes) -> Option<Extras> {
+        let len = r.u32()? as usize;
+        let end = r.pos.checked_add(len)?;
+        let n = r.u32()? as usize;
+        if n > len / 16 {
+            return None;
+        }
+        let mut leases = Vec::with_capacity(n);
+        for _ in 0..n {
+            leases.push((r.i64()?, r.i64()?));
+        }
+        let mlen = r.u32()? as usize;
+        let mpos = r.take(mlen)?;
+        (r.pos == end).then(|| Extras {
+            leases,
+            membership: owner.slice(mpos..mpos + mlen),
+        })
+    }
 }
 
 pub fn file_name(index: u64) -> String {
@@ -109,6 +158,7 @@ fn encode_header(info: &CheckpointInfo) -> [u8; HEADER_LEN] {
 pub async fn write<F, Fut>(
     dir: &Path,
     mut info: CheckpointInfo,
+    extras: &Extras,
     mut next_chunk: F,
 ) -> Result<PathBuf>
 where
@@ -134,6 +184,9 @@ where
     let mut keys = 0u64;
     let placeholder = [0u8; HEADER_LEN];
     w.write_all(&placeholder).await.map_err(io)?;
+    let extras = extras.encode();
+    crc.update(&extras);
+    w.write_all(&extras).await.map_err(io)?;
     while let Some((bytes, n)) = next_chunk().await {
         crc.update(&bytes);
         keys += n;
@@ -163,17 +216,95 @@ where
     Ok(final_path)
 }
 
+/// Where a leader's checkpoint is assembled while it arrives in chunks.
+pub fn received_path(dir: &Path) -> PathBuf {
+    dir.join("snapshot.recv")
+}
+
+/// At open: a checkpoint that was still arriving (or never installed) is thrown away; the
+/// leader sends it again if the follower still needs it.
+pub fn discard_received(dir: &Path) -> Result<()> {
+    let recv = received_path(dir);
+    match fs::remove_file(&recv) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(&recv, e)),
+    }
+}
+
+/// Checks a checkpoint's checksum and header without parsing its keys: what a follower does
+/// with a received checkpoint before telling Raft it has the snapshot.
+pub fn verify(path: &Path, shard: u32) -> Result<CheckpointInfo> {
+    let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the received file is written only by this core, which is not writing it now.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let corrupt = |off: usize, why: &str| Error::corrupt(path, off as u64, why.to_string());
+    if bytes.len() < HEADER_LEN + FOOTER_LEN {
+        return Err(corrupt(0, "file too short for a checkpoint"));
+    }
+    let body_end = bytes.len() - FOOTER_LEN;
+    if &bytes[body_end + 4..] != END_MAGIC {
+        return Err(corrupt(
+            body_end,
+            "missing end marker (incomplete checkpoint)",
+        ));
+    }
+    let stored = u32::from_le_bytes(bytes[body_end..body_end + 4].try_into().expect("4 bytes"));
+    if crc32fast::hash(&bytes[..body_end]) != stored {
+        return Err(corrupt(body_end, "checksum mismatch"));
+    }
+    let info =
+        decode_header(&bytes[..HEADER_LEN]).ok_or_else(|| corrupt(0, "bad magic or version"))?;
+    if info.shard != shard {
+        return Err(corrupt(
+            12,
+            &format!(
+                "checkpoint of shard {} received for shard {shard}",
+                info.shard
+            ),
+        ));
+    }
+    Ok(info)
+}
+
+/// The header's fields, if its magic and version are ones this build reads.
+fn decode_header(h: &[u8]) -> Option<CheckpointInfo> {
+    let version = u32::from_le_bytes(h.get(8..12)?.try_into().ok()?);
+    if h.get(0..8)? != MAGIC || !(1..=VERSION).contains(&version) {
+        return None;
+    }
+    let u64_at =
+        |o: usize| -> Option<u64> { Some(u64::from_le_bytes(h.get(o..o + 8)?.try_into().ok()?)) };
+    Some(CheckpointInfo {
+        shard: u32::from_le_bytes(h.get(12..16)?.try_into().ok()?),
+        index: u64_at(16)?,
+        term: u64_at(24)?,
+        last_revision: u64_at(32)? as i64,
+        compact_revision: u64_at(40)? as i64,
+        key_count: u64_at(48)?,
+    })
+}
+
 /// A mapped checkpoint whose values are zero-copy slices of the mapping.
 pub struct Loaded {
     pub info: CheckpointInfo,
+    pub extras: Extras,
     pub histories: Vec<KeyHistory>,
 }
 
-/// Maps and fully validates a checkpoint (checksum, structure), returning its key histories.
-/// The store a shard's newest checkpoint in `dir` holds, with the checkpoint's log index and
-/// term; an empty store at index 0 when there is none. Opening a shard and rebuilding one both
-/// start here.
-pub fn load_newest(dir: &Path, shard: u32) -> Result<(crate::mvcc::ShardStore, u64, u64)> {
+/// A shard's state as its newest checkpoint holds it.
+pub struct Newest {
+    pub store: crate::mvcc::ShardStore,
+    /// Log index and term the checkpoint covers (0, 0 without one).
+    pub index: u64,
+    pub term: u64,
+    pub extras: Extras,
+}
+
+/// The store a shard's newest checkpoint in `dir` holds, with the checkpoint's log index, term
+/// and extras; an empty store at index 0 when there is none. Opening a shard, rebuilding one and
+/// installing a leader's snapshot all start here.
+pub fn load_newest(dir: &Path, shard: u32) -> Result<Newest> {
     match list(dir)?.last() {
         Some((_, file)) => {
             let c = load(file, shard)?;
@@ -182,12 +313,23 @@ pub fn load_newest(dir: &Path, shard: u32) -> Result<(crate::mvcc::ShardStore, u
                 c.info.last_revision,
                 c.info.compact_revision,
             );
-            Ok((store, c.info.index, c.info.term))
+            Ok(Newest {
+                store,
+                index: c.info.index,
+                term: c.info.term,
+                extras: c.extras,
+            })
         }
-        None => Ok((crate::mvcc::ShardStore::new(), 0, 0)),
+        None => Ok(Newest {
+            store: crate::mvcc::ShardStore::new(),
+            index: 0,
+            term: 0,
+            extras: Extras::default(),
+        }),
     }
 }
 
+/// Maps and fully validates a checkpoint (checksum, structure), returning its key histories.
 pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
     let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: checkpoint files are immutable once renamed into place, and this process holds the
@@ -209,18 +351,8 @@ pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
         return Err(corrupt(body_end, "checksum mismatch"));
     }
     let h = &map[..HEADER_LEN];
-    if &h[0..8] != MAGIC || u32::from_le_bytes(h[8..12].try_into().expect("4")) != VERSION {
-        return Err(corrupt(0, "bad magic or version"));
-    }
-    let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8"));
-    let info = CheckpointInfo {
-        shard: u32::from_le_bytes(h[12..16].try_into().expect("4")),
-        index: u64_at(16),
-        term: u64_at(24),
-        last_revision: u64_at(32) as i64,
-        compact_revision: u64_at(40) as i64,
-        key_count: u64_at(48),
-    };
+    let version = u32::from_le_bytes(h[8..12].try_into().expect("4"));
+    let info = decode_header(h).ok_or_else(|| corrupt(0, "bad magic or version"))?;
     if info.shard != shard {
         return Err(corrupt(
             12,
@@ -231,6 +363,11 @@ pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
     let mut r = Reader {
         buf: &map[..body_end],
         pos: HEADER_LEN,
+    };
+    let extras = if version >= 2 {
+        Extras::decode(&mut r, &owner).ok_or_else(|| corrupt(HEADER_LEN, "malformed extras"))?
+    } else {
+        Extras::default()
     };
     // Keys are copied into one heap arena: the index compares them constantly, and leaving them in
     // the mapping would keep every page (keys sit between values) resident. Values stay mapped.
@@ -298,7 +435,11 @@ pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
     if let Err(e) = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) } {
         tracing::debug!(error = %e, "madvise(DONTNEED) on a checkpoint failed; pages stay resident");
     }
-    Ok(Loaded { info, histories })
+    Ok(Loaded {
+        info,
+        extras,
+        histories,
+    })
 }
 
 struct MapOwner(Arc<memmap2::Mmap>);

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 
+use bytes::Bytes;
 use glommio::sync::Semaphore;
 
 use crate::engine::checkpoint::{self, CheckpointInfo};
@@ -584,8 +585,9 @@ impl Shard {
     /// uncommitted writes does this before it may serve writes again.
     pub async fn rebuild(&self) -> Result<()> {
         let _guard = self.acquire().await?;
-        let (store, index, _) = checkpoint::load_newest(&self.dir, self.id)?;
-        *self.store.borrow_mut() = store;
+        let newest = checkpoint::load_newest(&self.dir, self.id)?;
+        let index = newest.index;
+        *self.store.borrow_mut() = newest.store;
         self.replica.reset_applied(index)?;
         tracing::info!(
             shard = self.id,
@@ -593,6 +595,81 @@ impl Shard {
             "rebuilt the shard from its checkpoint and committed log"
         );
         Ok(())
+    }
+
+    /// Installs the leader's checkpoint that Raft accepted as this group's snapshot (received
+    /// whole at [`checkpoint::received_path`] and verified): it becomes the shard's newest
+    /// checkpoint (the install's point of no return), the log continues after it, and the store
+    /// and this shard's leases are reloaded from it. Returns the checkpoint's membership record
+    /// (shard 0), which the cluster layer takes over.
+    pub async fn install(
+        &self,
+        meta: &crate::raft::SnapshotMeta,
+        clock: &RevisionClock,
+    ) -> Result<Bytes> {
+        let recv = checkpoint::received_path(&self.dir);
+        let loaded = checkpoint::load(&recv, self.id)?;
+        if (loaded.info.index, loaded.info.term) != (meta.index, meta.term) {
+            return Err(Error::corrupt(
+                &recv,
+                16,
+                format!(
+                    "received checkpoint is at index {} term {}, the snapshot at {} term {}",
+                    loaded.info.index, loaded.info.term, meta.index, meta.term
+                ),
+            ));
+        }
+        let index = meta.index;
+        let target = self.dir.join(checkpoint::file_name(index));
+        std::fs::rename(&recv, &target).map_err(|e| Error::io(&target, e))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(&self.dir, e))?;
+        for (i, old) in checkpoint::list(&self.dir)? {
+            if i < index {
+                std::fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;
+            }
+        }
+        // Recovery knows an install finished by this entry at the checkpoint's index and term;
+        // without it, it drops whatever old tail follows the checkpoint.
+        let anchor = Bytes::from(record::encode_payload(&WalEntry {
+            term: meta.term,
+            index,
+            kind: EntryKind::Noop,
+            ..Default::default()
+        }));
+        self.wal.anchor(index, &anchor).await?;
+        let store = crate::mvcc::ShardStore::from_histories(
+            loaded.histories,
+            loaded.info.last_revision,
+            loaded.info.compact_revision,
+        );
+        clock.observe(store.last_revision());
+        clock.set_compact_revision(store.compact_revision());
+        *self.store.borrow_mut() = store;
+        let leases: BTreeMap<i64, i64> = loaded.extras.leases.iter().copied().collect();
+        if let Ok(mut t) = self.leases.write() {
+            let now = std::time::Instant::now();
+            for id in self.lease_log.borrow().keys() {
+                if !leases.contains_key(id) {
+                    t.finish_revoke(*id);
+                }
+            }
+            for (&id, &ttl) in &leases {
+                t.restore(id, ttl, now);
+            }
+        }
+        *self.lease_log.borrow_mut() = leases;
+        self.checkpoint_index.set(index);
+        self.last_write_index.set(index);
+        self.replica.installed(&self.wal);
+        tracing::info!(
+            shard = self.id,
+            index,
+            revision = loaded.info.last_revision,
+            "installed the leader's checkpoint"
+        );
+        Ok(loaded.extras.membership)
     }
 
     fn maybe_checkpoint(self: &Rc<Self>) {
@@ -620,43 +697,66 @@ impl Shard {
     /// Writes a checkpoint of this shard at its current log position, then drops WAL segments it
     /// covers. Writes continue while it runs.
     pub async fn checkpoint(self: Rc<Self>) -> Result<CheckpointInfo> {
-        if self.replica.has_peers() {
-            // A checkpoint is cut at the last executed write, which in a group with peers may
-            // not be committed yet; members keep their whole log until checkpoints are cut at
-            // the applied-and-committed index and sent as snapshots.
-            return Err(Error::InvalidArgument(format!(
-                "shard {}: cluster members do not write checkpoints yet",
-                self.id
-            )));
-        }
+        self.checkpoint_with(Bytes::new).await
+    }
+
+    /// [`Self::checkpoint`]; `membership` gives shard 0's membership record as of the
+    /// checkpoint, for a cluster member (it is the shard's snapshot a lagging member installs).
+    pub async fn checkpoint_with(
+        self: Rc<Self>,
+        membership: impl FnOnce() -> Bytes,
+    ) -> Result<CheckpointInfo> {
         if self.checkpointing.replace(true) {
             return Err(Error::InvalidArgument(format!(
                 "shard {} is already writing a checkpoint",
                 self.id
             )));
         }
-        let result = self.checkpoint_inner().await;
+        let result = self.checkpoint_inner(membership).await;
         self.checkpointing.set(false);
         result
     }
 
-    async fn checkpoint_inner(&self) -> Result<CheckpointInfo> {
+    /// Whether enough log accumulated since the last checkpoint that a member should cut one.
+    pub fn wants_checkpoint(&self) -> bool {
+        let since = self
+            .replica
+            .applied()
+            .saturating_sub(self.checkpoint_index.get());
+        self.checkpoint_every > 0
+            && since >= self.checkpoint_every
+            && !self.checkpointing.get()
+            && self.replica.pending_install().is_none()
+    }
+
+    async fn checkpoint_inner(&self, membership: impl FnOnce() -> Bytes) -> Result<CheckpointInfo> {
+        let member = self.replica.has_peers();
         // Capture a position with no undecided multi-shard part, so everything at or below it is
-        // final.
-        let (index, upto) = {
+        // final. A follower's store holds exactly what it applied, all of it committed; a
+        // leader's holds what it executed, which must commit before the checkpoint may stand
+        // for it.
+        let (index, upto, leases) = {
             let _guard = self.acquire().await?;
             self.ensure_healthy()?;
-            (
-                self.wal.next_index() - 1,
-                self.store.borrow().last_revision(),
-            )
+            if self.replica.pending_install().is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "shard {} is installing a snapshot",
+                    self.id
+                )));
+            }
+            let index = if member && self.replica.role() != crate::raft::Role::Leader {
+                self.replica.applied()
+            } else {
+                self.wal.next_index() - 1
+            };
+            let leases: Vec<(i64, i64)> = self
+                .lease_log
+                .borrow()
+                .iter()
+                .map(|(&id, &ttl)| (id, ttl))
+                .collect();
+            (index, self.store.borrow().last_revision(), leases)
         };
-        self.wal.wait_durable(index).await?;
-        self.replica.sync(&self.wal);
-        // Recovery replays only entries after `index`: grants at or below it must be repeated
-        // after it before the checkpoint can replace them.
-        self.relog_after_checkpoint().await?;
-        let compact = self.store.borrow().compact_revision();
         let term = self
             .replica
             .term_at(index)
@@ -664,6 +764,25 @@ impl Shard {
                 shard: self.id,
                 reason: format!("checkpoint index {index} is no longer in the Raft log"),
             })?;
+        if member {
+            // Members carry their leases in the checkpoint (a follower cannot re-log them).
+            self.replica.wait_committed(&self.wal, index, term).await?;
+        } else {
+            self.wal.wait_durable(index).await?;
+            self.replica.sync(&self.wal);
+            // Recovery replays only entries after `index`: grants at or below it must be
+            // repeated after it before the checkpoint can replace them.
+            self.relog_after_checkpoint().await?;
+        }
+        let extras = checkpoint::Extras {
+            leases,
+            membership: if member && self.id == 0 {
+                membership()
+            } else {
+                Bytes::new()
+            },
+        };
+        let compact = self.store.borrow().compact_revision();
         let info = CheckpointInfo {
             shard: self.id,
             index,
@@ -674,7 +793,7 @@ impl Shard {
         };
         let after: RefCell<Option<bytes::Bytes>> = RefCell::new(None);
         let done = Cell::new(false);
-        let path = checkpoint::write(&self.dir, info, || async {
+        let path = checkpoint::write(&self.dir, info, &extras, || async {
             if done.get() {
                 return None;
             }
@@ -696,7 +815,18 @@ impl Shard {
         .await?;
         self.checkpoint_index.set(index);
         self.replica.compact(index)?;
-        self.wal.drop_through(index)?;
+        if member {
+            // The segments about to go may hold the newest hard state record: log it again and
+            // keep the segment it lands in.
+            self.wal.make_room(4096).await?;
+            if let Some(seq) = self.replica.relog_hard_state(&self.wal) {
+                let keep = self.wal.append_segment().unwrap_or(0);
+                self.wal.wait_synced(seq).await?;
+                self.wal.drop_through_keeping(index, keep)?;
+            }
+        } else {
+            self.wal.drop_through(index)?;
+        }
         for (i, old) in checkpoint::list(&self.dir)? {
             if i < index {
                 std::fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;

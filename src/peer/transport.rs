@@ -212,6 +212,10 @@ struct Link {
     to: NodeId,
     queue: RefCell<Vec<(u32, Message)>>,
     ready: event_listener::Event,
+    /// A frame is being written.
+    writing: Cell<bool>,
+    /// What was queued got written or dropped.
+    taken: event_listener::Event,
 }
 
 /// Counters a test or `/metrics` can read.
@@ -262,6 +266,21 @@ impl Transport {
         link.queue.borrow_mut().push((shard, msg));
     }
 
+    /// Waits until nothing queued for `to` is left waiting (taken for a write, or dropped with a
+    /// dead connection): a sender of bulk data keeps one frame in flight this way.
+    pub async fn drained(&self, to: NodeId) {
+        let Some(link) = self.links.borrow().get(&to).cloned() else {
+            return;
+        };
+        loop {
+            let l = link.taken.listen();
+            if (link.queue.borrow().is_empty() && !link.writing.get()) || self.closed.get() {
+                return;
+            }
+            l.await;
+        }
+    }
+
     /// Sends everything queued: one frame, one write per destination.
     pub fn flush(&self) {
         for link in self.links.borrow().values() {
@@ -288,6 +307,8 @@ impl Transport {
             to,
             queue: RefCell::new(Vec::new()),
             ready: event_listener::Event::new(),
+            writing: Cell::new(false),
+            taken: event_listener::Event::new(),
         });
         self.links.borrow_mut().insert(to, link.clone());
         glommio::spawn_local(dial_loop(self.clone(), link.clone())).detach();
@@ -450,6 +471,7 @@ async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
                 Err(e) => {
                     // Raft resends what matters; what was queued for a dead peer is dropped.
                     let n = std::mem::take(&mut *link.queue.borrow_mut()).len() as u64;
+                    link.taken.notify(usize::MAX);
                     t.stats.dropped.set(t.stats.dropped.get() + n);
                     tracing::debug!(to = %format!("{:x}", link.to), error = %e, "peer dial failed");
                     if e.starts_with("refused") {
@@ -465,7 +487,11 @@ async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
         let batch = std::mem::take(&mut *link.queue.borrow_mut());
         let frame = codec::encode_batch(&batch);
         let Some(s) = conn.as_mut() else { continue };
-        let Some(written) = t.until_closed(s.write_all(&frame)).await else {
+        link.writing.set(true);
+        let written = t.until_closed(s.write_all(&frame)).await;
+        link.writing.set(false);
+        link.taken.notify(usize::MAX);
+        let Some(written) = written else {
             return;
         };
         if let Err(e) = written {

@@ -501,11 +501,16 @@ impl Wal {
 
     /// Deletes segments whose entries are all at or below `index` (covered by a checkpoint).
     pub fn drop_through(&self, index: u64) -> Result<usize> {
+        self.drop_through_keeping(index, u64::MAX)
+    }
+
+    /// [`Self::drop_through`], but keeps segment `keep` (a segment's name) and every later one.
+    pub fn drop_through_keeping(&self, index: u64, keep: u64) -> Result<usize> {
         let mut st = self.inner.st.borrow_mut();
         let current = st.durable_segment;
         let mut removed = 0;
         while st.segments.len() >= 2 && st.segments[1].first_index <= index + 1 {
-            if Some(st.segments[0].first_index) == current {
+            if Some(st.segments[0].first_index) == current || st.segments[0].first_index >= keep {
                 break;
             }
             let seg = st.segments.remove(0);
@@ -513,6 +518,34 @@ impl Wal {
             removed += 1;
         }
         Ok(removed)
+    }
+
+    /// Continues the log with `payload` at `index`, a follower's stand-in for the last entry
+    /// of the leader's checkpoint it installed: a rewind when `index` is at or below the last
+    /// index, else after a gap the checkpoint covers (recovery accepts such a gap). Waits for
+    /// what is queued first; the caller appends nothing meanwhile.
+    pub async fn anchor(&self, index: u64, payload: &[u8]) -> Result<()> {
+        let queued = self.inner.st.borrow().next_seq - 1;
+        self.wait_synced(queued).await?;
+        self.make_room(frame_len(payload.len())).await?;
+        {
+            let mut st = self.inner.st.borrow_mut();
+            if index > st.next_index {
+                st.next_index = index;
+                st.durable_index = index - 1;
+            }
+        }
+        self.append_frame(Some(index), payload)
+            .map_err(|nr| Error::ShardFailed {
+                shard: self.inner.shard,
+                reason: format!("no room for a {}-byte record after make_room", nr.frame_len),
+            })?;
+        Ok(())
+    }
+
+    /// Name of the segment the last queued frame went to (`None` before the first).
+    pub fn append_segment(&self) -> Option<u64> {
+        self.inner.st.borrow().append_segment
     }
 
     pub fn segments(&self) -> Vec<SegmentFile> {

@@ -55,6 +55,11 @@ pub struct Recovered {
     pub last_index: u64,
     /// A torn tail was cut off at this place.
     pub truncated: Option<(PathBuf, u64)>,
+    /// Term of the entry at `after_index` as the log holds it (if it does). A follower that
+    /// installed its leader's checkpoint there logs an entry with the checkpoint's term at its
+    /// index; a different term means the install was cut short before that, and the entries
+    /// after it are an old tail the leader's log does not share (Raft discards it).
+    pub term_at_after: Option<u64>,
 }
 
 pub fn segment_name(first_index: u64) -> String {
@@ -166,8 +171,13 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
                             ));
                         }
                         first_entry = false;
-                        if entry.index > next || entry.index == 0 {
+                        // A gap is the log continuing after an installed checkpoint that covers it.
+                        if entry.index == 0 || (entry.index > next && entry.index > after_index + 1)
+                        {
                             break Some("entry index out of sequence");
+                        }
+                        if entry.index <= after_index {
+                            out.term_at_after = (entry.index == after_index).then_some(entry.term);
                         }
                         // Below `next`: a rewind; the record replaces the entries from its index on.
                         let keep = out.entries.partition_point(|e| e.entry.index < entry.index);

@@ -159,6 +159,9 @@ pub struct Replica {
     reads: RefCell<std::collections::HashMap<u64, Option<u64>>>,
     next_read: Cell<u64>,
     read_ev: Event,
+    /// A leader's snapshot Raft accepted and the shard has not installed yet. Raft's output
+    /// waits meanwhile: entries after the snapshot may only reach the WAL once it is installed.
+    installing: RefCell<Option<Snapshot>>,
 }
 
 impl Replica {
@@ -238,6 +241,7 @@ impl Replica {
             reads: RefCell::default(),
             next_read: Cell::new(0),
             read_ev: Event::new(),
+            installing: RefCell::new(None),
         })
     }
 
@@ -360,10 +364,39 @@ impl Replica {
         self.commit_ev.notify(usize::MAX);
     }
 
-    /// Waits until committed entries are waiting to be applied (or the replica failed).
+    /// Waits until committed entries are waiting to be applied, or a snapshot to be installed
+    /// (or the replica failed).
     pub async fn wait_committed_entries(&self) {
-        self.wait_for(&self.apply_ev, || !self.committed.borrow().is_empty())
-            .await
+        self.wait_for(&self.apply_ev, || {
+            !self.committed.borrow().is_empty() || self.installing.borrow().is_some()
+        })
+        .await
+    }
+
+    /// Position of a leader's snapshot waiting to be installed ([`Self::installed`]).
+    pub fn pending_install(&self) -> Option<SnapshotMeta> {
+        self.installing.borrow().as_ref().map(|s| s.meta.clone())
+    }
+
+    /// The shard installed the pending snapshot (its checkpoint is in place and the WAL
+    /// continues after it): the store holds everything up to its index, Raft learns the
+    /// snapshot is durable, and its held-back output flows again.
+    pub fn installed(&self, wal: &Wal) {
+        let Some(snap) = self.installing.borrow_mut().take() else {
+            return;
+        };
+        let index = snap.meta.index;
+        self.committed.borrow_mut().retain(|e| e.index > index);
+        self.applied.set(self.applied.get().max(index));
+        if let Some(raft) = &self.raft {
+            raft.borrow_mut().advance(Persisted {
+                snapshot: Some(index),
+                ..Default::default()
+            });
+        }
+        self.update_gate();
+        self.commit_ev.notify(usize::MAX);
+        self.pump(wal);
     }
 
     /// Advances Raft's clock by one tick (heartbeats, election timeouts).
@@ -718,6 +751,9 @@ impl Replica {
             return;
         };
         loop {
+            if self.installing.borrow().is_some() {
+                return;
+            }
             let rd = {
                 let mut r = raft.borrow_mut();
                 if !r.has_ready() {
@@ -725,13 +761,18 @@ impl Replica {
                 }
                 r.ready()
             };
-            if rd.snapshot.is_some() {
-                // Installing a leader's checkpoint is the next step of the cluster work; until
-                // then a member that fell behind the leader's log stops rather than diverge.
-                let reason = "received a snapshot; installing one is not supported yet".to_string();
-                tracing::error!(shard = self.shard, %reason, "shard stops");
-                self.fail(reason);
-                return;
+            if let Some(snap) = rd.snapshot.clone() {
+                // The shard installs the checkpoint the snapshot names (`Shard::install`); until
+                // then nothing after it is logged. A restored log hands out no entries with it.
+                debug_assert!(rd.entries.is_empty(), "entries in a snapshot's ready");
+                tracing::info!(
+                    shard = self.shard,
+                    index = snap.meta.index,
+                    term = snap.meta.term,
+                    "installing the leader's snapshot"
+                );
+                *self.installing.borrow_mut() = Some(snap);
+                self.apply_ev.notify(usize::MAX);
             }
             for e in &rd.entries {
                 let payload = match e.kind {
@@ -831,6 +872,19 @@ impl Replica {
         self.was_leader.set(leading);
         drop(r);
         self.update_gate();
+    }
+
+    /// Logs the current hard state again (a checkpoint is about to drop the segments that hold
+    /// the earlier records); the record's WAL sequence, or `None` without Raft.
+    pub fn relog_hard_state(&self, wal: &Wal) -> Option<u64> {
+        let hs = self.hard_state()?;
+        self.log_hard_state(wal, hs).then(|| self.last_seq.get())
+    }
+
+    /// Stops the replica for good: the shard could not do what Raft counts on.
+    pub fn stop(&self, reason: String) {
+        tracing::error!(shard = self.shard, %reason, "shard stops");
+        self.fail(reason);
     }
 
     /// Appends a hard state record; false if the shard had to stop.
