@@ -640,3 +640,83 @@ fn rolling_restart_under_a_writer_keeps_every_acknowledged_write() {
         }
     }
 }
+
+/// A member added after the leader compacted its log (`--snapshot-count`) cannot catch up by
+/// log: it installs every shard's checkpoint, shard 0's with the membership, and then serves
+/// what was written before, leases included, and follows new writes.
+#[test]
+fn a_member_added_after_compaction_catches_up_by_snapshot() {
+    let ports = Ports::free(4);
+    let initial = initial_of(&ports[..3]);
+    let with_count = |mut args: Vec<String>| {
+        args.extend(["--snapshot-count", "50"].map(String::from));
+        args
+    };
+    let mut servers: Vec<Server> = (0..3)
+        .map(|i| {
+            let args = with_count(member_args(&format!("s{i}"), &ports[i], &initial, "new"));
+            Server::spawn_on(Kind::Spindle, ports[i], &args)
+        })
+        .collect();
+    for s in &mut servers {
+        s.wait_ready();
+    }
+    let all: Vec<String> = servers.iter().map(|s| s.endpoint()).collect();
+    let all = all.join(",");
+    until_ok(&all, &["put", "k/0", "v0"], 15);
+    let lease = until_ok(&all, &["lease", "grant", "600"], 10);
+    let lease_id = lease
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .expect("lease <id> granted with TTL(600s)")
+        .to_string();
+    until_ok(&all, &["put", "leased", "yes", "--lease", &lease_id], 10);
+    // Several checkpoints' worth of writes on every shard.
+    for i in 1..300 {
+        let out = etcdctl::run(&all, &["put", &format!("k/{i}"), &format!("v{i}")]);
+        assert!(out.ok, "{out:?}");
+    }
+
+    let added = etcdctl::run(
+        &all,
+        &[
+            "member",
+            "add",
+            "s3",
+            "--learner",
+            &format!("--peer-urls={}", ports[3].peer_url()),
+        ],
+    );
+    assert!(added.ok, "{added:?}");
+    let joined_initial = added
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ETCD_INITIAL_CLUSTER="))
+        .expect("ETCD_INITIAL_CLUSTER line")
+        .trim_matches('"')
+        .to_string();
+    let args = with_count(member_args("s3", &ports[3], &joined_initial, "existing"));
+    let mut joiner = Server::spawn_on(Kind::Spindle, ports[3], &args);
+    joiner.wait_ready();
+    let ep = joiner.endpoint();
+    wait_value(&ep, "k/299", "v299");
+    wait_value(&ep, "k/0", "v0");
+    let leased = joiner.etcdctl(&["get", "leased", "--consistency=s", "-w", "json"]);
+    let want_lease = format!("\"lease\":{}", i64::from_str_radix(&lease_id, 16).unwrap());
+    assert!(leased.stdout.contains(&want_lease), "{leased:?}");
+    let log = joiner.log();
+    assert!(
+        log.contains("installed the leader's checkpoint"),
+        "the new member caught up by snapshot: {log}"
+    );
+    let ms = member_list(&servers[0].endpoint());
+    assert_eq!(ms.len(), 4, "{ms:?}");
+
+    // Promoted, it is a voter that follows new writes.
+    let new_id = member_id(&joiner);
+    servers.push(joiner);
+    until_ok(&all, &["member", "promote", &format!("{new_id:x}")], 20);
+    until_ok(&all, &["put", "k/after", "promoted"], 10);
+    wait_value(&servers[3].endpoint(), "k/after", "promoted");
+}

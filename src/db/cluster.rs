@@ -219,14 +219,10 @@ impl ClusterState {
             };
             *cur = m.clone();
         }
+        // A member that joined after the checkpoint is not in it yet; the log that follows
+        // adds it again. Only an applied removal stops a member.
         meta::save_membership(&self.dir, &m)?;
         self.publish(&m);
-        if !m.members.contains_key(&self.member_id) && !self.removed.swap(true, Ordering::SeqCst) {
-            tracing::warn!(
-                member = %format!("{:x}", self.member_id),
-                "the member has been permanently removed from the cluster"
-            );
-        }
         Ok(())
     }
 
