@@ -186,6 +186,72 @@ fn bench_drives_the_server_and_reports_every_request() {
 }
 
 #[test]
+fn metrics_time_every_put_by_stage_and_bench_reports_them() {
+    let s = start(&[]);
+    let ep = s.endpoint();
+    let n = 200u64;
+    // One connection, so it sits on one core: with random keys over both shards some puts are
+    // served where they arrive and the others hop to the other core and back.
+    let report = bench(&[
+        "put",
+        "--endpoints",
+        &ep,
+        "--total",
+        &n.to_string(),
+        "--clients",
+        "1",
+        "--conns",
+        "1",
+        "--key-space-size",
+        "100000",
+        "--json",
+    ]);
+    assert_eq!(report["ops"], n, "{report}");
+    let m = http(
+        s.port,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let scraped = spindle::bench::stages::parse(&m);
+    let count = |stage: &str| {
+        let st = scraped
+            .get(stage)
+            .unwrap_or_else(|| panic!("no {stage} histogram in {m}"));
+        // The +Inf bucket and the count agree.
+        assert_eq!(st.cumulative.last().map(|b| b.1), Some(st.count), "{stage}");
+        st.count
+    };
+    for stage in [
+        "decode",
+        "route",
+        "execute",
+        "wal_queue",
+        "wal_write",
+        "fdatasync",
+        "commit",
+        "visible",
+        "encode",
+    ] {
+        assert_eq!(count(stage), n, "{stage}: {m}");
+    }
+    let hops = count("hop_to_owner");
+    assert_eq!(count("hop_back"), hops);
+    assert!(hops > 0 && hops < n, "{hops} of {n} puts hopped");
+    // What the generator printed: this run's puts, stage by stage.
+    let stages = report["stages"].as_array().expect("stages in the report");
+    let decode = stages
+        .iter()
+        .find(|d| d["stage"] == "decode")
+        .expect("decode stage");
+    assert_eq!(decode["count"], n, "{report}");
+    assert!(decode["p99_us"].as_f64().unwrap() > 0.0, "{report}");
+    let fsync = stages
+        .iter()
+        .find(|d| d["stage"] == "fdatasync")
+        .expect("fdatasync stage");
+    assert!(fsync["mean_us"].as_f64().unwrap() > 0.0, "{report}");
+}
+
+#[test]
 fn bench_self_check_and_histogram_file() {
     let dir = tempfile::tempdir().unwrap();
     let hdr = dir.path().join("latency.hdr");

@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod noop;
+pub mod stages;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -74,6 +75,8 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     pub elapsed: Duration,
     pub histogram: Histogram<u64>,
+    /// Where the server's puts spent this run's time, when the endpoints are spindle.
+    pub stages: Vec<stages::StageDelta>,
 }
 
 impl Report {
@@ -107,7 +110,11 @@ impl Report {
                 "mean": self.histogram.mean() / 1000.0,
                 "p50": self.us(0.5), "p90": self.us(0.9), "p99": self.us(0.99),
                 "p999": self.us(0.999), "max": self.histogram.max() as f64 / 1000.0,
-            }
+            },
+            "stages": self.stages.iter().map(|d| serde_json::json!({
+                "stage": d.stage, "count": d.count, "mean_us": d.mean_us,
+                "p50_us": d.p50_us, "p99_us": d.p99_us, "seconds": d.sum_secs,
+            })).collect::<Vec<_>>(),
         })
     }
 
@@ -163,6 +170,9 @@ impl Report {
                 let _ = writeln!(s, "  {:>10.3} [{c:>8}]\t|{bar}", b / 1e6);
             }
         }
+        if !self.stages.is_empty() {
+            s.push_str(&stages::summary(&self.stages, self.histogram.mean() / 1e3));
+        }
         s
     }
 }
@@ -212,6 +222,7 @@ pub fn run(cfg: BenchConfig) -> Result<Report, String> {
     if let Workload::Range { .. } | Workload::TxnMixed { .. } = cfg.workload {
         preload(&cfg)?;
     }
+    let stages_before = stages::scrape_all(&cfg.endpoints);
     let start = Instant::now();
     let shared = Arc::new(Shared {
         measuring_from: start + cfg.warmup,
@@ -255,12 +266,17 @@ pub fn run(cfg: BenchConfig) -> Result<Report, String> {
         &mut *shared.results.lock().map_err(|_| "poisoned")?,
         (new_hist(), BTreeMap::new(), 0),
     );
+    let stages = match (stages_before, stages::scrape_all(&cfg.endpoints)) {
+        (Some(before), Some(after)) => stages::delta(&before, &after),
+        _ => Vec::new(),
+    };
     Ok(Report {
         workload: format!("{:?}", cfg.workload),
         ops,
         errors,
         elapsed,
         histogram,
+        stages,
     })
 }
 
@@ -737,6 +753,7 @@ fn run_mvcc(cfg: BenchConfig) -> Result<Report, String> {
         errors,
         elapsed,
         histogram,
+        stages: Vec::new(),
     })
 }
 

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::recover::RecoveredShard;
 use super::route::Shared;
@@ -20,6 +21,7 @@ use crate::engine::watch::{self, ChangeSource, Hub, WatchEvent, WatchRequest, Wa
 use crate::error::{Error, Result};
 use crate::kv::*;
 use crate::mvcc::{CompareOutcome, OpPartial, ShardRange, TxnPath};
+use crate::runtime::stages::{Stage, Tracer};
 use crate::wal::{Wal, WalOptions};
 
 pub(super) type Reply<T> = flume::Sender<Result<T>>;
@@ -32,6 +34,9 @@ pub(super) fn oneshot<T>() -> (Reply<T>, flume::Receiver<Result<T>>) {
 pub(super) enum ClientReq {
     Range(RangeRequest, Reply<RangeResponse>),
     Txn(Arc<TxnRequest>, Reply<TxnResponse>),
+    /// A single-shard write timed by stage (`runtime::stages`): sent at the instant given; the
+    /// reply carries the instant the owning core finished, where the hop back starts.
+    TracedWrite(Arc<TxnRequest>, Instant, Reply<(TxnResponse, Instant)>),
     Compact(CompactionRequest, Reply<CompactionResponse>),
     Checkpoint(Reply<Vec<CheckpointInfo>>),
     Status(Reply<Status>),
@@ -307,7 +312,7 @@ impl Core {
                 let _ = r.send(shard.range(&req, rev));
             }
             ShardOp::Write(txn, r) => {
-                let _ = r.send(shard.write_single(&self.revs, &txn).await);
+                let _ = r.send(shard.write_single(&self.revs, &txn, None).await);
             }
             ShardOp::LockEval(token, txn, cmps, path, r) => {
                 if let Err(e) = shard.lock_for_coordinator(token).await {
@@ -416,6 +421,12 @@ impl Core {
             }
             ClientReq::Txn(txn, r) => {
                 let _ = r.send(self.txn(txn).await);
+            }
+            ClientReq::TracedWrite(txn, sent, r) => {
+                let mut trace = Tracer::new(self.shared.stages.core(self.id), sent);
+                trace.mark(Stage::HopToOwner);
+                let res = self.txn_traced(txn, Some(&mut trace)).await;
+                let _ = r.send(res.map(|resp| (resp, trace.last())));
             }
             ClientReq::Compact(req, r) => {
                 let _ = r.send(self.compact(req).await);

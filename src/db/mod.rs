@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use glommio::Placement;
 
@@ -36,6 +37,7 @@ pub use crate::engine::watch::{WatchEvent, WatchRequest, WatchSink, WatchUpdate}
 use crate::error::{Error, Result};
 use crate::kv::*;
 use crate::mvcc::plan;
+use crate::runtime::stages::{Stage, StageSnapshot, Tracer};
 use crate::wal::WalOptions;
 
 pub use crate::engine::partition::Partitioner;
@@ -180,6 +182,7 @@ impl Db {
             raft_term: std::sync::atomic::AtomicU64::new(0),
             cluster,
             closing: AtomicBool::new(false),
+            stages: crate::runtime::stages::PutStages::new(opts.cores),
         });
         let mut per_core: Vec<Vec<RecoveredShard>> = (0..opts.cores).map(|_| Vec::new()).collect();
         for s in shards {
@@ -616,6 +619,39 @@ impl LocalDb {
             self.txn_unchecked(single_op_txn(RequestOp::Put(req)))
                 .await?,
         )
+    }
+
+    /// A tracer timing a put that arrived on this core at `started` (see [`Self::put_traced`]).
+    pub fn put_tracer(&self, started: Instant) -> Tracer<'_> {
+        Tracer::new(self.core.shared.stages.core(self.core.id), started)
+    }
+
+    /// [`Self::put`], timing its stages from the tracer's last mark: routing here, then either
+    /// the hop to the owning core, the owner's stages and the hop back, or the owner's stages
+    /// here. The caller marks what comes before and after.
+    pub async fn put_traced(&self, req: PutRequest, trace: &mut Tracer<'_>) -> Result<PutResponse> {
+        plan::validate_put(&req)?;
+        let txn = Arc::new(single_op_txn(RequestOp::Put(req)));
+        match self.core.shared.txn_core(&txn) {
+            Some(c) if c != self.core.id => {
+                let (tx, rx) = oneshot();
+                trace.mark(Stage::Route);
+                self.forward(c, ClientReq::TracedWrite(txn, trace.last(), tx))?;
+                let (resp, done) = wait_async(rx).await?;
+                trace.skip_to(done);
+                trace.mark(Stage::HopBack);
+                put_response(resp)
+            }
+            _ => {
+                trace.mark(Stage::Route);
+                put_response(self.core.txn_traced(txn, Some(trace)).await?)
+            }
+        }
+    }
+
+    /// Every core's put stage histograms, merged.
+    pub fn put_stages(&self) -> Vec<StageSnapshot> {
+        self.core.shared.stages.snapshot()
     }
 
     pub async fn delete_range(&self, req: DeleteRangeRequest) -> Result<DeleteRangeResponse> {

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::kv::*;
 use crate::mvcc::plan;
 use crate::mvcc::{CompareOutcome, OpPartial, TxnPath};
+use crate::runtime::stages::{PutStages, Tracer};
 
 /// Immutable routing facts shared by the handle and every core.
 pub(super) struct Shared {
@@ -33,6 +34,8 @@ pub(super) struct Shared {
     pub(super) cluster: Option<super::cluster::ClusterState>,
     /// The store is shutting down (background loops stop).
     pub(super) closing: std::sync::atomic::AtomicBool,
+    /// Where puts' time goes, one slot per core.
+    pub(super) stages: PutStages,
 }
 
 impl Shared {
@@ -114,6 +117,15 @@ impl Core {
     }
 
     pub(super) async fn txn(self: &Rc<Self>, txn: Arc<TxnRequest>) -> Result<TxnResponse> {
+        self.txn_traced(txn, None).await
+    }
+
+    /// [`Core::txn`], timing the stages of a single-shard write this core owns.
+    pub(super) async fn txn_traced(
+        self: &Rc<Self>,
+        txn: Arc<TxnRequest>,
+        trace: Option<&mut Tracer<'_>>,
+    ) -> Result<TxnResponse> {
         let shared = &self.shared;
         let touched = plan::shards_touched(&txn, &|k| shared.shard_of(k), shared.nshards);
         if !plan::txn_has_writes(&txn) || touched.is_empty() {
@@ -121,8 +133,11 @@ impl Core {
         }
         self.wait_writable().await?;
         if let [only] = touched.as_slice() {
-            let (path, partials, rev) =
-                self.call(*only, |r| ShardOp::Write(txn.clone(), r)).await?;
+            let (path, partials, rev) = match (trace, self.shards.get(only)) {
+                // The same as the local `ShardOp::Write`, with the tracer passed along.
+                (Some(t), Some(shard)) => shard.write_single(&self.revs, &txn, Some(t)).await?,
+                _ => self.call(*only, |r| ShardOp::Write(txn.clone(), r)).await?,
+            };
             return Ok(self.assemble(&txn, path, vec![partials], rev));
         }
         self.multi_shard_write(txn, touched).await

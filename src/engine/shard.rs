@@ -28,6 +28,7 @@ use crate::kv::{Compare, RangeRequest, RequestOp, TxnRequest};
 use crate::mvcc::lease::SharedLeases;
 use crate::mvcc::plan;
 use crate::mvcc::{CompareOutcome, OpPartial, ShardRange, ShardStore, TxnPath, Undo};
+use crate::runtime::stages::{Stage, Tracer};
 use crate::wal::{record, EntryKind, LeaseRecord, Wal, WalEntry};
 
 /// A multi-shard part executed here and durable, awaiting the coordinator's decision.
@@ -193,11 +194,13 @@ impl Shard {
     }
 
     /// A write whose every key lives on this shard: evaluated, applied and logged here.
-    /// Returns the leaf-op partials and the revision the response carries.
+    /// Returns the leaf-op partials and the revision the response carries. With a tracer, the
+    /// stages from execution to visibility are timed (`runtime::stages`).
     pub async fn write_single(
         self: &Rc<Self>,
         revs: &CoreRevisions,
         txn: &TxnRequest,
+        mut trace: Option<&mut Tracer<'_>>,
     ) -> Result<(TxnPath, Vec<OpPartial>, i64)> {
         let clock = revs.clock().clone();
         loop {
@@ -238,12 +241,26 @@ impl Shard {
                 }
             };
             drop(guard);
+            if let Some(t) = trace.as_deref_mut() {
+                t.mark(Stage::Execute);
+            }
             let durable = self.replica.wait_committed(&self.wal, index, term).await;
+            if let Some(t) = trace.as_deref_mut() {
+                if let Some(f) = self.wal.flush_times(index) {
+                    t.mark_at(Stage::WalQueue, f.started);
+                    t.mark_at(Stage::WalWrite, f.written);
+                    t.mark_at(Stage::Fdatasync, f.synced);
+                }
+                t.mark(Stage::Commit);
+            }
             // Finished either way so readers are not held up; after a failed sync this shard
             // refuses every read, so the unlogged write it applied is never seen.
             revs.finish(rev);
             durable?;
             clock.wait_visible(rev).await;
+            if let Some(t) = trace.as_deref_mut() {
+                t.mark(Stage::Visible);
+            }
             self.maybe_checkpoint();
             return Ok((path, partials, rev));
         }

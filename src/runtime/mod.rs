@@ -1,9 +1,11 @@
 //! What every glommio-side layer shares and nothing engine-specific: executor construction (the
 //! shard runtime, the load generator, tools and tests), the adapter that lets hyper run on a
-//! glommio TCP stream (`io`, used by the server and the load generator's client), and the latency
-//! histogram bounds that the WAL's fsync histogram and `/metrics` both use.
+//! glommio TCP stream (`io`, used by the server and the load generator's client), the latency
+//! histogram bounds that the WAL's fsync histogram and `/metrics` both use, and the per-stage
+//! timing of a put (`stages`), which the server, the routing layer and the engine all record.
 
 pub mod io;
+pub mod stages;
 
 use glommio::{LocalExecutorBuilder, Placement};
 

@@ -1,13 +1,16 @@
-//! Prometheus metrics on `/metrics`: per-method request counts and latency histograms, plus the
-//! engine's WAL fsync latency, queue depths and store size.
+//! Prometheus metrics on `/metrics`: per-method request counts and latency histograms, where a
+//! put's time goes (per-stage histograms, see `runtime::stages`), plus the engine's WAL fsync
+//! latency, queue depths and store size.
 //!
-//! Counters are relaxed atomics in a fixed table indexed by method, so recording takes no lock.
+//! Counters are relaxed atomics in a fixed table indexed by method, so recording takes no lock;
+//! the stage histograms are per core and merged here.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::db::LocalDb;
+use crate::runtime::stages::{StageSnapshot, BUCKETS_NS};
 
 /// Latency bucket upper bounds, in seconds (shared with the engine's fsync histogram).
 pub const BUCKETS: [f64; 12] = crate::runtime::LATENCY_BUCKETS;
@@ -80,11 +83,13 @@ impl Metrics {
                 &mut out,
                 "spindle_grpc_request_duration_seconds",
                 &format!("method=\"{name}\""),
+                &BUCKETS,
                 &counts,
                 m.count.load(Relaxed),
                 m.sum_micros.load(Relaxed) as f64 / 1e6,
             );
         }
+        render_stages(&mut out, &db.put_stages());
         match db.status().await {
             Ok(st) => {
                 let _ = writeln!(
@@ -109,6 +114,7 @@ impl Metrics {
                     &mut out,
                     "spindle_wal_fsync_duration_seconds",
                     "",
+                    &BUCKETS,
                     &st.fsync_buckets,
                     st.fsyncs,
                     st.fsync_seconds,
@@ -130,10 +136,45 @@ impl Metrics {
     }
 }
 
-fn histogram(out: &mut String, name: &str, labels: &str, counts: &[u64], total: u64, sum: f64) {
+/// The put stage histograms, every stage in path order (stages a put skipped have count 0).
+fn render_stages(out: &mut String, stages: &[StageSnapshot]) {
+    const NAME: &str = "spindle_put_stage_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {NAME} Where a put's time goes, by stage in path order: {}.",
+        stages
+            .iter()
+            .map(|s| format!("{} = {}", s.stage.name(), s.stage.describe()))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let _ = writeln!(out, "# TYPE {NAME} histogram");
+    let bounds: Vec<f64> = BUCKETS_NS.iter().map(|&ns| ns as f64 / 1e9).collect();
+    for s in stages {
+        histogram(
+            out,
+            NAME,
+            &format!("stage=\"{}\"", s.stage.name()),
+            &bounds,
+            &s.buckets,
+            s.count(),
+            s.sum_ns as f64 / 1e9,
+        );
+    }
+}
+
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    bounds: &[f64],
+    counts: &[u64],
+    total: u64,
+    sum: f64,
+) {
     let sep = if labels.is_empty() { "" } else { "," };
     let mut cumulative = 0;
-    for (le, c) in BUCKETS.iter().zip(counts) {
+    for (le, c) in bounds.iter().zip(counts) {
         cumulative += c;
         let _ = writeln!(
             out,
@@ -148,4 +189,50 @@ fn histogram(out: &mut String, name: &str, labels: &str, counts: &[u64], total: 
     };
     let _ = writeln!(out, "{name}_sum{braces} {sum}");
     let _ = writeln!(out, "{name}_count{braces} {total}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::stages::{PutStages, Stage, Tracer};
+
+    #[test]
+    fn stage_histograms_render_every_stage_with_matching_counts() {
+        let stages = PutStages::new(2);
+        let t0 = std::time::Instant::now();
+        for core in 0..2 {
+            let mut t = Tracer::new(stages.core(core), t0);
+            t.mark_at(Stage::Decode, t0 + Duration::from_micros(40));
+        }
+        let mut out = String::new();
+        render_stages(&mut out, &stages.snapshot());
+        let name = "spindle_put_stage_duration_seconds";
+        assert!(out.contains(&format!("# TYPE {name} histogram")), "{out}");
+        assert!(
+            out.contains(&format!(
+                "{name}_bucket{{stage=\"decode\",le=\"0.00003\"}} 0"
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "{name}_bucket{{stage=\"decode\",le=\"0.00005\"}} 2"
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{name}_count{{stage=\"decode\"}} 2")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{name}_sum{{stage=\"decode\"}} 0.00008")),
+            "{out}"
+        );
+        for s in Stage::ALL {
+            assert!(
+                out.contains(&format!("{name}_count{{stage=\"{}\"}}", s.name())),
+                "{out}"
+            );
+        }
+    }
 }

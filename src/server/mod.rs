@@ -34,6 +34,7 @@ use hyper::body::Incoming;
 use crate::db::{CoreHook, Db, LocalDb, Options};
 use crate::error::Error;
 use crate::proto::etcdserverpb as pb;
+use crate::runtime::stages::Stage;
 use grpc::{Code, GrpcBody, Status};
 
 /// Room gRPC allows on top of `--max-request-bytes` before refusing to read a message (etcd's
@@ -337,7 +338,7 @@ async fn serve_request(ctx: &Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBo
         .is_some_and(|v| v.starts_with("application/grpc"));
     if is_grpc {
         let started = Instant::now();
-        let resp = grpc_call(ctx, &path, req.into_body()).await;
+        let resp = grpc_call(ctx, &path, req.into_body(), started).await;
         ctx.metrics.observe(&path, started.elapsed());
         return resp;
     }
@@ -410,7 +411,13 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Status> {
     }
 }
 
-async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBody> {
+/// `started` is when the request reached the handler (a put's stages are timed from it).
+async fn grpc_call(
+    ctx: &Rc<Ctx>,
+    path: &str,
+    body: Incoming,
+    started: Instant,
+) -> Response<GrpcBody> {
     let learner = ctx.db.is_learner();
     if learner
         && !matches!(
@@ -449,15 +456,21 @@ async fn grpc_call(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBo
             Err(s) => grpc::error(&s),
         };
     }
-    match call_anywhere(ctx, path, msgs).await {
+    match call_anywhere(ctx, path, msgs, Some(started)).await {
         Ok(resp) => grpc::ok_bytes(resp),
         Err(s) => grpc::error(&s),
     }
 }
 
 /// [`call`] on any member of a cluster: what only the leader may do is forwarded to it (the
-/// gRPC services and the JSON gateway both come through here).
-async fn call_anywhere(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Status> {
+/// gRPC services and the JSON gateway both come through here). With `started`, a put served
+/// here is timed by stage.
+async fn call_anywhere(
+    ctx: &Rc<Ctx>,
+    path: &str,
+    msgs: Vec<Bytes>,
+    started: Option<Instant>,
+) -> Result<Bytes, Status> {
     // A member that does not lead never answers a linearizable read from its own state: it
     // forwards to the leader, or waits for one.
     if ctx.db.is_cluster_member() && ctx.db.leader() != ctx.member_id && needs_leader(path, &msgs) {
@@ -465,7 +478,7 @@ async fn call_anywhere(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<By
     }
     // Kept only where a refusal may be forwarded: a single node's hot path copies nothing.
     let copy = ctx.db.is_cluster_member().then(|| msgs.clone());
-    match call(ctx, path, msgs).await {
+    match call(ctx, path, msgs, started).await {
         Err(s) if is_not_leader(&s) => match (ctx.db.leader_client_url(), copy) {
             (Some(url), Some(msgs)) => forward(ctx, Some(url), path, msgs).await,
             _ => Err(s),
@@ -508,7 +521,9 @@ async fn forward(
                     url = Some(next);
                     break;
                 }
-                None if ctx.db.leader() == ctx.member_id => return call(ctx, path, msgs).await,
+                None if ctx.db.leader() == ctx.member_id => {
+                    return call(ctx, path, msgs, None).await
+                }
                 _ => {}
             }
         }
@@ -572,7 +587,13 @@ fn enc(m: &impl prost::Message) -> Bytes {
 }
 
 /// Dispatches one unary call and returns the encoded response; the JSON gateway calls this too.
-async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Status> {
+/// A put with `started` (when its request reached the handler) records its stages.
+async fn call(
+    ctx: &Rc<Ctx>,
+    path: &str,
+    msgs: Vec<Bytes>,
+    started: Option<Instant>,
+) -> Result<Bytes, Status> {
     let db = &ctx.db;
     match path {
         "/etcdserverpb.KV/Range" => {
@@ -584,9 +605,19 @@ async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Stat
         "/etcdserverpb.KV/Put" => {
             check_size(ctx, &msgs)?;
             check_space(ctx, true)?;
-            let resp = db.put(convert::put_request(one(msgs)?)).await?;
+            let req = convert::put_request(one(msgs)?);
+            let Some(started) = started else {
+                let resp = db.put(req).await?;
+                let h = ctx.header(resp.header.revision);
+                return Ok(enc(&convert::put_response(resp, h)));
+            };
+            let mut trace = db.put_tracer(started);
+            trace.mark(Stage::Decode);
+            let resp = db.put_traced(req, &mut trace).await?;
             let h = ctx.header(resp.header.revision);
-            Ok(enc(&convert::put_response(resp, h)))
+            let out = enc(&convert::put_response(resp, h));
+            trace.mark(Stage::Encode);
+            Ok(out)
         }
         "/etcdserverpb.KV/DeleteRange" => {
             check_size(ctx, &msgs)?;

@@ -26,6 +26,24 @@ use record::{encode_payload, encode_segment_header, frame_len, write_frame, SEGM
 pub use record::{EntryKind, LeaseRecord, WalEntry};
 pub use recovery::{recover, LoggedEntry, Recovered, SegmentFile};
 
+/// When one flush started, finished its write and finished its fdatasync; the put stage
+/// timings (`runtime::stages`) split a write's wait for durability with these.
+#[derive(Clone, Copy, Debug)]
+pub struct FlushTimes {
+    /// The highest index the flush made durable.
+    pub last_index: u64,
+    pub started: std::time::Instant,
+    pub written: std::time::Instant,
+    pub synced: std::time::Instant,
+}
+
+/// The last few flushes: enough for a waiter that wakes a flush or two late to find its own.
+#[derive(Default)]
+struct FlushLog {
+    recent: [Option<FlushTimes>; 4],
+    next: usize,
+}
+
 /// Sync statistics of one log.
 #[derive(Clone, Debug, Default)]
 pub struct SyncStats {
@@ -118,6 +136,7 @@ struct Inner {
     spare_ev: Event,
     flusher: RefCell<Option<glommio::task::JoinHandle<()>>>,
     sync_stats: RefCell<SyncStats>,
+    flushes: RefCell<FlushLog>,
 }
 
 /// Handle to a shard's log; cheap to clone within its executor.
@@ -207,6 +226,7 @@ impl Wal {
                 spare_ev: Event::new(),
                 flusher: RefCell::new(None),
                 sync_stats: RefCell::new(SyncStats::default()),
+                flushes: RefCell::default(),
             }),
         };
         let inner = wal.inner.clone();
@@ -476,6 +496,17 @@ impl Wal {
         self.wait_until(|st| st.durable_seq >= seq).await
     }
 
+    /// The timings of the recent flush that made `index` durable, if it is still remembered.
+    pub fn flush_times(&self, index: u64) -> Option<FlushTimes> {
+        let log = self.inner.flushes.borrow();
+        log.recent
+            .iter()
+            .flatten()
+            .filter(|f| f.last_index >= index)
+            .min_by_key(|f| f.last_index)
+            .copied()
+    }
+
     pub fn durable_seq(&self) -> u64 {
         self.inner.st.borrow().durable_seq
     }
@@ -632,6 +663,7 @@ async fn flush_chunk(
     current: &mut Option<Current>,
     chunk: Chunk,
 ) -> Result<(u64, u64, u64, u64)> {
+    let started = std::time::Instant::now();
     if let Some(spare) = chunk.activate {
         let path = inner.dir.join(recovery::segment_name(chunk.segment_first));
         spare
@@ -683,13 +715,25 @@ async fn flush_chunk(
             std::io::Error::new(std::io::ErrorKind::WriteZero, "short WAL write"),
         ));
     }
-    let synced = std::time::Instant::now();
+    let written = std::time::Instant::now();
     cur.file
         .fdatasync()
         .await
         .map_err(|e| Error::glommio(path(), e))?;
+    let done = std::time::Instant::now();
     {
-        let took = synced.elapsed().as_secs_f64();
+        let mut log = inner.flushes.borrow_mut();
+        let at = log.next % log.recent.len();
+        log.recent[at] = Some(FlushTimes {
+            last_index: chunk.last_index,
+            started,
+            written,
+            synced: done,
+        });
+        log.next += 1;
+    }
+    {
+        let took = done.duration_since(written).as_secs_f64();
         let mut st = inner.sync_stats.borrow_mut();
         st.fsyncs += 1;
         st.seconds += took;
