@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use super::core::{Core, Msg};
 use crate::cluster::{parse_initial_cluster, url_authority, Membership, DEFAULT_TOKEN};
-use crate::engine::indoubt::{Decision, PartRegistry};
 use crate::engine::meta;
 use crate::engine::replica::{Group, NodeGate};
 use crate::error::{Error, Result};
@@ -76,8 +75,6 @@ pub(super) struct ClusterState {
     pub(super) tick: Duration,
     pub(super) election_ticks: u64,
     pub(super) gate: Arc<NodeGate>,
-    /// Multi-shard parts this node's groups committed, for deciding them (`engine::indoubt`).
-    pub(super) parts: Arc<PartRegistry>,
     /// The leader of shard 0 as this node last saw it (0: none): the node every shard follows.
     leader_node: AtomicU64,
     pub(super) client_urls: Vec<String>,
@@ -166,7 +163,6 @@ impl ClusterState {
             tick,
             election_ticks,
             gate: NodeGate::new(nshards),
-            parts: PartRegistry::new(nshards),
             leader_node: AtomicU64::new(0),
             client_urls: opts.client_urls.clone(),
             peers: Arc::default(),
@@ -431,23 +427,8 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
             let Some(cl) = shared.cluster.as_ref() else {
                 return;
             };
-            // The multi-shard part this shard's apply is held at, if any.
-            let mut held: Option<(i64, Vec<u32>)> = None;
             loop {
-                if held.is_some() {
-                    // Woken by new entries (an Abort), a registration or a completeness change
-                    // elsewhere, or a tick (this node may have become the one to decide).
-                    let changed = cl.parts.listen();
-                    futures_lite::future::or(s.replica.wait_committed_entries(), async {
-                        futures_lite::future::or(changed, async {
-                            glommio::timer::sleep(cl.tick).await;
-                        })
-                        .await;
-                    })
-                    .await;
-                } else {
-                    s.replica.wait_committed_entries().await;
-                }
+                s.replica.wait_committed_entries().await;
                 if let Some(meta) = s.replica.pending_install() {
                     match s.install(&meta, &clock).await {
                         Ok(record) if s.id == 0 && !record.is_empty() => {
@@ -463,11 +444,10 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
                             return;
                         }
                     }
-                    held = None;
                     continue;
                 }
                 let entries = s.replica.take_committed();
-                if entries.is_empty() && held.is_none() {
+                if entries.is_empty() {
                     // Woken by a failure, or a rebuild took the queue over.
                     if s.replica.ensure_healthy().is_err() {
                         return;
@@ -487,22 +467,9 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
                         tracing::info!(change = ?cc, index = e.index, "membership changed");
                     }
                 }
-                match s.apply_committed(&entries, &clock, &cl.parts) {
-                    Ok(h) => held = h,
-                    Err(e) => {
-                        tracing::error!(shard = s.id, error = %e, "applying committed records failed");
-                        return;
-                    }
-                }
-                cl.parts.set_complete(s.id, s.log_complete());
-                if let Some((rev, participants)) = &held {
-                    if cl.parts.decision(*rev, participants) == Decision::Abort
-                        && s.replica.leads_settled()
-                    {
-                        if let Err(e) = s.abort_in_doubt(*rev).await {
-                            tracing::warn!(shard = s.id, revision = rev, error = %e, "could not propose the abort yet");
-                        }
-                    }
+                if let Err(e) = s.apply_committed(&entries, &clock) {
+                    tracing::error!(shard = s.id, error = %e, "applying committed records failed");
+                    return;
                 }
             }
         })
@@ -659,7 +626,6 @@ impl Core {
         let me = cl.member_id;
         for (&id, s) in &self.shards {
             s.replica.tick(&s.wal);
-            cl.parts.set_complete(id, s.log_complete());
             if s.wants_checkpoint() {
                 // Members cut checkpoints on ticks; a lagging member receives the newest one as
                 // its snapshot.

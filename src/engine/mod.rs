@@ -5,7 +5,6 @@
 //! (`watch`). Only `db` drives it; the server never reaches in here.
 
 pub mod checkpoint;
-pub mod indoubt;
 pub mod meta;
 pub mod partition;
 pub mod replica;

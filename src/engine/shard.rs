@@ -19,7 +19,6 @@ use bytes::Bytes;
 use glommio::sync::Semaphore;
 
 use crate::engine::checkpoint::{self, CheckpointInfo};
-use crate::engine::indoubt::{Decision, PartRegistry};
 use crate::engine::partition::Partitioner;
 use crate::engine::replica::{ProposeError, Replica};
 use crate::engine::revision::{CoreRevisions, RevisionClock};
@@ -65,13 +64,6 @@ pub struct Shard {
     /// Leases whose grant this shard's log holds (id → TTL), as of the last append: re-logged
     /// by each checkpoint so that dropping old segments cannot lose them.
     lease_log: RefCell<BTreeMap<i64, i64>>,
-    /// Committed entries handed to [`Shard::apply_committed`] and not applied yet: held at an
-    /// undecided multi-shard part.
-    deferred: RefCell<std::collections::VecDeque<crate::raft::Entry>>,
-    /// Highest committed index handed to [`Shard::apply_committed`].
-    seen: Cell<u64>,
-    /// (revision, term) of the last in-doubt abort this shard proposed as leader.
-    abort_proposed: Cell<Option<(i64, u64)>>,
 }
 
 /// Releases the shard's write permission on drop, so early returns cannot leak it.
@@ -116,9 +108,6 @@ impl Shard {
             checkpoint_every,
             leases,
             lease_log: RefCell::new(lease_log),
-            deferred: RefCell::default(),
-            seen: Cell::new(0),
-            abort_proposed: Cell::new(None),
         })
     }
 
@@ -559,57 +548,21 @@ impl Shard {
 
     /// Starts a background checkpoint when enough log has accumulated since the last one.
     /// Applies records its group committed that this member did not execute itself (a
-    /// follower's path, and a new leader's catch-up), the way WAL replay does. A multi-shard
-    /// part is applied only once `parts` decides it committed (it is skipped at its `Abort`);
-    /// until then this shard's apply holds there and later entries wait. Returns the revision
-    /// of the part it holds at, if any.
+    /// follower's path, and a new leader's catch-up), the way WAL replay does.
     pub fn apply_committed(
         &self,
         entries: &[crate::raft::Entry],
         clock: &RevisionClock,
-        parts: &PartRegistry,
-    ) -> Result<Option<(i64, Vec<u32>)>> {
-        let decode = |e: &crate::raft::Entry| {
-            record::decode_payload(&e.data).ok_or_else(|| Error::ShardFailed {
-                shard: self.id,
-                reason: format!("committed entry {} is not a valid record", e.index),
-            })
-        };
+    ) -> Result<()> {
         for e in entries {
-            self.seen.set(self.seen.get().max(e.index));
             if e.kind == crate::raft::EntryKind::Normal && !e.data.is_empty() {
-                let rec = decode(e)?;
-                if rec.kind == EntryKind::Part && rec.participants.len() > 1 {
-                    parts.committed(rec.revision, &rec.participants, self.id);
-                }
-            }
-        }
-        self.deferred.borrow_mut().extend(entries.iter().cloned());
-        loop {
-            let Some(e) = self.deferred.borrow().front().cloned() else {
-                return Ok(None);
-            };
-            if e.kind == crate::raft::EntryKind::Normal && !e.data.is_empty() {
-                let rec = decode(&e)?;
+                let rec = record::decode_payload(&e.data).ok_or_else(|| Error::ShardFailed {
+                    shard: self.id,
+                    reason: format!("committed entry {} is not a valid record", e.index),
+                })?;
                 match rec.kind {
-                    EntryKind::Part if rec.participants.len() > 1 => {
-                        let aborted = self.deferred.borrow().iter().skip(1).any(|l| {
-                            record::decode_payload(&l.data).is_some_and(|r| {
-                                r.kind == EntryKind::Abort && r.revision == rec.revision
-                            })
-                        });
-                        if aborted {
-                            parts.forget(rec.revision);
-                        } else if parts.decision(rec.revision, &rec.participants)
-                            == Decision::Commit
-                        {
-                            self.store.borrow_mut().apply(&rec.ops, rec.revision);
-                            clock.observe(rec.revision);
-                            parts.applied(rec.revision, self.id);
-                        } else {
-                            return Ok(Some((rec.revision, rec.participants)));
-                        }
-                    }
+                    // A part is applied once its group commits it; the abort of a multi-shard
+                    // write on a follower is not reconciled yet (see docs/design.md §5b).
                     EntryKind::Write | EntryKind::Part => {
                         self.store.borrow_mut().apply(&rec.ops, rec.revision);
                         clock.observe(rec.revision);
@@ -632,44 +585,15 @@ impl Shard {
                         }
                         self.lease_log.borrow_mut().remove(&rec.lease.id);
                     }
-                    // The part it names was skipped above, or never reached this shard.
+                    EntryKind::Abort => {
+                        tracing::warn!(shard = self.id, revision = rec.revision, "a follower saw a multi-shard abort; its part stays applied until the shard is rebuilt");
+                    }
                     _ => {}
                 }
             }
-            self.deferred.borrow_mut().pop_front();
             self.last_write_index.set(e.index);
             self.replica.mark_applied(e.index);
         }
-    }
-
-    /// Whether every entry the group committed has reached this shard (applied, held, or
-    /// executed here as leader) while it leads with its term's no-op committed: then a
-    /// multi-shard part its log does not hold never commits (see `engine::indoubt`).
-    pub fn log_complete(&self) -> bool {
-        self.replica.leads_settled()
-            && self.seen.get().max(self.replica.applied()) >= self.replica.commit_index()
-    }
-
-    /// The leader's decision for a part every member holds at: an `Abort` in this group.
-    /// Proposed at most once per term; whether it commits, the members see in the log.
-    pub async fn abort_in_doubt(&self, rev: i64) -> Result<()> {
-        let term = self.replica.term();
-        if self.abort_proposed.get() == Some((rev, term)) {
-            return Ok(());
-        }
-        self.wal.make_room(4096).await?;
-        let mut entry = WalEntry {
-            kind: EntryKind::Abort,
-            revision: rev,
-            ..Default::default()
-        };
-        self.replica.propose_decision(&self.wal, &mut entry)?;
-        self.abort_proposed.set(Some((rev, term)));
-        tracing::warn!(
-            shard = self.id,
-            revision = rev,
-            "aborting a multi-shard write a failover left undecided"
-        );
         Ok(())
     }
 
@@ -681,7 +605,6 @@ impl Shard {
         let newest = checkpoint::load_newest(&self.dir, self.id)?;
         let index = newest.index;
         *self.store.borrow_mut() = newest.store;
-        self.deferred.borrow_mut().clear();
         self.replica.reset_applied(index)?;
         tracing::info!(
             shard = self.id,
@@ -756,7 +679,6 @@ impl Shard {
         *self.lease_log.borrow_mut() = leases;
         self.checkpoint_index.set(index);
         self.last_write_index.set(index);
-        self.deferred.borrow_mut().retain(|e| e.index > index);
         self.replica.installed(&self.wal);
         tracing::info!(
             shard = self.id,
