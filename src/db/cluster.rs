@@ -430,19 +430,17 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
             loop {
                 s.replica.wait_committed_entries().await;
                 if let Some(meta) = s.replica.pending_install() {
-                    match s.install(&meta, &clock).await {
-                        Ok(record) if s.id == 0 && !record.is_empty() => {
-                            if let Err(e) = cl.replace_membership(&record) {
-                                tracing::error!(error = %e, "taking the snapshot's membership failed");
-                                return;
-                            }
+                    let take = |record: &[u8]| {
+                        if s.id == 0 && !record.is_empty() {
+                            cl.replace_membership(record)
+                        } else {
+                            Ok(())
                         }
-                        Ok(_) => {}
-                        Err(e) => {
-                            s.replica
-                                .stop(format!("installing the leader's snapshot failed: {e}"));
-                            return;
-                        }
+                    };
+                    if let Err(e) = s.install(&meta, &clock, take).await {
+                        s.replica
+                            .stop(format!("installing the leader's snapshot failed: {e}"));
+                        return;
                     }
                     continue;
                 }
@@ -597,6 +595,11 @@ impl Core {
                         Some(m) => m,
                         None => return,
                     }
+                } else if msg.kind == MessageKind::Snapshot {
+                    // A snapshot arrives only as a checkpoint's chunks; a bare one names a
+                    // file this member does not have.
+                    tracing::warn!(shard, from = %format!("{:x}", msg.from), "dropped a snapshot message without its checkpoint");
+                    return;
                 } else {
                     msg
                 };

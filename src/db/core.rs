@@ -142,6 +142,16 @@ pub(super) async fn run_core(
     for r in recovered {
         let opened = async {
             let wal = Wal::open(&r.dir.join("wal"), r.id, wal_opts.clone(), &r.wal).await?;
+            if let Some((index, term)) = r.anchor {
+                let payload = crate::wal::record::encode_payload(&crate::wal::WalEntry {
+                    term,
+                    index,
+                    kind: crate::wal::EntryKind::Noop,
+                    ..Default::default()
+                });
+                wal.anchor(index, &payload).await?;
+                wal.wait_durable(index).await?;
+            }
             let shard = Shard::new(
                 r.id,
                 r.dir.clone(),

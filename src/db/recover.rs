@@ -28,6 +28,9 @@ pub(super) struct RecoveredShard {
     pub(super) aborts: Vec<i64>,
     /// Leases this shard's log grants (id → TTL), after replaying its revokes.
     pub(super) leases: BTreeMap<i64, i64>,
+    /// (index, term) of the checkpoint whose install a crash cut short: its anchor entry must
+    /// be logged before anything else, or the next recovery would drop the new tail too.
+    pub(super) anchor: Option<(u64, u64)>,
 }
 
 /// Loads every shard and settles multi-shard revisions: one is committed iff every participant
@@ -47,6 +50,7 @@ pub(super) fn recover_all(
         u64,
         PathBuf,
         BTreeMap<i64, i64>,
+        Option<(u64, u64)>,
     );
     // Shards recover independently (checkpoint load + WAL scan), in parallel.
     let loaded: Vec<Result<Loaded>> = std::thread::scope(|s| {
@@ -59,7 +63,8 @@ pub(super) fn recover_all(
                     let newest = checkpoint::load_newest(&dir, id)?;
                     let (index, term) = (newest.index, newest.term);
                     let mut wal = wal::recover(&dir.join("wal"), id, index)?;
-                    if wal.term_at_after.is_some_and(|t| t != term) {
+                    let dropped = wal.term_at_after.is_some_and(|t| t != term);
+                    if dropped {
                         // An install of the leader's checkpoint stopped before its anchor entry:
                         // what follows in the log is an old tail the leader does not share.
                         tracing::warn!(
@@ -77,7 +82,8 @@ pub(super) fn recover_all(
                         None => Replica::recover(id, (index, term), &wal, bypass_raft)?,
                     };
                     let leases = newest.extras.leases.iter().copied().collect();
-                    Ok((newest.store, wal, replica, index, dir, leases))
+                    let anchor = dropped.then_some((index, term));
+                    Ok((newest.store, wal, replica, index, dir, leases, anchor))
                 })
             })
             .collect();
@@ -88,7 +94,7 @@ pub(super) fn recover_all(
     });
     let mut shards = Vec::new();
     for (id, r) in loaded.into_iter().enumerate() {
-        let (store, wal, replica, checkpoint_index, dir, leases) = r?;
+        let (store, wal, replica, checkpoint_index, dir, leases, anchor) = r?;
         let checkpoint_revision = store.last_revision();
         if let Some((file, offset)) = &wal.truncated {
             tracing::warn!(file = %file.display(), offset, "truncated a torn WAL tail (unacknowledged writes)");
@@ -103,6 +109,7 @@ pub(super) fn recover_all(
             checkpoint_revision,
             aborts: vec![],
             leases,
+            anchor,
         });
     }
 

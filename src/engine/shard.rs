@@ -617,13 +617,30 @@ impl Shard {
     /// Installs the leader's checkpoint that Raft accepted as this group's snapshot (received
     /// whole at [`checkpoint::received_path`] and verified): it becomes the shard's newest
     /// checkpoint (the install's point of no return), the log continues after it, and the store
-    /// and this shard's leases are reloaded from it. Returns the checkpoint's membership record
-    /// (shard 0), which the cluster layer takes over.
+    /// and this shard's leases are reloaded from it. `take_membership` gets the checkpoint's
+    /// membership record (empty but in shard 0) before the install commits.
     pub async fn install(
         &self,
         meta: &crate::raft::SnapshotMeta,
         clock: &RevisionClock,
-    ) -> Result<Bytes> {
+        take_membership: impl FnOnce(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        // One at a time with checkpoints: a checkpoint of the store being replaced must not
+        // land under the installed one's name.
+        while self.checkpointing.replace(true) {
+            glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let result = self.install_inner(meta, clock, take_membership).await;
+        self.checkpointing.set(false);
+        result
+    }
+
+    async fn install_inner(
+        &self,
+        meta: &crate::raft::SnapshotMeta,
+        clock: &RevisionClock,
+        take_membership: impl FnOnce(&[u8]) -> Result<()>,
+    ) -> Result<()> {
         let recv = checkpoint::received_path(&self.dir);
         let loaded = checkpoint::load(&recv, self.id)?;
         if (loaded.info.index, loaded.info.term) != (meta.index, meta.term) {
@@ -637,6 +654,9 @@ impl Shard {
             ));
         }
         let index = meta.index;
+        // The membership first: once the checkpoint is in place, the conf changes it covers
+        // are gone from the log a restart would replay.
+        take_membership(&loaded.extras.membership)?;
         let target = self.dir.join(checkpoint::file_name(index));
         std::fs::rename(&recv, &target).map_err(|e| Error::io(&target, e))?;
         std::fs::File::open(&self.dir)
@@ -686,7 +706,7 @@ impl Shard {
             revision = loaded.info.last_revision,
             "installed the leader's checkpoint"
         );
-        Ok(loaded.extras.membership)
+        Ok(())
     }
 
     fn maybe_checkpoint(self: &Rc<Self>) {
@@ -761,7 +781,9 @@ impl Shard {
                     self.id
                 )));
             }
-            let index = if member && self.replica.role() != crate::raft::Role::Leader {
+            // A member's store holds exactly what it applied (a leader counts its own
+            // proposals as applied; a new leader may still be applying its predecessor's).
+            let index = if member {
                 self.replica.applied()
             } else {
                 self.wal.next_index() - 1
@@ -790,6 +812,14 @@ impl Shard {
             // Recovery replays only entries after `index`: grants at or below it must be
             // repeated after it before the checkpoint can replace them.
             self.relog_after_checkpoint().await?;
+        }
+        // A snapshot installed (or a rebuild) meanwhile replaced what this checkpoint was cut
+        // from: the index must still name the same entry, and nothing may be installing.
+        if self.replica.term_at(index) != Some(term) || self.replica.pending_install().is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "shard {}: the log changed under the checkpoint at {index}",
+                self.id
+            )));
         }
         let extras = checkpoint::Extras {
             leases,
