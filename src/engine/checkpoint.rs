@@ -239,6 +239,24 @@ pub fn verify(path: &Path, shard: u32) -> Result<CheckpointInfo> {
     // SAFETY: the received file is written only by this core, which is not writing it now.
     let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let corrupt = |off: usize, why: &str| Error::corrupt(path, off as u64, why.to_string());
+    check_frame(path, &bytes)?;
+    let info =
+        decode_header(&bytes[..HEADER_LEN]).ok_or_else(|| corrupt(0, "bad magic or version"))?;
+    if info.shard != shard {
+        return Err(corrupt(
+            12,
+            &format!(
+                "checkpoint of shard {} received for shard {shard}",
+                info.shard
+            ),
+        ));
+    }
+    Ok(info)
+}
+
+/// Checks a checkpoint's length, end marker and checksum; returns where its body ends.
+fn check_frame(path: &Path, bytes: &[u8]) -> Result<usize> {
+    let corrupt = |off: usize, why: &str| Error::corrupt(path, off as u64, why.to_string());
     if bytes.len() < HEADER_LEN + FOOTER_LEN {
         return Err(corrupt(0, "file too short for a checkpoint"));
     }
@@ -253,18 +271,7 @@ pub fn verify(path: &Path, shard: u32) -> Result<CheckpointInfo> {
     if crc32fast::hash(&bytes[..body_end]) != stored {
         return Err(corrupt(body_end, "checksum mismatch"));
     }
-    let info =
-        decode_header(&bytes[..HEADER_LEN]).ok_or_else(|| corrupt(0, "bad magic or version"))?;
-    if info.shard != shard {
-        return Err(corrupt(
-            12,
-            &format!(
-                "checkpoint of shard {} received for shard {shard}",
-                info.shard
-            ),
-        ));
-    }
-    Ok(info)
+    Ok(body_end)
 }
 
 /// The header's fields, if its magic and version are ones this build reads.
@@ -336,20 +343,7 @@ pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
     // data dir lock, so nothing truncates or rewrites the file under the mapping.
     let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
     let corrupt = |off: usize, why: &str| Error::corrupt(path, off as u64, why.to_string());
-    if map.len() < HEADER_LEN + FOOTER_LEN {
-        return Err(corrupt(0, "file too short for a checkpoint"));
-    }
-    let body_end = map.len() - FOOTER_LEN;
-    if &map[body_end + 4..] != END_MAGIC {
-        return Err(corrupt(
-            body_end,
-            "missing end marker (incomplete checkpoint)",
-        ));
-    }
-    let stored = u32::from_le_bytes(map[body_end..body_end + 4].try_into().expect("4 bytes"));
-    if crc32fast::hash(&map[..body_end]) != stored {
-        return Err(corrupt(body_end, "checksum mismatch"));
-    }
+    let body_end = check_frame(path, &map)?;
     let h = &map[..HEADER_LEN];
     let version = u32::from_le_bytes(h[8..12].try_into().expect("4"));
     let info = decode_header(h).ok_or_else(|| corrupt(0, "bad magic or version"))?;
