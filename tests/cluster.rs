@@ -595,9 +595,8 @@ fn a_member_behind_the_leaders_checkpoints_catches_up_from_one() {
     let mut ms = members(3);
     for m in &mut ms {
         m.opts.checkpoint_every = 40;
-        // Segments that hold a burst of the leader's 8 KiB entries (a follower cannot wait
-        // for room in the middle of Raft's output).
-        m.opts.wal_segment_size = 4 << 20;
+        // Small segments (256 KiB): bursts of the leader's 8 KiB entries outrun them, and a
+        // follower waits for the next segment in the middle of Raft's output.
         m.open();
     }
     for i in 0..10 {

@@ -27,12 +27,16 @@ struct Cluster {
 }
 
 async fn start(dir: &Path) -> Rc<Cluster> {
+    start_with(dir, WalOptions::default()).await
+}
+
+async fn start_with(dir: &Path, opts: WalOptions) -> Rc<Cluster> {
     let conf = ConfState::new([1, 2, 3]);
     let mut members = Vec::new();
     for id in 1..=3u64 {
         let d = dir.join(id.to_string());
         let rec = recover(&d, 0, 0).unwrap();
-        let wal = Wal::open(&d, 0, WalOptions::default(), &rec).await.unwrap();
+        let wal = Wal::open(&d, 0, opts.clone(), &rec).await.unwrap();
         let group = Group {
             id,
             conf: conf.clone(),
@@ -291,4 +295,50 @@ fn a_new_leader_rewinds_a_deposed_leaders_uncommitted_tail() {
         vec![1, 100, 101, 102, 103, 104, 105],
         "member {old_id}"
     );
+}
+
+/// A follower that was cut off receives the leader's backlog in batches larger than its log
+/// segments: Raft's output waits for each new segment instead of stopping the shard.
+#[test]
+fn a_follower_waits_for_room_when_a_burst_outruns_its_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run_local(move || async move {
+        let c = start_with(
+            &d,
+            WalOptions {
+                segment_size: 64 << 10,
+            },
+        )
+        .await;
+        let l = c.leader(&[]).await;
+        let f = c.members.iter().find(|m| m.id != l.id).unwrap().id;
+        c.isolated.borrow_mut().insert(f);
+        let mut last = (0, 0);
+        for rev in 1..=80 {
+            let mut e = write(rev);
+            if let Some(crate::mvcc::Effect::Put { value, .. }) = e.ops.first_mut() {
+                *value = Bytes::from(vec![b'v'; 8 << 10]);
+            }
+            let index = loop {
+                match l.replica.propose(&l.wal, &mut e.clone()) {
+                    Ok(i) => break i,
+                    Err(ProposeError::NoRoom(nr)) => l.wal.make_room(nr.frame_len).await.unwrap(),
+                    Err(ProposeError::Other(e)) => panic!("{e}"),
+                }
+            };
+            l.applied.borrow_mut().push((index, rev));
+            last = (index, l.replica.term());
+        }
+        let got = c.commit(l, last.0, last.1, Duration::from_secs(5)).await;
+        assert!(matches!(got, Some(Ok(()))), "{got:?}");
+        c.isolated.borrow_mut().clear();
+        c.converged(&[1, 2, 3], last.0).await;
+        let m = &c.members[f as usize - 1];
+        assert!(m.replica.ensure_healthy().is_ok());
+        assert_eq!(*m.applied.borrow(), *l.applied.borrow());
+        for m in &c.members {
+            m.wal.close().await;
+        }
+    });
 }

@@ -123,6 +123,13 @@ impl From<Error> for ProposeError {
     }
 }
 
+/// Raft output that waits for room in the log, from entry `from` on.
+struct Stalled {
+    ready: raft::Ready,
+    from: usize,
+    need: usize,
+}
+
 pub struct Replica {
     shard: u32,
     /// `None` only in the benchmark baseline that bypasses consensus (`Options::bypass_raft`).
@@ -162,6 +169,8 @@ pub struct Replica {
     /// A leader's snapshot Raft accepted and the shard has not installed yet. Raft's output
     /// waits meanwhile: entries after the snapshot may only reach the WAL once it is installed.
     installing: RefCell<Option<Snapshot>>,
+    /// Output Raft handed out that did not fit the log yet (see [`Stalled`]).
+    stalled: RefCell<Option<Stalled>>,
 }
 
 impl Replica {
@@ -242,6 +251,7 @@ impl Replica {
             next_read: Cell::new(0),
             read_ev: Event::new(),
             installing: RefCell::new(None),
+            stalled: RefCell::new(None),
         })
     }
 
@@ -436,6 +446,15 @@ impl Replica {
                 return;
             }
             let listener = self.appended_ev.listen();
+            let need = self.stalled.borrow().as_ref().map(|st| st.need);
+            if let Some(need) = need {
+                if let Err(e) = wal.make_room(need).await {
+                    self.stop(format!("no room in the log for the leader's entries: {e}"));
+                    continue;
+                }
+                self.pump(wal);
+                continue;
+            }
             let seq = self.last_seq.get();
             if seq > wal.durable_seq() {
                 if wal.wait_synced(seq).await.is_err() {
@@ -754,14 +773,23 @@ impl Replica {
             if self.installing.borrow().is_some() {
                 return;
             }
-            let rd = {
-                let mut r = raft.borrow_mut();
-                if !r.has_ready() {
+            let stalled = self.stalled.borrow_mut().take();
+            let (rd, from) = match stalled {
+                Some(st) if wal.has_room(st.need) => (st.ready, st.from),
+                Some(st) => {
+                    // Still no room: `run_sync` prepares a segment and pumps again.
+                    *self.stalled.borrow_mut() = Some(st);
                     return;
                 }
-                r.ready()
+                None => {
+                    let mut r = raft.borrow_mut();
+                    if !r.has_ready() {
+                        return;
+                    }
+                    (r.ready(), 0)
+                }
             };
-            if let Some(snap) = rd.snapshot.clone() {
+            if let Some(snap) = rd.snapshot.clone().filter(|_| from == 0) {
                 // The shard installs the checkpoint the snapshot names (`Shard::install`); until
                 // then nothing after it is logged. A restored log hands out no entries with it.
                 debug_assert!(rd.entries.is_empty(), "entries in a snapshot's ready");
@@ -774,7 +802,7 @@ impl Replica {
                 *self.installing.borrow_mut() = Some(snap);
                 self.apply_ev.notify(usize::MAX);
             }
-            for e in &rd.entries {
+            for (i, e) in rd.entries.iter().enumerate().skip(from) {
                 let payload = match e.kind {
                     RaftKind::Normal if !e.data.is_empty() => e.data.clone(),
                     RaftKind::Normal => encode(WalEntry {
@@ -791,8 +819,27 @@ impl Replica {
                         ..Default::default()
                     }),
                 };
-                if !self.append(wal, Some(e.index), &payload) {
-                    return;
+                match wal.append_frame(Some(e.index), &payload) {
+                    Ok(seq) => {
+                        self.last_seq.set(seq);
+                        self.appended_ev.notify(usize::MAX);
+                    }
+                    Err(nr) => {
+                        // A leader's burst (or a segment still being prepared) outran the log:
+                        // the rest of this output waits, in order, for a prepared segment.
+                        tracing::debug!(
+                            shard = self.shard,
+                            need = nr.frame_len,
+                            "Raft output waits for room in the log"
+                        );
+                        *self.stalled.borrow_mut() = Some(Stalled {
+                            ready: rd,
+                            from: i,
+                            need: nr.frame_len,
+                        });
+                        self.appended_ev.notify(usize::MAX);
+                        return;
+                    }
                 }
             }
             if let Some(hs) = rd.hard_state {
