@@ -65,6 +65,10 @@ pub enum Error {
     /// Leadership moved while a write was in flight: it may or may not have been applied.
     #[error("etcdserver: leader changed")]
     LeaderChanged,
+    /// A multi-shard part was proposed but leadership moved before it committed: whether the
+    /// write commits is for the recovery rule to decide (clients see `leader changed`).
+    #[error("etcdserver: leader changed")]
+    PartInDoubt,
     /// A write was proposed but its group did not commit it in time.
     #[error("etcdserver: request timed out")]
     Timeout,

@@ -646,3 +646,80 @@ fn a_member_behind_the_leaders_checkpoints_catches_up_from_one() {
     assert_eq!(&now[..420], &want[..]);
     close_all(&mut ms);
 }
+
+/// Multi-shard txns (keys in several directories land on several shards): followers apply a
+/// write's parts only once every part is committed, and never show half of one, through a
+/// leader failover in the middle of a stream of them.
+#[test]
+fn multi_shard_writes_reach_followers_whole_across_a_failover() {
+    use spindle::kv::{RequestOp, TxnRequest};
+    let mut ms = members(3);
+    for m in &mut ms {
+        m.open();
+    }
+    let txn = |i: usize| TxnRequest {
+        compare: vec![],
+        success: ["a", "b", "c", "d"]
+            .iter()
+            .map(|d| RequestOp::Put(PutRequest::new(format!("{d}/{i:03}"), format!("{i}"))))
+            .collect(),
+        failure: vec![],
+    };
+    let write = |ms: &[Member], i: usize| -> usize {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            for (w, m) in ms.iter().enumerate() {
+                let Some(db) = &m.db else { continue };
+                match db.txn(txn(i)) {
+                    Ok(_) => return w,
+                    Err(Error::NoLeader | Error::NotLeader | Error::LeaderChanged) => {}
+                    Err(e) => panic!("{}: unexpected error {e}", m.name),
+                }
+            }
+            assert!(Instant::now() < deadline, "no member accepted txn {i}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // Every member serves the four keys of each txn together, or none of them.
+    let whole = |ms: &[Member], want: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut done = true;
+            for m in ms.iter().filter(|m| m.db.is_some()) {
+                let counts: Vec<usize> = ["a/", "b/", "c/", "d/"]
+                    .iter()
+                    .map(|d| {
+                        let end = format!("{}0", &d[..1]);
+                        m.db()
+                            .range(RangeRequest::range(*d, end))
+                            .unwrap()
+                            .kvs
+                            .len()
+                    })
+                    .collect();
+                done &= counts.iter().all(|&c| c == want);
+            }
+            if done {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "members did not converge on {want} txns"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut leader = 0;
+    for i in 0..20 {
+        leader = write(&ms, i);
+    }
+    whole(&ms, 20);
+    ms[leader].db.take().unwrap().close();
+    for i in 20..40 {
+        write(&ms, i);
+    }
+    whole(&ms, 40);
+    ms[leader].open();
+    whole(&ms, 40);
+    close_all(&mut ms);
+}

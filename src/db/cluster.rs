@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use super::core::{Core, Msg};
+use super::core::{Core, Msg, ShardOp};
 use crate::cluster::{parse_initial_cluster, url_authority, Membership, DEFAULT_TOKEN};
 use crate::engine::meta;
 use crate::engine::replica::{Group, NodeGate};
@@ -418,17 +418,41 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
         .detach();
         let s = shard.clone();
         glommio::spawn_local(async move { s.replica.run_sync(&s.wal).await }).detach();
-        let (s, clock, shared) = (
+        let (s, clock, shared, weak_core) = (
             shard.clone(),
             core.shared.clock.clone(),
             core.shared.clone(),
+            Rc::downgrade(core),
         );
         glommio::spawn_local(async move {
             let Some(cl) = shared.cluster.as_ref() else {
                 return;
             };
+            // The multi-shard part this shard's apply holds at: (revision, participants).
+            let mut held: Option<(i64, Vec<u32>)> = None;
             loop {
-                s.replica.wait_committed_entries().await;
+                if s.replica.ensure_healthy().is_err() {
+                    return;
+                }
+                if let Some((rev, participants)) = held.clone() {
+                    // A leader decides a write its predecessor left undecided; everyone else
+                    // waits for the record that says how it ended (checked again every tick).
+                    if s.may_decide() {
+                        if let Some(core) = weak_core.upgrade() {
+                            if let Some(commit) = decide(&core, &s, rev, &participants).await {
+                                if let Err(e) = s.decide_in_doubt(rev, commit).await {
+                                    tracing::debug!(shard = s.id, revision = rev, error = %e, "decision not proposed yet");
+                                }
+                            }
+                        }
+                    }
+                    futures_lite::future::or(s.replica.wait_committed_entries(), async {
+                        glommio::timer::sleep(cl.tick).await;
+                    })
+                    .await;
+                } else {
+                    s.replica.wait_committed_entries().await;
+                }
                 if let Some(meta) = s.replica.pending_install() {
                     let take = |record: &[u8]| {
                         if s.id == 0 && !record.is_empty() {
@@ -442,16 +466,8 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
                             .stop(format!("installing the leader's snapshot failed: {e}"));
                         return;
                     }
-                    continue;
                 }
                 let entries = s.replica.take_committed();
-                if entries.is_empty() {
-                    // Woken by a failure, or a rebuild took the queue over.
-                    if s.replica.ensure_healthy().is_err() {
-                        return;
-                    }
-                    continue;
-                }
                 if s.id == 0 {
                     // Shard 0's group carries membership (`db::members`).
                     for e in entries.iter().filter(|e| e.kind == EntryKind::ConfChange) {
@@ -459,15 +475,21 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
                             continue;
                         };
                         if let Err(err) = cl.apply_change(&cc, ConfChange::context(&e.data)) {
-                            tracing::error!(error = %err, "recording a membership change failed");
+                            s.replica
+                                .stop(format!("recording a membership change failed: {err}"));
                             return;
                         }
                         tracing::info!(change = ?cc, index = e.index, "membership changed");
                     }
                 }
-                if let Err(e) = s.apply_committed(&entries, &clock) {
-                    tracing::error!(shard = s.id, error = %e, "applying committed records failed");
-                    return;
+                // Also with nothing new: a rebuild or an install may have changed what waits.
+                match s.apply_committed(&entries, &clock) {
+                    Ok(h) => held = h,
+                    Err(e) => {
+                        s.replica
+                            .stop(format!("applying committed records failed: {e}"));
+                        return;
+                    }
                 }
             }
         })
@@ -487,6 +509,45 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
     })
     .detach();
     Ok(())
+}
+
+/// The outcome of the multi-shard write at `rev` that `s` holds at, if this node can tell:
+/// any participant's record of it wins; else it committed iff every participant's log holds
+/// its part, and aborted once a participant whose whole log this node leads lacks it.
+async fn decide(
+    core: &Rc<Core>,
+    s: &crate::engine::shard::Shard,
+    rev: i64,
+    participants: &[u32],
+) -> Option<bool> {
+    use crate::engine::shard::PartStatus;
+    let mut all_hold = true;
+    let mut lacking = false;
+    for &p in participants {
+        let status = if p == s.id {
+            s.part_status(rev)
+        } else {
+            core.call(p, |r| ShardOp::PartStatus(rev, r))
+                .await
+                .unwrap_or(PartStatus::Unknown)
+        };
+        match status {
+            PartStatus::Decided(c) => return Some(c),
+            PartStatus::Holds => {}
+            PartStatus::Lacks => {
+                lacking = true;
+                all_hold = false;
+            }
+            PartStatus::Unknown => all_hold = false,
+        }
+    }
+    if all_hold {
+        Some(true)
+    } else if lacking {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 impl super::LocalDb {

@@ -71,6 +71,10 @@ pub(super) enum ShardOp {
     ),
     Commit(i64, u64, Reply<()>),
     Abort(i64, u64, Reply<()>),
+    /// Undo a part whose write leadership left undecided, and rebuild (`Shard::abandon`).
+    Abandon(i64, u64, Reply<()>),
+    /// What this shard knows of its part of the multi-shard write at a revision.
+    PartStatus(i64, Reply<crate::engine::shard::PartStatus>),
     Unlock(u64, Reply<()>),
     Compact(i64, Reply<()>),
     Checkpoint(Reply<CheckpointInfo>),
@@ -164,6 +168,7 @@ pub(super) async fn run_core(
                 checkpoint_every,
                 shared.leases.clone(),
                 r.leases,
+                r.decisions,
             );
             shard.replica.start(&shard.wal).await?;
             shared
@@ -356,6 +361,13 @@ impl Core {
                 shard.commit(rev, token);
                 let _ = r.send(Ok(()));
             }
+            ShardOp::Abandon(rev, token, r) => {
+                shard.abandon(rev, token);
+                let _ = r.send(Ok(()));
+            }
+            ShardOp::PartStatus(rev, r) => {
+                let _ = r.send(Ok(shard.part_status(rev)));
+            }
             ShardOp::Abort(rev, token, r) => {
                 let _ = r.send(shard.abort(rev, token).await);
             }
@@ -542,6 +554,7 @@ fn reply_err(op: ShardOp, err: impl Fn() -> Error) {
         ShardOp::LockEval(_, _, _, _, r) => drop(r.send(Err(err()))),
         ShardOp::Commit(_, _, r)
         | ShardOp::Abort(_, _, r)
+        | ShardOp::Abandon(_, _, r)
         | ShardOp::Unlock(_, r)
         | ShardOp::Transfer(_, r)
         | ShardOp::Compact(_, r) => drop(r.send(Err(err()))),
@@ -549,6 +562,7 @@ fn reply_err(op: ShardOp, err: impl Fn() -> Error) {
         ShardOp::Check(_, _, _, r) => drop(r.send(Err(err()))),
         ShardOp::ReadExec(_, _, _, r) | ShardOp::Prepare(_, _, _, _, r) => drop(r.send(Err(err()))),
         ShardOp::Checkpoint(r) => drop(r.send(Err(err()))),
+        ShardOp::PartStatus(_, r) => drop(r.send(Err(err()))),
         ShardOp::Member(_, r) => drop(r.send(Err(err()))),
         ShardOp::ReadIndex(r) => drop(r.send(Err(err()))),
         ShardOp::Stats(r) => drop(r.send(Err(err()))),

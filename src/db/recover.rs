@@ -31,6 +31,8 @@ pub(super) struct RecoveredShard {
     /// (index, term) of the checkpoint whose install a crash cut short: its anchor entry must
     /// be logged before anything else, or the next recovery would drop the new tail too.
     pub(super) anchor: Option<(u64, u64)>,
+    /// Multi-shard outcomes the checkpoint remembers (revision → committed).
+    pub(super) decisions: BTreeMap<i64, bool>,
 }
 
 /// Loads every shard and settles multi-shard revisions: one is committed iff every participant
@@ -51,6 +53,7 @@ pub(super) fn recover_all(
         PathBuf,
         BTreeMap<i64, i64>,
         Option<(u64, u64)>,
+        BTreeMap<i64, bool>,
     );
     // Shards recover independently (checkpoint load + WAL scan), in parallel.
     let loaded: Vec<Result<Loaded>> = std::thread::scope(|s| {
@@ -83,7 +86,17 @@ pub(super) fn recover_all(
                     };
                     let leases = newest.extras.leases.iter().copied().collect();
                     let anchor = dropped.then_some((index, term));
-                    Ok((newest.store, wal, replica, index, dir, leases, anchor))
+                    let decisions = newest.extras.decisions.iter().copied().collect();
+                    Ok((
+                        newest.store,
+                        wal,
+                        replica,
+                        index,
+                        dir,
+                        leases,
+                        anchor,
+                        decisions,
+                    ))
                 })
             })
             .collect();
@@ -94,7 +107,7 @@ pub(super) fn recover_all(
     });
     let mut shards = Vec::new();
     for (id, r) in loaded.into_iter().enumerate() {
-        let (store, wal, replica, checkpoint_index, dir, leases, anchor) = r?;
+        let (store, wal, replica, checkpoint_index, dir, leases, anchor, decisions) = r?;
         let checkpoint_revision = store.last_revision();
         if let Some((file, offset)) = &wal.truncated {
             tracing::warn!(file = %file.display(), offset, "truncated a torn WAL tail (unacknowledged writes)");
@@ -110,6 +123,7 @@ pub(super) fn recover_all(
             aborts: vec![],
             leases,
             anchor,
+            decisions,
         });
     }
 

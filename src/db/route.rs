@@ -295,13 +295,17 @@ impl Core {
         let mut by_shard: HashMap<u32, Vec<OpPartial>> = HashMap::new();
         let mut prepared = Vec::new();
         let mut failure = None;
+        let mut failures = Vec::new();
         for (&s, rx) in writers.iter().zip(prepares) {
             match wait_async(rx).await {
                 Ok(p) => {
                     prepared.push(s);
                     by_shard.insert(s, p);
                 }
-                Err(e) => failure = Some(e),
+                Err(e) => {
+                    failures.push(matches!(e, Error::PartInDoubt));
+                    failure = Some(e);
+                }
             }
         }
         for (&s, rx) in readers.iter().zip(reads) {
@@ -313,17 +317,36 @@ impl Core {
             }
         }
         if let Some(e) = failure {
-            for res in self
-                .call_all(&prepared, |r| ShardOp::Abort(rev, token, r))
-                .await
-            {
-                if let Err(abort_err) = res {
-                    tracing::error!(error = %abort_err, revision = rev, "abort of a prepared part failed");
+            // A part that was proposed but not committed when leadership moved (`PartInDoubt`)
+            // may still commit. If every failure is of that kind, nobody here can say how the
+            // write ends: the parts are undone and their shards rebuilt, and the next leader
+            // decides by the recovery rule. Otherwise some participant never logged its part,
+            // so the write can never commit and the prepared parts are aborted for good.
+            let definite = failures.iter().any(|in_doubt| !in_doubt) || failures.is_empty();
+            let undecided: Vec<u32> = writers
+                .iter()
+                .copied()
+                .filter(|s| !definite || !prepared.contains(s))
+                .collect();
+            if definite {
+                for res in self
+                    .call_all(&prepared, |r| ShardOp::Abort(rev, token, r))
+                    .await
+                {
+                    if let Err(abort_err) = res {
+                        tracing::error!(error = %abort_err, revision = rev, "abort of a prepared part failed");
+                    }
                 }
             }
+            let _ = self
+                .call_all(&undecided, |r| ShardOp::Abandon(rev, token, r))
+                .await;
             // The revision stays unused; it must still stop blocking readers.
             self.revs.finish(rev);
-            return Err(e);
+            return Err(match e {
+                Error::PartInDoubt => Error::LeaderChanged,
+                e => e,
+            });
         }
         self.tell(&writers, |r| ShardOp::Commit(rev, token, r));
         self.tell(&readers, |r| ShardOp::Unlock(token, r));

@@ -9,8 +9,9 @@
 //! Layout (little endian): header (64 bytes) | extras | key records | footer (`crc32` of all
 //! before | magic). Extras (version 2; version 1 files have none) carry what a cluster member
 //! cannot re-log after the checkpoint, since a follower proposes nothing: `len:u32` then
-//! `lease_count:u32 { id:i64 ttl:i64 } meta_len:u32 meta` (the shard's live leases, and for
-//! shard 0 the cluster membership).
+//! `lease_count:u32 { id:i64 ttl:i64 } meta_len:u32 meta decision_count:u32 { rev:i64
+//! committed:u8 }` (the shard's live leases, for shard 0 the cluster membership, and the
+//! outcomes of the newest multi-shard writes).
 //! A key record: `key_len:u32 key gen_count:u32 { create:i64 first_version:i64 tombstone:i64(0 = live)
 //! put_count:u32 { rev:i64 lease:i64 value_len:u32 value } }`.
 
@@ -49,6 +50,9 @@ pub struct Extras {
     pub leases: Vec<(i64, i64)>,
     /// Shard 0's checkpoint: the membership record (JSON) as of its index.
     pub membership: Bytes,
+    /// Outcomes of the newest multi-shard writes the shard took part in (revision, committed):
+    /// a member deciding a write its leader left undecided asks for them.
+    pub decisions: Vec<(i64, bool)>,
 }
 
 impl Extras {
@@ -62,6 +66,11 @@ impl Extras {
         }
         b.extend_from_slice(&(self.membership.len() as u32).to_le_bytes());
         b.extend_from_slice(&self.membership);
+        b.extend_from_slice(&(self.decisions.len() as u32).to_le_bytes());
+        for (rev, committed) in &self.decisions {
+            b.extend_from_slice(&rev.to_le_bytes());
+            b.push(u8::from(*committed));
+        }
         let len = (b.len() - 4) as u32;
         b[..4].copy_from_slice(&len.to_le_bytes());
         b
@@ -80,7 +89,18 @@ impl Extras {
         }
         let mlen = r.u32()? as usize;
         let mpos = r.take(mlen)?;
+        let nd = r.u32()? as usize;
+        if nd > len / 9 {
+            return None;
+        }
+        let mut decisions = Vec::with_capacity(nd);
+        for _ in 0..nd {
+            let rev = r.i64()?;
+            let p = r.take(1)?;
+            decisions.push((rev, r.buf[p] != 0));
+        }
         (r.pos == end).then(|| Extras {
+            decisions,
             leases,
             membership: owner.slice(mpos..mpos + mlen),
         })

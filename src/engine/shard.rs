@@ -64,6 +64,31 @@ pub struct Shard {
     /// Leases whose grant this shard's log holds (id → TTL), as of the last append: re-logged
     /// by each checkpoint so that dropping old segments cannot lose them.
     lease_log: RefCell<BTreeMap<i64, i64>>,
+    /// Committed entries handed to [`Shard::apply_committed`] and not applied yet: held at a
+    /// multi-shard part whose outcome this shard's log has not said yet.
+    deferred: RefCell<std::collections::VecDeque<crate::raft::Entry>>,
+    /// Outcomes of the newest multi-shard writes this shard took part in (revision → committed).
+    decisions: RefCell<BTreeMap<i64, bool>>,
+    /// (revision, term) of the last in-doubt decision this shard proposed as leader.
+    decision_proposed: Cell<Option<(i64, u64)>>,
+}
+
+/// How many multi-shard outcomes a shard remembers (and its checkpoints carry): enough for any
+/// write still undecided elsewhere, since a node decides every held write before it writes
+/// again.
+pub const DECISIONS_KEPT: usize = 4096;
+
+/// A shard's knowledge of its part of one multi-shard write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartStatus {
+    /// Its log (or memory) says the write committed (`true`) or aborted.
+    Decided(bool),
+    /// Its committed log holds the part, undecided.
+    Holds,
+    /// Its committed log is complete (it leads with a committed no-op) and never held the part.
+    Lacks,
+    /// It cannot tell yet (it does not lead its group, or its no-op is not committed).
+    Unknown,
 }
 
 /// Releases the shard's write permission on drop, so early returns cannot leak it.
@@ -89,6 +114,7 @@ impl Shard {
         checkpoint_every: u64,
         leases: SharedLeases,
         lease_log: BTreeMap<i64, i64>,
+        decisions: BTreeMap<i64, bool>,
     ) -> Rc<Shard> {
         Rc::new(Shard {
             id,
@@ -108,6 +134,9 @@ impl Shard {
             checkpoint_every,
             leases,
             lease_log: RefCell::new(lease_log),
+            deferred: RefCell::default(),
+            decisions: RefCell::new(decisions),
+            decision_proposed: Cell::new(None),
         })
     }
 
@@ -409,11 +438,19 @@ impl Shard {
         }
         let (partials, index, term) =
             self.execute_and_log(txn, path, rev, EntryKind::Part, participants)?;
-        self.replica.wait_committed(&self.wal, index, term).await?;
-        Ok(partials)
+        match self.replica.wait_committed(&self.wal, index, term).await {
+            Ok(()) => Ok(partials),
+            // Proposed, but leadership moved first: the part may still commit.
+            Err(Error::LeaderChanged | Error::NoLeader | Error::NotLeader)
+                if self.replica.has_peers() =>
+            {
+                Err(Error::PartInDoubt)
+            }
+            Err(e) => Err(e),
+        }
     }
 
-    pub fn commit(&self, rev: i64, token: u64) {
+    pub fn commit(self: &Rc<Self>, rev: i64, token: u64) {
         if self.lock_owner.get() != Some(token) {
             return;
         }
@@ -421,6 +458,56 @@ impl Shard {
         debug_assert!(
             held.as_ref().is_some_and(|h| h.revision == rev),
             "commit of an unknown part"
+        );
+        if self.replica.has_peers() {
+            // Members apply a part only once their shard's log says how its write ended.
+            self.decided(rev, true);
+            let mut entry = WalEntry {
+                kind: EntryKind::Commit,
+                revision: rev,
+                ..Default::default()
+            };
+            if let Err(ProposeError::NoRoom(nr)) = self.replica.propose(&self.wal, &mut entry) {
+                let s = self.clone();
+                glommio::spawn_local(async move {
+                    let _ = s.wal.make_room(nr.frame_len).await;
+                    let marker = || {
+                        Some(WalEntry {
+                            kind: EntryKind::Commit,
+                            revision: rev,
+                            ..Default::default()
+                        })
+                    };
+                    if let Err(e) = s.propose_record(marker).await {
+                        tracing::warn!(shard = s.id, revision = rev, error = %e, "commit record not logged; the next leader decides the write");
+                    }
+                })
+                .detach();
+            }
+            // Any other failure means this node no longer leads the shard; the next leader
+            // decides the write from the parts (all committed).
+        }
+        self.unlock_coordinator(token);
+    }
+
+    /// The coordinator gave up on a multi-shard write whose outcome is not known here (a part
+    /// proposed and not committed when leadership moved): the executed part is undone, and the
+    /// shard rebuilds from its checkpoint and committed log, holding at the part until the
+    /// write is decided (see [`Shard::apply_committed`]).
+    pub fn abandon(&self, rev: i64, token: u64) {
+        if self.lock_owner.get() != Some(token) {
+            return;
+        }
+        if let Some(h) = self.held.borrow_mut().take() {
+            if h.revision == rev {
+                self.store.borrow_mut().rollback(h.undo);
+            }
+        }
+        self.replica.mark_stale();
+        tracing::warn!(
+            shard = self.id,
+            revision = rev,
+            "multi-shard write left undecided by a leadership change"
         );
         self.unlock_coordinator(token);
     }
@@ -549,24 +636,53 @@ impl Shard {
     /// Starts a background checkpoint when enough log has accumulated since the last one.
     /// Applies records its group committed that this member did not execute itself (a
     /// follower's path, and a new leader's catch-up), the way WAL replay does.
+    /// Applies records its group committed that this member did not execute itself (a
+    /// follower's path, and a new leader's catch-up), the way WAL replay does. A multi-shard
+    /// part is applied only once this shard's log says how its write ended (a `Commit` or an
+    /// `Abort` after it); until then the shard's apply holds there and later entries wait, so
+    /// a member never shows a part that may yet be aborted. Returns the part it holds at:
+    /// (revision, participants).
     pub fn apply_committed(
         &self,
         entries: &[crate::raft::Entry],
         clock: &RevisionClock,
-    ) -> Result<()> {
-        for e in entries {
+    ) -> Result<Option<(i64, Vec<u32>)>> {
+        self.deferred.borrow_mut().extend(entries.iter().cloned());
+        loop {
+            let Some(e) = self.deferred.borrow().front().cloned() else {
+                return Ok(None);
+            };
             if e.kind == crate::raft::EntryKind::Normal && !e.data.is_empty() {
                 let rec = record::decode_payload(&e.data).ok_or_else(|| Error::ShardFailed {
                     shard: self.id,
                     reason: format!("committed entry {} is not a valid record", e.index),
                 })?;
                 match rec.kind {
-                    // A part is applied once its group commits it; the abort of a multi-shard
-                    // write on a follower is not reconciled yet (see docs/design.md §5b).
+                    EntryKind::Part if rec.participants.len() > 1 => {
+                        let outcome = self.decision(rec.revision).or_else(|| {
+                            self.deferred.borrow().iter().skip(1).find_map(|l| {
+                                let r = record::decode_payload(&l.data)?;
+                                match r.kind {
+                                    EntryKind::Commit if r.revision == rec.revision => Some(true),
+                                    EntryKind::Abort if r.revision == rec.revision => Some(false),
+                                    _ => None,
+                                }
+                            })
+                        });
+                        match outcome {
+                            Some(true) => self.store.borrow_mut().apply(&rec.ops, rec.revision),
+                            // Skipped; the revision is still never handed out again.
+                            Some(false) => {}
+                            None => return Ok(Some((rec.revision, rec.participants))),
+                        }
+                        clock.observe(rec.revision);
+                    }
                     EntryKind::Write | EntryKind::Part => {
                         self.store.borrow_mut().apply(&rec.ops, rec.revision);
                         clock.observe(rec.revision);
                     }
+                    EntryKind::Commit => self.decided(rec.revision, true),
+                    EntryKind::Abort => self.decided(rec.revision, false),
                     EntryKind::Compact => {
                         self.store.borrow_mut().compact(rec.revision);
                         clock.set_compact_revision(rec.revision);
@@ -585,15 +701,96 @@ impl Shard {
                         }
                         self.lease_log.borrow_mut().remove(&rec.lease.id);
                     }
-                    EntryKind::Abort => {
-                        tracing::warn!(shard = self.id, revision = rec.revision, "a follower saw a multi-shard abort; its part stays applied until the shard is rebuilt");
-                    }
                     _ => {}
                 }
             }
+            self.deferred.borrow_mut().pop_front();
             self.last_write_index.set(e.index);
             self.replica.mark_applied(e.index);
         }
+    }
+
+    /// How the multi-shard write at `rev` ended, as far as this shard's log said.
+    fn decision(&self, rev: i64) -> Option<bool> {
+        self.decisions.borrow().get(&rev).copied()
+    }
+
+    /// Remembers a multi-shard outcome (the newest [`DECISIONS_KEPT`], which checkpoints carry).
+    fn decided(&self, rev: i64, committed: bool) {
+        let mut d = self.decisions.borrow_mut();
+        d.insert(rev, committed);
+        while d.len() > DECISIONS_KEPT {
+            d.pop_first();
+        }
+    }
+
+    /// What this shard can say about its part of the multi-shard write at `rev`, for a leader
+    /// deciding a write its predecessor left undecided.
+    pub fn part_status(&self, rev: i64) -> PartStatus {
+        if let Some(c) = self.decision(rev) {
+            return PartStatus::Decided(c);
+        }
+        // Entries before this leader's committed no-op are all committed, and nothing new is
+        // proposed while a part is undecided (the node's write gate stays shut), so the
+        // in-memory log is this group's whole committed log past the checkpoint.
+        if !self.replica.leads_settled() {
+            return PartStatus::Unknown;
+        }
+        let mut holds = false;
+        let mut said = None;
+        self.replica.for_each_entry(|e| {
+            if e.kind != crate::raft::EntryKind::Normal || e.data.is_empty() {
+                return;
+            }
+            if let Some(r) = record::decode_payload(&e.data).filter(|r| r.revision == rev) {
+                match r.kind {
+                    EntryKind::Part => holds = true,
+                    EntryKind::Commit => said = Some(true),
+                    EntryKind::Abort => said = Some(false),
+                    _ => {}
+                }
+            }
+        });
+        match (said, holds) {
+            (Some(c), _) => PartStatus::Decided(c),
+            (None, true) => PartStatus::Holds,
+            // A part folded into the checkpoint was decided there, and checkpoints carry the
+            // newest decisions; one that is neither logged nor decided never existed.
+            (None, false) => PartStatus::Lacks,
+        }
+    }
+
+    /// Whether the leader of this shard may decide the write it holds at now.
+    pub fn may_decide(&self) -> bool {
+        self.replica.leads_settled()
+    }
+
+    /// The leader's decision for the part this shard holds at: a `Commit` or `Abort` record in
+    /// this group (proposed once per term; if it does not commit, the next leader decides the
+    /// same way).
+    pub async fn decide_in_doubt(&self, rev: i64, commit: bool) -> Result<()> {
+        let term = self.replica.term();
+        if self.decision_proposed.get() == Some((rev, term)) {
+            return Ok(());
+        }
+        self.wal.make_room(4096).await?;
+        let mut entry = WalEntry {
+            kind: if commit {
+                EntryKind::Commit
+            } else {
+                EntryKind::Abort
+            },
+            revision: rev,
+            ..Default::default()
+        };
+        self.replica.propose_decision(&self.wal, &mut entry)?;
+        self.decision_proposed.set(Some((rev, term)));
+        tracing::warn!(
+            shard = self.id,
+            revision = rev,
+            commit,
+            "decided a multi-shard write a leadership change left undecided"
+        );
         Ok(())
     }
 
@@ -605,6 +802,7 @@ impl Shard {
         let newest = checkpoint::load_newest(&self.dir, self.id)?;
         let index = newest.index;
         *self.store.borrow_mut() = newest.store;
+        self.deferred.borrow_mut().clear();
         self.replica.reset_applied(index)?;
         tracing::info!(
             shard = self.id,
@@ -699,6 +897,10 @@ impl Shard {
         *self.lease_log.borrow_mut() = leases;
         self.checkpoint_index.set(index);
         self.last_write_index.set(index);
+        self.deferred.borrow_mut().retain(|e| e.index > index);
+        for &(rev, c) in &loaded.extras.decisions {
+            self.decided(rev, c);
+        }
         self.replica.installed(&self.wal);
         tracing::info!(
             shard = self.id,
@@ -822,6 +1024,12 @@ impl Shard {
             )));
         }
         let extras = checkpoint::Extras {
+            decisions: self
+                .decisions
+                .borrow()
+                .iter()
+                .map(|(&r, &c)| (r, c))
+                .collect(),
             leases,
             membership: if member && self.id == 0 {
                 membership()

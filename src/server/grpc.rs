@@ -80,6 +80,7 @@ impl From<Error> for Status {
             Error::NoLeader
             | Error::NotLeader
             | Error::LeaderChanged
+            | Error::PartInDoubt
             | Error::Timeout
             | Error::Unhealthy => Code::Unavailable,
             Error::Io { .. }

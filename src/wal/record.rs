@@ -36,6 +36,8 @@ pub enum EntryKind {
     HardState,
     /// A Raft membership change, encoded in `data`.
     ConfChange,
+    /// A multi-shard revision every participant committed (cluster members).
+    Commit,
 }
 
 /// The lease a `LeaseGrant`/`LeaseRevoke` entry is about (zero for other kinds).
@@ -119,6 +121,7 @@ pub fn encode_payload(entry: &WalEntry) -> Vec<u8> {
         EntryKind::LeaseRevoke => walfb::EntryKind::LeaseRevoke,
         EntryKind::HardState => walfb::EntryKind::HardState,
         EntryKind::ConfChange => walfb::EntryKind::ConfChange,
+        EntryKind::Commit => walfb::EntryKind::Commit,
     };
     let data = (!entry.data.is_empty()).then(|| fbb.create_vector(entry.data.as_ref()));
     let root = walfb::Entry::create(
@@ -239,6 +242,7 @@ pub fn decode_payload(payload: &Bytes) -> Option<WalEntry> {
         walfb::EntryKind::LeaseRevoke => EntryKind::LeaseRevoke,
         walfb::EntryKind::HardState => EntryKind::HardState,
         walfb::EntryKind::ConfChange => EntryKind::ConfChange,
+        walfb::EntryKind::Commit => EntryKind::Commit,
         _ => return None,
     };
     let mut ops = Vec::new();

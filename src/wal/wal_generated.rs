@@ -14,10 +14,10 @@ pub mod walfb {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ENTRY_KIND: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ENTRY_KIND: u8 = 8;
+pub const ENUM_MAX_ENTRY_KIND: u8 = 9;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ENTRY_KIND: [EntryKind; 9] = [
+pub const ENUM_VALUES_ENTRY_KIND: [EntryKind; 10] = [
   EntryKind::Write,
   EntryKind::Part,
   EntryKind::Abort,
@@ -27,6 +27,7 @@ pub const ENUM_VALUES_ENTRY_KIND: [EntryKind; 9] = [
   EntryKind::LeaseRevoke,
   EntryKind::HardState,
   EntryKind::ConfChange,
+  EntryKind::Commit,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -43,9 +44,10 @@ impl EntryKind {
   pub const LeaseRevoke: Self = Self(6);
   pub const HardState: Self = Self(7);
   pub const ConfChange: Self = Self(8);
+  pub const Commit: Self = Self(9);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 8;
+  pub const ENUM_MAX: u8 = 9;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Write,
     Self::Part,
@@ -56,6 +58,7 @@ impl EntryKind {
     Self::LeaseRevoke,
     Self::HardState,
     Self::ConfChange,
+    Self::Commit,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -69,6 +72,7 @@ impl EntryKind {
       Self::LeaseRevoke => Some("LeaseRevoke"),
       Self::HardState => Some("HardState"),
       Self::ConfChange => Some("ConfChange"),
+      Self::Commit => Some("Commit"),
       _ => None,
     }
   }

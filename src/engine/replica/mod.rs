@@ -593,6 +593,66 @@ impl Replica {
         Ok(index)
     }
 
+    /// Proposes a decision record (the outcome of a multi-shard write its predecessor left
+    /// undecided) as a leader whose store may still be held at the part it decides: unlike
+    /// [`Self::propose`] it needs no open write gate and does not count as applied, so the
+    /// record reaches the store through the apply queue, after the part.
+    pub fn propose_decision(&self, wal: &Wal, entry: &mut WalEntry) -> Result<u64> {
+        self.ensure_healthy()?;
+        let Some(raft) = &self.raft else {
+            return Err(Error::NotLeader);
+        };
+        if !self.leads_settled() {
+            return Err(Error::NotLeader);
+        }
+        {
+            let r = raft.borrow();
+            entry.term = r.term();
+            entry.index = r.last_index() + 1;
+        }
+        let encoded = Bytes::from(record::encode_payload(entry));
+        if !wal.has_room(record::frame_len(encoded.len()) + RECORD_SLACK) {
+            return Err(Error::InvalidArgument(
+                "no room in the log for a decision record".into(),
+            ));
+        }
+        let index = raft
+            .borrow_mut()
+            .propose(encoded)
+            .map_err(|e| raft_error(self.shard, e))?;
+        self.pump(wal);
+        self.ensure_healthy()?;
+        Ok(index)
+    }
+
+    /// Leads the group with its term's no-op committed: every earlier entry is committed.
+    pub fn leads_settled(&self) -> bool {
+        self.raft.as_ref().is_some_and(|raft| {
+            let r = raft.borrow();
+            r.role() == Role::Leader && r.term_at(r.commit()) == Some(r.term())
+        })
+    }
+
+    /// Calls `f` on every entry of the in-memory log, oldest first.
+    pub fn for_each_entry(&self, mut f: impl FnMut(&Entry)) {
+        let Some(raft) = &self.raft else { return };
+        let r = raft.borrow();
+        for i in r.first_index()..=r.last_index() {
+            if let Some(e) = r.entry(i) {
+                f(e);
+            }
+        }
+    }
+
+    /// The store holds writes that may not commit (an abandoned multi-shard part): rebuild it
+    /// from disk before this member executes again.
+    pub fn mark_stale(&self) {
+        if self.raft.is_some() {
+            self.stale.set(true);
+            self.update_gate();
+        }
+    }
+
     /// Proposes a membership change with the member's record as context. The entry is logged
     /// like any other; it takes effect in Raft, and in the store's membership, once applied.
     pub fn propose_conf_change(
