@@ -73,6 +73,18 @@ pub struct Shard {
     decision_proposed: Cell<Option<(i64, u64)>>,
 }
 
+/// Fault injection for tests: `SPINDLE_FAULT=<point>` in a member's environment makes it fail
+/// at that point (read once). The one point, `crash-before-last-part`, kills the process while
+/// it prepares the last participant's part of a multi-shard write, after the others logged
+/// theirs: the in-doubt write the recovery rule must settle (`tests/indoubt.rs`).
+fn fault_armed(point: &str) -> bool {
+    static FAULT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    FAULT
+        .get_or_init(|| std::env::var("SPINDLE_FAULT").ok())
+        .as_deref()
+        == Some(point)
+}
+
 /// How many multi-shard outcomes a shard remembers (and its checkpoints carry): enough for any
 /// write still undecided elsewhere, since a node decides every held write before it writes
 /// again.
@@ -432,6 +444,19 @@ impl Shard {
         participants: Vec<u32>,
     ) -> Result<Vec<OpPartial>> {
         debug_assert!(self.lock_owner.get().is_some());
+        if participants.len() > 1
+            && participants.last() == Some(&self.id)
+            && self.replica.has_peers()
+            && fault_armed("crash-before-last-part")
+        {
+            // Lets the other participants log their parts, then dies before this one does.
+            glommio::timer::sleep(std::time::Duration::from_millis(300)).await;
+            tracing::error!(
+                revision = rev,
+                "fault point crash-before-last-part: aborting"
+            );
+            std::process::abort();
+        }
         let estimate = self.frame_estimate(txn, path, rev)?;
         if !self.wal.has_room(estimate) {
             self.wal.make_room(estimate).await?;
