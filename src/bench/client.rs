@@ -61,12 +61,30 @@ impl Client {
         Req: prost::Message,
         Resp: prost::Message + Default,
     {
+        self.unary_with(path, req, &[]).await
+    }
+
+    /// One unary call with extra request headers.
+    pub async fn unary_with<Req, Resp>(
+        &mut self,
+        path: &str,
+        req: &Req,
+        headers: &[(&str, &str)],
+    ) -> Result<Resp, Status>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
         let uri: Uri = format!("http://{}{}", self.authority, path)
             .parse()
             .map_err(|e| Status::new(Code::Internal, format!("bad URI: {e}")))?;
-        let request = Request::post(uri)
+        let mut builder = Request::post(uri)
             .header("content-type", "application/grpc")
-            .header("te", "trailers")
+            .header("te", "trailers");
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let request = builder
             .body(Either::Left(Full::new(encode_message(req))))
             .map_err(|e| Status::new(Code::Internal, e.to_string()))?;
         self.send

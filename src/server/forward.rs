@@ -22,6 +22,9 @@ pub struct Forwarder {
     conns: RefCell<HashMap<String, SendRequest<Full<Bytes>>>>,
 }
 
+/// Marks a call one member forwarded to another (see `server::Hop`).
+pub(super) const FORWARDED_HEADER: &str = "spindle-forwarded";
+
 fn unavailable(what: impl std::fmt::Display) -> Status {
     Status::new(
         Code::Unavailable,
@@ -96,6 +99,7 @@ impl Forwarder {
         let req = Request::post(uri)
             .header("content-type", "application/grpc")
             .header("te", "trailers")
+            .header(FORWARDED_HEADER, "1")
             .body(Full::new(body.freeze()))
             .map_err(|e| Sent(Status::new(Code::Internal, e.to_string())))?;
         let mut send = self.connection(authority).await.map_err(NotSent)?;

@@ -174,7 +174,7 @@ async fn translate(
     if encoded.len() > limit {
         return Err(super::grpc::too_large(encoded.len(), limit));
     }
-    let resp = super::call_anywhere(ctx, method, vec![encoded], None).await?;
+    let resp = super::call_anywhere(ctx, method, vec![encoded], None, super::Hop::Client).await?;
     to_json(resp_name, resp)
 }
 

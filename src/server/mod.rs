@@ -338,7 +338,8 @@ async fn serve_request(ctx: &Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBo
         .is_some_and(|v| v.starts_with("application/grpc"));
     if is_grpc {
         let started = Instant::now();
-        let resp = grpc_call(ctx, &path, req.into_body(), started).await;
+        let hop = Hop::of(req.headers());
+        let resp = grpc_call(ctx, &path, req.into_body(), started, hop).await;
         ctx.metrics.observe(&path, started.elapsed());
         return resp;
     }
@@ -417,6 +418,7 @@ async fn grpc_call(
     path: &str,
     body: Incoming,
     started: Instant,
+    hop: Hop,
 ) -> Response<GrpcBody> {
     let learner = ctx.db.is_learner();
     if learner
@@ -456,9 +458,28 @@ async fn grpc_call(
             Err(s) => grpc::error(&s),
         };
     }
-    match call_anywhere(ctx, path, msgs, Some(started)).await {
+    match call_anywhere(ctx, path, msgs, Some(started), hop).await {
         Ok(resp) => grpc::ok_bytes(resp),
         Err(s) => grpc::error(&s),
+    }
+}
+
+/// Whether a call came from a client or was already forwarded by another member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Hop {
+    Client,
+    /// Forwarded once (`spindle-forwarded` header): it is answered here or refused, never
+    /// passed on again, so two members with crossing views of the leader cannot bounce it.
+    Forwarded,
+}
+
+impl Hop {
+    fn of(headers: &hyper::HeaderMap) -> Hop {
+        if headers.contains_key(forward::FORWARDED_HEADER) {
+            Hop::Forwarded
+        } else {
+            Hop::Client
+        }
     }
 }
 
@@ -470,14 +491,20 @@ async fn call_anywhere(
     path: &str,
     msgs: Vec<Bytes>,
     started: Option<Instant>,
+    hop: Hop,
 ) -> Result<Bytes, Status> {
+    let member = ctx.db.is_cluster_member();
     // A member that does not lead never answers a linearizable read from its own state: it
     // forwards to the leader, or waits for one.
-    if ctx.db.is_cluster_member() && ctx.db.leader() != ctx.member_id && needs_leader(path, &msgs) {
+    if member && ctx.db.leader() != ctx.member_id && needs_leader(path, &msgs) {
+        if hop == Hop::Forwarded {
+            return Err(Error::NotLeader.into());
+        }
         return forward(ctx, ctx.db.leader_client_url(), path, msgs).await;
     }
+    let member = member && hop == Hop::Client;
     // Kept only where a refusal may be forwarded: a single node's hot path copies nothing.
-    let copy = ctx.db.is_cluster_member().then(|| msgs.clone());
+    let copy = member.then(|| msgs.clone());
     match call(ctx, path, msgs, started).await {
         Err(s) if is_not_leader(&s) => match (ctx.db.leader_client_url(), copy) {
             (Some(url), Some(msgs)) => forward(ctx, Some(url), path, msgs).await,
