@@ -3,8 +3,8 @@
 //! new leader decides the write aborted (a participant whose whole log it leads lacks its part)
 //! and every member skips the half it holds, the restarted old leader included.
 //!
-//! The leader's death comes from a fault point compiled into debug builds only
-//! (`SPINDLE_FAULT=crash-before-last-part`), which this test binary arms for its own servers.
+//! The leader's death comes from a fault point (`SPINDLE_FAULT=crash-before-last-part`, read
+//! from the environment), which this test binary arms for its own servers.
 
 mod common;
 

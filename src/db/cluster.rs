@@ -690,6 +690,7 @@ impl Core {
         let me = cl.member_id;
         for (&id, s) in &self.shards {
             s.replica.tick(&s.wal);
+            s.log_pending_records();
             if s.wants_checkpoint() {
                 // Members cut checkpoints on ticks; a lagging member receives the newest one as
                 // its snapshot.

@@ -89,7 +89,8 @@ impl Extras {
         }
         let mlen = r.u32()? as usize;
         let mpos = r.take(mlen)?;
-        let nd = r.u32()? as usize;
+        // Extras written before outcomes were recorded end here.
+        let nd = if r.pos == end { 0 } else { r.u32()? as usize };
         if nd > len / 9 {
             return None;
         }

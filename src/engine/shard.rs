@@ -71,10 +71,12 @@ pub struct Shard {
     decisions: RefCell<BTreeMap<i64, bool>>,
     /// (revision, term) of the last in-doubt decision this shard proposed as leader.
     decision_proposed: Cell<Option<(i64, u64)>>,
+    /// Outcome records this shard still has to log as leader (revision → committed).
+    pending_records: RefCell<BTreeMap<i64, bool>>,
 }
 
-/// Fault injection for tests: `SPINDLE_FAULT=<point>` in a member's environment makes it fail
-/// at that point (read once). The one point, `crash-before-last-part`, kills the process while
+/// Fault injection for tests, in every build: `SPINDLE_FAULT=<point>` in a member's
+/// environment makes it fail at that point (read once). The one point, `crash-before-last-part`, kills the process while
 /// it prepares the last participant's part of a multi-shard write, after the others logged
 /// theirs: the in-doubt write the recovery rule must settle (`tests/indoubt.rs`).
 fn fault_armed(point: &str) -> bool {
@@ -149,6 +151,7 @@ impl Shard {
             deferred: RefCell::default(),
             decisions: RefCell::new(decisions),
             decision_proposed: Cell::new(None),
+            pending_records: RefCell::default(),
         })
     }
 
@@ -461,16 +464,17 @@ impl Shard {
         if !self.wal.has_room(estimate) {
             self.wal.make_room(estimate).await?;
         }
+        if rev <= self.store.borrow().last_revision() {
+            // Leadership went and came back while the log made room: newer revisions were
+            // applied meanwhile, and this one may not be proposed after them.
+            return Err(Error::LeaderChanged);
+        }
         let (partials, index, term) =
             self.execute_and_log(txn, path, rev, EntryKind::Part, participants)?;
         match self.replica.wait_committed(&self.wal, index, term).await {
             Ok(()) => Ok(partials),
-            // Proposed, but leadership moved first: the part may still commit.
-            Err(Error::LeaderChanged | Error::NoLeader | Error::NotLeader)
-                if self.replica.has_peers() =>
-            {
-                Err(Error::PartInDoubt)
-            }
+            // Proposed, but not known to be committed: the part may still commit.
+            Err(_) if self.replica.has_peers() => Err(Error::PartInDoubt),
             Err(e) => Err(e),
         }
     }
@@ -485,32 +489,11 @@ impl Shard {
             "commit of an unknown part"
         );
         if self.replica.has_peers() {
-            // Members apply a part only once their shard's log says how its write ended.
+            // Members apply a part only once their shard's log says how its write ended; the
+            // record is retried on ticks until it is logged (`log_pending_records`).
             self.decided(rev, true);
-            let mut entry = WalEntry {
-                kind: EntryKind::Commit,
-                revision: rev,
-                ..Default::default()
-            };
-            if let Err(ProposeError::NoRoom(nr)) = self.replica.propose(&self.wal, &mut entry) {
-                let s = self.clone();
-                glommio::spawn_local(async move {
-                    let _ = s.wal.make_room(nr.frame_len).await;
-                    let marker = || {
-                        Some(WalEntry {
-                            kind: EntryKind::Commit,
-                            revision: rev,
-                            ..Default::default()
-                        })
-                    };
-                    if let Err(e) = s.propose_record(marker).await {
-                        tracing::warn!(shard = s.id, revision = rev, error = %e, "commit record not logged; the next leader decides the write");
-                    }
-                })
-                .detach();
-            }
-            // Any other failure means this node no longer leads the shard; the next leader
-            // decides the write from the parts (all committed).
+            self.pending_records.borrow_mut().insert(rev, true);
+            self.log_pending_records();
         }
         self.unlock_coordinator(token);
     }
@@ -546,7 +529,13 @@ impl Shard {
         let result = match held {
             Some(h) if h.revision == rev => {
                 self.store.borrow_mut().rollback(h.undo);
-                self.log_abort(rev).await
+                let logged = self.log_abort(rev).await;
+                if logged.is_err() && self.replica.has_peers() {
+                    // The part stays in the log without its Abort: rebuild, hold at it, and let
+                    // the next leader decide from every participant's log.
+                    self.replica.mark_stale();
+                }
+                logged
             }
             other => {
                 *self.held.borrow_mut() = other;
@@ -684,8 +673,12 @@ impl Shard {
                 })?;
                 match rec.kind {
                     EntryKind::Part if rec.participants.len() > 1 => {
-                        let outcome = self.decision(rec.revision).or_else(|| {
+                        let remembered = self.decision(rec.revision);
+                        let outcome = remembered.or_else(|| {
                             self.deferred.borrow().iter().skip(1).find_map(|l| {
+                                if l.kind != crate::raft::EntryKind::Normal || l.data.is_empty() {
+                                    return None;
+                                }
                                 let r = record::decode_payload(&l.data)?;
                                 match r.kind {
                                     EntryKind::Commit if r.revision == rec.revision => Some(true),
@@ -694,6 +687,11 @@ impl Shard {
                                 }
                             })
                         });
+                        if let Some(c) = remembered {
+                            // Known from memory (a checkpoint's, or this leader's own): the log
+                            // may still lack the record its followers wait for.
+                            self.pending_records.borrow_mut().insert(rec.revision, c);
+                        }
                         match outcome {
                             Some(true) => self.store.borrow_mut().apply(&rec.ops, rec.revision),
                             // Skipped; the revision is still never handed out again.
@@ -706,8 +704,14 @@ impl Shard {
                         self.store.borrow_mut().apply(&rec.ops, rec.revision);
                         clock.observe(rec.revision);
                     }
-                    EntryKind::Commit => self.decided(rec.revision, true),
-                    EntryKind::Abort => self.decided(rec.revision, false),
+                    EntryKind::Commit => {
+                        self.decided(rec.revision, true);
+                        self.pending_records.borrow_mut().remove(&rec.revision);
+                    }
+                    EntryKind::Abort => {
+                        self.decided(rec.revision, false);
+                        self.pending_records.borrow_mut().remove(&rec.revision);
+                    }
                     EntryKind::Compact => {
                         self.store.borrow_mut().compact(rec.revision);
                         clock.set_compact_revision(rec.revision);
@@ -819,10 +823,55 @@ impl Shard {
         Ok(())
     }
 
+    /// Logs the outcome records this shard owes its followers (a leader's `Commit` that could
+    /// not be proposed at once, or an outcome it applied from memory), if it leads its group;
+    /// called after each multi-shard commit and on every tick until they are logged.
+    pub fn log_pending_records(&self) {
+        if self.pending_records.borrow().is_empty() || !self.replica.leads_settled() {
+            return;
+        }
+        let pending: Vec<(i64, bool)> = self
+            .pending_records
+            .borrow()
+            .iter()
+            .map(|(&r, &c)| (r, c))
+            .collect();
+        for (rev, commit) in pending {
+            let mut entry = WalEntry {
+                kind: if commit {
+                    EntryKind::Commit
+                } else {
+                    EntryKind::Abort
+                },
+                revision: rev,
+                ..Default::default()
+            };
+            match self.replica.propose_decision(&self.wal, &mut entry) {
+                Ok(_) => {
+                    self.pending_records.borrow_mut().remove(&rev);
+                }
+                Err(e) => {
+                    tracing::debug!(shard = self.id, revision = rev, error = %e, "outcome record not logged yet");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Throws away what this shard executed and reloads it from its newest checkpoint; the
     /// group's committed entries after it are applied again. A leader deposed with executed but
     /// uncommitted writes does this before it may serve writes again.
     pub async fn rebuild(&self) -> Result<()> {
+        // Not under a checkpoint being written from the store about to be replaced.
+        while self.checkpointing.replace(true) {
+            glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let result = self.rebuild_inner().await;
+        self.checkpointing.set(false);
+        result
+    }
+
+    async fn rebuild_inner(&self) -> Result<()> {
         let _guard = self.acquire().await?;
         let newest = checkpoint::load_newest(&self.dir, self.id)?;
         let index = newest.index;
@@ -1005,6 +1054,13 @@ impl Shard {
             if self.replica.pending_install().is_some() {
                 return Err(Error::InvalidArgument(format!(
                     "shard {} is installing a snapshot",
+                    self.id
+                )));
+            }
+            if self.replica.is_stale() || self.rebuilding.get() {
+                // The store holds writes that may not commit, or is being replaced.
+                return Err(Error::InvalidArgument(format!(
+                    "shard {} is being rebuilt",
                     self.id
                 )));
             }

@@ -593,10 +593,10 @@ impl Replica {
         Ok(index)
     }
 
-    /// Proposes a decision record (the outcome of a multi-shard write its predecessor left
-    /// undecided) as a leader whose store may still be held at the part it decides: unlike
-    /// [`Self::propose`] it needs no open write gate and does not count as applied, so the
-    /// record reaches the store through the apply queue, after the part.
+    /// Proposes a decision record (the outcome of a multi-shard write) as this group's leader,
+    /// whatever the node's write gate says: the leader's own `Commit` after a write's parts, or
+    /// the outcome of a write its predecessor left undecided while its store may still be held
+    /// at the part (then the record reaches the store through the apply queue, after the part).
     pub fn propose_decision(&self, wal: &Wal, entry: &mut WalEntry) -> Result<u64> {
         self.ensure_healthy()?;
         let Some(raft) = &self.raft else {
@@ -616,10 +616,16 @@ impl Replica {
                 "no room in the log for a decision record".into(),
             ));
         }
+        // A leader whose store holds its whole log counts the record as applied (it has no
+        // effects), as its other proposals; one still applying gets it through the apply queue.
+        let caught_up = self.applied.get() >= raft.borrow().last_index();
         let index = raft
             .borrow_mut()
             .propose(encoded)
             .map_err(|e| raft_error(self.shard, e))?;
+        if caught_up {
+            self.applied.set(index);
+        }
         self.pump(wal);
         self.ensure_healthy()?;
         Ok(index)
@@ -800,7 +806,13 @@ impl Replica {
             return;
         };
         let mut p = Persisted::default();
-        let durable = wal.durable_index();
+        let mut durable = wal.durable_index();
+        if let Some(st) = self.stalled.borrow().as_ref() {
+            // The WAL's durable index may still name an old tail the stalled entries replace.
+            if let Some(first) = st.ready.entries.get(st.from) {
+                durable = durable.min(first.index - 1);
+            }
+        }
         {
             // Raft's own persisted mark is what was acknowledged so far.
             let r = raft.borrow();
@@ -904,10 +916,20 @@ impl Replica {
             }
             if let Some(hs) = rd.hard_state {
                 // Commit alone is not logged: a restarted member learns it again.
-                if (hs.term, hs.vote) != self.logged_hard_state.get()
-                    && !self.log_hard_state(wal, hs)
-                {
-                    return;
+                if (hs.term, hs.vote) != self.logged_hard_state.get() {
+                    if !wal.has_room(RECORD_SLACK) {
+                        let from = rd.entries.len();
+                        *self.stalled.borrow_mut() = Some(Stalled {
+                            ready: rd,
+                            from,
+                            need: RECORD_SLACK,
+                        });
+                        self.appended_ev.notify(usize::MAX);
+                        return;
+                    }
+                    if !self.log_hard_state(wal, hs) {
+                        return;
+                    }
                 }
             }
             if !rd.read_states.is_empty() {
