@@ -73,6 +73,8 @@ pub struct Shard {
     decision_proposed: Cell<Option<(i64, u64)>>,
     /// Outcome records this shard still has to log as leader (revision → committed).
     pending_records: RefCell<BTreeMap<i64, bool>>,
+    /// Raft term when the coordinator took the write permission.
+    locked_term: Cell<u64>,
 }
 
 /// Fault injection for tests, in every build: `SPINDLE_FAULT=<point>` in a member's
@@ -152,6 +154,7 @@ impl Shard {
             decisions: RefCell::new(decisions),
             decision_proposed: Cell::new(None),
             pending_records: RefCell::default(),
+            locked_term: Cell::new(0),
         })
     }
 
@@ -388,6 +391,7 @@ impl Shard {
     pub async fn lock_for_coordinator(&self, token: u64) -> Result<()> {
         self.lock.acquire(1).await.map_err(|_| Error::Closed)?;
         self.lock_owner.set(Some(token));
+        self.locked_term.set(self.replica.term());
         if let Err(e) = self.ensure_healthy() {
             self.unlock_coordinator(token);
             return Err(e);
@@ -464,9 +468,11 @@ impl Shard {
         if !self.wal.has_room(estimate) {
             self.wal.make_room(estimate).await?;
         }
-        if rev <= self.store.borrow().last_revision() {
-            // Leadership went and came back while the log made room: newer revisions were
-            // applied meanwhile, and this one may not be proposed after them.
+        if rev <= self.store.borrow().last_revision()
+            || self.replica.term() != self.locked_term.get()
+        {
+            // Leadership moved (and maybe came back) since the lock was taken: another leader
+            // may have handed out this revision meanwhile, on this shard or another.
             return Err(Error::LeaderChanged);
         }
         let (partials, index, term) =
@@ -1054,6 +1060,14 @@ impl Shard {
             if self.replica.pending_install().is_some() {
                 return Err(Error::InvalidArgument(format!(
                     "shard {} is installing a snapshot",
+                    self.id
+                )));
+            }
+            if member && !self.pending_records.borrow().is_empty() {
+                // The part such a record decides would be folded into the checkpoint while the
+                // record exists only in memory: log it first.
+                return Err(Error::InvalidArgument(format!(
+                    "shard {} has outcome records to log first",
                     self.id
                 )));
             }

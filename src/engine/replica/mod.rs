@@ -846,7 +846,7 @@ impl Replica {
                 return;
             }
             let stalled = self.stalled.borrow_mut().take();
-            let (rd, from) = match stalled {
+            let (mut rd, from) = match stalled {
                 Some(st) if wal.has_room(st.need) => (st.ready, st.from),
                 Some(st) => {
                     // Still no room: `run_sync` prepares a segment and pumps again.
@@ -861,7 +861,8 @@ impl Replica {
                     (r.ready(), 0)
                 }
             };
-            if let Some(snap) = rd.snapshot.clone().filter(|_| from == 0) {
+            // Taken, so a stalled remainder of this output never installs it a second time.
+            if let Some(snap) = rd.snapshot.take() {
                 // The shard installs the checkpoint the snapshot names (`Shard::install`); until
                 // then nothing after it is logged. A restored log hands out no entries with it.
                 debug_assert!(rd.entries.is_empty(), "entries in a snapshot's ready");
@@ -916,7 +917,12 @@ impl Replica {
             }
             if let Some(hs) = rd.hard_state {
                 // Commit alone is not logged: a restarted member learns it again.
-                if (hs.term, hs.vote) != self.logged_hard_state.get() {
+                let (term, vote) = self.logged_hard_state.get();
+                // Newer than what is logged (a checkpoint may have logged a newer one while this
+                // output was stalled).
+                if (hs.term, hs.vote) != (term, vote)
+                    && (hs.term, hs.vote.is_some()) >= (term, vote.is_some())
+                {
                     if !wal.has_room(RECORD_SLACK) {
                         let from = rd.entries.len();
                         *self.stalled.borrow_mut() = Some(Stalled {
