@@ -204,6 +204,91 @@ struct Shared {
     rec: Recorder,
     stop: AtomicBool,
     reads: ReadGate,
+    /// Multi-shard txns acknowledged by `txn_client` (their number).
+    txns: std::sync::Mutex<Vec<u64>>,
+}
+
+/// Directories of the keys one multi-shard txn writes (they land on different shards).
+const TXN_DIRS: [&str; 4] = ["ta", "tb", "tc", "td"];
+
+/// One more client, outside the checked history: txns that put `{dir}/{n}` in every directory
+/// of [`TXN_DIRS`] at once, through the members in turn. Each must end on every member whole
+/// or not at all, through every fault ([`verify_txns`]).
+async fn txn_client(sh: Arc<Shared>) {
+    let mut members = Members::new(&sh.endpoints, CALL_DEADLINE);
+    let mut n = 0u64;
+    while !sh.stop.load(Ordering::Relaxed) {
+        n += 1;
+        let success = TXN_DIRS
+            .iter()
+            .map(|d| pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                    key: format!("{d}/{n:06}").into_bytes().into(),
+                    value: n.to_string().into_bytes().into(),
+                    ..Default::default()
+                })),
+            })
+            .collect();
+        let req = pb::TxnRequest {
+            success,
+            ..Default::default()
+        };
+        let member = usize::try_from(n).unwrap_or(0) % members.len();
+        let r: Result<pb::TxnResponse, _> =
+            members.unary(member, "/etcdserverpb.KV/Txn", &req).await;
+        let failed = r.is_err();
+        if r.is_ok() {
+            if let Ok(mut t) = sh.txns.lock() {
+                t.push(n);
+            }
+        }
+        glommio::timer::sleep(Duration::from_millis(if failed { 50 } else { 10 })).await;
+    }
+}
+
+/// Every member holds each multi-shard txn whole or not at all, and every acknowledged one.
+async fn verify_txns(endpoints: &[String], acked: &[u64]) -> Result<(), String> {
+    let mut m = Members::new(endpoints, Duration::from_secs(5));
+    for i in 0..m.len() {
+        let mut per_dir = Vec::new();
+        for d in TXN_DIRS {
+            let req = pb::RangeRequest {
+                key: format!("{d}/").into_bytes().into(),
+                range_end: format!("{d}0").into_bytes().into(),
+                serializable: true,
+                keys_only: true,
+                ..Default::default()
+            };
+            let got: pb::RangeResponse = m
+                .unary(i, "/etcdserverpb.KV/Range", &req)
+                .await
+                .map_err(|e| format!("h{i}: range of {d}/: {e:?}"))?;
+            let ns: std::collections::BTreeSet<String> = got
+                .kvs
+                .iter()
+                .map(|kv| String::from_utf8_lossy(&kv.key[d.len() + 1..]).into_owned())
+                .collect();
+            per_dir.push(ns);
+        }
+        if let Some(odd) = per_dir.iter().position(|ns| *ns != per_dir[0]) {
+            let half: Vec<_> = per_dir[0].symmetric_difference(&per_dir[odd]).collect();
+            return Err(format!(
+                "h{i} holds only part of multi-shard txns {half:?} ({} against {})",
+                TXN_DIRS[0], TXN_DIRS[odd]
+            ));
+        }
+        for n in acked {
+            if !per_dir[0].contains(&format!("{n:06}")) {
+                return Err(format!("h{i} lost acknowledged multi-shard txn {n}"));
+            }
+        }
+    }
+    eprintln!(
+        "{} acknowledged multi-shard txns whole on all {} members",
+        acked.len(),
+        m.len()
+    );
+    Ok(())
 }
 
 /// Notes which member a call went through and which member answered (a follower forwards
@@ -333,13 +418,15 @@ impl Scenario {
             rec: rec.clone(),
             stop: AtomicBool::new(false),
             reads: ReadGate::default(),
+            txns: std::sync::Mutex::new(Vec::new()),
         });
         let clients = {
             let sh = sh.clone();
             on_executor(move || async move {
-                let tasks: Vec<_> = (0..CLIENTS)
+                let mut tasks: Vec<_> = (0..CLIENTS)
                     .map(|id| glommio::spawn_local(client(id, sh.clone())))
                     .collect();
+                tasks.push(glommio::spawn_local(txn_client(sh.clone())));
                 for t in tasks {
                     t.await;
                 }
@@ -469,7 +556,11 @@ impl Scenario {
                 _ => None,
             })
             .collect();
-        let checked = on_executor(move || async move { verify_members(&endpoints, &acked).await });
+        let txns = sh.txns.lock().map(|t| t.clone()).unwrap_or_default();
+        let checked = on_executor(move || async move {
+            verify_members(&endpoints, &acked).await?;
+            verify_txns(&endpoints, &txns).await
+        });
         if let Err(e) = checked.join().expect("verification") {
             dump_logs(&cluster);
             panic!("{e}");
