@@ -722,6 +722,9 @@ impl Core {
                 continue;
             }
             let node = cl.leader_node();
+            if id != 0 && node == me && s.replica.leader() != Some(me) {
+                s.replica.ask_for_leadership(&s.wal, cl.election_ticks);
+            }
             if id != 0 && s.replica.role() == Role::Leader && node != 0 && node != me {
                 if let Err(e) = s.replica.transfer_leader(&s.wal, node) {
                     tracing::debug!(shard = id, error = %e, "leader transfer not started");

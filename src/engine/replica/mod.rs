@@ -171,6 +171,8 @@ pub struct Replica {
     installing: RefCell<Option<Snapshot>>,
     /// Output Raft handed out that did not fit the log yet (see [`Stalled`]).
     stalled: RefCell<Option<Stalled>>,
+    /// Ticks since [`Replica::ask_for_leadership`] last campaigned.
+    ticks_since_ask: Cell<u64>,
 }
 
 impl Replica {
@@ -252,6 +254,7 @@ impl Replica {
             read_ev: Event::new(),
             installing: RefCell::new(None),
             stalled: RefCell::new(None),
+            ticks_since_ask: Cell::new(u64::MAX / 2),
         })
     }
 
@@ -413,8 +416,23 @@ impl Replica {
     pub fn tick(&self, wal: &Wal) {
         if let Some(raft) = &self.raft {
             raft.borrow_mut().tick();
+            self.ticks_since_ask.set(self.ticks_since_ask.get() + 1);
             self.pump(wal);
         }
+    }
+
+    /// Campaigns now (pre-vote first) unless this replica leads or asked within the last
+    /// election timeout. The node that won shard 0 asks for the other shards at once rather than
+    /// waiting out their election timeouts after a leader died; the pre-vote keeps it from
+    /// disturbing a group whose leader is alive (that leader hands the group over instead).
+    pub fn ask_for_leadership(&self, wal: &Wal, election_tick: u64) {
+        let Some(raft) = &self.raft else { return };
+        if self.ticks_since_ask.get() < election_tick || raft.borrow().role() != Role::Follower {
+            return;
+        }
+        self.ticks_since_ask.set(0);
+        raft.borrow_mut().campaign();
+        self.pump(wal);
     }
 
     /// Hands Raft a message from a peer.
