@@ -173,6 +173,8 @@ pub struct Replica {
     stalled: RefCell<Option<Stalled>>,
     /// Ticks since [`Replica::ask_for_leadership`] last campaigned.
     ticks_since_ask: Cell<u64>,
+    /// Role and term last noted (role changes are logged).
+    last_role: Cell<(Role, u64)>,
 }
 
 impl Replica {
@@ -255,6 +257,7 @@ impl Replica {
             installing: RefCell::new(None),
             stalled: RefCell::new(None),
             ticks_since_ask: Cell::new(u64::MAX / 2),
+            last_role: Cell::new((Role::Follower, 0)),
         })
     }
 
@@ -1010,6 +1013,10 @@ impl Replica {
         let Some(raft) = &self.raft else { return };
         let r = raft.borrow();
         let leading = r.role() == Role::Leader;
+        if self.peers && (r.role(), r.term()) != self.last_role.get() {
+            tracing::debug!(shard = self.shard, role = ?r.role(), term = r.term(), leader = ?r.leader(), "role changed");
+            self.last_role.set((r.role(), r.term()));
+        }
         if self.was_leader.get() && !leading {
             if self.applied.get() > r.commit() {
                 tracing::warn!(
