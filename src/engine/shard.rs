@@ -89,6 +89,19 @@ fn fault_armed(point: &str) -> bool {
         == Some(point)
 }
 
+/// The record that says how the multi-shard write at `rev` ended.
+fn outcome_record(rev: i64, commit: bool) -> WalEntry {
+    WalEntry {
+        kind: if commit {
+            EntryKind::Commit
+        } else {
+            EntryKind::Abort
+        },
+        revision: rev,
+        ..Default::default()
+    }
+}
+
 /// How many multi-shard outcomes a shard remembers (and its checkpoints carry): enough for any
 /// write still undecided elsewhere, since a node decides every held write before it writes
 /// again.
@@ -809,15 +822,7 @@ impl Shard {
             return Ok(());
         }
         self.wal.make_room(4096).await?;
-        let mut entry = WalEntry {
-            kind: if commit {
-                EntryKind::Commit
-            } else {
-                EntryKind::Abort
-            },
-            revision: rev,
-            ..Default::default()
-        };
+        let mut entry = outcome_record(rev, commit);
         self.replica.propose_decision(&self.wal, &mut entry)?;
         self.decision_proposed.set(Some((rev, term)));
         tracing::warn!(
@@ -843,15 +848,7 @@ impl Shard {
             .map(|(&r, &c)| (r, c))
             .collect();
         for (rev, commit) in pending {
-            let mut entry = WalEntry {
-                kind: if commit {
-                    EntryKind::Commit
-                } else {
-                    EntryKind::Abort
-                },
-                revision: rev,
-                ..Default::default()
-            };
+            let mut entry = outcome_record(rev, commit);
             match self.replica.propose_decision(&self.wal, &mut entry) {
                 Ok(_) => {
                     self.pending_records.borrow_mut().remove(&rev);
