@@ -8,7 +8,7 @@ mod common;
 use common::etcdctl;
 use common::process::free_ports;
 use common::proxy::{Mode, Proxy};
-use common::server::{Kind, Ports, Server};
+use common::server::{Ports, Server};
 
 use std::time::{Duration, Instant};
 
@@ -331,24 +331,7 @@ fn spindle_serve_members_bootstrap_serve_etcdctl_and_survive_a_leader_kill() {
     let ports = Ports::free(3);
     let urls: Vec<String> = ports.iter().map(Ports::peer_url).collect();
     let initial = common::cluster::initial_cluster("s", &urls);
-    let mut servers: Vec<Server> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let args = common::cluster::spindle_member(
-                &format!("s{i}"),
-                &initial,
-                "new",
-                "proc-test",
-                &p.peer_url(),
-                &p.peer_url(),
-            );
-            Server::spawn_on(Kind::Spindle, *p, &args)
-        })
-        .collect();
-    for s in &mut servers {
-        s.wait_ready();
-    }
+    let mut servers = common::cluster::start_spindle("s", "proc-test", &ports, &[]);
     let mut alive = vec![true; 3];
 
     // Every member lists the same three members, with the ids etcd derives from these flags.

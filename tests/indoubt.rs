@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::etcdctl;
-use common::server::{Kind, Ports, Server};
+use common::server::{Ports, Server};
 
 const DIRS: usize = 8;
 
@@ -84,27 +84,7 @@ fn txn(endpoint: &str, ops: &str) -> etcdctl::Ctl {
 fn a_half_committed_multi_shard_write_is_aborted_on_every_member() {
     // This binary holds this one test, so the fault reaches only its servers.
     std::env::set_var("SPINDLE_FAULT", "crash-before-last-part");
-    let ports = Ports::free(3);
-    let urls: Vec<String> = ports.iter().map(Ports::peer_url).collect();
-    let initial = common::cluster::initial_cluster("s", &urls);
-    let mut servers: Vec<Server> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let args = common::cluster::spindle_member(
-                &format!("s{i}"),
-                &initial,
-                "new",
-                "indoubt-test",
-                &p.peer_url(),
-                &p.peer_url(),
-            );
-            Server::spawn_on(Kind::Spindle, *p, &args)
-        })
-        .collect();
-    for s in &mut servers {
-        s.wait_ready();
-    }
+    let mut servers = common::cluster::start_spindle("s", "indoubt-test", &Ports::free(3), &[]);
     let mut alive = vec![true; 3];
     let l = leader(&servers, &alive);
     assert!(etcdctl::run(&servers[l].endpoint(), &["put", "before", "1"]).ok);

@@ -93,16 +93,7 @@ fn wait_value(endpoint: &str, key: &str, want: &str) {
 #[test]
 fn add_learner_join_promote_update_and_remove_members() {
     let ports = Ports::free(4);
-    let initial = initial_of(&ports[..3]);
-    let mut servers: Vec<Server> = (0..3)
-        .map(|i| {
-            let args = member_args(&format!("s{i}"), &ports[i], &initial, "new");
-            Server::spawn_on(Kind::Spindle, ports[i], &args)
-        })
-        .collect();
-    for s in &mut servers {
-        s.wait_ready();
-    }
+    let mut servers = cluster::start_spindle("s", TOKEN, &ports[..3], &[]);
     let all: Vec<String> = servers.iter().map(|s| s.endpoint()).collect();
     let all = all.join(",");
     until_ok(&all, &["put", "k/0", "before"], 15);
@@ -647,20 +638,11 @@ fn rolling_restart_under_a_writer_keeps_every_acknowledged_write() {
 #[test]
 fn a_member_added_after_compaction_catches_up_by_snapshot() {
     let ports = Ports::free(4);
-    let initial = initial_of(&ports[..3]);
     let with_count = |mut args: Vec<String>| {
         args.extend(["--snapshot-count", "50"].map(String::from));
         args
     };
-    let mut servers: Vec<Server> = (0..3)
-        .map(|i| {
-            let args = with_count(member_args(&format!("s{i}"), &ports[i], &initial, "new"));
-            Server::spawn_on(Kind::Spindle, ports[i], &args)
-        })
-        .collect();
-    for s in &mut servers {
-        s.wait_ready();
-    }
+    let mut servers = cluster::start_spindle("s", TOKEN, &ports[..3], &["--snapshot-count", "50"]);
     let all: Vec<String> = servers.iter().map(|s| s.endpoint()).collect();
     let all = all.join(",");
     until_ok(&all, &["put", "k/0", "v0"], 15);

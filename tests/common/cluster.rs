@@ -54,3 +54,31 @@ pub fn spindle_member(
     );
     args
 }
+
+/// Starts `spindle serve` members `{prefix}0..` on `ports` (each advertising its own peer
+/// URL) with `extra` flags, and waits until every one serves.
+pub fn start_spindle(
+    prefix: &str,
+    token: &str,
+    ports: &[super::server::Ports],
+    extra: &[&str],
+) -> Vec<super::server::Server> {
+    use super::server::{Kind, Server};
+    let urls: Vec<String> = ports.iter().map(|p| p.peer_url()).collect();
+    let initial = initial_cluster(prefix, &urls);
+    let mut servers: Vec<Server> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let url = p.peer_url();
+            let mut args =
+                spindle_member(&format!("{prefix}{i}"), &initial, "new", token, &url, &url);
+            args.extend(extra.iter().map(|a| a.to_string()));
+            Server::spawn_on(Kind::Spindle, *p, &args)
+        })
+        .collect();
+    for s in &mut servers {
+        s.wait_ready();
+    }
+    servers
+}
