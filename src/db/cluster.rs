@@ -498,8 +498,21 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
     let weak = Rc::downgrade(core);
     let tick = cl.tick;
     glommio::spawn_local(async move {
+        // Ticks keep to a fixed schedule: each sleep ends a little late and the tick's own work
+        // takes time, and sleeping a whole tick after that would stretch every election timeout
+        // (counted in ticks) by as much.
+        let mut next = std::time::Instant::now() + tick;
         loop {
-            glommio::timer::sleep(tick).await;
+            let now = std::time::Instant::now();
+            if next > now {
+                glommio::timer::sleep(next - now).await;
+            }
+            next += tick;
+            let now = std::time::Instant::now();
+            if now > next + tick * 4 {
+                // Far behind (the executor was starved): start the schedule again from now.
+                next = now + tick;
+            }
             let Some(core) = weak.upgrade() else { return };
             if core.shared.closing.load(Ordering::Relaxed) {
                 return;
