@@ -24,6 +24,17 @@ fn initial_of(ports: &[Ports]) -> String {
     cluster::initial_cluster("s", &urls)
 }
 
+/// The `--initial-cluster` a new member starts with, as `etcdctl member add` prints it.
+fn joiner_initial_cluster(added: &etcdctl::Ctl) -> String {
+    added
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ETCD_INITIAL_CLUSTER="))
+        .expect("ETCD_INITIAL_CLUSTER line")
+        .trim_matches('"')
+        .to_string()
+}
+
 /// `(id, name, is_learner)` of every member, as `endpoint` lists them.
 fn member_list(endpoint: &str) -> Vec<(u64, String, bool)> {
     let out = etcdctl::run(endpoint, &["member", "list", "-w", "json"]);
@@ -149,12 +160,7 @@ fn add_learner_join_promote_update_and_remove_members() {
         16,
     )
     .unwrap();
-    let line = added
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("ETCD_INITIAL_CLUSTER="))
-        .expect("ETCD_INITIAL_CLUSTER line");
-    let joined_initial = line.trim_matches('"').to_string();
+    let joined_initial = joiner_initial_cluster(&added);
     assert!(
         added
             .stdout
@@ -671,13 +677,7 @@ fn a_member_added_after_compaction_catches_up_by_snapshot() {
         ],
     );
     assert!(added.ok, "{added:?}");
-    let joined_initial = added
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("ETCD_INITIAL_CLUSTER="))
-        .expect("ETCD_INITIAL_CLUSTER line")
-        .trim_matches('"')
-        .to_string();
+    let joined_initial = joiner_initial_cluster(&added);
     let args = with_count(member_args("s3", &ports[3], &joined_initial, "existing"));
     let mut joiner = Server::spawn_on(Kind::Spindle, ports[3], &args);
     joiner.wait_ready();

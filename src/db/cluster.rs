@@ -188,16 +188,7 @@ impl ClusterState {
     /// Applies a committed change of shard 0's group: the record, `cluster.json`, and the
     /// peer table every core's transport dials from.
     pub(super) fn apply_change(&self, cc: &ConfChange, context: &[u8]) -> Result<()> {
-        let m = {
-            let mut m = match self.membership.write() {
-                Ok(m) => m,
-                Err(p) => p.into_inner(),
-            };
-            m.apply_change(cc, context);
-            m.clone()
-        };
-        meta::save_membership(&self.dir, &m)?;
-        self.publish(&m);
+        let m = self.update_membership(|m| m.apply_change(cc, context))?;
         if !m.members.contains_key(&self.member_id) && !self.removed.swap(true, Ordering::SeqCst) {
             tracing::warn!(
                 member = %format!("{:x}", self.member_id),
@@ -208,22 +199,29 @@ impl ClusterState {
     }
 
     /// Takes over the membership an installed shard-0 snapshot carries (the changes it covers
-    /// were compacted away, so this member never applied them one by one).
+    /// were compacted away, so this member never applied them one by one). A member that
+    /// joined after the checkpoint is not in it yet; the log that follows adds it again, so
+    /// only an applied removal stops a member.
     pub(super) fn replace_membership(&self, record: &[u8]) -> Result<()> {
-        let m = Membership::decode(record)
+        let next = Membership::decode(record)
             .map_err(|e| Error::InvalidArgument(format!("snapshot membership: {e}")))?;
-        {
-            let mut cur = match self.membership.write() {
+        self.update_membership(|m| *m = next)?;
+        Ok(())
+    }
+
+    /// Changes the membership, then saves `cluster.json` and republishes the peer table.
+    fn update_membership(&self, change: impl FnOnce(&mut Membership)) -> Result<Membership> {
+        let m = {
+            let mut m = match self.membership.write() {
                 Ok(m) => m,
                 Err(p) => p.into_inner(),
             };
-            *cur = m.clone();
-        }
-        // A member that joined after the checkpoint is not in it yet; the log that follows
-        // adds it again. Only an applied removal stops a member.
+            change(&mut m);
+            m.clone()
+        };
         meta::save_membership(&self.dir, &m)?;
         self.publish(&m);
-        Ok(())
+        Ok(m)
     }
 
     /// Whether every group's membership has caught up with shard 0's.

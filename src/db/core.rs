@@ -147,13 +147,7 @@ pub(super) async fn run_core(
         let opened = async {
             let wal = Wal::open(&r.dir.join("wal"), r.id, wal_opts.clone(), &r.wal).await?;
             if let Some((index, term)) = r.anchor {
-                let payload = crate::wal::record::encode_payload(&crate::wal::WalEntry {
-                    term,
-                    index,
-                    kind: crate::wal::EntryKind::Noop,
-                    ..Default::default()
-                });
-                wal.anchor(index, &payload).await?;
+                wal.anchor(index, term).await?;
                 wal.wait_durable(index).await?;
             }
             let shard = Shard::new(

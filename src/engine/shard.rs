@@ -944,13 +944,7 @@ impl Shard {
         }
         // Recovery knows an install finished by this entry at the checkpoint's index and term;
         // without it, it drops whatever old tail follows the checkpoint.
-        let anchor = Bytes::from(record::encode_payload(&WalEntry {
-            term: meta.term,
-            index,
-            kind: EntryKind::Noop,
-            ..Default::default()
-        }));
-        self.wal.anchor(index, &anchor).await?;
+        self.wal.anchor(index, meta.term).await?;
         let store = crate::mvcc::ShardStore::from_histories(
             loaded.histories,
             loaded.info.last_revision,

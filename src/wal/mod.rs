@@ -551,11 +551,17 @@ impl Wal {
         Ok(removed)
     }
 
-    /// Continues the log with `payload` at `index`, a follower's stand-in for the last entry
-    /// of the leader's checkpoint it installed: a rewind when `index` is at or below the last
-    /// index, else after a gap the checkpoint covers (recovery accepts such a gap). Waits for
-    /// what is queued first; the caller appends nothing meanwhile.
-    pub async fn anchor(&self, index: u64, payload: &[u8]) -> Result<()> {
+    /// Continues the log with a no-op at `index` of `term`, a follower's stand-in for the last
+    /// entry of the leader's checkpoint it installed: a rewind when `index` is at or below the
+    /// last index, else after a gap the checkpoint covers (recovery accepts such a gap). Waits
+    /// for what is queued first; the caller appends nothing meanwhile.
+    pub async fn anchor(&self, index: u64, term: u64) -> Result<()> {
+        let payload = encode_payload(&WalEntry {
+            term,
+            index,
+            kind: EntryKind::Noop,
+            ..Default::default()
+        });
         let queued = self.inner.st.borrow().next_seq - 1;
         self.wait_synced(queued).await?;
         self.make_room(frame_len(payload.len())).await?;
@@ -566,7 +572,7 @@ impl Wal {
                 st.durable_index = index - 1;
             }
         }
-        self.append_frame(Some(index), payload)
+        self.append_frame(Some(index), &payload)
             .map_err(|nr| Error::ShardFailed {
                 shard: self.inner.shard,
                 reason: format!("no room for a {}-byte record after make_room", nr.frame_len),

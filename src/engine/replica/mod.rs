@@ -926,12 +926,7 @@ impl Replica {
                             need = nr.frame_len,
                             "Raft output waits for room in the log"
                         );
-                        *self.stalled.borrow_mut() = Some(Stalled {
-                            ready: rd,
-                            from: i,
-                            need: nr.frame_len,
-                        });
-                        self.appended_ev.notify(usize::MAX);
+                        self.stall(rd, i, nr.frame_len);
                         return;
                     }
                 }
@@ -946,12 +941,7 @@ impl Replica {
                 {
                     if !wal.has_room(RECORD_SLACK) {
                         let from = rd.entries.len();
-                        *self.stalled.borrow_mut() = Some(Stalled {
-                            ready: rd,
-                            from,
-                            need: RECORD_SLACK,
-                        });
-                        self.appended_ev.notify(usize::MAX);
+                        self.stall(rd, from, RECORD_SLACK);
                         return;
                     }
                     if !self.log_hard_state(wal, hs) {
@@ -993,6 +983,13 @@ impl Replica {
                 self.commit_ev.notify(usize::MAX);
             }
         }
+    }
+
+    /// Holds the rest of `ready` (from entry `from` on) until the log has room for `need`
+    /// bytes; `run_sync` prepares a segment and pumps again.
+    fn stall(&self, ready: raft::Ready, from: usize, need: usize) {
+        *self.stalled.borrow_mut() = Some(Stalled { ready, from, need });
+        self.appended_ev.notify(usize::MAX);
     }
 
     /// Stops the replica and wakes everyone waiting on it.
