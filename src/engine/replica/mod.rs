@@ -159,7 +159,8 @@ pub struct Replica {
     apply_ev: Event,
     /// Deposed with executed entries past the commit index: the store must be rebuilt.
     stale: Cell<bool>,
-    was_leader: Cell<bool>,
+    /// While leading: the term, and the highest commit index seen (everything up to it stays).
+    led: Cell<Option<(u64, u64)>>,
     gate: Option<std::sync::Arc<NodeGate>>,
     /// Linearizable reads waiting for Raft to confirm leadership: id → confirmed index, once
     /// known.
@@ -249,7 +250,7 @@ impl Replica {
             appended_ev: Event::new(),
             apply_ev: Event::new(),
             stale: Cell::new(false),
-            was_leader: Cell::new(false),
+            led: Cell::new(None),
             gate: group.gate,
             reads: RefCell::default(),
             next_read: Cell::new(0),
@@ -877,6 +878,10 @@ impl Replica {
                 None => {
                     let mut r = raft.borrow_mut();
                     if !r.has_ready() {
+                        // A leader that steps down by check-quorum keeps its hard state: no
+                        // output, but the role changed all the same.
+                        drop(r);
+                        self.note_role();
                         return;
                     }
                     (r.ready(), 0)
@@ -1014,11 +1019,17 @@ impl Replica {
             tracing::debug!(shard = self.shard, role = ?r.role(), term = r.term(), leader = ?r.leader(), "role changed");
             self.last_role.set((r.role(), r.term()));
         }
-        if self.was_leader.get() && !leading {
-            if self.applied.get() > r.commit() {
+        if let (Some((term, commit)), false) = (self.led.get(), leading) {
+            // What it executed past the commit it saw as leader survives only if still in its
+            // log (the entry at `applied` still has its term: by log matching so has every
+            // entry before it) and committed. The message that deposes it may also replace its
+            // tail and commit the new leader's entries past `applied`, so the commit index
+            // alone does not tell.
+            let applied = self.applied.get();
+            if applied > commit && (applied > r.commit() || r.term_at(applied) != Some(term)) {
                 tracing::warn!(
                     shard = self.shard,
-                    applied = self.applied.get(),
+                    applied,
                     commit = r.commit(),
                     "deposed with uncommitted executed writes; the shard must be rebuilt"
                 );
@@ -1026,7 +1037,7 @@ impl Replica {
             }
             self.commit_ev.notify(usize::MAX);
         }
-        self.was_leader.set(leading);
+        self.led.set(leading.then(|| (r.term(), r.commit())));
         drop(r);
         self.update_gate();
     }
