@@ -374,6 +374,16 @@ fn spindle_serve_members_bootstrap_serve_etcdctl_and_survive_a_leader_kill() {
         assert!(out.ok, "put via {ep}: {}", out.stderr);
         values.push(v);
     }
+    // A forwarded answer names the member that served the client, as etcd's headers do.
+    let own = |ep: &str| {
+        let out = etcdctl::run(ep, &["endpoint", "status", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        v[0]["Status"]["header"]["member_id"].as_u64().unwrap()
+    };
+    let out = etcdctl::run(&follower, &["put", "hdr", "1", "-w", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect(&out.stderr);
+    assert_eq!(v["header"]["member_id"].as_u64(), Some(own(&follower)));
+    assert_ne!(own(&follower), own(&servers[l].endpoint()));
     // A call another member already forwarded is answered or refused here, never passed on
     // again: two members with crossing views of the leader cannot bounce it between them.
     let ep = follower.clone();

@@ -137,3 +137,129 @@ impl Forwarder {
             })
     }
 }
+
+/// Gives a relayed answer this member's identity, as etcd fills every response header on the
+/// member that serves the client: `member_id` and `raft_term` become this member's, the
+/// revision stays the leader's. Every etcd response carries its header as field 1; an answer
+/// without one, or one that does not parse, is relayed unchanged.
+pub(super) fn as_served_here(resp: Bytes, member_id: u64, raft_term: u64) -> Bytes {
+    let Some((field, start, end)) = header_field(&resp) else {
+        return resp;
+    };
+    let Ok(mut h) =
+        <crate::proto::etcdserverpb::ResponseHeader as prost::Message>::decode(&resp[start..end])
+    else {
+        return resp;
+    };
+    h.member_id = member_id;
+    h.raft_term = raft_term;
+    let mut out = BytesMut::with_capacity(resp.len() + 12);
+    prost::encoding::message::encode(1, &h, &mut out);
+    out.put_slice(&resp[..field]);
+    out.put_slice(&resp[end..]);
+    out.freeze()
+}
+
+/// Where the first top-level field 1 (length-delimited) of `msg` starts, and where its payload
+/// starts and ends.
+fn header_field(msg: &[u8]) -> Option<(usize, usize, usize)> {
+    let mut at = 0;
+    while at < msg.len() {
+        let field = at;
+        let (key, n) = varint(msg.get(at..)?)?;
+        at += n;
+        match key & 7 {
+            0 => at += varint(msg.get(at..)?)?.1,
+            1 => at += 8,
+            2 => {
+                let (len, n) = varint(msg.get(at..)?)?;
+                let start = at + n;
+                let end = start.checked_add(usize::try_from(len).ok()?)?;
+                if end > msg.len() {
+                    return None;
+                }
+                if key >> 3 == 1 {
+                    return Some((field, start, end));
+                }
+                at = end;
+            }
+            5 => at += 4,
+            _ => return None,
+        }
+    }
+    None
+}
+
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::etcdserverpb as pb;
+    use prost::Message;
+
+    #[test]
+    fn relayed_headers_name_this_member_and_keep_the_rest() {
+        let resp = pb::PutResponse {
+            header: Some(pb::ResponseHeader {
+                cluster_id: 7,
+                member_id: 1,
+                revision: 42,
+                raft_term: 3,
+            }),
+            prev_kv: Some(crate::proto::mvccpb::KeyValue {
+                key: b"k".to_vec().into(),
+                value: vec![0x0a; 300].into(),
+                ..Default::default()
+            }),
+        };
+        let out = as_served_here(Bytes::from(resp.encode_to_vec()), 9, 4);
+        let got = pb::PutResponse::decode(out).unwrap();
+        let h = got.header.unwrap();
+        assert_eq!(
+            (h.cluster_id, h.member_id, h.revision, h.raft_term),
+            (7, 9, 42, 4)
+        );
+        assert_eq!(got.prev_kv, resp.prev_kv);
+
+        // A header after other fields, and no header at all.
+        let mut late = pb::RangeResponse {
+            count: 5,
+            more: true,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        prost::encoding::message::encode(
+            1,
+            &pb::ResponseHeader {
+                member_id: 1,
+                revision: 8,
+                ..Default::default()
+            },
+            &mut late,
+        );
+        let got = pb::RangeResponse::decode(as_served_here(Bytes::from(late), 9, 4)).unwrap();
+        assert_eq!((got.count, got.more), (5, true));
+        assert_eq!(got.header.map(|h| (h.member_id, h.revision)), Some((9, 8)));
+        let bare = Bytes::from(
+            pb::RangeResponse {
+                count: 2,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        assert_eq!(as_served_here(bare.clone(), 9, 4), bare);
+        // Garbage is relayed as it came.
+        let junk = Bytes::from_static(&[0x0a, 0xff, 0xff]);
+        assert_eq!(as_served_here(junk.clone(), 9, 4), junk);
+    }
+}

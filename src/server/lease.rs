@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::grpc::{self, Code, GrpcBody, Status};
-use super::{enc, one, Ctx};
+use super::{enc, forward, one, Ctx};
 use crate::proto::etcdserverpb as pb;
 
 pub const KEEP_ALIVE: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
@@ -130,6 +130,7 @@ async fn pump(
                 // as a single-message stream of its own.
                 Some(url) => {
                     let out = ctx.forwarder.unary(&url, KEEP_ALIVE, &[msg]).await?;
+                    let out = forward::as_served_here(out, ctx.member_id, ctx.db.raft_term());
                     <pb::LeaseKeepAliveResponse as prost::Message>::decode(out).map_err(|e| {
                         Status::new(Code::Internal, format!("leader's keep-alive answer: {e}"))
                     })?

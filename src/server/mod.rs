@@ -529,7 +529,10 @@ async fn forward(
     loop {
         if let Some(u) = &url {
             match ctx.forwarder.unary(u, path, &msgs).await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => {
+                    let term = ctx.db.raft_term();
+                    return Ok(forward::as_served_here(resp, ctx.member_id, term));
+                }
                 Err(forward::ForwardError::Sent(s)) => return Err(s),
                 Err(forward::ForwardError::NotSent(s)) => last = s,
             }
