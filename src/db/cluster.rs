@@ -17,8 +17,11 @@ use super::core::{Core, Msg, ShardOp};
 use crate::cluster::{parse_initial_cluster, url_authority, Membership, DEFAULT_TOKEN};
 use crate::engine::meta;
 use crate::engine::replica::{Group, NodeGate};
+use crate::engine::revision::RevisionClock;
 use crate::error::{Error, Result};
-use crate::peer::{request_membership, Join, PeerConfig, PeerInfo, Transport, PROTOCOL_VERSION};
+use crate::peer::{
+    request_membership, Inbound, Join, PeerConfig, PeerInfo, ReadStamp, Transport, PROTOCOL_VERSION,
+};
 use crate::raft::{ConfChange, ConfState, EntryKind, Message, MessageKind, Role};
 
 /// etcd's cluster flags, as `spindle serve` takes them.
@@ -387,26 +390,38 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
     let transport = Transport::start(
         cl.peer_config(core.shared.nshards),
         listener,
-        Rc::new(move |shard, msg| {
+        Rc::new(move |inbound| {
             if let Some(core) = weak.upgrade() {
-                core.peer_message(shard, msg);
+                match inbound {
+                    Inbound::Raft(shard, msg) => core.peer_message(shard, msg),
+                    Inbound::Stamp(st) => core.peer_stamp(st),
+                }
             }
         }),
     );
     *core.transport.borrow_mut() = Some(transport.clone());
     for shard in core.shards.values() {
-        let (s, t, catchup) = (shard.clone(), transport.clone(), core.catchup.clone());
+        let (s, t, catchup, clock) = (
+            shard.clone(),
+            transport.clone(),
+            core.catchup.clone(),
+            core.shared.clock.clone(),
+        );
         glommio::spawn_local(async move {
             loop {
                 s.replica.wait_messages().await;
                 if s.replica.ensure_healthy().is_err() {
                     return;
                 }
+                let stamp = read_stamp(&s, &clock);
                 for m in s.replica.take_messages() {
                     if m.kind == MessageKind::Snapshot {
                         // The snapshot is the checkpoint file, streamed in chunks.
                         catchup.send(&s, &t, m);
                     } else {
+                        if let Some(st) = stamp {
+                            t.stamp(m.to, st);
+                        }
                         t.send(m.to, s.id, m);
                     }
                 }
@@ -657,6 +672,17 @@ impl Core {
         Ok(index)
     }
 
+    /// A leader's read stamp: noted by the shard here, or passed to the core that owns it.
+    pub(super) fn peer_stamp(&self, st: ReadStamp) {
+        match self.shards.get(&st.shard) {
+            Some(s) => s.note_stamp(st.index, st.revision, &self.shared.clock),
+            None => {
+                let core = self.shared.core_of(st.shard);
+                let _ = self.shared.inboxes[core].send(Msg::Stamp(st));
+            }
+        }
+    }
+
     /// A peer's message for `shard`: stepped here, or passed to the core that owns the shard.
     pub(super) fn peer_message(&self, shard: u32, msg: Message) {
         match self.shards.get(&shard) {
@@ -744,4 +770,24 @@ impl Core {
         }
         self.reconcile_groups();
     }
+}
+
+/// What a leader of `s` promises its followers with the messages it sends now: every record
+/// of `s` at or below this node's read revision is at or below its last log index. The
+/// revision is read first: whatever it covers was proposed before it was resolved, so the index
+/// read after covers it. A leader that executes here also keeps its own floor for the shard
+/// current, for the moments the node stops executing (a leadership change).
+fn read_stamp(s: &crate::engine::shard::Shard, clock: &RevisionClock) -> Option<ReadStamp> {
+    if s.replica.role() != Role::Leader {
+        return None;
+    }
+    let revision = clock.read_revision();
+    if s.replica.can_execute() {
+        clock.raise_floor(s.id, revision);
+    }
+    Some(ReadStamp {
+        shard: s.id,
+        index: s.replica.last_index(),
+        revision,
+    })
 }

@@ -112,6 +112,8 @@ pub(super) enum Msg {
     Shard(u32, ShardOp),
     /// A Raft message from a peer for a shard this core owns (it arrived on another core).
     Peer(u32, crate::raft::Message),
+    /// A leader's read stamp for a shard this core owns (it arrived on another core).
+    Stamp(crate::peer::ReadStamp),
     Shutdown,
 }
 
@@ -224,6 +226,7 @@ pub(super) async fn run_core(
                 glommio::spawn_local(async move { core.shard_op(shard, op).await }).detach();
             }
             Msg::Peer(shard, m) => core.peer_message(shard, m),
+            Msg::Stamp(st) => core.peer_stamp(st),
         }
     }
     if let Some(t) = core.transport.borrow_mut().take() {

@@ -161,6 +161,10 @@ impl Db {
         // revisions across servers, so an empty spindle starts there too.
         let current = current.max(1);
         let clock = RevisionClock::new(opts.cores, current, compact);
+        if let Some(c) = &cluster {
+            // A member that does not execute reads only what every shard has whole.
+            clock.cap_follower_reads(c.gate.clone(), meta.shards);
+        }
         let leases = recovered_leases(&shards);
 
         let mut senders = Vec::new();

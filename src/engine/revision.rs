@@ -25,8 +25,22 @@ pub struct RevisionClock {
     /// watermark keeps the read revision monotonic, which is safe because revisions at or below a
     /// value once computed were all finished and stay so.
     visible: AtomicI64,
-    /// Signalled whenever a core finishes a revision.
+    /// Signalled whenever a core finishes a revision (or a follower's floor rises).
     advanced: Event,
+    /// Set on cluster members: what caps reads while this node does not execute writes.
+    follower: std::sync::OnceLock<FollowerReads>,
+}
+
+/// A cluster member that does not execute writes applies each shard's log on its own schedule,
+/// so the counter (the highest revision applied anywhere) may cover half of a multi-shard
+/// write. Its reads are capped at the lowest shard *floor*: every record of shard `s` with a
+/// revision at or below `floors[s]` is in this node's store of `s`. A floor rises when the shard
+/// applies a record (per shard, revisions only grow along the log) and when the leader's stamp
+/// says the shard's log holds nothing more at or below a revision (idle shards).
+struct FollowerReads {
+    /// Whether every shard executes here: this node is the leader node and needs no cap.
+    gate: Arc<crate::engine::replica::NodeGate>,
+    floors: Vec<AtomicI64>,
 }
 
 impl RevisionClock {
@@ -37,7 +51,35 @@ impl RevisionClock {
             low_pending: (0..cores).map(|_| AtomicI64::new(NONE_PENDING)).collect(),
             visible: AtomicI64::new(current),
             advanced: Event::new(),
+            follower: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Caps reads at the shards' floors whenever `gate` says this node does not execute every
+    /// shard. Every floor starts at the current revision: recovery leaves each shard whole up to
+    /// it (multi-shard revisions settled across shards).
+    pub fn cap_follower_reads(&self, gate: Arc<crate::engine::replica::NodeGate>, shards: u32) {
+        let current = self.counter.load(SeqCst);
+        let _ = self.follower.set(FollowerReads {
+            gate,
+            floors: (0..shards).map(|_| AtomicI64::new(current)).collect(),
+        });
+    }
+
+    /// Every record of `shard` at or below `rev` is in this node's store of it.
+    pub fn raise_floor(&self, shard: u32, rev: i64) {
+        let Some(f) = self.follower.get() else { return };
+        if let Some(floor) = f.floors.get(shard as usize) {
+            if floor.fetch_max(rev, SeqCst) < rev {
+                self.advanced.notify(usize::MAX);
+            }
+        }
+    }
+
+    /// A member applied `rev` of `shard` from its log: the counter and the shard's floor move.
+    pub fn applied(&self, shard: u32, rev: i64) {
+        self.observe(rev);
+        self.raise_floor(shard, rev);
     }
 
     /// Highest revision handed out (possibly not yet visible).
@@ -56,11 +98,17 @@ impl RevisionClock {
             .map(|a| a.load(SeqCst))
             .min()
             .unwrap_or(NONE_PENDING);
-        let computed = if low == NONE_PENDING {
+        let mut computed = if low == NONE_PENDING {
             c
         } else {
             c.min(low - 1)
         };
+        if let Some(f) = self.follower.get() {
+            if !f.gate.all() {
+                let floor = f.floors.iter().map(|a| a.load(SeqCst)).min();
+                computed = computed.min(floor.unwrap_or(computed));
+            }
+        }
         self.visible.fetch_max(computed, SeqCst).max(computed)
     }
 
@@ -139,6 +187,47 @@ impl CoreRevisions {
         self.clock.low_pending[self.core].store(low, SeqCst);
         drop(pending);
         self.clock.advanced.notify(usize::MAX);
+    }
+}
+
+/// A follower's stamps from its shard's leader not yet reached: (index, revision) means every
+/// record of the shard at or below `revision` sits at or below `index` in the leader's log, so
+/// once this member has applied `index` its floor may rise to `revision`.
+#[derive(Default, Debug)]
+pub struct ReadStamps {
+    pending: std::collections::VecDeque<(u64, i64)>,
+}
+
+/// Enough to follow a busy shard: when full, the oldest gives way (a newer stamp says more).
+const MAX_STAMPS: usize = 64;
+
+impl ReadStamps {
+    /// Takes the leader's stamp; the revision it already allows with `applied`, if any.
+    pub fn add(&mut self, index: u64, revision: i64, applied: u64) -> Option<i64> {
+        match self.pending.back_mut() {
+            // An idle shard's stamps repeat the index with newer revisions.
+            Some(last) if last.0 == index => last.1 = last.1.max(revision),
+            _ => {
+                if self.pending.len() == MAX_STAMPS {
+                    self.pending.pop_front();
+                }
+                self.pending.push_back((index, revision));
+            }
+        }
+        self.reached(applied)
+    }
+
+    /// The highest revision of the stamps `applied` reached (they are dropped).
+    pub fn reached(&mut self, applied: u64) -> Option<i64> {
+        let mut best = None;
+        while let Some(&(index, rev)) = self.pending.front() {
+            if index > applied {
+                break;
+            }
+            best = best.max(Some(rev));
+            self.pending.pop_front();
+        }
+        best
     }
 }
 
@@ -222,5 +311,49 @@ mod tests {
         }
         reader.join().unwrap();
         assert_eq!(clock.read_revision(), 20_000);
+    }
+
+    #[test]
+    fn stamps_allow_their_revision_once_their_index_is_applied() {
+        let mut st = ReadStamps::default();
+        assert_eq!(st.add(10, 100, 5), None);
+        assert_eq!(
+            st.add(10, 105, 5),
+            None,
+            "same index: one stamp, newer revision"
+        );
+        assert_eq!(st.add(12, 110, 5), None);
+        assert_eq!(st.reached(9), None);
+        assert_eq!(st.reached(11), Some(105));
+        assert_eq!(st.add(12, 120, 12), Some(120));
+        assert_eq!(st.reached(100), None);
+        for i in 0..200 {
+            st.add(1000 + i, 1000 + i as i64, 0);
+        }
+        assert_eq!(st.pending.len(), MAX_STAMPS);
+        assert_eq!(st.reached(u64::MAX), Some(1199));
+    }
+
+    #[test]
+    fn a_follower_reads_at_its_lowest_shard_floor() {
+        let clock = RevisionClock::new(1, 10, 0);
+        let gate = crate::engine::replica::NodeGate::new(2);
+        clock.cap_follower_reads(gate.clone(), 2);
+        assert_eq!(clock.read_revision(), 10);
+        // Shard 0 applied half of a two-shard write at 12 (and 11 alone); shard 1 has not.
+        clock.applied(0, 11);
+        clock.applied(0, 12);
+        assert_eq!(clock.current(), 12);
+        assert_eq!(
+            clock.read_revision(),
+            10,
+            "shard 1 may still hold a part of 11 or 12"
+        );
+        clock.applied(1, 12);
+        assert_eq!(clock.read_revision(), 12);
+        // An idle shard rises by the leader's stamp.
+        clock.applied(0, 15);
+        clock.raise_floor(1, 15);
+        assert_eq!(clock.read_revision(), 15);
     }
 }

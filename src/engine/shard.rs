@@ -75,6 +75,8 @@ pub struct Shard {
     pending_records: RefCell<BTreeMap<i64, bool>>,
     /// Raft term when the coordinator took the write permission.
     locked_term: Cell<u64>,
+    /// The leader's read stamps this member has not applied far enough for yet.
+    stamps: RefCell<crate::engine::revision::ReadStamps>,
 }
 
 /// Fault injection for tests, in every build: `SPINDLE_FAULT=<point>` in a member's
@@ -164,6 +166,7 @@ impl Shard {
             leases,
             lease_log: RefCell::new(lease_log),
             deferred: RefCell::default(),
+            stamps: RefCell::default(),
             decisions: RefCell::new(decisions),
             decision_proposed: Cell::new(None),
             pending_records: RefCell::default(),
@@ -666,9 +669,15 @@ impl Shard {
         Ok(())
     }
 
-    /// Starts a background checkpoint when enough log has accumulated since the last one.
-    /// Applies records its group committed that this member did not execute itself (a
-    /// follower's path, and a new leader's catch-up), the way WAL replay does.
+    /// The leader's stamp for this shard: every record at or below `rev` is at or below
+    /// `index` in its log (see `RevisionClock::raise_floor`).
+    pub fn note_stamp(&self, index: u64, rev: i64, clock: &RevisionClock) {
+        let applied = self.replica.applied();
+        if let Some(rev) = self.stamps.borrow_mut().add(index, rev, applied) {
+            clock.raise_floor(self.id, rev);
+        }
+    }
+
     /// Applies records its group committed that this member did not execute itself (a
     /// follower's path, and a new leader's catch-up), the way WAL replay does. A multi-shard
     /// part is applied only once this shard's log says how its write ended (a `Commit` or an
@@ -717,11 +726,11 @@ impl Shard {
                             Some(false) => {}
                             None => return Ok(Some((rec.revision, rec.participants))),
                         }
-                        clock.observe(rec.revision);
+                        clock.applied(self.id, rec.revision);
                     }
                     EntryKind::Write | EntryKind::Part => {
                         self.store.borrow_mut().apply(&rec.ops, rec.revision);
-                        clock.observe(rec.revision);
+                        clock.applied(self.id, rec.revision);
                     }
                     EntryKind::Commit => {
                         self.decided(rec.revision, true);
@@ -755,6 +764,9 @@ impl Shard {
             self.deferred.borrow_mut().pop_front();
             self.last_write_index.set(e.index);
             self.replica.mark_applied(e.index);
+            if let Some(rev) = self.stamps.borrow_mut().reached(e.index) {
+                clock.raise_floor(self.id, rev);
+            }
         }
     }
 
@@ -950,7 +962,7 @@ impl Shard {
             loaded.info.last_revision,
             loaded.info.compact_revision,
         );
-        clock.observe(store.last_revision());
+        clock.applied(self.id, store.last_revision());
         clock.set_compact_revision(store.compact_revision());
         *self.store.borrow_mut() = store;
         let leases: BTreeMap<i64, i64> = loaded.extras.leases.iter().copied().collect();

@@ -61,8 +61,18 @@ pub enum PeerMsg {
     Join(Join),
     /// The membership record (JSON) answering a `Join`.
     Members(Bytes),
-    /// Raft messages, each tagged with its shard; sender and receiver are the connection's.
-    Batch(Vec<(u32, Message)>),
+    /// Raft messages, each tagged with its shard (sender and receiver are the connection's),
+    /// and the sender's read stamps.
+    Batch(Vec<(u32, Message)>, Vec<ReadStamp>),
+}
+
+/// A leader's promise about one shard's log: every record at or below `revision` is at or
+/// below `index` (a follower's floor for reads across shards, `RevisionClock::raise_floor`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadStamp {
+    pub shard: u32,
+    pub index: u64,
+    pub revision: i64,
 }
 
 fn kind_code(k: MessageKind) -> u8 {
@@ -201,7 +211,7 @@ pub fn encode_members(membership: &[u8]) -> Bytes {
 }
 
 /// One framed batch of Raft messages (all from this node to one peer).
-pub fn encode_batch(msgs: &[(u32, Message)]) -> Bytes {
+pub fn encode_batch(msgs: &[(u32, Message)], stamps: &[ReadStamp]) -> Bytes {
     let size: usize = msgs
         .iter()
         .map(|(_, m)| 96 + m.entries.iter().map(|e| e.data.len() + 48).sum::<usize>())
@@ -276,7 +286,19 @@ pub fn encode_batch(msgs: &[(u32, Message)]) -> Bytes {
     }
     let messages = (!full.is_empty()).then(|| fbb.create_vector(&full));
     let beats = (!beats.is_empty()).then(|| fbb.create_vector(&beats));
-    let batch = fb::Batch::create(&mut fbb, &fb::BatchArgs { messages, beats });
+    let stamps: Vec<fb::Stamp> = stamps
+        .iter()
+        .map(|s| fb::Stamp::new(s.shard, s.index, s.revision))
+        .collect();
+    let stamps = (!stamps.is_empty()).then(|| fbb.create_vector(&stamps));
+    let batch = fb::Batch::create(
+        &mut fbb,
+        &fb::BatchArgs {
+            messages,
+            beats,
+            stamps,
+        },
+    );
     finish(fbb, fb::Body::Batch, batch.as_union_value())
 }
 
@@ -427,7 +449,17 @@ pub fn decode(payload: &Bytes, from: NodeId, to: NodeId) -> Result<PeerMsg, Code
                 }
                 out.push((fm.shard(), m));
             }
-            Ok(PeerMsg::Batch(out))
+            let stamps = b
+                .stamps()
+                .iter()
+                .flatten()
+                .map(|st| ReadStamp {
+                    shard: st.shard(),
+                    index: st.index(),
+                    revision: st.revision(),
+                })
+                .collect();
+            Ok(PeerMsg::Batch(out, stamps))
         }
         other => Err(malformed(format!("body type {}", other.0))),
     }
@@ -517,12 +549,20 @@ mod tests {
 
     proptest! {
         #[test]
-        fn batches_round_trip(msgs in prop::collection::vec(any_message(), 0..12)) {
-            let frames = read_all(&encode_batch(&msgs)).unwrap();
+        fn batches_round_trip(
+            msgs in prop::collection::vec(any_message(), 0..12),
+            stamps in prop::collection::vec((0u32..64, any::<u64>(), any::<i64>()), 0..4),
+        ) {
+            let stamps: Vec<ReadStamp> = stamps
+                .into_iter()
+                .map(|(shard, index, revision)| ReadStamp { shard, index, revision })
+                .collect();
+            let frames = read_all(&encode_batch(&msgs, &stamps)).unwrap();
             prop_assert_eq!(frames.len(), 1);
-            let PeerMsg::Batch(mut got) = decode(&frames[0], 7, 9).unwrap() else {
+            let PeerMsg::Batch(mut got, got_stamps) = decode(&frames[0], 7, 9).unwrap() else {
                 panic!("not a batch")
             };
+            prop_assert_eq!(got_stamps, stamps);
             // Beats are grouped first; compare as multisets in a fixed order.
             let mut want = msgs.clone();
             let key = |(s, m): &(u32, Message)| (*s, format!("{m:?}"));
@@ -542,7 +582,7 @@ mod tests {
 
         #[test]
         fn flipped_bytes_are_caught(msgs in prop::collection::vec(any_message(), 1..4), at in any::<prop::sample::Index>(), bit in 0u8..8) {
-            let mut bytes = encode_batch(&msgs).to_vec();
+            let mut bytes = encode_batch(&msgs, &[]).to_vec();
             let i = HEADER_LEN + at.index(bytes.len() - HEADER_LEN);
             bytes[i] ^= 1 << bit;
             let caught = matches!(read_all(&bytes), Err(CodecError::Checksum { .. }));
@@ -560,10 +600,13 @@ mod tests {
                 (s, m)
             })
             .collect();
-        let frame = encode_batch(&msgs);
+        let frame = encode_batch(&msgs, &[]);
         assert!(frame.len() < 32 * 48, "{} bytes for 32 beats", frame.len());
         let payload = read_all(&frame).unwrap().remove(0);
-        assert_eq!(decode(&payload, 7, 9).unwrap(), PeerMsg::Batch(msgs));
+        assert_eq!(
+            decode(&payload, 7, 9).unwrap(),
+            PeerMsg::Batch(msgs, vec![])
+        );
     }
 
     #[test]

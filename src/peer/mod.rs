@@ -8,5 +8,7 @@ pub mod codec;
 mod peer_generated;
 pub mod transport;
 
-pub use codec::{CodecError, Hello, Join, PeerMsg, PROTOCOL_VERSION};
-pub use transport::{check_hello, request_membership, Handler, PeerConfig, PeerInfo, Transport};
+pub use codec::{CodecError, Hello, Join, PeerMsg, ReadStamp, PROTOCOL_VERSION};
+pub use transport::{
+    check_hello, request_membership, Handler, Inbound, PeerConfig, PeerInfo, Transport,
+};

@@ -336,6 +336,165 @@ impl<'a> Beat {
 
 }
 
+// struct Stamp, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct Stamp(pub [u8; 24]);
+impl Default for Stamp { 
+  fn default() -> Self { 
+    Self([0; 24])
+  }
+}
+impl ::core::fmt::Debug for Stamp {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("Stamp")
+      .field("shard", &self.shard())
+      .field("index", &self.index())
+      .field("revision", &self.revision())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for Stamp {}
+impl<'a> ::flatbuffers::Follow<'a> for Stamp {
+  type Inner = &'a Stamp;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a Stamp>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a Stamp {
+  type Inner = &'a Stamp;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<Stamp>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for Stamp {
+    type Output = Stamp;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const Stamp as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for Stamp {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> Stamp {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    shard: u32,
+    index: u64,
+    revision: i64,
+  ) -> Self {
+    let mut s = Self([0; 24]);
+    s.set_shard(shard);
+    s.set_index(index);
+    s.set_revision(revision);
+    s
+  }
+
+  pub fn shard(&self) -> u32 {
+    let mut mem = ::core::mem::MaybeUninit::<<u32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_shard(&mut self, x: u32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn index(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_index(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn revision(&self) -> i64 {
+    let mut mem = ::core::mem::MaybeUninit::<<i64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_revision(&mut self, x: i64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
 pub enum EntryOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -1027,6 +1186,7 @@ impl<'a> ::flatbuffers::Follow<'a> for Batch<'a> {
 impl<'a> Batch<'a> {
   pub const VT_MESSAGES: ::flatbuffers::VOffsetT = 4;
   pub const VT_BEATS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_STAMPS: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1038,6 +1198,7 @@ impl<'a> Batch<'a> {
     args: &'args BatchArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Batch<'bldr>> {
     let mut builder = BatchBuilder::new(_fbb);
+    if let Some(x) = args.stamps { builder.add_stamps(x); }
     if let Some(x) = args.beats { builder.add_beats(x); }
     if let Some(x) = args.messages { builder.add_messages(x); }
     builder.finish()
@@ -1058,6 +1219,13 @@ impl<'a> Batch<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, Beat>>>(Batch::VT_BEATS, None)}
   }
+  #[inline]
+  pub fn stamps(&self) -> Option<::flatbuffers::Vector<'a, Stamp>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, Stamp>>>(Batch::VT_STAMPS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Batch<'_> {
@@ -1068,6 +1236,7 @@ impl ::flatbuffers::Verifiable for Batch<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Message>>>>("messages", Self::VT_MESSAGES, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, Beat>>>("beats", Self::VT_BEATS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, Stamp>>>("stamps", Self::VT_STAMPS, false)?
      .finish();
     Ok(())
   }
@@ -1075,6 +1244,7 @@ impl ::flatbuffers::Verifiable for Batch<'_> {
 pub struct BatchArgs<'a> {
     pub messages: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Message<'a>>>>>,
     pub beats: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, Beat>>>,
+    pub stamps: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, Stamp>>>,
 }
 impl<'a> Default for BatchArgs<'a> {
   #[inline]
@@ -1082,6 +1252,7 @@ impl<'a> Default for BatchArgs<'a> {
     BatchArgs {
       messages: None,
       beats: None,
+      stamps: None,
     }
   }
 }
@@ -1098,6 +1269,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BatchBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_beats(&mut self, beats: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , Beat>>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Batch::VT_BEATS, beats);
+  }
+  #[inline]
+  pub fn add_stamps(&mut self, stamps: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , Stamp>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Batch::VT_STAMPS, stamps);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BatchBuilder<'a, 'b, A> {
@@ -1119,6 +1294,7 @@ impl ::core::fmt::Debug for Batch<'_> {
     let mut ds = f.debug_struct("Batch");
       ds.field("messages", &self.messages());
       ds.field("beats", &self.beats());
+      ds.field("stamps", &self.stamps());
       ds.finish()
   }
 }

@@ -23,11 +23,20 @@ use bytes::Bytes;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
-use super::codec::{self, FrameReader, Hello, Join, PeerMsg, PROTOCOL_VERSION};
+use super::codec::{self, FrameReader, Hello, Join, PeerMsg, ReadStamp, PROTOCOL_VERSION};
 use crate::raft::{Message, NodeId};
 
-/// Receives every Raft message that arrives on this core: `(shard, message)`.
-pub type Handler = Rc<dyn Fn(u32, Message)>;
+/// What arrives on this core from a peer.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A Raft message of `shard`'s group.
+    Raft(u32, Message),
+    /// The sender's read stamp for one of its shards.
+    Stamp(ReadStamp),
+}
+
+/// Receives everything that arrives on this core.
+pub type Handler = Rc<dyn Fn(Inbound)>;
 
 /// What a peer announced about itself in its handshake.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -211,6 +220,8 @@ pub fn check_hello(
 struct Link {
     to: NodeId,
     queue: RefCell<Vec<(u32, Message)>>,
+    /// The newest read stamp per shard, sent with the next frame.
+    stamps: RefCell<Vec<ReadStamp>>,
     ready: event_listener::Event,
     /// A frame is being written.
     writing: Cell<bool>,
@@ -266,6 +277,16 @@ impl Transport {
         link.queue.borrow_mut().push((shard, msg));
     }
 
+    /// Attaches `stamp` to the next frame for `to` (replacing an older one of its shard).
+    pub fn stamp(self: &Rc<Self>, to: NodeId, stamp: ReadStamp) {
+        let link = self.link(to);
+        let mut stamps = link.stamps.borrow_mut();
+        match stamps.iter_mut().find(|s| s.shard == stamp.shard) {
+            Some(s) => *s = stamp,
+            None => stamps.push(stamp),
+        }
+    }
+
     /// Waits until nothing queued for `to` is left waiting (taken for a write, or dropped with a
     /// dead connection): a sender of bulk data keeps one frame in flight this way.
     pub async fn drained(&self, to: NodeId) {
@@ -306,6 +327,7 @@ impl Transport {
         let link = Rc::new(Link {
             to,
             queue: RefCell::new(Vec::new()),
+            stamps: RefCell::new(Vec::new()),
             ready: event_listener::Event::new(),
             writing: Cell::new(false),
             taken: event_listener::Event::new(),
@@ -427,18 +449,24 @@ async fn serve_inbound(t: &Rc<Transport>, mut stream: TcpStream) -> Result<(), S
     let (from, to) = (hello.member_id, t.cfg.local.member_id);
     while let Some(frame) = read_frame(&mut stream, &mut reader, &mut buf).await? {
         match codec::decode(&frame, from, to).map_err(|e| e.to_string())? {
-            PeerMsg::Batch(msgs) => {
+            PeerMsg::Batch(msgs, stamps) => {
                 t.stats
                     .frames_received
                     .set(t.stats.frames_received.get() + 1);
+                let shards = t.cfg.local.shards;
+                if let Some(shard) = msgs
+                    .iter()
+                    .map(|(s, _)| *s)
+                    .chain(stamps.iter().map(|s| s.shard))
+                    .find(|&s| s >= shards)
+                {
+                    return Err(format!("message for shard {shard} of {shards}"));
+                }
                 for (shard, m) in msgs {
-                    if shard >= t.cfg.local.shards {
-                        return Err(format!(
-                            "message for shard {shard} of {}",
-                            t.cfg.local.shards
-                        ));
-                    }
-                    (t.handler)(shard, m);
+                    (t.handler)(Inbound::Raft(shard, m));
+                }
+                for st in stamps {
+                    (t.handler)(Inbound::Stamp(st));
                 }
             }
             other => return Err(format!("unexpected frame after the handshake: {other:?}")),
@@ -485,7 +513,8 @@ async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
             }
         }
         let batch = std::mem::take(&mut *link.queue.borrow_mut());
-        let frame = codec::encode_batch(&batch);
+        let stamps = std::mem::take(&mut *link.stamps.borrow_mut());
+        let frame = codec::encode_batch(&batch, &stamps);
         let Some(s) = conn.as_mut() else { continue };
         link.writing.set(true);
         let written = t.until_closed(s.write_all(&frame)).await;
@@ -581,7 +610,11 @@ mod tests {
         let t = Transport::start(
             c,
             listener,
-            Rc::new(move |s, m| sink.borrow_mut().push((s, m))),
+            Rc::new(move |inbound| {
+                if let Inbound::Raft(s, m) = inbound {
+                    sink.borrow_mut().push((s, m));
+                }
+            }),
         );
         (t, got)
     }

@@ -304,6 +304,11 @@ impl Replica {
         }
     }
 
+    /// Index of the last entry in this member's log (durable or not).
+    pub fn last_index(&self) -> u64 {
+        self.raft.as_ref().map_or(0, |r| r.borrow().last_index())
+    }
+
     pub fn applied(&self) -> u64 {
         self.applied.get()
     }
