@@ -773,15 +773,16 @@ impl Core {
 }
 
 /// What a leader of `s` promises its followers with the messages it sends now: every record
-/// of `s` at or below this node's read revision is at or below its last log index. The
-/// revision is read first: whatever it covers was proposed before it was resolved, so the index
-/// read after covers it. A leader that executes here also keeps its own floor for the shard
-/// current, for the moments the node stops executing (a leadership change).
+/// of `s` at or below this node's stamp revision (its read revision, never past a committed
+/// record) is at or below its last log index. The revision is read first: whatever it covers
+/// was proposed before it was resolved, so the index read after covers it. A leader that
+/// executes here also keeps its own floor for the shard current, for the moments the node
+/// stops executing (a leadership change).
 fn read_stamp(s: &crate::engine::shard::Shard, clock: &RevisionClock) -> Option<ReadStamp> {
     if s.replica.role() != Role::Leader {
         return None;
     }
-    let revision = clock.read_revision();
+    let revision = clock.stamp_revision();
     if s.replica.can_execute() {
         clock.raise_floor(s.id, revision);
     }

@@ -163,7 +163,13 @@ impl Db {
         let clock = RevisionClock::new(opts.cores, current, compact);
         if let Some(c) = &cluster {
             // A member that does not execute reads only what every shard has whole.
-            clock.cap_follower_reads(c.gate.clone(), meta.shards);
+            let mut floors = vec![0; meta.shards as usize];
+            for s in &shards {
+                if let Some(f) = floors.get_mut(s.id as usize) {
+                    *f = s.store.last_revision();
+                }
+            }
+            clock.cap_follower_reads(c.gate.clone(), &floors);
         }
         let leases = recovered_leases(&shards);
 

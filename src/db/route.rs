@@ -82,7 +82,27 @@ impl Core {
             if requested < clock.compact_revision() {
                 return Err(Error::Compacted);
             }
-            clock.wait_visible(requested).await;
+            match self.shared.cluster.as_ref() {
+                // A follower's floors rise with its leader's stamps; cut off from the leader,
+                // it answers with etcd's timeout rather than hold the read forever.
+                Some(cl) => {
+                    let waited = futures_lite::future::or(
+                        async {
+                            clock.wait_visible(requested).await;
+                            true
+                        },
+                        async {
+                            glommio::timer::sleep(cl.patience()).await;
+                            false
+                        },
+                    )
+                    .await;
+                    if !waited {
+                        return Err(Error::Timeout);
+                    }
+                }
+                None => clock.wait_visible(requested).await,
+            }
             return Ok((requested, clock.read_revision()));
         }
         let rr = clock.read_revision();
@@ -275,7 +295,7 @@ impl Core {
                 .await;
             self.tell(touched, |r| ShardOp::Unlock(token, r));
             let per_shard = parts.into_iter().collect::<Result<Vec<_>>>()?;
-            self.shared.clock.wait_visible(latest).await;
+            self.shared.clock.wait_resolved(latest).await;
             return Ok(self.assemble(txn, (*path).clone(), per_shard, latest));
         }
         let rev = self.revs.begin();
@@ -350,8 +370,9 @@ impl Core {
         }
         self.tell(&writers, |r| ShardOp::Commit(rev, token, r));
         self.tell(&readers, |r| ShardOp::Unlock(token, r));
+        self.shared.clock.note_committed(rev);
         self.revs.finish(rev);
-        self.shared.clock.wait_visible(rev).await;
+        self.shared.clock.wait_resolved(rev).await;
         let per_shard = touched
             .iter()
             .map(|s| by_shard.remove(s).unwrap_or_default())
@@ -397,7 +418,7 @@ impl Core {
         if req.revision <= clock.compact_revision() {
             return Err(Error::Compacted);
         }
-        clock.wait_visible(req.revision).await;
+        clock.wait_resolved(req.revision).await;
         for s in 0..self.shared.nshards {
             self.call(s, |r| ShardOp::Compact(req.revision, r)).await?;
         }

@@ -29,6 +29,11 @@ pub struct RevisionClock {
     advanced: Event,
     /// Set on cluster members: what caps reads while this node does not execute writes.
     follower: std::sync::OnceLock<FollowerReads>,
+    /// Highest revision of a record known committed (a write acknowledged as committed here,
+    /// or a committed record applied). A read stamp never promises past it: a revision a
+    /// deposed leader handed out but never logged may be handed out again by the next leader
+    /// node, whose counter starts above every committed revision, not above every finished one.
+    committed: AtomicI64,
 }
 
 /// A cluster member that does not execute writes applies each shard's log on its own schedule,
@@ -52,18 +57,33 @@ impl RevisionClock {
             visible: AtomicI64::new(current),
             advanced: Event::new(),
             follower: std::sync::OnceLock::new(),
+            committed: AtomicI64::new(current),
         })
     }
 
     /// Caps reads at the shards' floors whenever `gate` says this node does not execute every
-    /// shard. Every floor starts at the current revision: recovery leaves each shard whole up to
-    /// it (multi-shard revisions settled across shards).
-    pub fn cap_follower_reads(&self, gate: Arc<crate::engine::replica::NodeGate>, shards: u32) {
-        let current = self.counter.load(SeqCst);
+    /// shard. `floors[s]` starts at the last revision of shard `s`'s recovered store (a
+    /// member's store is its checkpoint until its group reports more committed), and nothing
+    /// above the lowest is visible yet. Call before anything reads.
+    pub fn cap_follower_reads(&self, gate: Arc<crate::engine::replica::NodeGate>, floors: &[i64]) {
+        let low = floors.iter().copied().min().unwrap_or(0);
+        self.visible.fetch_min(low, SeqCst);
         let _ = self.follower.set(FollowerReads {
             gate,
-            floors: (0..shards).map(|_| AtomicI64::new(current)).collect(),
+            floors: floors.iter().map(|&f| AtomicI64::new(f)).collect(),
         });
+    }
+
+    /// The write at `rev` is committed.
+    pub fn note_committed(&self, rev: i64) {
+        self.committed.fetch_max(rev, SeqCst);
+    }
+
+    /// What this node may promise in a read stamp: its read revision, but never past a
+    /// committed record (see `committed`).
+    pub fn stamp_revision(&self) -> i64 {
+        let read = self.read_revision();
+        read.min(self.committed.load(SeqCst))
     }
 
     /// Every record of `shard` at or below `rev` is in this node's store of it.
@@ -76,9 +96,11 @@ impl RevisionClock {
         }
     }
 
-    /// A member applied `rev` of `shard` from its log: the counter and the shard's floor move.
+    /// A member applied the committed record at `rev` of `shard`: the counter and the shard's
+    /// floor move.
     pub fn applied(&self, shard: u32, rev: i64) {
         self.observe(rev);
+        self.note_committed(rev);
         self.raise_floor(shard, rev);
     }
 
@@ -87,8 +109,9 @@ impl RevisionClock {
         self.counter.load(SeqCst)
     }
 
-    /// Every revision up to this one is durable and applied on every shard.
-    pub fn read_revision(&self) -> i64 {
+    /// Every revision up to this one finished on this node: what this node executed, as
+    /// opposed to what its reads may show (`read_revision`, capped on a follower).
+    fn resolved(&self) -> i64 {
         // Load the counter first: any revision it covers was registered as pending before it was
         // handed out, so the loads below see it (or see it finished).
         let c = self.counter.load(SeqCst);
@@ -98,11 +121,16 @@ impl RevisionClock {
             .map(|a| a.load(SeqCst))
             .min()
             .unwrap_or(NONE_PENDING);
-        let mut computed = if low == NONE_PENDING {
+        if low == NONE_PENDING {
             c
         } else {
             c.min(low - 1)
-        };
+        }
+    }
+
+    /// Every revision up to this one is durable and applied on every shard.
+    pub fn read_revision(&self) -> i64 {
+        let mut computed = self.resolved();
         if let Some(f) = self.follower.get() {
             if !f.gate.all() {
                 let floor = f.floors.iter().map(|a| a.load(SeqCst)).min();
@@ -124,6 +152,22 @@ impl RevisionClock {
     pub fn observe(&self, rev: i64) {
         if self.counter.fetch_max(rev, SeqCst) < rev {
             self.advanced.notify(usize::MAX);
+        }
+    }
+
+    /// Waits until every revision up to `rev` finished on this node: a writer's wait before it
+    /// answers. Unlike [`Self::wait_visible`] it does not wait for a follower's floors, which a
+    /// node that just stopped executing (a leadership change) may not raise for a while.
+    pub async fn wait_resolved(&self, rev: i64) {
+        loop {
+            if self.resolved() >= rev {
+                return;
+            }
+            let listener = self.advanced.listen();
+            if self.resolved() >= rev {
+                return;
+            }
+            listener.await;
         }
     }
 
@@ -215,6 +259,11 @@ impl ReadStamps {
             }
         }
         self.reached(applied)
+    }
+
+    /// Forgets every stamp (the store was rebuilt: its applied index starts over).
+    pub fn clear(&mut self) {
+        self.pending.clear();
     }
 
     /// The highest revision of the stamps `applied` reached (they are dropped).
@@ -338,7 +387,7 @@ mod tests {
     fn a_follower_reads_at_its_lowest_shard_floor() {
         let clock = RevisionClock::new(1, 10, 0);
         let gate = crate::engine::replica::NodeGate::new(2);
-        clock.cap_follower_reads(gate.clone(), 2);
+        clock.cap_follower_reads(gate.clone(), &[10, 10]);
         assert_eq!(clock.read_revision(), 10);
         // Shard 0 applied half of a two-shard write at 12 (and 11 alone); shard 1 has not.
         clock.applied(0, 11);
@@ -355,5 +404,24 @@ mod tests {
         clock.applied(0, 15);
         clock.raise_floor(1, 15);
         assert_eq!(clock.read_revision(), 15);
+    }
+
+    #[test]
+    fn stamps_never_promise_a_revision_no_record_holds() {
+        let clock = RevisionClock::new(1, 10, 0);
+        let core = CoreRevisions::new(clock.clone(), 0);
+        // A write that failed before it was logged: finished, but nothing holds 11, and the
+        // next leader node may hand 11 out again.
+        let burned = core.begin();
+        core.finish(burned);
+        assert_eq!((clock.read_revision(), clock.stamp_revision()), (11, 10));
+        let w = core.begin();
+        core.finish(w);
+        clock.note_committed(w);
+        assert_eq!(
+            clock.stamp_revision(),
+            12,
+            "a committed 12 rules out reusing 11"
+        );
     }
 }

@@ -77,6 +77,9 @@ pub struct Shard {
     locked_term: Cell<u64>,
     /// The leader's read stamps this member has not applied far enough for yet.
     stamps: RefCell<crate::engine::revision::ReadStamps>,
+    /// After a rebuild: the index the store must apply up to again before it serves reads (the
+    /// node's read floors may already cover what it held before).
+    replay_to: Cell<u64>,
 }
 
 /// Fault injection for tests, in every build: `SPINDLE_FAULT=<point>` in a member's
@@ -167,6 +170,7 @@ impl Shard {
             lease_log: RefCell::new(lease_log),
             deferred: RefCell::default(),
             stamps: RefCell::default(),
+            replay_to: Cell::new(0),
             decisions: RefCell::new(decisions),
             decision_proposed: Cell::new(None),
             pending_records: RefCell::default(),
@@ -193,13 +197,23 @@ impl Shard {
         }
     }
 
-    /// Reads are refused once a failed sync may have left unlogged data in memory.
+    /// Reads are refused once a failed sync may have left unlogged data in memory, and while
+    /// the store holds writes that will not commit (a deposed leader's) or is replaying its
+    /// log after a rebuild: the node's read revision may cover more than it holds then. The
+    /// refusal is etcd's retryable `leader changed`, which is what just happened.
     pub fn ensure_readable(&self) -> Result<()> {
-        self.ensure_healthy()
+        self.ensure_healthy()?;
+        if self.replica.is_stale()
+            || self.rebuilding.get()
+            || self.replica.applied() < self.replay_to.get()
+        {
+            return Err(Error::LeaderChanged);
+        }
+        Ok(())
     }
 
     pub fn range(&self, req: &RangeRequest, rev: i64) -> Result<ShardRange> {
-        self.ensure_healthy()?;
+        self.ensure_readable()?;
         self.store.borrow().range(req, rev)
     }
 
@@ -274,7 +288,7 @@ impl Shard {
             if !writes {
                 let exec = self.store.borrow_mut().execute(txn, &path, c, &self.owns());
                 drop(guard);
-                clock.wait_visible(c).await;
+                clock.wait_resolved(c).await;
                 return Ok((path, exec.partials, c));
             }
             let estimate = self.frame_estimate(txn, &path, c)?;
@@ -309,7 +323,8 @@ impl Shard {
             // refuses every read, so the unlogged write it applied is never seen.
             revs.finish(rev);
             durable?;
-            clock.wait_visible(rev).await;
+            clock.note_committed(rev);
+            clock.wait_resolved(rev).await;
             if let Some(t) = trace.as_deref_mut() {
                 t.mark(Stage::Visible);
             }
@@ -672,6 +687,10 @@ impl Shard {
     /// The leader's stamp for this shard: every record at or below `rev` is at or below
     /// `index` in its log (see `RevisionClock::raise_floor`).
     pub fn note_stamp(&self, index: u64, rev: i64, clock: &RevisionClock) {
+        if self.replica.is_stale() || self.rebuilding.get() {
+            // Its applied index still counts writes the leader's log replaced.
+            return;
+        }
         let applied = self.replica.applied();
         if let Some(rev) = self.stamps.borrow_mut().add(index, rev, applied) {
             clock.raise_floor(self.id, rev);
@@ -892,7 +911,9 @@ impl Shard {
         let index = newest.index;
         *self.store.borrow_mut() = newest.store;
         self.deferred.borrow_mut().clear();
-        self.replica.reset_applied(index)?;
+        self.stamps.borrow_mut().clear();
+        let target = self.replica.reset_applied(index)?;
+        self.replay_to.set(target);
         tracing::info!(
             shard = self.id,
             from = index,

@@ -345,9 +345,10 @@ impl Replica {
 
     /// Starts applying over from `index` (the store was reloaded from a checkpoint there): the
     /// committed entries after it are handed out again, and the replica is no longer stale.
-    pub fn reset_applied(&self, index: u64) -> Result<()> {
+    /// Returns the index the store holds everything up to again once they are applied.
+    pub fn reset_applied(&self, index: u64) -> Result<u64> {
         let Some(raft) = &self.raft else {
-            return Ok(());
+            return Ok(index);
         };
         let r = raft.borrow();
         if index + 1 < r.first_index() {
@@ -362,7 +363,8 @@ impl Replica {
         let mut q = self.committed.borrow_mut();
         q.clear();
         // What Raft handed out for apply so far; entries committed later arrive through `pump`.
-        q.extend((index + 1..=r.applied()).filter_map(|i| r.entry(i).cloned()));
+        let target = r.applied();
+        q.extend((index + 1..=target).filter_map(|i| r.entry(i).cloned()));
         drop(r);
         self.applied.set(index);
         self.stale.set(false);
@@ -370,7 +372,7 @@ impl Replica {
         if !q.is_empty() {
             self.apply_ev.notify(usize::MAX);
         }
-        Ok(())
+        Ok(target)
     }
 
     /// Committed entries the store must apply, in order; call [`Self::mark_applied`] after.
@@ -865,6 +867,13 @@ impl Replica {
     /// entries this member did not execute itself to the apply queue (the leader executed its
     /// own before proposing; on a single node recovery replayed the rest).
     fn pump(&self, wal: &Wal) {
+        self.pump_ready(wal);
+        // Also when output stalls or there is none: a leader that steps down by check-quorum
+        // keeps its hard state, and a deposing message may wait for room in the log.
+        self.note_role();
+    }
+
+    fn pump_ready(&self, wal: &Wal) {
         let Some(raft) = &self.raft else {
             return;
         };
@@ -883,10 +892,6 @@ impl Replica {
                 None => {
                     let mut r = raft.borrow_mut();
                     if !r.has_ready() {
-                        // A leader that steps down by check-quorum keeps its hard state: no
-                        // output, but the role changed all the same.
-                        drop(r);
-                        self.note_role();
                         return;
                     }
                     (r.ready(), 0)
