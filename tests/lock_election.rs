@@ -500,3 +500,64 @@ fn service_lock_excludes_the_etcdctl_recipe_and_the_gateway_serves_both() {
     let leader = post(s.port, "/v3/election/leader", "{\"name\":\"ZWw=\"}");
     assert!(leader.contains("\"value\":\"djE=\""), "{leader}");
 }
+
+/// `POST /v3/election/observe` on the JSON gateway streams `{"result": LeaderResponse}` lines:
+/// the leader now, then each proclamation, as etcd's gateway does.
+#[test]
+fn gateway_observe_streams_leaders_like_etcd() {
+    use std::io::{Read, Write};
+    // The JSON document of a gateway answer (the body after the head; HTTP/1.1 with
+    // Connection: close, so one document, possibly chunked).
+    let doc = |raw: String| -> serde_json::Value {
+        let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let json = body
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_default();
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {raw}"))
+    };
+    let run = |s: &Server| -> Vec<String> {
+        let grant = doc(post(s.port, "/v3/lease/grant", "{\"TTL\":30}"));
+        let id = grant["ID"].as_str().unwrap().to_string();
+        let won = doc(post(
+            s.port,
+            "/v3/election/campaign",
+            &format!("{{\"name\":\"b2Jz\",\"lease\":\"{id}\",\"value\":\"djE=\"}}"),
+        ));
+        let mut sock = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        let body = r#"{"name":"b2Jz"}"#;
+        write!(
+            sock,
+            "POST /v3/election/observe HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let proclaim = serde_json::json!({ "leader": won["leader"], "value": "djI=" });
+        let out = post(s.port, "/v3/election/proclaim", &proclaim.to_string());
+        assert!(out.contains("header"), "{out}");
+        sock.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = sock.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&raw)
+            .lines()
+            .filter(|l| l.starts_with("{\"result\""))
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let kv = &v["result"]["kv"];
+                format!("{} {}", kv["value"], kv["version"])
+            })
+            .collect()
+    };
+    let etcd = Server::etcd(&[]);
+    let want = run(&etcd);
+    assert_eq!(want.len(), 2, "{want:?}");
+    assert_eq!(run(&Server::spindle(&[])), want);
+}

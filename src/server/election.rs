@@ -184,6 +184,39 @@ async fn proclaim(
 /// proclaimed), until the client goes away.
 pub(super) fn observe(ctx: Rc<Ctx>, req: epb::LeaderRequest) -> http::Response<GrpcBody> {
     let (out, rx) = flume::bounded::<Frame<Bytes>>(16);
+    spawn_observer(ctx, req, out, |m| Ok(grpc::encode_message(m)), true);
+    grpc::stream(rx)
+}
+
+/// The JSON gateway's `POST /v3/election/observe`: `{"result": ...}` lines, one per leader
+/// response, as etcd's gateway streams them; an error ends the stream with an `{"error": ...}`
+/// line.
+pub(super) fn observe_json(ctx: Rc<Ctx>, req: epb::LeaderRequest) -> http::Response<GrpcBody> {
+    let (out, rx) = flume::bounded::<Frame<Bytes>>(16);
+    spawn_observer(ctx, req, out, json_line, false);
+    let mut resp = http::Response::new(GrpcBody::Stream(Box::pin(rx.into_stream())));
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn json_line(m: &epb::LeaderResponse) -> Result<Bytes, Status> {
+    let encoded = grpc::encode_message(m).slice(5..);
+    let text = super::gateway::to_json("v3electionpb.LeaderResponse", encoded)?;
+    Ok(Bytes::from(format!("{{\"result\":{text}}}\n")))
+}
+
+type Encoder = fn(&epb::LeaderResponse) -> Result<Bytes, Status>;
+
+fn spawn_observer(
+    ctx: Rc<Ctx>,
+    req: epb::LeaderRequest,
+    out: flume::Sender<Frame<Bytes>>,
+    encode: Encoder,
+    trailers: bool,
+) {
     glommio::spawn_local(async move {
         let gone = {
             let out = out.clone();
@@ -196,15 +229,21 @@ pub(super) fn observe(ctx: Rc<Ctx>, req: epb::LeaderRequest) -> http::Response<G
                 Ok(())
             }
         };
-        let res = futures_lite::future::or(observe_loop(&ctx, &req.name, &out), gone).await;
+        let res = futures_lite::future::or(observe_loop(&ctx, &req.name, &out, encode), gone).await;
         if let Err(status) = res.map_err(as_etcd) {
-            let _ = out
-                .send_async(Frame::trailers(grpc::status_trailers(&status)))
-                .await;
+            let last = if trailers {
+                Frame::trailers(grpc::status_trailers(&status))
+            } else {
+                let line = serde_json::json!({ "error": {
+                    "grpc_code": status.code as i32,
+                    "message": status.message,
+                }});
+                Frame::data(Bytes::from(format!("{line}\n")))
+            };
+            let _ = out.send_async(last).await;
         }
     })
     .detach();
-    grpc::stream(rx)
 }
 
 /// etcd's `Election.observe`. Returns Ok when the client went away.
@@ -212,6 +251,7 @@ async fn observe_loop(
     ctx: &Ctx,
     name: &[u8],
     out: &flume::Sender<Frame<Bytes>>,
+    encode: Encoder,
 ) -> Result<(), Status> {
     let prefix = prefix_of(name);
     let send = |revision: i64, kv: KeyValue| {
@@ -219,7 +259,13 @@ async fn observe_loop(
             header: Some(ctx.header(revision)),
             kv: Some(key_value(kv)),
         };
-        out.send_async(Frame::data(grpc::encode_message(&msg)))
+        let frame = encode(&msg).map(Frame::data);
+        async move {
+            match frame {
+                Ok(f) => out.send_async(f).await.map_err(drop),
+                Err(_) => Err(()),
+            }
+        }
     };
     loop {
         let resp = ctx.db.range(first_created(&prefix)).await?;

@@ -135,6 +135,9 @@ pub(super) async fn handle(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Respons
     if path == "/v3/watch" {
         return watch(ctx, body).await;
     }
+    if path == "/v3/election/observe" {
+        return observe(ctx, body).await;
+    }
     let Some((method, req_name, resp_name)) = route(path) else {
         return json(
             StatusCode::NOT_FOUND,
@@ -176,6 +179,30 @@ async fn translate(
     }
     let resp = super::call_anywhere(ctx, method, vec![encoded], None, super::Hop::Client).await?;
     to_json(resp_name, resp)
+}
+
+/// `POST /v3/election/observe`: one JSON LeaderRequest; the leaders stream back.
+async fn observe(ctx: &Rc<Ctx>, body: Incoming) -> Response<GrpcBody> {
+    let limit = ctx.cfg.max_request_bytes + super::GRPC_OVERHEAD_BYTES;
+    let parsed = async {
+        let bytes = super::read_body(body, 4 * limit).await?;
+        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let msg = DynamicMessage::deserialize(descriptor("v3electionpb.LeaderRequest")?, &mut de)
+            .map_err(|e| {
+            Status::new(Code::InvalidArgument, format!("invalid JSON request: {e}"))
+        })?;
+        prost::Message::decode(Bytes::from(prost::Message::encode_to_vec(&msg)))
+            .map_err(|e| Status::new(Code::Internal, e.to_string()))
+    };
+    match parsed.await {
+        Ok(req) => super::election::observe_json(ctx.clone(), req),
+        Err(s) => error(&s),
+    }
 }
 
 /// Bare names are etcdserverpb's; the lock and election messages come qualified.
