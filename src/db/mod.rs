@@ -103,7 +103,7 @@ pub struct Status {
     pub disk_bytes: u64,
     /// Highest WAL index over shards (a stand-in for etcd's raft index on a single node).
     pub log_index: u64,
-    /// WAL fdatasync calls, their total time and latency histogram (`runtime::LATENCY_BUCKETS`).
+    /// WAL durable flushes (O_DSYNC writes), their total time and latency histogram (`runtime::LATENCY_BUCKETS`).
     pub fsyncs: u64,
     pub fsync_seconds: f64,
     pub fsync_buckets: Vec<u64>,

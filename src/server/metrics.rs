@@ -108,7 +108,7 @@ impl Metrics {
                     "# TYPE spindle_disk_bytes gauge\nspindle_disk_bytes {}",
                     st.disk_bytes
                 );
-                out.push_str("# HELP spindle_wal_fsync_duration_seconds WAL fdatasync latency, all shards.\n");
+                out.push_str("# HELP spindle_wal_fsync_duration_seconds WAL durable write latency (O_DSYNC writes), all shards.\n");
                 out.push_str("# TYPE spindle_wal_fsync_duration_seconds histogram\n");
                 histogram(
                     &mut out,

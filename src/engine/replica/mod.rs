@@ -4,9 +4,9 @@
 //! Every record a shard logs is a Raft proposal. The shard encodes the record once (with the
 //! term and index Raft will give it), proposes the encoded bytes, and the same `Bytes` become
 //! the Raft log entry and the WAL frame's payload. The WAL's group commit is Raft's
-//! persistence: once an fdatasync covers an index, `sync` acknowledges it with
+//! persistence: once a durable WAL flush covers an index, `sync` acknowledges it with
 //! `advance(Persisted)`, which in a one-member group commits it on the spot, so a write costs
-//! what it cost before Raft: one shared fdatasync. The hard state (term, vote) is a WAL record
+//! what it cost before Raft: one shared durable write. The hard state (term, vote) is a WAL record
 //! of its own that takes no log index. Checkpoints are the group's snapshots: writing one
 //! compacts the in-memory log up to its index, and the WAL segments below it are dropped.
 //!
