@@ -395,7 +395,12 @@ pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
         let at = r.pos;
         let mut generations: Vec<Generation> = Vec::new();
         let (kpos, klen) = read_record(&mut r, |item| match item {
-            Item::Generation(g) => generations.push(g),
+            Item::Generation(g) => {
+                // Exact: a million keys are parsed before the index takes them over, and
+                // `push`'s first growth would reserve room for four generations each.
+                generations.reserve_exact(1);
+                generations.push(g)
+            }
             Item::Put(revision, lease, (vpos, vlen)) => {
                 if let Some(g) = generations.last_mut() {
                     g.puts.push(PutEvent {
