@@ -61,6 +61,9 @@ struct BenchArgs {
     key_space_size: u64,
     #[arg(long, global = true)]
     sequential_keys: bool,
+    /// Range and txn-mixed: do not write the key space first (it is already loaded).
+    #[arg(long, global = true)]
+    no_preload: bool,
     /// Seconds at the start whose requests are not measured.
     #[arg(long, global = true, default_value_t = 0.0)]
     warmup: f64,
@@ -452,6 +455,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         val_size: a.val_size,
         key_space_size: a.key_space_size.max(1),
         sequential_keys: a.sequential_keys,
+        preload: !a.no_preload,
         warmup: std::time::Duration::from_secs_f64(a.warmup.max(0.0)),
         cores: a.cores.max(1),
         data_dir: None,

@@ -62,6 +62,9 @@ pub struct BenchConfig {
     pub val_size: usize,
     pub key_space_size: u64,
     pub sequential_keys: bool,
+    /// Range and txn-mixed runs first write the whole key space so reads find data; false when
+    /// it is already loaded (and rewriting it would change what is measured, e.g. memory).
+    pub preload: bool,
     pub warmup: Duration,
     pub cores: usize,
     /// Data dir for the `Mvcc` workload (a temporary one when `None`).
@@ -219,7 +222,8 @@ pub fn run(cfg: BenchConfig) -> Result<Report, String> {
     if cfg.endpoints.is_empty() {
         return Err("no endpoints".into());
     }
-    if let Workload::Range { .. } | Workload::TxnMixed { .. } = cfg.workload {
+    if let (Workload::Range { .. } | Workload::TxnMixed { .. }, true) = (cfg.workload, cfg.preload)
+    {
         preload(&cfg)?;
     }
     let stages_before = stages::scrape_all(&cfg.endpoints);

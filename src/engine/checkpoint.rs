@@ -341,6 +341,7 @@ pub fn load_newest(dir: &Path, shard: u32) -> Result<Newest> {
                 c.info.last_revision,
                 c.info.compact_revision,
             );
+            release_free_memory();
             Ok(Newest {
                 store,
                 index: c.info.index,
@@ -392,35 +393,26 @@ pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
     let mut last_key: Option<&[u8]> = None;
     while r.pos < body_end {
         let at = r.pos;
-        let klen = r.u32().ok_or_else(|| corrupt(at, "truncated key record"))? as usize;
-        let kpos = r.take(klen).ok_or_else(|| corrupt(at, "truncated key"))?;
-        let key = &map[kpos..kpos + klen];
-        let ngen = r.u32().ok_or_else(|| corrupt(at, "truncated record"))?;
-        let mut generations = Vec::with_capacity(ngen as usize);
-        for _ in 0..ngen {
-            let create_revision = r.i64().ok_or_else(|| corrupt(at, "truncated generation"))?;
-            let first_version = r.i64().ok_or_else(|| corrupt(at, "truncated generation"))?;
-            let tomb = r.i64().ok_or_else(|| corrupt(at, "truncated generation"))?;
-            let nput = r.u32().ok_or_else(|| corrupt(at, "truncated generation"))?;
-            let mut puts = Vec::with_capacity(nput as usize);
-            for _ in 0..nput {
-                let revision = r.i64().ok_or_else(|| corrupt(at, "truncated put"))?;
-                let lease = r.i64().ok_or_else(|| corrupt(at, "truncated put"))?;
-                let vlen = r.u32().ok_or_else(|| corrupt(at, "truncated put"))? as usize;
-                let vpos = r.take(vlen).ok_or_else(|| corrupt(at, "truncated value"))?;
-                puts.push(PutEvent {
-                    revision,
-                    value: owner.slice(vpos..vpos + vlen),
-                    lease,
-                });
+        let mut generations: Vec<Generation> = Vec::new();
+        let (kpos, klen) = read_record(&mut r, |item| match item {
+            Item::Generation(g) => {
+                // Exact: a million keys are parsed before the index takes them over, and
+                // `push`'s first growth would reserve room for four generations each.
+                generations.reserve_exact(1);
+                generations.push(g)
             }
-            generations.push(Generation {
-                create_revision,
-                first_version,
-                puts,
-                tombstone: if tomb == 0 { None } else { Some(tomb) },
-            });
-        }
+            Item::Put(revision, lease, (vpos, vlen)) => {
+                if let Some(g) = generations.last_mut() {
+                    g.puts.push(PutEvent {
+                        revision,
+                        value: owner.slice(vpos..vpos + vlen),
+                        lease,
+                    });
+                }
+            }
+        })
+        .ok_or_else(|| corrupt(at, "truncated key record"))?;
+        let key = &map[kpos..kpos + klen];
         if last_key.is_some_and(|k| k >= key) {
             return Err(corrupt(at, "out-of-order key"));
         }
@@ -457,6 +449,212 @@ pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
     })
 }
 
+/// One piece of a key record, in file order: a generation (its puts follow it), or a put of the
+/// last generation given as (revision, lease, (value offset, value length)).
+enum Item {
+    Generation(Generation),
+    Put(i64, i64, (usize, usize)),
+}
+
+/// Parses the key record at `r`, handing its generations and puts to `on` in file order, and
+/// returns where its key is (offset, length); `None` if the record is truncated.
+fn read_record(r: &mut Reader<'_>, mut on: impl FnMut(Item)) -> Option<(usize, usize)> {
+    let klen = r.u32()? as usize;
+    let kpos = r.take(klen)?;
+    let ngen = r.u32()?;
+    for _ in 0..ngen {
+        let create_revision = r.i64()?;
+        let first_version = r.i64()?;
+        let tomb = r.i64()?;
+        let nput = r.u32()?;
+        on(Item::Generation(Generation {
+            create_revision,
+            first_version,
+            // Capped: the count comes from the file, and a bad one must not reserve gigabytes.
+            puts: Vec::with_capacity((nput as usize).min(1024)),
+            tombstone: if tomb == 0 { None } else { Some(tomb) },
+        }));
+        for _ in 0..nput {
+            let revision = r.i64()?;
+            let lease = r.i64()?;
+            let vlen = r.u32()? as usize;
+            let vpos = r.take(vlen)?;
+            on(Item::Put(revision, lease, (vpos, vlen)));
+        }
+    }
+    Some((kpos, klen))
+}
+
+/// Hands memory the allocator holds free back to the system. After a checkpoint's values
+/// replace their heap copies, or a restart's parsed histories are dropped, hundreds of MB are
+/// free but scattered between live allocations; glibc's malloc keeps such memory resident
+/// (it only returns the top of each arena by itself), and `malloc_trim` releases every whole
+/// free page in every arena. Takes a few milliseconds per hundred MB.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only inspects and shrinks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Bytes of checksum verified per [`ValueScan::step`].
+const VERIFY_STEP: usize = 4 << 20;
+
+/// A durable checkpoint mapped again so that the values it holds can be served from the mapping
+/// instead of the heap (`ShardStore::adopt`): a written value otherwise stays on the heap
+/// until the next restart, which is most of a loaded store's memory.
+///
+/// The scan runs in steps so an executor can yield between them: first the checksum (values are
+/// only handed out from a file that verifies), then the key records. Pages it has read are
+/// dropped from the process as it goes, so a scan costs a read of the file but little resident
+/// memory; values fault back in only when read.
+pub struct ValueScan {
+    path: PathBuf,
+    map: Arc<memmap2::Mmap>,
+    owner: Bytes,
+    crc: crc32fast::Hasher,
+    /// Verified up to here, while `< body_end`; then the checksum is checked.
+    verified: usize,
+    /// Start of the next key record (after the checksum pass).
+    pos: usize,
+    body_end: usize,
+    /// Pages below this were already dropped from the resident set.
+    released: usize,
+}
+
+/// What [`ValueScan::step`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Scanned {
+    /// Part of the checksum was verified.
+    Verified,
+    /// This many key records were handed out.
+    Keys(usize),
+    /// Every record was handed out.
+    Done,
+}
+
+impl ValueScan {
+    /// Maps the checkpoint at `path`; checks its frame and header (the checksum follows in steps).
+    pub fn open(path: &Path) -> Result<ValueScan> {
+        let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: as in `load`: checkpoint files are immutable once renamed into place.
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
+        let corrupt = |off: usize, why: &str| Error::corrupt(path, off as u64, why.to_string());
+        if map.len() < HEADER_LEN + FOOTER_LEN || &map[map.len() - 8..] != END_MAGIC {
+            return Err(corrupt(0, "not a complete checkpoint"));
+        }
+        let h = &map[..HEADER_LEN];
+        let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+        decode_header(h).ok_or_else(|| corrupt(0, "bad magic or version"))?;
+        let body_end = map.len() - FOOTER_LEN;
+        let mut r = Reader {
+            buf: &map[..body_end],
+            pos: HEADER_LEN,
+        };
+        if version >= 2 {
+            let len = r
+                .u32()
+                .ok_or_else(|| corrupt(HEADER_LEN, "malformed extras"))?
+                as usize;
+            r.take(len)
+                .ok_or_else(|| corrupt(HEADER_LEN, "malformed extras"))?;
+        }
+        let pos = r.pos;
+        Ok(ValueScan {
+            path: path.to_path_buf(),
+            owner: Bytes::from_owner(MapOwner(map.clone())),
+            map,
+            crc: crc32fast::Hasher::new(),
+            verified: 0,
+            pos,
+            body_end,
+            released: 0,
+        })
+    }
+
+    /// Verifies the next part of the checksum, or once it holds, hands up to `max_keys` key
+    /// records to `record` as (key, [(revision, value)] of its puts). The keys of one step are
+    /// copied into one small arena (keys are compared constantly, so they belong on the heap,
+    /// compactly), the values are slices of the mapping (creating one reads nothing). Fails if
+    /// the file does not verify or a record does not parse; a file that fails its checksum hands
+    /// out nothing.
+    pub fn step(
+        &mut self,
+        max_keys: usize,
+        mut record: impl FnMut(Bytes, &[(i64, Bytes)]),
+    ) -> Result<Scanned> {
+        let path = self.path.clone();
+        let corrupt = |off: usize, why: &str| Error::corrupt(&path, off as u64, why.to_string());
+        if self.verified < self.body_end {
+            let end = (self.verified + VERIFY_STEP).min(self.body_end);
+            self.crc.update(&self.map[self.verified..end]);
+            self.verified = end;
+            self.release_below(end);
+            if end == self.body_end {
+                let stored = &self.map[end..end + 4];
+                let stored = u32::from_le_bytes(stored.try_into().expect("4 bytes"));
+                if self.crc.clone().finalize() != stored {
+                    return Err(corrupt(end, "checksum mismatch"));
+                }
+                self.released = 0;
+            }
+            return Ok(Scanned::Verified);
+        }
+        if self.pos >= self.body_end {
+            self.release_below(self.map.len());
+            return Ok(Scanned::Done);
+        }
+        let mut r = Reader {
+            buf: &self.map[..self.body_end],
+            pos: self.pos,
+        };
+        let mut arena = Vec::new();
+        let mut records = Vec::with_capacity(max_keys.min(4096));
+        while records.len() < max_keys && r.pos < self.body_end {
+            let at = r.pos;
+            let mut puts: Vec<(i64, Bytes)> = Vec::with_capacity(1);
+            let (kpos, klen) = read_record(&mut r, |item| {
+                if let Item::Put(rev, _, (vpos, vlen)) = item {
+                    puts.push((rev, self.owner.slice(vpos..vpos + vlen)));
+                }
+            })
+            .ok_or_else(|| corrupt(at, "truncated key record"))?;
+            records.push((arena.len(), klen, puts));
+            arena.extend_from_slice(&self.map[kpos..kpos + klen]);
+        }
+        let keys = Bytes::from(arena);
+        for (start, len, puts) in &records {
+            record(keys.slice(*start..start + len), puts);
+        }
+        self.pos = r.pos;
+        self.release_below(self.pos);
+        Ok(Scanned::Keys(records.len()))
+    }
+
+    /// Drops the pages wholly below `end` from the resident set (they stay in the page cache).
+    fn release_below(&mut self, end: usize) {
+        const PAGE: usize = 4096;
+        let end = end / PAGE * PAGE;
+        if end <= self.released {
+            return;
+        }
+        // SAFETY: the mapping is read-only and file-backed, so dropping its pages loses nothing;
+        // they fault back in from the file if touched again.
+        let dropped = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.released,
+                end - self.released,
+            )
+        };
+        if let Err(e) = dropped {
+            tracing::debug!(error = %e, "madvise(DONTNEED) on a checkpoint failed; pages stay resident");
+        }
+        self.released = end;
+    }
+}
+
 struct MapOwner(Arc<memmap2::Mmap>);
 
 impl AsRef<[u8]> for MapOwner {
@@ -487,5 +685,188 @@ impl Reader<'_> {
     fn i64(&mut self) -> Option<i64> {
         let p = self.take(8)?;
         Some(i64::from_le_bytes(self.buf[p..p + 8].try_into().ok()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest};
+    use crate::mvcc::{ShardStore, TxnPath};
+
+    /// A checkpoint file as `write` lays it out, built in memory.
+    fn file_bytes(store: &ShardStore, upto: i64) -> Vec<u8> {
+        let histories = store.export_keys(None, usize::MAX, upto);
+        let info = CheckpointInfo {
+            shard: 0,
+            index: 7,
+            term: 1,
+            last_revision: upto,
+            compact_revision: store.compact_revision(),
+            key_count: histories.len() as u64,
+        };
+        let mut out = encode_header(&info).to_vec();
+        out.extend_from_slice(&Extras::default().encode());
+        encode_histories(&histories, &mut out);
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(END_MAGIC);
+        out
+    }
+
+    fn put(s: &mut ShardStore, rev: i64, ops: Vec<RequestOp>) {
+        let t = TxnRequest {
+            compare: vec![],
+            success: ops,
+            failure: vec![],
+        };
+        let ex = s.execute(&t, &TxnPath(vec![true]), rev, &|_| true);
+        assert!(ex.wrote());
+    }
+
+    fn put_op(k: String, v: String) -> RequestOp {
+        RequestOp::Put(PutRequest::new(Bytes::from(k), Bytes::from(v)))
+    }
+
+    /// A store with overwrites, deletes, re-creates and a compaction, every value on the heap.
+    fn history() -> ShardStore {
+        let mut s = ShardStore::new();
+        let mut rev = 0;
+        for round in 0..4 {
+            for k in 0..300 {
+                if (k + round) % 3 == 0 {
+                    rev += 1;
+                    put(
+                        &mut s,
+                        rev,
+                        vec![put_op(format!("k{k:04}"), format!("v{round}-{k}"))],
+                    );
+                }
+            }
+            rev += 1;
+            let (from, to) = (
+                format!("k{:04}", round * 50),
+                format!("k{:04}", round * 50 + 20),
+            );
+            let del = DeleteRangeRequest::range(Bytes::from(from), Bytes::from(to));
+            let key = format!("k{:04}", round * 50 + 1);
+            // A delete and a re-create of one key at one revision (etcd's sub-revisions).
+            put(
+                &mut s,
+                rev,
+                vec![
+                    RequestOp::DeleteRange(del),
+                    put_op(key, format!("again{round}")),
+                ],
+            );
+            if round == 1 {
+                s.compact(rev - 40);
+            }
+        }
+        s
+    }
+
+    /// Every read the tests compare: each key's range at every revision from the compaction on.
+    fn reads(s: &ShardStore) -> Vec<crate::mvcc::ShardRange> {
+        let all = RangeRequest::range(Bytes::from_static(b"k"), Bytes::from_static(b"l"));
+        (s.compact_revision()..=s.last_revision() + 1)
+            .map(|rev| s.range(&all, rev).expect("range"))
+            .collect()
+    }
+
+    fn scan_all(scan: &mut ValueScan, mut rec: impl FnMut(Bytes, &[(i64, Bytes)])) -> Result<()> {
+        while scan.step(7, &mut rec)? != Scanned::Done {}
+        Ok(())
+    }
+
+    #[test]
+    fn adopted_values_read_the_same_and_live_in_the_mapping() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = history();
+        let before = reads(&store);
+        let upto = store.last_revision() - 5;
+        let path = dir.path().join(file_name(7));
+        fs::write(&path, file_bytes(&store, upto)).expect("write");
+
+        let latest = RangeRequest::range(Bytes::from_static(b"k"), Bytes::from_static(b"l"));
+        let key_ptrs = |s: &ShardStore| -> Vec<usize> {
+            let page = s.range(&latest, 0).expect("range");
+            page.kvs.iter().map(|kv| kv.key.as_ptr() as usize).collect()
+        };
+        let heap_keys = key_ptrs(&store);
+        let mut scan = ValueScan::open(&path).expect("open");
+        let (lo, hi) = (
+            scan.owner.as_ptr() as usize,
+            scan.owner.as_ptr() as usize + scan.owner.len(),
+        );
+        let mut adopted = 0;
+        scan_all(&mut scan, |key, puts| {
+            assert!(puts.iter().all(|(rev, _)| *rev <= upto));
+            adopted += store.adopt(key, puts);
+        })
+        .expect("scan");
+        store.adopt_event_values(upto);
+        assert!(adopted > 300, "adopted {adopted}");
+        assert_eq!(reads(&store), before, "reads changed by adoption");
+        // Every key the checkpoint holds moved to an arena: none is its write's copy any more.
+        let arena_keys = key_ptrs(&store);
+        assert_eq!(arena_keys.len(), heap_keys.len());
+        assert!(arena_keys.iter().zip(&heap_keys).all(|(a, h)| a != h));
+
+        // Every value at or below `upto` is now a slice of the mapping; newer ones are not.
+        let in_map = |v: &Bytes| (lo..hi).contains(&(v.as_ptr() as usize));
+        for page in reads(&store) {
+            for kv in page.kvs.iter().filter(|kv| !kv.value.is_empty()) {
+                assert_eq!(in_map(&kv.value), kv.mod_revision <= upto, "{kv:?}");
+            }
+        }
+        let feed = store
+            .changes(&[crate::kv::KeyRange::all()], upto - 20, upto, usize::MAX)
+            .expect("changes");
+        assert!(!feed.events.is_empty());
+        for e in feed.events.iter().filter(|e| !e.kv.value.is_empty()) {
+            assert!(in_map(&e.kv.value), "event {e:?} still holds its heap copy");
+        }
+
+        // Adopting again (a later checkpoint) or from the same file changes no read.
+        let mut again = ValueScan::open(&path).expect("open");
+        scan_all(&mut again, |key, puts| {
+            store.adopt(key, puts);
+        })
+        .expect("scan");
+        assert_eq!(reads(&store), before);
+    }
+
+    #[test]
+    fn a_corrupt_checkpoint_hands_out_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = history();
+        let mut bytes = file_bytes(&store, store.last_revision());
+        // A value byte near the end: the checksum, not the structure, has to catch it.
+        let at = bytes.len() - FOOTER_LEN - 2;
+        bytes[at] ^= 0x20;
+        let path = dir.path().join(file_name(7));
+        fs::write(&path, &bytes).expect("write");
+        let mut scan = ValueScan::open(&path).expect("frame and header are fine");
+        let mut handed = 0;
+        let err = scan_all(&mut scan, |_, _| handed += 1).expect_err("checksum");
+        assert!(err.to_string().contains("checksum"), "{err}");
+        assert_eq!(handed, 0);
+
+        fs::write(&path, &bytes[..bytes.len() - 3]).expect("write");
+        assert!(ValueScan::open(&path).is_err(), "incomplete file");
+    }
+
+    #[test]
+    fn load_reads_what_encode_wrote() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = history();
+        let path = dir.path().join(file_name(7));
+        fs::write(&path, file_bytes(&store, store.last_revision())).expect("write");
+        let loaded = load(&path, 0).expect("load");
+        assert_eq!(
+            loaded.histories,
+            store.export_keys(None, usize::MAX, i64::MAX)
+        );
     }
 }

@@ -1037,6 +1037,44 @@ impl Shard {
         }
     }
 
+    /// Serves the values a durable checkpoint holds (revisions up to `upto`) from its mapping
+    /// instead of the heap, and its keys from compact arenas: without this, every value written
+    /// stays on the heap until a restart, and every key costs two small allocations.
+    /// Runs in chunks, yielding between them; the checkpoint is already in place, so a failure
+    /// only leaves values on the heap. Runs while the shard is marked as checkpointing, so no
+    /// rebuild or install swaps the store meanwhile (it would still be correct: see
+    /// `ShardStore::adopt`).
+    async fn adopt_values(&self, path: &std::path::Path, upto: i64) {
+        let mut scan = match checkpoint::ValueScan::open(path) {
+            Ok(scan) => scan,
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint not mapped; its values stay on the heap");
+                return;
+            }
+        };
+        loop {
+            glommio::yield_if_needed().await;
+            let mut store = self.store.borrow_mut();
+            let step = scan.step(1024, |key, puts| {
+                debug_assert!(puts.iter().all(|(rev, _)| *rev <= upto));
+                store.adopt(key, puts);
+            });
+            match step {
+                Ok(checkpoint::Scanned::Done) => {
+                    store.adopt_event_values(upto);
+                    drop(store);
+                    checkpoint::release_free_memory();
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "checkpoint not adopted; its values stay on the heap");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Writes a checkpoint of this shard at its current log position, then drops WAL segments it
     /// covers. Writes continue while it runs.
     pub async fn checkpoint(self: Rc<Self>) -> Result<CheckpointInfo> {
@@ -1207,6 +1245,7 @@ impl Shard {
             }
         }
         tracing::debug!(shard = self.id, index, revision = upto, path = %path.display(), "checkpoint written");
+        self.adopt_values(&path, upto).await;
         Ok(info)
     }
 }

@@ -142,6 +142,15 @@ impl EventLog {
     }
 
     /// Events in `ranges` with revision in `(after, upto]`; `after` must be at or above the floor.
+    /// Put events with revisions at or below `upto`, for swapping their values for identical
+    /// copies held elsewhere (see `ShardStore::adopt_event_values`).
+    pub fn puts_through_mut(&mut self, upto: i64) -> impl Iterator<Item = &mut Event> {
+        let end = self.ring.partition_point(|e| e.revision() <= upto);
+        self.ring
+            .range_mut(..end)
+            .filter(|e| e.kind == EventKind::Put)
+    }
+
     pub fn read(&self, ranges: &[KeyRange], after: i64, upto: i64, out: &mut Vec<Event>) {
         debug_assert!(after >= self.floor, "read below the event log's floor");
         let start = self.ring.partition_point(|e| e.revision() <= after);

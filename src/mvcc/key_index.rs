@@ -491,6 +491,50 @@ impl KeyIndex {
         }
     }
 
+    /// The put at `rev`, if the history holds exactly one (several puts of a key share a
+    /// revision only within one txn, and a checkpoint's copy could not tell them apart).
+    fn put_at_mut(&mut self, rev: i64) -> Option<&mut PutEvent> {
+        match &mut self.0 {
+            Repr::Single { put, .. } => (put.revision == rev).then_some(put),
+            Repr::Multi(gens) => {
+                let mut found = None;
+                for g in gens.iter_mut() {
+                    let at = g.puts.partition_point(|p| p.revision < rev);
+                    let n = g.puts[at..]
+                        .iter()
+                        .take_while(|p| p.revision == rev)
+                        .count();
+                    match (n, &found) {
+                        (0, _) => {}
+                        (1, None) => found = Some(&mut g.puts[at]),
+                        _ => return None,
+                    }
+                }
+                found
+            }
+        }
+    }
+
+    /// Makes the put at `rev` hold `value`, an identical copy of its value that lives elsewhere
+    /// (a slice of a checkpoint's mapping), so the heap copy can be freed. False, changing
+    /// nothing, when there is no single put at `rev` (compacted away, or never) or the lengths
+    /// differ.
+    pub fn adopt(&mut self, rev: i64, value: &Bytes) -> bool {
+        match self.put_at_mut(rev) {
+            Some(put) if put.value.len() == value.len() => {
+                debug_assert_eq!(&put.value, value, "adopted value differs at revision {rev}");
+                put.value = value.clone();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The value of the put at `rev`, when the history holds exactly one put there.
+    pub fn value_at(&mut self, rev: i64) -> Option<&Bytes> {
+        self.put_at_mut(rev).map(|p| &p.value)
+    }
+
     /// Highest revision mentioned anywhere in the history, for sanity checks on import.
     pub fn max_revision(&self) -> i64 {
         self.newest_revision()

@@ -804,6 +804,34 @@ impl World {
             }
         }
         assert_eq!(old.key_count(), model.live(b"", b"\0", upto).len());
+
+        // Values up to `upto` swapped for copies held elsewhere (as a checkpoint's mapping
+        // holds them) leave the structure and every read unchanged.
+        let mut adopted = ShardStore::from_histories(
+            store.export_keys(None, usize::MAX, i64::MAX),
+            store.last_revision(),
+            store.compact_revision(),
+        );
+        for h in store.export_keys(None, usize::MAX, upto) {
+            for p in h.generations.iter().flat_map(|g| &g.puts) {
+                let copy = Bytes::copy_from_slice(&p.value);
+                let key = Bytes::copy_from_slice(&h.key);
+                adopted.adopt(key.clone(), &[(p.revision, copy)]);
+                let longer = Bytes::from(vec![0; p.value.len() + 1]);
+                assert_eq!(adopted.adopt(key, &[(p.revision, longer)]), 0);
+            }
+        }
+        adopted.adopt_event_values(upto);
+        assert_eq!(dump(&adopted), dump(store));
+        for rev in lo..=model.global + 1 {
+            for r in &reqs {
+                assert_eq!(
+                    adopted.range(r, rev).ok(),
+                    store.range(r, rev).ok(),
+                    "adopted, rev {rev}"
+                );
+            }
+        }
     }
 }
 

@@ -335,6 +335,37 @@ impl ShardStore {
         }
     }
 
+    /// Serves `key` and the values of its puts at the given revisions from the buffers passed
+    /// in: identical copies that cost less than the index's own (a compact arena of keys, slices
+    /// of a durable checkpoint's mapping), so the index's copies are freed once nothing else
+    /// holds them. Reads return the same bytes either way. Matching values by revision is exact:
+    /// a shard never has two different puts of one key at one revision, and a checkpoint holds
+    /// only committed ones. Returns how many values were taken (puts compacted away meanwhile,
+    /// or a key no longer indexed, take none).
+    pub fn adopt(&mut self, key: Bytes, values: &[(i64, Bytes)]) -> usize {
+        match self.index.replace_key(key) {
+            Some(ki) => values.iter().filter(|(rev, v)| ki.adopt(*rev, v)).count(),
+            None => 0,
+        }
+    }
+
+    /// After [`Self::adopt`] up to revision `upto`: recent put events at or below it take
+    /// the index's copy of their value, so the watch feed does not keep the heap copies alive.
+    pub fn adopt_event_values(&mut self, upto: i64) {
+        let index = &mut self.index;
+        for event in self.events.puts_through_mut(upto) {
+            let kv = &mut event.kv;
+            if let Some(v) = index
+                .get_mut(kv.key.as_ref())
+                .and_then(|ki| ki.value_at(kv.mod_revision))
+                .filter(|v| v.len() == kv.value.len())
+            {
+                debug_assert_eq!(v, &kv.value, "event value differs from the index");
+                kv.value = v.clone();
+            }
+        }
+    }
+
     /// Live keys attached to `lease`, in key order.
     pub fn lease_keys(&self, lease: i64) -> Vec<Bytes> {
         self.lease_keys.keys(lease)

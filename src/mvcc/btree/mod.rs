@@ -142,6 +142,14 @@ impl<K: Ord + Clone, V> BPlusTree<K, V> {
         self.tree.insert(key, value)
     }
 
+    /// Makes the tree hold `key`, which equals one of its keys, instead of its own copies of
+    /// it (the entry's key and a separator), returning the entry's value; `None` if absent.
+    /// For moving keys into compact buffers: with `Bytes` keys, the old buffers are freed once
+    /// nothing else holds them.
+    pub fn replace_key(&mut self, key: K) -> Option<&mut V> {
+        self.tree.replace_key(key)
+    }
+
     pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
     where
         K: Borrow<Q>,

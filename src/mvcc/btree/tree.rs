@@ -265,6 +265,11 @@ impl<K: Ord, V, const B: usize> Tree<K, V, B> {
     }
 
     #[cfg(test)]
+    pub(super) fn free_leaves_len(&self) -> usize {
+        self.free_leaves.len()
+    }
+
+    #[cfg(test)]
     pub(super) fn check_invariants(&self) {
         if self.root == NIL {
             assert_eq!(self.len, 0);
@@ -417,16 +422,68 @@ impl<K: Ord + Clone, V, const B: usize> Tree<K, V, B> {
         None
     }
 
+    /// Stores `key`, which equals a key in the tree, in place of every copy the tree holds (the
+    /// leaf entry and the separator equal to it, if any) and returns the entry's value; `None`
+    /// if the key is absent. For swapping key buffers: an equal key keeps every order intact.
+    pub(super) fn replace_key(&mut self, key: K) -> Option<&mut V> {
+        if self.root == NIL {
+            return None;
+        }
+        let mut node = self.root;
+        for _ in 0..self.height {
+            let branch = &mut self.branches[node as usize];
+            let i = search(&branch.keys, |sep| *sep <= key);
+            if i > 0 && branch.keys[i - 1] == key {
+                branch.keys[i - 1] = key.clone();
+            }
+            node = branch.children[i];
+        }
+        let leaf = &mut self.leaves[node as usize];
+        let i = search_exact(&leaf.keys, &key).ok()?;
+        leaf.keys[i] = key;
+        Some(&mut leaf.vals[i])
+    }
+
     fn insert_at(&mut self, node: u32, height: usize, key: K, value: V) -> Insert<K, V> {
         if height == 0 {
             return self.insert_into_leaf(node, key, value);
         }
-        let i = self.route(node, &key);
+        let mut i = self.route(node, &key);
+        if height == 1 && self.shift_left(node, i) {
+            i = self.route(node, &key);
+        }
         let child = self.branches[node as usize].children[i];
         match self.insert_at(child, height - 1, key, value) {
             Insert::Split(sep, right) => self.insert_child(node, i + 1, sep, right),
             done => done,
         }
+    }
+
+    /// Before a full leaf (child `i` of branch `parent`) would split, moves its first entries
+    /// into its left sibling when that has room for at least two, leaving it one free slot.
+    /// Splitting halves a leaf, so keys arriving in ascending order (the usual load: sequential
+    /// or time-ordered keys) would leave every leaf half full, twice the memory per key; with
+    /// the shift they fill leaves nearly full, and random inserts leave leaves fuller too. The
+    /// key to insert may then belong in the left sibling, which has room for it; the caller
+    /// routes again. Returns whether anything moved.
+    fn shift_left(&mut self, parent: u32, i: usize) -> bool {
+        if i == 0 {
+            return false;
+        }
+        let children = &self.branches[parent as usize].children;
+        let (left, full) = (children[i - 1], children[i]);
+        let room = B - self.leaves[left as usize].keys.len();
+        if self.leaves[full as usize].keys.len() < B || room < 2 {
+            return false;
+        }
+        let n = room - 1;
+        let (l, f) = two_mut(&mut self.leaves, left, full);
+        l.keys.extend(f.keys.drain(..n));
+        l.vals.extend(f.vals.drain(..n));
+        debug_assert!(f.keys.len() >= Self::MIN && l.keys.len() < B);
+        // The separator is exact: the smallest key now in the right leaf.
+        self.branches[parent as usize].keys[i - 1] = f.keys[0].clone();
+        true
     }
 
     fn insert_into_leaf(&mut self, id: u32, key: K, value: V) -> Insert<K, V> {
