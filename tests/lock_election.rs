@@ -505,7 +505,6 @@ fn service_lock_excludes_the_etcdctl_recipe_and_the_gateway_serves_both() {
 /// the leader now, then each proclamation, as etcd's gateway does.
 #[test]
 fn gateway_observe_streams_leaders_like_etcd() {
-    use std::io::{Read, Write};
     // The JSON document of a gateway answer (the body after the head; HTTP/1.1 with
     // Connection: close, so one document, possibly chunked).
     let doc = |raw: String| -> serde_json::Value {
@@ -524,30 +523,17 @@ fn gateway_observe_streams_leaders_like_etcd() {
             "/v3/election/campaign",
             &format!("{{\"name\":\"b2Jz\",\"lease\":\"{id}\",\"value\":\"djE=\"}}"),
         ));
-        let mut sock = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
         let body = r#"{"name":"b2Jz"}"#;
-        write!(
-            sock,
+        let raw = format!(
             "POST /v3/election/observe HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
-        )
-        .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let proclaim = serde_json::json!({ "leader": won["leader"], "value": "djI=" });
-        let out = post(s.port, "/v3/election/proclaim", &proclaim.to_string());
-        assert!(out.contains("header"), "{out}");
-        sock.set_read_timeout(Some(Duration::from_millis(1500)))
-            .unwrap();
-        let mut raw = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = sock.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            raw.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&raw)
-            .lines()
+        );
+        let text = common::http::stream_during(s.port, &raw, || {
+            let proclaim = serde_json::json!({ "leader": won["leader"], "value": "djI=" });
+            let out = post(s.port, "/v3/election/proclaim", &proclaim.to_string());
+            assert!(out.contains("header"), "{out}");
+        });
+        text.lines()
             .filter(|l| l.starts_with("{\"result\""))
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();

@@ -244,31 +244,17 @@ fn bench_watch_delivers_every_event_to_every_watcher() {
 
 #[test]
 fn json_gateway_watch_matches_etcd() {
-    use std::io::{Read, Write};
     let run = |s: &Server| -> Vec<serde_json::Value> {
-        let mut sock = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
         let body = r#"{"create_request":{"key":"Zm9v","range_end":"Zm9w","prev_kv":true}}"#;
-        write!(
-            sock,
+        let raw = format!(
             "POST /v3/watch HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
-        )
-        .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        for (k, v) in [("foo", "1"), ("foo/x", "2"), ("foo", "3")] {
-            assert!(s.etcdctl(&["put", k, v]).ok);
-        }
-        sock.set_read_timeout(Some(Duration::from_millis(1500)))
-            .unwrap();
-        let mut raw = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = sock.read(&mut buf) {
-            if n == 0 {
-                break;
+        );
+        let text = common::http::stream_during(s.port, &raw, || {
+            for (k, v) in [("foo", "1"), ("foo/x", "2"), ("foo", "3")] {
+                assert!(s.etcdctl(&["put", k, v]).ok);
             }
-            raw.extend_from_slice(&buf[..n]);
-        }
-        let text = String::from_utf8_lossy(&raw);
+        });
         text.lines()
             .filter(|l| l.starts_with("{\"result\""))
             .map(|l| {

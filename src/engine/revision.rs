@@ -159,26 +159,21 @@ impl RevisionClock {
     /// answers. Unlike [`Self::wait_visible`] it does not wait for a follower's floors, which a
     /// node that just stopped executing (a leadership change) may not raise for a while.
     pub async fn wait_resolved(&self, rev: i64) {
-        loop {
-            if self.resolved() >= rev {
-                return;
-            }
-            let listener = self.advanced.listen();
-            if self.resolved() >= rev {
-                return;
-            }
-            listener.await;
-        }
+        self.wait_until(|| self.resolved() >= rev).await
     }
 
     /// Waits until `rev` is visible to readers.
     pub async fn wait_visible(&self, rev: i64) {
+        self.wait_until(|| self.read_revision() >= rev).await
+    }
+
+    async fn wait_until(&self, done: impl Fn() -> bool) {
         loop {
-            if self.read_revision() >= rev {
+            if done() {
                 return;
             }
             let listener = self.advanced.listen();
-            if self.read_revision() >= rev {
+            if done() {
                 return;
             }
             listener.await;

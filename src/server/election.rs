@@ -194,12 +194,7 @@ pub(super) fn observe(ctx: Rc<Ctx>, req: epb::LeaderRequest) -> http::Response<G
 pub(super) fn observe_json(ctx: Rc<Ctx>, req: epb::LeaderRequest) -> http::Response<GrpcBody> {
     let (out, rx) = flume::bounded::<Frame<Bytes>>(16);
     spawn_observer(ctx, req, out, json_line, false);
-    let mut resp = http::Response::new(GrpcBody::Stream(Box::pin(rx.into_stream())));
-    resp.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("application/json"),
-    );
-    resp
+    super::gateway::json_stream(rx)
 }
 
 fn json_line(m: &epb::LeaderResponse) -> Result<Bytes, Status> {

@@ -161,6 +161,14 @@ async fn translate(
     resp_name: &str,
     body: Incoming,
 ) -> Result<String, Status> {
+    let encoded = json_request(ctx, body, req_name).await?;
+    let resp = super::call_anywhere(ctx, method, vec![encoded], None, super::Hop::Client).await?;
+    to_json(resp_name, resp)
+}
+
+/// Reads one JSON request (an empty body is `{}`) and encodes it as the protobuf message
+/// `req_name`, refused when larger than a gRPC request may be.
+async fn json_request(ctx: &Ctx, body: Incoming, req_name: &str) -> Result<Bytes, Status> {
     let limit = ctx.cfg.max_request_bytes + super::GRPC_OVERHEAD_BYTES;
     // JSON (base64 values) is larger than the message it encodes; the message size is what
     // counts, as behind etcd's gateway.
@@ -177,27 +185,24 @@ async fn translate(
     if encoded.len() > limit {
         return Err(super::grpc::too_large(encoded.len(), limit));
     }
-    let resp = super::call_anywhere(ctx, method, vec![encoded], None, super::Hop::Client).await?;
-    to_json(resp_name, resp)
+    Ok(encoded)
+}
+
+/// A streaming gateway answer: each frame from `rx` is one `{"result": …}` line.
+pub(super) fn json_stream(rx: flume::Receiver<http_body::Frame<Bytes>>) -> Response<GrpcBody> {
+    let mut resp = Response::new(GrpcBody::Stream(Box::pin(rx.into_stream())));
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 /// `POST /v3/election/observe`: one JSON LeaderRequest; the leaders stream back.
 async fn observe(ctx: &Rc<Ctx>, body: Incoming) -> Response<GrpcBody> {
-    let limit = ctx.cfg.max_request_bytes + super::GRPC_OVERHEAD_BYTES;
     let parsed = async {
-        let bytes = super::read_body(body, 4 * limit).await?;
-        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &bytes
-        };
-        let mut de = serde_json::Deserializer::from_slice(text);
-        let msg = DynamicMessage::deserialize(descriptor("v3electionpb.LeaderRequest")?, &mut de)
-            .map_err(|e| {
-            Status::new(Code::InvalidArgument, format!("invalid JSON request: {e}"))
-        })?;
-        prost::Message::decode(Bytes::from(prost::Message::encode_to_vec(&msg)))
-            .map_err(|e| Status::new(Code::Internal, e.to_string()))
+        let encoded = json_request(ctx, body, "v3electionpb.LeaderRequest").await?;
+        prost::Message::decode(encoded).map_err(|e| Status::new(Code::Internal, e.to_string()))
     };
     match parsed.await {
         Ok(req) => super::election::observe_json(ctx.clone(), req),

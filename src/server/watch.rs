@@ -60,12 +60,7 @@ pub fn serve_json(ctx: Rc<Ctx>, reqs: Vec<pb::WatchRequest>) -> http::Response<G
     drop(req_tx);
     let (out, rx) = flume::bounded::<Frame<Bytes>>(16);
     spawn_session(ctx, requests, out, json_line, false);
-    let mut resp = http::Response::new(GrpcBody::Stream(Box::pin(rx.into_stream())));
-    resp.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("application/json"),
-    );
-    resp
+    super::gateway::json_stream(rx)
 }
 
 fn json_line(r: &pb::WatchResponse) -> Result<Bytes, Status> {

@@ -36,3 +36,23 @@ pub fn post_raw(port: u16, path: &str, body: &str) -> Vec<u8> {
 pub fn post(port: u16, path: &str, body: &str) -> String {
     String::from_utf8_lossy(&post_raw(port, path, body)).into_owned()
 }
+
+/// Sends `raw` on a connection of its own, waits 300 ms for the server to start streaming, runs
+/// `during`, and returns what arrived until the server sent nothing for 1.5 s.
+pub fn stream_during(port: u16, raw: &str, during: impl FnOnce()) -> String {
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).expect("connect to the server");
+    sock.write_all(raw.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    during();
+    sock.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&raw).into_owned()
+}
