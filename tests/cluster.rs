@@ -792,3 +792,68 @@ fn a_follower_never_serves_half_of_a_multi_shard_write() {
     assert!(seen.len() > 2, "the reader saw the writes go by: {seen:?}");
     close_all(&mut ms);
 }
+
+/// A member's store after a restart is each shard's own checkpoint, and shards checkpoint at
+/// different revisions. Alone after the restart (no leader to catch up from), it must not read
+/// at the newest of them: a multi-shard txn newer than one shard's checkpoint and older than
+/// another's would show half.
+#[test]
+fn a_restarted_member_reads_only_what_every_shard_holds() {
+    use spindle::kv::{RequestOp, TxnRequest};
+    let mut ms = members(3);
+    for m in &mut ms {
+        m.opts.checkpoint_every = 20;
+        m.open();
+    }
+    let dirs = ["a", "b", "c", "d"];
+    for i in 0..30 {
+        for d in dirs {
+            put(&ms, &format!("{d}/pre{i:02}"), "p");
+        }
+    }
+    let (leader, _) = put(&ms, "a/pre99", "p");
+    let txn = TxnRequest {
+        compare: vec![],
+        success: dirs
+            .iter()
+            .map(|d| RequestOp::Put(PutRequest::new(format!("{d}/t"), "T".to_string())))
+            .collect(),
+        failure: vec![],
+    };
+    ms[leader].db().txn(txn).unwrap();
+    // Only the shard of `a/` writes on: it checkpoints past the txn, the others stay before it.
+    for i in 0..60 {
+        put(&ms, &format!("a/pad{i:02}"), "x");
+    }
+    // Once the follower applied every pad, its next checkpoint of that shard (cut on a tick,
+    // at least every 20 entries) covers the txn.
+    let me = (leader + 1) % 3;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pads = ms[me].db().range(RangeRequest::range("a/pad", "a/pae"));
+        if pads.is_ok_and(|r| r.kvs.len() == 60) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "m{me} did not apply the writes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!checkpoints(&ms[me]).is_empty());
+    close_all(&mut ms);
+    ms[me].open();
+    let mut req = RangeRequest::range("a/", "e");
+    req.serializable = true;
+    let r = ms[me].db().range(req).unwrap();
+    let parts: Vec<_> = r
+        .kvs
+        .iter()
+        .filter(|kv| kv.key.ends_with(b"/t"))
+        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+        .collect();
+    assert!(
+        parts.is_empty() || parts.len() == 4,
+        "half of a txn at revision {}: {parts:?}",
+        r.header.revision
+    );
+    close_all(&mut ms);
+}
