@@ -163,40 +163,18 @@ pub(super) fn as_served_here(resp: Bytes, member_id: u64, raft_term: u64) -> Byt
 /// Where the first top-level field 1 (length-delimited) of `msg` starts, and where its payload
 /// starts and ends.
 fn header_field(msg: &[u8]) -> Option<(usize, usize, usize)> {
-    let mut at = 0;
-    while at < msg.len() {
-        let field = at;
-        let (key, n) = varint(msg.get(at..)?)?;
-        at += n;
-        match key & 7 {
-            0 => at += varint(msg.get(at..)?)?.1,
-            1 => at += 8,
-            2 => {
-                let (len, n) = varint(msg.get(at..)?)?;
-                let start = at + n;
-                let end = start.checked_add(usize::try_from(len).ok()?)?;
-                if end > msg.len() {
-                    return None;
-                }
-                if key >> 3 == 1 {
-                    return Some((field, start, end));
-                }
-                at = end;
-            }
-            5 => at += 4,
-            _ => return None,
+    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+    let mut buf = msg;
+    while !buf.is_empty() {
+        let field = msg.len() - buf.len();
+        let (tag, wire) = decode_key(&mut buf).ok()?;
+        if tag == 1 && wire == WireType::LengthDelimited {
+            let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
+            let start = msg.len() - buf.len();
+            let end = start.checked_add(len).filter(|&e| e <= msg.len())?;
+            return Some((field, start, end));
         }
-    }
-    None
-}
-
-fn varint(b: &[u8]) -> Option<(u64, usize)> {
-    let mut v = 0u64;
-    for (i, &byte) in b.iter().enumerate().take(10) {
-        v |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Some((v, i + 1));
-        }
+        skip_field(wire, tag, &mut buf, DecodeContext::default()).ok()?;
     }
     None
 }
