@@ -868,8 +868,10 @@ impl Replica {
     /// own before proposing; on a single node recovery replayed the rest).
     fn pump(&self, wal: &Wal) {
         self.pump_ready(wal);
-        // Also when output stalls or there is none: a leader that steps down by check-quorum
-        // keeps its hard state, and a deposing message may wait for room in the log.
+        // Once per pump, whatever the output: also when it stalls or there is none (a leader
+        // that steps down by check-quorum keeps its hard state; a deposing message may wait
+        // for room in the log). Nothing runs between the output and this, so waiters woken by
+        // the output see the role change too.
         self.note_role();
     }
 
@@ -993,7 +995,6 @@ impl Replica {
                 }
                 notify = true;
             }
-            self.note_role();
             if notify {
                 self.commit_ev.notify(usize::MAX);
             }
