@@ -82,6 +82,36 @@ fn until_ok(endpoint: &str, args: &[&str], secs: u64) -> etcdctl::Ctl {
     }
 }
 
+/// `member remove id`, retried like [`until_ok`]. A removal is not idempotent: an attempt whose
+/// answer was lost (the removed member was the one answering, or leadership moved) may have
+/// taken effect, and the retry then gets `member not found`. That counts only after a failed
+/// attempt, and only if the member list no longer has the member.
+fn remove_member(endpoint: &str, id: u64, secs: u64) {
+    let hex = format!("{id:x}");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut failed_before = None;
+    loop {
+        let out = etcdctl::run(endpoint, &["member", "remove", &hex]);
+        if out.ok {
+            return;
+        }
+        if failed_before.is_some() && out.stderr.contains("etcdserver: member not found") {
+            let listed = member_list(endpoint);
+            assert!(
+                listed.iter().all(|(m, _, _)| *m != id),
+                "member {hex} reported missing but still listed: {listed:?}"
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "member remove {hex}: {out:?} (earlier: {failed_before:?})"
+        );
+        failed_before = Some(out);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn get(endpoint: &str, key: &str, serializable: bool) -> String {
     let mut args = vec!["get", key, "--print-value-only"];
     if serializable {
@@ -263,7 +293,7 @@ fn add_learner_join_promote_update_and_remove_members() {
         .find(|&i| member_id(&servers[i]) != leader && i != 3)
         .unwrap();
     let vid = member_id(&servers[victim]);
-    until_ok(&four, &["member", "remove", &format!("{vid:x}")], 10);
+    remove_member(&four, vid, 10);
     let status = servers[victim].wait_exit(Duration::from_secs(10));
     assert!(!status.success(), "a removed member exits with an error");
     assert!(
@@ -282,7 +312,7 @@ fn add_learner_join_promote_update_and_remove_members() {
         .iter()
         .find(|&&i| member_id(&servers[i]) == lid)
         .unwrap();
-    until_ok(&eps, &["member", "remove", &format!("{lid:x}")], 10);
+    remove_member(&eps, lid, 10);
     servers[li].wait_exit(Duration::from_secs(10));
     let rest: Vec<usize> = live.iter().copied().filter(|&i| i != li).collect();
     let eps: Vec<String> = rest.iter().map(|&i| servers[i].endpoint()).collect();
@@ -303,7 +333,7 @@ fn add_learner_join_promote_update_and_remove_members() {
     // because the data groups drop it before shard 0 takes it off the peer tables.
     let (last, gone) = (rest[0], rest[1]);
     let gid = member_id(&servers[gone]);
-    until_ok(&eps, &["member", "remove", &format!("{gid:x}")], 20);
+    remove_member(&eps, gid, 20);
     servers[gone].wait_exit(Duration::from_secs(10));
     let one = servers[last].endpoint();
     until_ok(&one, &["put", "k/5", "alone"], 20);
