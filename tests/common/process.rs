@@ -2,17 +2,33 @@
 //! it, reading its output line by line, signalling it and waiting for it to exit. Only children
 //! this test started are ever signalled, each by its own pid.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// `n` distinct free ports on 127.0.0.1 (all bound at once so they differ).
+/// `n` distinct free ports on 127.0.0.1, never one this test binary handed out before.
+///
+/// A port is free only until someone binds it: the kernel may give a just-released port to the
+/// next `bind(0)`, so two servers a test starts one after the other could be handed the same port
+/// (one server's peer port, the other's client port). Remembering every port handed out in this
+/// process rules that out between the servers of one binary.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut held = Vec::new();
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = l.local_addr().expect("bound address").port();
+        if handed.insert(port) {
+            ports.push(port);
+        }
+        held.push(l);
+    }
+    ports
 }
 
 /// Output bytes as text.
