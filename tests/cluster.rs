@@ -384,25 +384,6 @@ fn spindle_serve_members_bootstrap_serve_etcdctl_and_survive_a_leader_kill() {
     let v: serde_json::Value = serde_json::from_str(&out.stdout).expect(&out.stderr);
     assert_eq!(v["header"]["member_id"].as_u64(), Some(own(&follower)));
     assert_ne!(own(&follower), own(&servers[l].endpoint()));
-    // A call another member already forwarded is answered or refused here, never passed on
-    // again: two members with crossing views of the leader cannot bounce it between them.
-    let ep = follower.clone();
-    let refused = spindle::runtime::run_local(move || async move {
-        let mut c = spindle::bench::client::Client::connect(&ep).await.unwrap();
-        let req = spindle::proto::etcdserverpb::PutRequest {
-            key: b"hop".to_vec().into(),
-            value: b"1".to_vec().into(),
-            ..Default::default()
-        };
-        c.unary_with::<_, spindle::proto::etcdserverpb::PutResponse>(
-            "/etcdserverpb.KV/Put",
-            &req,
-            &[("spindle-forwarded", "1")],
-        )
-        .await
-    });
-    let status = refused.expect_err("a follower does not pass a forwarded put on");
-    assert_eq!(status.message, "etcdserver: not leader", "{status:?}");
     // A linearizable read on a follower sees a write the leader just acknowledged.
     for i in 0..5 {
         let v = format!("lin{i}");

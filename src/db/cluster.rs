@@ -395,6 +395,10 @@ pub(super) fn start(core: &Rc<Core>) -> Result<()> {
                 match inbound {
                     Inbound::Raft(shard, msg) => core.peer_message(shard, msg),
                     Inbound::Stamp(st) => core.peer_stamp(st),
+                    Inbound::Call(from, call, replies) => core.serve_relayed(from, call, replies),
+                    Inbound::Answer(a) => core.relay.answered(a),
+                    Inbound::Unsent(_, ids) => core.relay.unsent(ids),
+                    Inbound::Lost(to) => core.relay.lost(to),
                 }
             }
         }),
@@ -769,6 +773,8 @@ impl Core {
             }
         }
         self.reconcile_groups();
+        self.relay
+            .check(cl.leader_node(), std::time::Instant::now());
     }
 }
 

@@ -131,6 +131,8 @@ pub(super) struct Core {
     pub(super) catchup: Rc<super::catchup::Catchup>,
     /// When each member last spoke in shard 0's group (on the core owning shard 0).
     pub(super) heard: std::cell::RefCell<std::collections::HashMap<u64, std::time::Instant>>,
+    /// Client calls relayed to or from the leader node through this core's transport.
+    pub(super) relay: super::relay::Relay,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -199,6 +201,7 @@ pub(super) async fn run_core(
         catchup: Default::default(),
         hub: Hub::new(),
         heard: Default::default(),
+        relay: Default::default(),
     });
     if let Err(e) = super::cluster::start(&core) {
         let _ = ready.send(Err(e));

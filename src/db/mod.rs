@@ -13,6 +13,7 @@ mod core;
 mod lease;
 mod members;
 mod recover;
+mod relay;
 mod route;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ pub use self::cluster::ClusterOptions;
 use self::cluster::ClusterState;
 use self::core::{oneshot, run_core, ClientReq, Core, Feed, Msg, Reply, ShardOp};
 use self::recover::{recover_all, recovered_leases, RecoveredShard};
+pub use self::relay::{CallHandler, CallResult, RelayError};
 use self::route::Shared;
 use crate::engine::checkpoint::{self, CheckpointInfo};
 use crate::engine::meta;
@@ -533,31 +535,6 @@ impl LocalDb {
                 })
                 .collect(),
         )
-    }
-
-    /// A client URL of the member leading the cluster, when another member leads and has
-    /// announced one (followers forward writes there).
-    pub fn leader_client_url(&self) -> Option<String> {
-        let cl = self.core.shared.cluster.as_ref()?;
-        let leader = cl.leader_node();
-        if leader == 0 || leader == cl.member_id {
-            return None;
-        }
-        // Its handshake's URLs are the freshest; the membership record has them too once the
-        // leader published them, also when this member has not connected to it yet.
-        let announced = cl
-            .peer_info
-            .read()
-            .ok()
-            .and_then(|info| info.get(&leader)?.client_urls.first().cloned());
-        announced.or_else(|| {
-            cl.membership()
-                .members
-                .get(&leader)?
-                .client_urls
-                .first()
-                .cloned()
-        })
     }
 
     /// The member leading the cluster (the leader of shard 0) as this node last saw it; 0 when

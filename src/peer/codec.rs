@@ -19,7 +19,7 @@ pub const HEADER_LEN: usize = 8;
 /// Largest payload a peer may send (snapshot chunks and append batches stay far below).
 pub const MAX_FRAME: usize = 64 << 20;
 /// Version of the peer protocol; a mismatch is refused at the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CodecError {
@@ -61,9 +61,57 @@ pub enum PeerMsg {
     Join(Join),
     /// The membership record (JSON) answering a `Join`.
     Members(Bytes),
-    /// Raft messages, each tagged with its shard (sender and receiver are the connection's),
-    /// and the sender's read stamps.
-    Batch(Vec<(u32, Message)>, Vec<ReadStamp>),
+    /// What one node sends another in one frame after the handshake.
+    Batch(Batch),
+}
+
+/// One frame's worth of traffic from this node to one peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// Raft messages, each tagged with its shard (sender and receiver are the connection's).
+    pub messages: Vec<(u32, Message)>,
+    /// The sender's read stamps.
+    pub stamps: Vec<ReadStamp>,
+    /// Client calls relayed to the leader node.
+    pub calls: Vec<Call>,
+    /// The leader node's answers to relayed calls.
+    pub answers: Vec<Answer>,
+}
+
+impl Batch {
+    /// Whether there is anything to send (stamps only ride along with other traffic).
+    pub fn has_traffic(&self) -> bool {
+        !(self.messages.is_empty() && self.calls.is_empty() && self.answers.is_empty())
+    }
+
+    /// Raft messages, calls and answers in it.
+    pub fn items(&self) -> usize {
+        self.messages.len() + self.calls.len() + self.answers.len()
+    }
+}
+
+/// A client call a follower relays to the leader node (`server::forward`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Call {
+    /// Unique on the sending core while the call is pending.
+    pub id: u64,
+    /// The sending core: its answer must reach this core.
+    pub core: u32,
+    /// The gRPC method.
+    pub path: String,
+    /// The request's gRPC messages, each length-prefixed as on the wire.
+    pub body: Bytes,
+}
+
+/// The leader node's answer to a [`Call`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Answer {
+    pub id: u64,
+    pub core: u32,
+    /// gRPC status code; 0 (OK) carries the response message in `body`.
+    pub code: u32,
+    pub message: String,
+    pub body: Bytes,
 }
 
 /// A leader's promise about one shard's log: every record at or below `revision` is at or
@@ -210,16 +258,27 @@ pub fn encode_members(membership: &[u8]) -> Bytes {
     finish(fbb, fb::Body::Members, members.as_union_value())
 }
 
-/// One framed batch of Raft messages (all from this node to one peer).
-pub fn encode_batch(msgs: &[(u32, Message)], stamps: &[ReadStamp]) -> Bytes {
+/// One framed batch (all from this node to one peer).
+pub fn encode_batch(batch: &Batch) -> Bytes {
+    let msgs = &batch.messages;
     let size: usize = msgs
         .iter()
         .map(|(_, m)| 96 + m.entries.iter().map(|e| e.data.len() + 48).sum::<usize>())
-        .sum();
+        .sum::<usize>()
+        + batch
+            .calls
+            .iter()
+            .map(|c| 64 + c.path.len() + c.body.len())
+            .sum::<usize>()
+        + batch
+            .answers
+            .iter()
+            .map(|a| 64 + a.message.len() + a.body.len())
+            .sum::<usize>();
     let mut fbb = FlatBufferBuilder::with_capacity(size.min(MAX_FRAME));
     let mut beats = Vec::new();
     let mut full = Vec::new();
-    for (shard, m) in msgs {
+    for (shard, m) in msgs.iter() {
         if let Some(b) = as_beat(*shard, m) {
             beats.push(b);
             continue;
@@ -286,17 +345,57 @@ pub fn encode_batch(msgs: &[(u32, Message)], stamps: &[ReadStamp]) -> Bytes {
     }
     let messages = (!full.is_empty()).then(|| fbb.create_vector(&full));
     let beats = (!beats.is_empty()).then(|| fbb.create_vector(&beats));
-    let stamps: Vec<fb::Stamp> = stamps
+    let stamps: Vec<fb::Stamp> = batch
+        .stamps
         .iter()
         .map(|s| fb::Stamp::new(s.shard, s.index, s.revision))
         .collect();
     let stamps = (!stamps.is_empty()).then(|| fbb.create_vector(&stamps));
+    let calls: Vec<_> = batch
+        .calls
+        .iter()
+        .map(|c| {
+            let path = fbb.create_string(&c.path);
+            let body = fbb.create_vector(&c.body[..]);
+            fb::Call::create(
+                &mut fbb,
+                &fb::CallArgs {
+                    id: c.id,
+                    core: c.core,
+                    path: Some(path),
+                    body: Some(body),
+                },
+            )
+        })
+        .collect();
+    let calls = (!calls.is_empty()).then(|| fbb.create_vector(&calls));
+    let answers: Vec<_> = batch
+        .answers
+        .iter()
+        .map(|a| {
+            let message = fbb.create_string(&a.message);
+            let body = fbb.create_vector(&a.body[..]);
+            fb::Answer::create(
+                &mut fbb,
+                &fb::AnswerArgs {
+                    id: a.id,
+                    core: a.core,
+                    code: a.code,
+                    message: Some(message),
+                    body: Some(body),
+                },
+            )
+        })
+        .collect();
+    let answers = (!answers.is_empty()).then(|| fbb.create_vector(&answers));
     let batch = fb::Batch::create(
         &mut fbb,
         &fb::BatchArgs {
             messages,
             beats,
             stamps,
+            calls,
+            answers,
         },
     );
     finish(fbb, fb::Body::Batch, batch.as_union_value())
@@ -459,7 +558,35 @@ pub fn decode(payload: &Bytes, from: NodeId, to: NodeId) -> Result<PeerMsg, Code
                     revision: st.revision(),
                 })
                 .collect();
-            Ok(PeerMsg::Batch(out, stamps))
+            let calls = b
+                .calls()
+                .iter()
+                .flatten()
+                .map(|c| Call {
+                    id: c.id(),
+                    core: c.core(),
+                    path: c.path().unwrap_or_default().to_string(),
+                    body: slice(payload, c.body()),
+                })
+                .collect();
+            let answers = b
+                .answers()
+                .iter()
+                .flatten()
+                .map(|a| Answer {
+                    id: a.id(),
+                    core: a.core(),
+                    code: a.code(),
+                    message: a.message().unwrap_or_default().to_string(),
+                    body: slice(payload, a.body()),
+                })
+                .collect();
+            Ok(PeerMsg::Batch(Batch {
+                messages: out,
+                stamps,
+                calls,
+                answers,
+            }))
         }
         other => Err(malformed(format!("body type {}", other.0))),
     }
@@ -552,23 +679,36 @@ mod tests {
         fn batches_round_trip(
             msgs in prop::collection::vec(any_message(), 0..12),
             stamps in prop::collection::vec((0u32..64, any::<u64>(), any::<i64>()), 0..4),
+            calls in prop::collection::vec((any::<u64>(), any::<u32>(), ".{0,30}", prop::collection::vec(any::<u8>(), 0..64)), 0..4),
+            answers in prop::collection::vec((any::<u64>(), any::<u32>(), any::<u32>(), ".{0,30}", prop::collection::vec(any::<u8>(), 0..64)), 0..4),
         ) {
             let stamps: Vec<ReadStamp> = stamps
                 .into_iter()
                 .map(|(shard, index, revision)| ReadStamp { shard, index, revision })
                 .collect();
-            let frames = read_all(&encode_batch(&msgs, &stamps)).unwrap();
+            let calls: Vec<Call> = calls
+                .into_iter()
+                .map(|(id, core, path, body)| Call { id, core, path, body: body.into() })
+                .collect();
+            let answers: Vec<Answer> = answers
+                .into_iter()
+                .map(|(id, core, code, message, body)| Answer { id, core, code, message, body: body.into() })
+                .collect();
+            let batch = Batch { messages: msgs.clone(), stamps, calls, answers };
+            let frames = read_all(&encode_batch(&batch)).unwrap();
             prop_assert_eq!(frames.len(), 1);
-            let PeerMsg::Batch(mut got, got_stamps) = decode(&frames[0], 7, 9).unwrap() else {
+            let PeerMsg::Batch(mut got) = decode(&frames[0], 7, 9).unwrap() else {
                 panic!("not a batch")
             };
-            prop_assert_eq!(got_stamps, stamps);
+            prop_assert_eq!(&got.stamps, &batch.stamps);
+            prop_assert_eq!(&got.calls, &batch.calls);
+            prop_assert_eq!(&got.answers, &batch.answers);
             // Beats are grouped first; compare as multisets in a fixed order.
             let mut want = msgs.clone();
             let key = |(s, m): &(u32, Message)| (*s, format!("{m:?}"));
             want.sort_by_key(key);
-            got.sort_by_key(key);
-            prop_assert_eq!(got, want);
+            got.messages.sort_by_key(key);
+            prop_assert_eq!(got.messages, want);
         }
 
         #[test]
@@ -582,7 +722,8 @@ mod tests {
 
         #[test]
         fn flipped_bytes_are_caught(msgs in prop::collection::vec(any_message(), 1..4), at in any::<prop::sample::Index>(), bit in 0u8..8) {
-            let mut bytes = encode_batch(&msgs, &[]).to_vec();
+            let batch = Batch { messages: msgs, ..Default::default() };
+            let mut bytes = encode_batch(&batch).to_vec();
             let i = HEADER_LEN + at.index(bytes.len() - HEADER_LEN);
             bytes[i] ^= 1 << bit;
             let caught = matches!(read_all(&bytes), Err(CodecError::Checksum { .. }));
@@ -600,13 +741,14 @@ mod tests {
                 (s, m)
             })
             .collect();
-        let frame = encode_batch(&msgs, &[]);
+        let batch = Batch {
+            messages: msgs,
+            ..Default::default()
+        };
+        let frame = encode_batch(&batch);
         assert!(frame.len() < 32 * 48, "{} bytes for 32 beats", frame.len());
         let payload = read_all(&frame).unwrap().remove(0);
-        assert_eq!(
-            decode(&payload, 7, 9).unwrap(),
-            PeerMsg::Batch(msgs, vec![])
-        );
+        assert_eq!(decode(&payload, 7, 9).unwrap(), PeerMsg::Batch(batch));
     }
 
     #[test]

@@ -1168,6 +1168,317 @@ impl ::core::fmt::Debug for Message<'_> {
       ds.finish()
   }
 }
+pub enum CallOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Call<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Call<'a> {
+  type Inner = Call<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Call<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CORE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PATH: ::flatbuffers::VOffsetT = 8;
+  pub const VT_BODY: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Call { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CallArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Call<'bldr>> {
+    let mut builder = CallBuilder::new(_fbb);
+    builder.add_id(args.id);
+    if let Some(x) = args.body { builder.add_body(x); }
+    if let Some(x) = args.path { builder.add_path(x); }
+    builder.add_core(args.core);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Call::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn core(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Call::VT_CORE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn path(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Call::VT_PATH, None)}
+  }
+  #[inline]
+  pub fn body(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Call::VT_BODY, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Call<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<u32>("core", Self::VT_CORE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("path", Self::VT_PATH, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("body", Self::VT_BODY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CallArgs<'a> {
+    pub id: u64,
+    pub core: u32,
+    pub path: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub body: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for CallArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CallArgs {
+      id: 0,
+      core: 0,
+      path: None,
+      body: None,
+    }
+  }
+}
+
+pub struct CallBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CallBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(Call::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_core(&mut self, core: u32) {
+    self.fbb_.push_slot::<u32>(Call::VT_CORE, core, 0);
+  }
+  #[inline]
+  pub fn add_path(&mut self, path: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Call::VT_PATH, path);
+  }
+  #[inline]
+  pub fn add_body(&mut self, body: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Call::VT_BODY, body);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CallBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CallBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Call<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Call<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Call");
+      ds.field("id", &self.id());
+      ds.field("core", &self.core());
+      ds.field("path", &self.path());
+      ds.field("body", &self.body());
+      ds.finish()
+  }
+}
+pub enum AnswerOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Answer<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Answer<'a> {
+  type Inner = Answer<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Answer<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CORE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CODE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_MESSAGE: ::flatbuffers::VOffsetT = 10;
+  pub const VT_BODY: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Answer { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args AnswerArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Answer<'bldr>> {
+    let mut builder = AnswerBuilder::new(_fbb);
+    builder.add_id(args.id);
+    if let Some(x) = args.body { builder.add_body(x); }
+    if let Some(x) = args.message { builder.add_message(x); }
+    builder.add_code(args.code);
+    builder.add_core(args.core);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Answer::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn core(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Answer::VT_CORE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn code(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Answer::VT_CODE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn message(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Answer::VT_MESSAGE, None)}
+  }
+  #[inline]
+  pub fn body(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Answer::VT_BODY, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Answer<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<u32>("core", Self::VT_CORE, false)?
+     .visit_field::<u32>("code", Self::VT_CODE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("message", Self::VT_MESSAGE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("body", Self::VT_BODY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct AnswerArgs<'a> {
+    pub id: u64,
+    pub core: u32,
+    pub code: u32,
+    pub message: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub body: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for AnswerArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    AnswerArgs {
+      id: 0,
+      core: 0,
+      code: 0,
+      message: None,
+      body: None,
+    }
+  }
+}
+
+pub struct AnswerBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AnswerBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(Answer::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_core(&mut self, core: u32) {
+    self.fbb_.push_slot::<u32>(Answer::VT_CORE, core, 0);
+  }
+  #[inline]
+  pub fn add_code(&mut self, code: u32) {
+    self.fbb_.push_slot::<u32>(Answer::VT_CODE, code, 0);
+  }
+  #[inline]
+  pub fn add_message(&mut self, message: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Answer::VT_MESSAGE, message);
+  }
+  #[inline]
+  pub fn add_body(&mut self, body: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Answer::VT_BODY, body);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AnswerBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    AnswerBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Answer<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Answer<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Answer");
+      ds.field("id", &self.id());
+      ds.field("core", &self.core());
+      ds.field("code", &self.code());
+      ds.field("message", &self.message());
+      ds.field("body", &self.body());
+      ds.finish()
+  }
+}
 pub enum BatchOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -1187,6 +1498,8 @@ impl<'a> Batch<'a> {
   pub const VT_MESSAGES: ::flatbuffers::VOffsetT = 4;
   pub const VT_BEATS: ::flatbuffers::VOffsetT = 6;
   pub const VT_STAMPS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_CALLS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_ANSWERS: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1198,6 +1511,8 @@ impl<'a> Batch<'a> {
     args: &'args BatchArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Batch<'bldr>> {
     let mut builder = BatchBuilder::new(_fbb);
+    if let Some(x) = args.answers { builder.add_answers(x); }
+    if let Some(x) = args.calls { builder.add_calls(x); }
     if let Some(x) = args.stamps { builder.add_stamps(x); }
     if let Some(x) = args.beats { builder.add_beats(x); }
     if let Some(x) = args.messages { builder.add_messages(x); }
@@ -1226,6 +1541,20 @@ impl<'a> Batch<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, Stamp>>>(Batch::VT_STAMPS, None)}
   }
+  #[inline]
+  pub fn calls(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Call<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Call>>>>(Batch::VT_CALLS, None)}
+  }
+  #[inline]
+  pub fn answers(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Answer<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Answer>>>>(Batch::VT_ANSWERS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Batch<'_> {
@@ -1237,6 +1566,8 @@ impl ::flatbuffers::Verifiable for Batch<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Message>>>>("messages", Self::VT_MESSAGES, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, Beat>>>("beats", Self::VT_BEATS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, Stamp>>>("stamps", Self::VT_STAMPS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Call>>>>("calls", Self::VT_CALLS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Answer>>>>("answers", Self::VT_ANSWERS, false)?
      .finish();
     Ok(())
   }
@@ -1245,6 +1576,8 @@ pub struct BatchArgs<'a> {
     pub messages: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Message<'a>>>>>,
     pub beats: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, Beat>>>,
     pub stamps: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, Stamp>>>,
+    pub calls: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Call<'a>>>>>,
+    pub answers: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Answer<'a>>>>>,
 }
 impl<'a> Default for BatchArgs<'a> {
   #[inline]
@@ -1253,6 +1586,8 @@ impl<'a> Default for BatchArgs<'a> {
       messages: None,
       beats: None,
       stamps: None,
+      calls: None,
+      answers: None,
     }
   }
 }
@@ -1275,6 +1610,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BatchBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Batch::VT_STAMPS, stamps);
   }
   #[inline]
+  pub fn add_calls(&mut self, calls: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Call<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Batch::VT_CALLS, calls);
+  }
+  #[inline]
+  pub fn add_answers(&mut self, answers: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Answer<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Batch::VT_ANSWERS, answers);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BatchBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     BatchBuilder {
@@ -1295,6 +1638,8 @@ impl ::core::fmt::Debug for Batch<'_> {
       ds.field("messages", &self.messages());
       ds.field("beats", &self.beats());
       ds.field("stamps", &self.stamps());
+      ds.field("calls", &self.calls());
+      ds.field("answers", &self.answers());
       ds.finish()
   }
 }

@@ -1,11 +1,14 @@
 //! The peer transport of one core: a listener on the node's peer port (every core binds it with
 //! SO_REUSEPORT) and, per remote member, one outgoing connection this core dials lazily.
 //!
-//! Connections are one-way after the handshake: a node sends on the connection it dialed and
-//! receives on the ones it accepted, so neither side ever waits for the other to read. Messages
-//! queued with [`Transport::send`] between two [`Transport::flush`] calls leave as one batch
-//! frame per destination, one write. Raft tolerates loss, so a broken connection drops what was
-//! queued and is redialed with backoff; nothing here retries a message.
+//! Raft traffic is one-way after the handshake: a node sends on the connection it dialed and
+//! receives on the ones it accepted, so neither side ever waits for the other to read. The one
+//! exception is relayed client calls ([`Transport::call`]): the leader node answers each on the
+//! connection it arrived on, so the answer reaches the very core that sent the call, and the
+//! dialing side learns at once when that connection dies with calls in flight
+//! ([`Inbound::Lost`]). Everything queued between two [`Transport::flush`] calls leaves as one
+//! batch frame per destination, one write. Raft tolerates loss, so a broken connection drops what
+//! was queued and is redialed with backoff; nothing here retries a message or a call.
 //!
 //! Both sides check the other's `Hello` ([`check_hello`]): another cluster, another token,
 //! another shard count or protocol version, or a member the cluster does not know is refused with
@@ -20,19 +23,55 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::io::{ReadHalf, WriteHalf};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
-use super::codec::{self, FrameReader, Hello, Join, PeerMsg, ReadStamp, PROTOCOL_VERSION};
+use super::codec::{
+    self, Answer, Batch, Call, FrameReader, Hello, Join, PeerMsg, ReadStamp, PROTOCOL_VERSION,
+};
 use crate::raft::{Message, NodeId};
 
-/// What arrives on this core from a peer.
+/// What arrives on this core from a peer, or what became of calls this core relayed.
 #[derive(Debug)]
 pub enum Inbound {
     /// A Raft message of `shard`'s group.
     Raft(u32, Message),
     /// The sender's read stamp for one of its shards.
     Stamp(ReadStamp),
+    /// A client call relayed by member `from`, to be answered through `reply`.
+    Call(NodeId, Call, Rc<Replies>),
+    /// The answer to a call this core relayed.
+    Answer(Answer),
+    /// Calls this core queued for `to` that never left: no connection could be made.
+    Unsent(NodeId, Vec<u64>),
+    /// The connection to `to` broke: calls already written to it may or may not have run.
+    Lost(NodeId),
+}
+
+/// The way back for answers to the calls that arrived on one accepted connection.
+pub struct Replies {
+    queue: RefCell<Vec<Answer>>,
+    ready: event_listener::Event,
+    closed: Cell<bool>,
+}
+
+impl std::fmt::Debug for Replies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Replies")
+    }
+}
+
+impl Replies {
+    /// Queues `answer`; answers queued together leave in one frame. Dropped if the
+    /// connection is gone (the caller's side learns that from the broken connection).
+    pub fn send(&self, answer: Answer) {
+        if self.closed.get() {
+            return;
+        }
+        self.queue.borrow_mut().push(answer);
+        self.ready.notify(1);
+    }
 }
 
 /// Receives everything that arrives on this core.
@@ -219,9 +258,8 @@ pub fn check_hello(
 /// Connections to one remote member.
 struct Link {
     to: NodeId,
-    queue: RefCell<Vec<(u32, Message)>>,
-    /// The newest read stamp per shard, sent with the next frame.
-    stamps: RefCell<Vec<ReadStamp>>,
+    /// What leaves with the next frame; read stamps (the newest per shard) only ride along.
+    queue: RefCell<Batch>,
     ready: event_listener::Event,
     /// A frame is being written.
     writing: Cell<bool>,
@@ -274,13 +312,22 @@ impl Transport {
     /// Queues `msg` of `shard`'s group for member `to`; it leaves at the next [`Self::flush`].
     pub fn send(self: &Rc<Self>, to: NodeId, shard: u32, msg: Message) {
         let link = self.link(to);
-        link.queue.borrow_mut().push((shard, msg));
+        link.queue.borrow_mut().messages.push((shard, msg));
+    }
+
+    /// Queues a client call for member `to`; it leaves at the next [`Self::flush`]. Its answer
+    /// arrives as [`Inbound::Answer`] on this core, or its fate as [`Inbound::Unsent`] /
+    /// [`Inbound::Lost`].
+    pub fn call(self: &Rc<Self>, to: NodeId, call: Call) {
+        let link = self.link(to);
+        link.queue.borrow_mut().calls.push(call);
     }
 
     /// Attaches `stamp` to the next frame for `to` (replacing an older one of its shard).
     pub fn stamp(self: &Rc<Self>, to: NodeId, stamp: ReadStamp) {
         let link = self.link(to);
-        let mut stamps = link.stamps.borrow_mut();
+        let mut q = link.queue.borrow_mut();
+        let stamps = &mut q.stamps;
         match stamps.iter_mut().find(|s| s.shard == stamp.shard) {
             Some(s) => *s = stamp,
             None => stamps.push(stamp),
@@ -295,7 +342,7 @@ impl Transport {
         };
         loop {
             let l = link.taken.listen();
-            if (link.queue.borrow().is_empty() && !link.writing.get()) || self.closed.get() {
+            if (!link.queue.borrow().has_traffic() && !link.writing.get()) || self.closed.get() {
                 return;
             }
             l.await;
@@ -305,7 +352,7 @@ impl Transport {
     /// Sends everything queued: one frame, one write per destination.
     pub fn flush(&self) {
         for link in self.links.borrow().values() {
-            if !link.queue.borrow().is_empty() {
+            if link.queue.borrow().has_traffic() {
                 link.ready.notify(1);
             }
         }
@@ -326,8 +373,7 @@ impl Transport {
         }
         let link = Rc::new(Link {
             to,
-            queue: RefCell::new(Vec::new()),
-            stamps: RefCell::new(Vec::new()),
+            queue: RefCell::default(),
             ready: event_listener::Event::new(),
             writing: Cell::new(false),
             taken: event_listener::Event::new(),
@@ -371,7 +417,7 @@ impl Transport {
 }
 
 async fn read_frame(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     reader: &mut FrameReader,
     buf: &mut [u8],
 ) -> Result<Option<bytes::Bytes>, String> {
@@ -447,42 +493,139 @@ async fn serve_inbound(t: &Rc<Transport>, mut stream: TcpStream) -> Result<(), S
         .await
         .map_err(|e| e.to_string())?;
     let (from, to) = (hello.member_id, t.cfg.local.member_id);
-    while let Some(frame) = read_frame(&mut stream, &mut reader, &mut buf).await? {
-        match codec::decode(&frame, from, to).map_err(|e| e.to_string())? {
-            PeerMsg::Batch(msgs, stamps) => {
-                t.stats
-                    .frames_received
-                    .set(t.stats.frames_received.get() + 1);
-                let shards = t.cfg.local.shards;
-                if let Some(shard) = msgs
-                    .iter()
-                    .map(|(s, _)| *s)
-                    .chain(stamps.iter().map(|s| s.shard))
-                    .find(|&s| s >= shards)
-                {
-                    return Err(format!("message for shard {shard} of {shards}"));
-                }
-                for (shard, m) in msgs {
-                    (t.handler)(Inbound::Raft(shard, m));
-                }
-                for st in stamps {
-                    (t.handler)(Inbound::Stamp(st));
-                }
+    let (mut rd, wr) = futures_lite::io::split(stream);
+    let replies = Rc::new(Replies {
+        queue: RefCell::default(),
+        ready: event_listener::Event::new(),
+        closed: Cell::new(false),
+    });
+    glommio::spawn_local(write_replies(t.clone(), wr, replies.clone())).detach();
+    let served = async {
+        while let Some(frame) = read_frame(&mut rd, &mut reader, &mut buf).await? {
+            let PeerMsg::Batch(batch) =
+                codec::decode(&frame, from, to).map_err(|e| e.to_string())?
+            else {
+                return Err("unexpected frame after the handshake".to_string());
+            };
+            t.stats
+                .frames_received
+                .set(t.stats.frames_received.get() + 1);
+            let shards = t.cfg.local.shards;
+            if let Some(shard) = batch
+                .messages
+                .iter()
+                .map(|(s, _)| *s)
+                .chain(batch.stamps.iter().map(|s| s.shard))
+                .find(|&s| s >= shards)
+            {
+                return Err(format!("message for shard {shard} of {shards}"));
             }
-            other => return Err(format!("unexpected frame after the handshake: {other:?}")),
+            if !batch.answers.is_empty() {
+                return Err("answers on a connection that carries calls".to_string());
+            }
+            for (shard, m) in batch.messages {
+                (t.handler)(Inbound::Raft(shard, m));
+            }
+            for st in batch.stamps {
+                (t.handler)(Inbound::Stamp(st));
+            }
+            for c in batch.calls {
+                (t.handler)(Inbound::Call(from, c, replies.clone()));
+            }
+        }
+        Ok(())
+    }
+    .await;
+    replies.closed.set(true);
+    replies.ready.notify(usize::MAX);
+    served
+}
+
+/// Writes the answers to calls that arrived on one accepted connection back on it, those
+/// ready together in one frame, until the connection ends.
+async fn write_replies(t: Rc<Transport>, mut wr: WriteHalf<TcpStream>, replies: Rc<Replies>) {
+    loop {
+        let l = replies.ready.listen();
+        if replies.closed.get() || t.closed.get() {
+            return;
+        }
+        if replies.queue.borrow().is_empty() {
+            if t.until_closed(l).await.is_none() {
+                return;
+            }
+            continue;
+        }
+        let batch = Batch {
+            answers: std::mem::take(&mut *replies.queue.borrow_mut()),
+            ..Default::default()
+        };
+        match t
+            .until_closed(wr.write_all(&codec::encode_batch(&batch)))
+            .await
+        {
+            Some(Ok(())) => t.stats.frames_sent.set(t.stats.frames_sent.get() + 1),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "writing answers to a peer failed");
+                replies.closed.set(true);
+                return;
+            }
+            None => return,
         }
     }
-    Ok(())
+}
+
+/// Reads the answers that come back on a connection this core dialed, until it ends; then
+/// marks the link broken so its next write redials.
+async fn read_answers(
+    t: Rc<Transport>,
+    link: Rc<Link>,
+    mut rd: ReadHalf<TcpStream>,
+    broken: Rc<Cell<bool>>,
+) {
+    let mut reader = FrameReader::default();
+    let mut buf = vec![0u8; 64 << 10];
+    let (from, to) = (link.to, t.cfg.local.member_id);
+    let ended = loop {
+        let frame = match t
+            .until_closed(read_frame(&mut rd, &mut reader, &mut buf))
+            .await
+        {
+            None => return,
+            Some(Ok(Some(f))) => f,
+            Some(Ok(None)) => break "closed by the peer".to_string(),
+            Some(Err(e)) => break e,
+        };
+        match codec::decode(&frame, from, to) {
+            Ok(PeerMsg::Batch(b)) if !b.has_traffic() || b.answers.len() == b.items() => {
+                for a in b.answers {
+                    (t.handler)(Inbound::Answer(a));
+                }
+            }
+            Ok(_) => break "unexpected frame on a dialed connection".to_string(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    tracing::debug!(to = %format!("{:x}", link.to), reason = %ended, "dialed peer connection ended");
+    broken.set(true);
+    link.ready.notify(usize::MAX);
+    (t.handler)(Inbound::Lost(link.to));
 }
 
 /// Keeps a connection to `link.to` while there is something to send.
 async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
     let mut backoff = Duration::from_millis(50);
-    let mut conn: Option<TcpStream> = None;
+    // The write half of the connection, and whether its reader saw it end.
+    let mut conn: Option<(WriteHalf<TcpStream>, Rc<Cell<bool>>)> = None;
     while !t.closed.get() {
-        if link.queue.borrow().is_empty() {
+        if conn.as_ref().is_some_and(|(_, broken)| broken.get()) {
+            conn = None;
+        }
+        if !link.queue.borrow().has_traffic() {
             let listener = link.ready.listen();
-            if link.queue.borrow().is_empty() && !t.closed.get() {
+            if !link.queue.borrow().has_traffic()
+                && !t.closed.get()
+                && !conn.as_ref().is_some_and(|(_, broken)| broken.get())
+            {
                 listener.await;
             }
             continue;
@@ -494,13 +637,24 @@ async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
             match dialed {
                 Ok(s) => {
                     backoff = Duration::from_millis(50);
-                    conn = Some(s);
+                    let (rd, wr) = futures_lite::io::split(s);
+                    let broken = Rc::new(Cell::new(false));
+                    glommio::spawn_local(read_answers(t.clone(), link.clone(), rd, broken.clone()))
+                        .detach();
+                    conn = Some((wr, broken));
                 }
                 Err(e) => {
-                    // Raft resends what matters; what was queued for a dead peer is dropped.
-                    let n = std::mem::take(&mut *link.queue.borrow_mut()).len() as u64;
+                    // Raft resends what matters; what was queued for a dead peer is dropped,
+                    // and the callers of relayed calls learn that theirs never left.
+                    let dropped = std::mem::take(&mut *link.queue.borrow_mut());
                     link.taken.notify(usize::MAX);
-                    t.stats.dropped.set(t.stats.dropped.get() + n);
+                    t.stats
+                        .dropped
+                        .set(t.stats.dropped.get() + dropped.items() as u64);
+                    if !dropped.calls.is_empty() {
+                        let ids = dropped.calls.iter().map(|c| c.id).collect();
+                        (t.handler)(Inbound::Unsent(link.to, ids));
+                    }
                     tracing::debug!(to = %format!("{:x}", link.to), error = %e, "peer dial failed");
                     if e.starts_with("refused") {
                         tracing::warn!(to = %format!("{:x}", link.to), error = %e, "peer refused us");
@@ -513,9 +667,10 @@ async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
             }
         }
         let batch = std::mem::take(&mut *link.queue.borrow_mut());
-        let stamps = std::mem::take(&mut *link.stamps.borrow_mut());
-        let frame = codec::encode_batch(&batch, &stamps);
-        let Some(s) = conn.as_mut() else { continue };
+        let frame = codec::encode_batch(&batch);
+        let Some((s, _)) = conn.as_mut() else {
+            continue;
+        };
         link.writing.set(true);
         let written = t.until_closed(s.write_all(&frame)).await;
         link.writing.set(false);
@@ -527,8 +682,11 @@ async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
             tracing::debug!(to = %format!("{:x}", link.to), error = %e, "peer write failed");
             t.stats
                 .dropped
-                .set(t.stats.dropped.get() + batch.len() as u64);
+                .set(t.stats.dropped.get() + batch.items() as u64);
             conn = None;
+            if !batch.calls.is_empty() {
+                (t.handler)(Inbound::Lost(link.to));
+            }
             continue;
         }
         t.stats.frames_sent.set(t.stats.frames_sent.get() + 1);
@@ -685,6 +843,98 @@ mod tests {
             a.close();
             b.close();
             c.close();
+        });
+    }
+
+    #[test]
+    fn calls_are_answered_on_their_connection_and_a_dead_peer_fails_them() {
+        run_local(|| async {
+            let ports: BTreeMap<u64, u16> =
+                [(1, free_port()), (2, free_port())].into_iter().collect();
+            // Member 2 answers every call with its path reversed; member 1 records what comes.
+            let listener = TcpListener::bind(("127.0.0.1", ports[&2])).unwrap();
+            let b = Transport::start(
+                cfg(2, 1, "tok", &ports),
+                listener,
+                Rc::new(|inbound| {
+                    if let Inbound::Call(from, c, replies) = inbound {
+                        assert_eq!(from, 1);
+                        replies.send(Answer {
+                            id: c.id,
+                            core: c.core,
+                            code: 0,
+                            message: String::new(),
+                            body: c.path.chars().rev().collect::<String>().into(),
+                        });
+                    }
+                }),
+            );
+            let got: Rc<RefCell<Vec<String>>> = Rc::default();
+            let sink = got.clone();
+            let listener = TcpListener::bind(("127.0.0.1", ports[&1])).unwrap();
+            let a = Transport::start(
+                cfg(1, 1, "tok", &ports),
+                listener,
+                Rc::new(move |inbound| match inbound {
+                    Inbound::Answer(a) => sink.borrow_mut().push(format!(
+                        "{} {}",
+                        a.id,
+                        String::from_utf8_lossy(&a.body)
+                    )),
+                    Inbound::Lost(to) => sink.borrow_mut().push(format!("lost {to}")),
+                    Inbound::Unsent(to, ids) => {
+                        sink.borrow_mut().push(format!("unsent {to} {ids:?}"))
+                    }
+                    _ => {}
+                }),
+            );
+            for (id, path) in [(1, "/a/put"), (2, "/b/txn")] {
+                a.call(
+                    2,
+                    Call {
+                        id,
+                        core: 0,
+                        path: path.into(),
+                        body: Bytes::new(),
+                    },
+                );
+            }
+            a.flush();
+            assert!(
+                wait_for(|| got.borrow().len() == 2).await,
+                "{:?}",
+                got.borrow()
+            );
+            assert_eq!(*got.borrow(), ["1 tup/a/", "2 nxt/b/"]);
+            assert_eq!(a.stats.frames_sent.get(), 1, "both calls in one frame");
+
+            // The answering member goes away: the caller hears that its connection is lost,
+            // and a call queued after that, with nobody to dial, never left.
+            b.close();
+            assert!(
+                wait_for(|| got.borrow().len() == 3).await,
+                "{:?}",
+                got.borrow()
+            );
+            assert_eq!(got.borrow()[2], "lost 2");
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            a.call(
+                2,
+                Call {
+                    id: 3,
+                    core: 0,
+                    path: "/c".into(),
+                    body: Bytes::new(),
+                },
+            );
+            a.flush();
+            assert!(
+                wait_for(|| got.borrow().len() == 4).await,
+                "{:?}",
+                got.borrow()
+            );
+            assert_eq!(got.borrow()[3], "unsent 2 [3]");
+            a.close();
         });
     }
 

@@ -26,6 +26,7 @@ use crate::mvcc::EventKind;
 use crate::proto::v3electionpb as epb;
 
 pub const OBSERVE: &str = "/v3electionpb.Election/Observe";
+pub const CAMPAIGN: &str = "/v3electionpb.Election/Campaign";
 
 fn not_leader() -> Status {
     Status::new(Code::Unknown, "election: not leader")
@@ -50,7 +51,7 @@ pub(super) async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<
 
 async fn serve(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<Bytes, Status> {
     match path {
-        "/v3electionpb.Election/Campaign" => {
+        CAMPAIGN => {
             let req: epb::CampaignRequest = one(msgs)?;
             Ok(enc(&campaign(ctx, req).await?))
         }

@@ -1,36 +1,21 @@
-//! Followers forward what only the leader can do (writes, lease and lock/election calls) to
-//! the member leading the cluster, over one HTTP/2 connection per core and leader, and relay
-//! its answer: clients may talk to any member, as they do with etcd.
+//! Followers forward what only the leader can do (writes, lease and lock/election calls, and
+//! linearizable reads) to the member leading the cluster over the peer transport, and relay its
+//! answer: clients may talk to any member, as they do with etcd. Each core's calls to the leader
+//! leave in that core's peer frames, many clients' calls in one write (`db::relay`).
 //!
 //! A request is forwarded only when this member refused it before executing anything
-//! (`etcdserver: not leader`), so a forwarded write never runs twice.
+//! (`etcdserver: not leader`), so a forwarded write never runs twice; the leader runs it as
+//! [`Hop::Forwarded`], which it answers or refuses but never passes on.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{Request, Uri};
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http2::SendRequest;
 
-use super::grpc::{decode_messages, status_of, Code, Status};
-use crate::runtime::io::{Conn, LocalExec};
-
-/// This core's connections to leaders, by authority.
-#[derive(Default)]
-pub struct Forwarder {
-    conns: RefCell<HashMap<String, SendRequest<Full<Bytes>>>>,
-}
-
-/// Marks a call one member forwarded to another (see `server::Hop`).
-pub(super) const FORWARDED_HEADER: &str = "spindle-forwarded";
-
-fn unavailable(what: impl std::fmt::Display) -> Status {
-    Status::new(
-        Code::Unavailable,
-        format!("etcdserver: leader unreachable: {what}"),
-    )
-}
+use super::grpc::{decode_messages, Code, Status};
+use super::{call_anywhere, Ctx, Hop};
+use crate::db::{CallHandler, LocalDb, RelayError};
 
 impl From<ForwardError> for Status {
     fn from(e: ForwardError) -> Status {
@@ -46,96 +31,65 @@ impl From<ForwardError> for Status {
 pub enum ForwardError {
     /// Nothing reached the leader (no connection): safe to send elsewhere.
     NotSent(Status),
-    /// The leader answered with this error, or the exchange broke after sending.
+    /// The leader answered with this error, or the call may have reached it.
     Sent(Status),
 }
 
-impl Forwarder {
-    async fn connection(&self, authority: &str) -> Result<SendRequest<Full<Bytes>>, Status> {
-        if let Some(c) = self.conns.borrow().get(authority) {
-            if !c.is_closed() {
-                return Ok(c.clone());
-            }
-        }
-        let stream = glommio::net::TcpStream::connect(authority)
-            .await
-            .map_err(unavailable)?;
-        let _ = stream.set_nodelay(true);
-        let (send, conn) = hyper::client::conn::http2::Builder::new(LocalExec)
-            .handshake(Conn::new(stream))
-            .await
-            .map_err(unavailable)?;
-        glommio::spawn_local(async move {
-            let _ = conn.await;
-        })
-        .detach();
-        self.conns
-            .borrow_mut()
-            .insert(authority.to_string(), send.clone());
-        Ok(send)
-    }
+/// Calls that wait on the leader for as long as they take: nothing gives up on them early.
+fn blocks(path: &str) -> bool {
+    matches!(path, super::lock::LOCK | super::election::CAMPAIGN)
+}
 
-    /// Sends the unary call `path` with `msgs` to `leader_url` and returns its one response
-    /// message, or the leader's error.
-    pub async fn unary(
-        &self,
-        leader_url: &str,
-        path: &str,
-        msgs: &[Bytes],
-    ) -> Result<Bytes, ForwardError> {
-        use ForwardError::{NotSent, Sent};
-        let authority = leader_url
-            .trim_start_matches("http://")
-            .trim_end_matches('/');
-        let mut body = BytesMut::new();
-        for m in msgs {
-            body.put_u8(0);
-            body.put_u32(m.len() as u32);
-            body.put_slice(m);
-        }
-        let uri: Uri = format!("http://{authority}{path}")
-            .parse()
-            .map_err(|e| Sent(Status::new(Code::Internal, format!("bad leader URL: {e}"))))?;
-        let req = Request::post(uri)
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header(FORWARDED_HEADER, "1")
-            .body(Full::new(body.freeze()))
-            .map_err(|e| Sent(Status::new(Code::Internal, e.to_string())))?;
-        let mut send = self.connection(authority).await.map_err(NotSent)?;
-        if let Err(e) = send.ready().await {
-            self.conns.borrow_mut().remove(authority);
-            return Err(NotSent(unavailable(e)));
-        }
-        let resp = match send.send_request(req).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.conns.borrow_mut().remove(authority);
-                return Err(Sent(unavailable(e)));
-            }
-        };
-        if let Some(status) = status_of(resp.headers()) {
-            return Err(Sent(status));
-        }
-        let collected = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| Sent(unavailable(e)))?;
-        if let Some(status) = collected.trailers().and_then(status_of) {
-            return Err(Sent(status));
-        }
-        decode_messages(collected.to_bytes())
-            .map_err(Sent)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| {
-                Sent(Status::new(
-                    Code::Internal,
-                    "empty response from the leader",
-                ))
-            })
+/// Sends the unary call `path` with `msgs` to member `to` and returns its one response message,
+/// or the leader's error.
+pub(super) async fn relay(
+    db: &LocalDb,
+    to: u64,
+    path: &str,
+    msgs: &[Bytes],
+) -> Result<Bytes, ForwardError> {
+    let mut body = BytesMut::with_capacity(msgs.iter().map(|m| m.len() + 5).sum());
+    for m in msgs {
+        body.put_u8(0);
+        body.put_u32(m.len() as u32);
+        body.put_slice(m);
     }
+    match db.relay(to, path, body.freeze(), blocks(path)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err((code, message))) => Err(ForwardError::Sent(Status::new(
+            Code::from_wire(code),
+            message,
+        ))),
+        Err(RelayError::NotSent(e)) => Err(ForwardError::NotSent(e.into())),
+        Err(RelayError::Lost(e)) => Err(ForwardError::Sent(e.into())),
+    }
+}
+
+/// What runs, on the leader node, the calls other members relay to this core. Holds the
+/// context weakly: the context owns the store that owns this handler.
+pub(super) fn relayed_calls(ctx: &Rc<Ctx>) -> CallHandler {
+    let weak: Weak<Ctx> = Rc::downgrade(ctx);
+    Rc::new(move |path: String, body: Bytes| {
+        let weak = weak.clone();
+        Box::pin(async move {
+            let refuse = |s: Status| Err((s.code as u32, s.message));
+            let Some(ctx) = weak.upgrade() else {
+                return refuse(crate::error::Error::Closed.into());
+            };
+            let _in_flight = super::InFlight::enter(&ctx.drain);
+            if ctx.drain.draining.load(Ordering::Acquire) {
+                return refuse(super::server_stopped());
+            }
+            let msgs = match decode_messages(body) {
+                Ok(m) => m,
+                Err(s) => return refuse(s),
+            };
+            match call_anywhere(&ctx, &path, msgs, Some(Instant::now()), Hop::Forwarded).await {
+                Ok(resp) => Ok(resp),
+                Err(s) => refuse(s),
+            }
+        })
+    })
 }
 
 /// Gives a relayed answer this member's identity, as etcd fills every response header on the

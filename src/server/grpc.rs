@@ -27,6 +27,28 @@ pub enum Code {
     Unavailable = 14,
 }
 
+impl Code {
+    /// The code with wire number `n` (a code etcd never sends reads as `Unknown`).
+    pub fn from_wire(n: u32) -> Code {
+        [
+            Code::Ok,
+            Code::Cancelled,
+            Code::Unknown,
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::ResourceExhausted,
+            Code::FailedPrecondition,
+            Code::OutOfRange,
+            Code::Unimplemented,
+            Code::Internal,
+            Code::Unavailable,
+        ]
+        .into_iter()
+        .find(|&c| c as u32 == n)
+        .unwrap_or(Code::Unknown)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {
     pub code: Code,

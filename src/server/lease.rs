@@ -125,11 +125,11 @@ async fn pump(
             }
             buf.advance(5);
             let msg = buf.split_to(len).freeze();
-            let resp = match ctx.db.leader_client_url() {
+            let resp = match super::remote_leader(ctx) {
                 // Only the leader's table counts: a follower relays each renewal, one at a time,
-                // as a single-message stream of its own.
-                Some(url) => {
-                    let out = ctx.forwarder.unary(&url, KEEP_ALIVE, &[msg]).await?;
+                // as the gateway's single keep-alive.
+                Some(to) => {
+                    let out = forward::relay(&ctx.db, to, KEEP_ALIVE_ONCE, &[msg]).await?;
                     let out = forward::as_served_here(out, ctx.member_id, ctx.db.raft_term());
                     <pb::LeaseKeepAliveResponse as prost::Message>::decode(out).map_err(|e| {
                         Status::new(Code::Internal, format!("leader's keep-alive answer: {e}"))

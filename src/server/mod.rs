@@ -110,7 +110,6 @@ struct Ctx {
     drain: Arc<Drain>,
     cluster_id: u64,
     member_id: u64,
-    forwarder: forward::Forwarder,
 }
 
 impl Ctx {
@@ -185,8 +184,8 @@ pub fn start(
                 drain: drain.clone(),
                 cluster_id,
                 member_id,
-                forwarder: Default::default(),
             });
+            ctx.db.serve_relayed_calls(forward::relayed_calls(&ctx));
             for addr in &cfg.listen {
                 match glommio::net::TcpListener::bind(addr) {
                     Ok(listener) => {
@@ -311,20 +310,31 @@ where
     }
 }
 
-async fn handle(ctx: Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBody> {
-    struct InFlight<'a>(&'a Drain);
-    impl Drop for InFlight<'_> {
-        fn drop(&mut self) {
-            self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-        }
+/// Counts a request in flight while it lives (a graceful shutdown waits for them).
+struct InFlight<'a>(&'a Drain);
+
+impl<'a> InFlight<'a> {
+    fn enter(drain: &'a Drain) -> InFlight<'a> {
+        drain.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(drain)
     }
-    ctx.drain.in_flight.fetch_add(1, Ordering::AcqRel);
-    let _guard = InFlight(&ctx.drain);
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a server that is shutting down answers new requests with.
+fn server_stopped() -> Status {
+    Status::new(Code::Unavailable, "etcdserver: server stopped")
+}
+
+async fn handle(ctx: Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBody> {
+    let _guard = InFlight::enter(&ctx.drain);
     if ctx.drain.draining.load(Ordering::Acquire) {
-        return grpc::error(&Status::new(
-            Code::Unavailable,
-            "etcdserver: server stopped",
-        ));
+        return grpc::error(&server_stopped());
     }
     serve_request(&ctx, req).await
 }
@@ -338,8 +348,7 @@ async fn serve_request(ctx: &Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBo
         .is_some_and(|v| v.starts_with("application/grpc"));
     if is_grpc {
         let started = Instant::now();
-        let hop = Hop::of(req.headers());
-        let resp = grpc_call(ctx, &path, req.into_body(), started, hop).await;
+        let resp = grpc_call(ctx, &path, req.into_body(), started).await;
         ctx.metrics.observe(&path, started.elapsed());
         return resp;
     }
@@ -418,7 +427,6 @@ async fn grpc_call(
     path: &str,
     body: Incoming,
     started: Instant,
-    hop: Hop,
 ) -> Response<GrpcBody> {
     let learner = ctx.db.is_learner();
     if learner
@@ -458,7 +466,7 @@ async fn grpc_call(
             Err(s) => grpc::error(&s),
         };
     }
-    match call_anywhere(ctx, path, msgs, Some(started), hop).await {
+    match call_anywhere(ctx, path, msgs, Some(started), Hop::Client).await {
         Ok(resp) => grpc::ok_bytes(resp),
         Err(s) => grpc::error(&s),
     }
@@ -468,19 +476,9 @@ async fn grpc_call(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Hop {
     Client,
-    /// Forwarded once (`spindle-forwarded` header): it is answered here or refused, never
-    /// passed on again, so two members with crossing views of the leader cannot bounce it.
+    /// Relayed once by another member: it is answered here or refused, never passed on
+    /// again, so two members with crossing views of the leader cannot bounce it.
     Forwarded,
-}
-
-impl Hop {
-    fn of(headers: &hyper::HeaderMap) -> Hop {
-        if headers.contains_key(forward::FORWARDED_HEADER) {
-            Hop::Forwarded
-        } else {
-            Hop::Client
-        }
-    }
 }
 
 /// [`call`] on any member of a cluster: what only the leader may do is forwarded to it (the
@@ -500,35 +498,41 @@ async fn call_anywhere(
         if hop == Hop::Forwarded {
             return Err(Error::NotLeader.into());
         }
-        return forward(ctx, ctx.db.leader_client_url(), path, msgs).await;
+        return forward(ctx, remote_leader(ctx), path, msgs).await;
     }
     let member = member && hop == Hop::Client;
     // Kept only where a refusal may be forwarded: a single node's hot path copies nothing.
     let copy = member.then(|| msgs.clone());
     match call(ctx, path, msgs, started).await {
-        Err(s) if is_not_leader(&s) => match (ctx.db.leader_client_url(), copy) {
-            (Some(url), Some(msgs)) => forward(ctx, Some(url), path, msgs).await,
+        Err(s) if is_not_leader(&s) => match (remote_leader(ctx), copy) {
+            (Some(to), Some(msgs)) => forward(ctx, Some(to), path, msgs).await,
             _ => Err(s),
         },
         other => other,
     }
 }
 
-/// Relays a call to the leader at `url`. When the leader cannot be reached (it died, and this
+/// The member leading the cluster, if it is another one.
+fn remote_leader(ctx: &Ctx) -> Option<u64> {
+    let leader = ctx.db.leader();
+    (leader != 0 && leader != ctx.member_id).then_some(leader)
+}
+
+/// Relays a call to the leader `to`. When the leader cannot be reached (it died, and this
 /// member has not seen the election yet) the call waits for the next leader, up to two election
 /// timeouts, as etcd's followers hold requests during an election; if this member is elected,
 /// it runs the call itself. A call the leader may have seen is never sent twice.
 async fn forward(
     ctx: &Rc<Ctx>,
-    mut url: Option<String>,
+    mut to: Option<u64>,
     path: &str,
     msgs: Vec<Bytes>,
 ) -> Result<Bytes, Status> {
     let deadline = Instant::now() + ctx.db.leader_patience();
     let mut last: Status = Error::NoLeader.into();
     loop {
-        if let Some(u) = &url {
-            match ctx.forwarder.unary(u, path, &msgs).await {
+        if let Some(leader) = to {
+            match forward::relay(&ctx.db, leader, path, &msgs).await {
                 Ok(resp) => {
                     let term = ctx.db.raft_term();
                     return Ok(forward::as_served_here(resp, ctx.member_id, term));
@@ -540,15 +544,15 @@ async fn forward(
         let retry_same = Instant::now() + Duration::from_millis(200);
         loop {
             if Instant::now() >= deadline {
-                tracing::debug!(url = ?url, error = %last.message, "no reachable leader in time");
+                tracing::debug!(leader = ?to, error = %last.message, "no reachable leader in time");
                 return Err(Error::Timeout.into());
             }
             glommio::timer::sleep(Duration::from_millis(20)).await;
-            match ctx.db.leader_client_url() {
+            match remote_leader(ctx) {
                 // A new leader, or the same one again after a pause (it may have restarted
                 // and been re-elected).
-                Some(next) if url.as_ref() != Some(&next) || Instant::now() >= retry_same => {
-                    url = Some(next);
+                Some(next) if to != Some(next) || Instant::now() >= retry_same => {
+                    to = Some(next);
                     break;
                 }
                 None if ctx.db.leader() == ctx.member_id => {
