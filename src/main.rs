@@ -9,6 +9,10 @@ use clap::{Parser, Subcommand};
 use spindle::db::{Options, Partitioner};
 use spindle::server::ServerConfig;
 
+/// How long a stopping server waits for requests in flight (a lock or a campaign may wait
+/// longer; it is cut off then).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Parser)]
 #[command(
     name = "spindle",
@@ -396,7 +400,10 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
     if let Some(c) = compactor {
         c.stop();
     }
-    db.close();
+    // Requests in flight are answered first (a member removed through its own endpoint
+    // answers the removal before it stops, as etcd's do); new ones get `server stopped`.
+    drop(db);
+    server.shutdown(SHUTDOWN_GRACE);
     tracing::info!("store closed cleanly");
     if removed.load(Ordering::SeqCst) {
         tracing::error!("the member has been permanently removed from the cluster");

@@ -148,13 +148,16 @@ pub struct Running {
 
 impl Running {
     /// Graceful shutdown: refuse new requests, wait (at most `grace`) for those in flight to
-    /// finish, then close the store, which flushes every WAL.
+    /// finish and their answers to be written, then close the store, which flushes every WAL.
     pub fn shutdown(self, grace: Duration) {
         self.drain.draining.store(true, Ordering::Release);
         let deadline = Instant::now() + grace;
         while self.drain.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
+        // A finished request's answer is handed to its connection's task, which writes it at
+        // once; give those tasks a moment before the executors stop.
+        std::thread::sleep(Duration::from_millis(50));
         self.db.close();
     }
 }
