@@ -97,7 +97,10 @@ fn close_all(ms: &mut [Member]) {
 }
 
 /// Puts through whichever member accepts it; returns (member index, revision). Members that do
-/// not lead every shard refuse with etcd's leadership errors, never anything else.
+/// not lead every shard refuse with etcd's leadership errors, never anything else; a new leader
+/// that cannot commit in time (a loaded machine) says `request timed out`, and the put is
+/// retried like a client would (same key, same value: the outcome does not depend on whether
+/// the timed-out attempt took effect).
 fn put(ms: &[Member], key: &str, value: &str) -> (usize, i64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -105,7 +108,8 @@ fn put(ms: &[Member], key: &str, value: &str) -> (usize, i64) {
             let Some(db) = &m.db else { continue };
             match db.put(PutRequest::new(key.to_string(), value.to_string())) {
                 Ok(r) => return (i, r.header.revision),
-                Err(Error::NoLeader | Error::NotLeader | Error::LeaderChanged) => {}
+                Err(Error::NoLeader | Error::NotLeader | Error::LeaderChanged | Error::Timeout) => {
+                }
                 Err(e) => panic!("{}: unexpected error {e}", m.name),
             }
         }

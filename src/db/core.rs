@@ -94,6 +94,8 @@ pub(super) enum ShardOp {
     Transfer(u64, Reply<()>),
     /// Confirm with Raft's ReadIndex that this member still leads (shard 0 only).
     ReadIndex(Reply<u64>),
+    /// This leader's read stamp for the shard at a revision (a follower's read barrier).
+    Stamp(i64, Reply<crate::peer::ReadStamp>),
     /// A membership change (shard 0 only, see `db::members`); replies with the member's id.
     Member(super::members::MemberOp, Reply<u64>),
 }
@@ -420,6 +422,17 @@ impl Core {
             ShardOp::ReadIndex(r) => {
                 let _ = r.send(self.confirm_read(&shard).await);
             }
+            ShardOp::Stamp(revision, r) => {
+                let _ = r.send(if shard.replica.role() == crate::raft::Role::Leader {
+                    Ok(crate::peer::ReadStamp {
+                        shard: id,
+                        index: shard.replica.last_index(),
+                        revision,
+                    })
+                } else {
+                    Err(Error::LeaderChanged)
+                });
+            }
             ShardOp::Member(op, r) => {
                 let _ = r.send(self.member_change(&shard, op).await);
             }
@@ -565,6 +578,7 @@ fn reply_err(op: ShardOp, err: impl Fn() -> Error) {
         ShardOp::PartStatus(_, r) => drop(r.send(Err(err()))),
         ShardOp::Member(_, r) => drop(r.send(Err(err()))),
         ShardOp::ReadIndex(r) => drop(r.send(Err(err()))),
+        ShardOp::Stamp(_, r) => drop(r.send(Err(err()))),
         ShardOp::Stats(r) => drop(r.send(Err(err()))),
         ShardOp::Export(_, _, _, r) => drop(r.send(Err(err()))),
         ShardOp::Lease(op) => op.reply_err(err()),

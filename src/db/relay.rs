@@ -21,15 +21,19 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::core::Core;
+use super::core::{Core, ShardOp};
 use super::LocalDb;
 use crate::error::Error;
-use crate::peer::codec::{Answer, Call};
+use crate::peer::codec::{Answer, Call, ReadStamp};
 use crate::peer::transport::Replies;
 use crate::raft::NodeId;
 
 /// gRPC's UNAVAILABLE, which etcd answers `etcdserver: not leader` with.
 const GRPC_UNAVAILABLE: u32 = 14;
+/// gRPC's RESOURCE_EXHAUSTED, for a message too large to send.
+const GRPC_RESOURCE_EXHAUSTED: u32 = 8;
+/// The largest call or answer relayed: what fits one peer frame with room for the rest.
+const MAX_RELAYED: usize = crate::peer::codec::MAX_FRAME - (1 << 20);
 
 /// What a relayed call returns: the response message, or a gRPC status code and message.
 pub type CallResult = Result<Bytes, (u32, String)>;
@@ -143,9 +147,71 @@ impl Drop for Forget<'_> {
     }
 }
 
+/// The relayed call that asks the leader node for a follower's read barrier (see
+/// [`LocalDb::read_barrier_from`]); peers only, never a client's method.
+const READ_BARRIER: &str = "/spindle.peer/ReadBarrier";
+
+/// A read barrier's answer: one `(shard, index, revision)` stamp per shard, little-endian.
+fn encode_stamps(stamps: &[ReadStamp]) -> Bytes {
+    let mut out = Vec::with_capacity(stamps.len() * 20);
+    for st in stamps {
+        out.extend_from_slice(&st.shard.to_le_bytes());
+        out.extend_from_slice(&st.index.to_le_bytes());
+        out.extend_from_slice(&st.revision.to_le_bytes());
+    }
+    out.into()
+}
+
+fn decode_stamps(b: &[u8]) -> Option<Vec<ReadStamp>> {
+    if b.len() % 20 != 0 {
+        return None;
+    }
+    b.chunks_exact(20)
+        .map(|c| {
+            Some(ReadStamp {
+                shard: u32::from_le_bytes(c[..4].try_into().ok()?),
+                index: u64::from_le_bytes(c[4..12].try_into().ok()?),
+                revision: i64::from_le_bytes(c[12..].try_into().ok()?),
+            })
+        })
+        .collect()
+}
+
 impl Core {
+    /// On the leader node: confirms leadership (ReadIndex on shard 0, which covers every
+    /// shard) and returns, per shard, where its log holds everything up to the revision every
+    /// acknowledged write is at or below.
+    async fn read_barrier(self: &Rc<Self>) -> Result<Vec<ReadStamp>, Error> {
+        self.call(0, ShardOp::ReadIndex).await?;
+        // Read after the confirmation; never past a committed record (a stamp's rule).
+        let revision = self.shared.clock.stamp_revision();
+        let shards: Vec<u32> = (0..self.shared.nshards).collect();
+        self.call_all(&shards, |r| ShardOp::Stamp(revision, r))
+            .await
+            .into_iter()
+            .collect()
+    }
+
     /// Runs a call member `from` relayed here, and answers it on the connection it came on.
-    pub(super) fn serve_relayed(&self, from: NodeId, call: Call, replies: Rc<Replies>) {
+    pub(super) fn serve_relayed(self: &Rc<Self>, from: NodeId, call: Call, replies: Rc<Replies>) {
+        if call.path == READ_BARRIER {
+            let core = self.clone();
+            glommio::spawn_local(async move {
+                let (code, message, body) = match core.read_barrier().await {
+                    Ok(stamps) => (0, String::new(), encode_stamps(&stamps)),
+                    Err(e) => (GRPC_UNAVAILABLE, e.to_string(), Bytes::new()),
+                };
+                replies.send(Answer {
+                    id: call.id,
+                    core: call.core,
+                    code,
+                    message,
+                    body,
+                });
+            })
+            .detach();
+            return;
+        }
         let Some(handler) = self.relay.handler.borrow().clone() else {
             replies.send(Answer {
                 id: call.id,
@@ -159,6 +225,16 @@ impl Core {
         tracing::trace!(from = %format!("{from:x}"), path = %call.path, "relayed call");
         glommio::spawn_local(async move {
             let (code, message, body) = match handler(call.path, call.body).await {
+                // An answer must fit one peer frame; a larger one would break the connection
+                // and every call on it. etcd would send it; the client gets gRPC's refusal.
+                Ok(body) if body.len() > MAX_RELAYED => (
+                    GRPC_RESOURCE_EXHAUSTED,
+                    format!(
+                        "grpc: trying to send message larger than max ({} vs. {MAX_RELAYED})",
+                        body.len()
+                    ),
+                    Bytes::new(),
+                ),
                 Ok(body) => (0, String::new(), body),
                 Err((code, message)) => (code, message, Bytes::new()),
             };
@@ -175,6 +251,49 @@ impl Core {
 }
 
 impl LocalDb {
+    /// A follower's barrier before a linearizable read, Raft's ReadIndex across every shard:
+    /// the leader node `leader` confirms it leads and says, per shard, up to which log index
+    /// everything at or below its revision `R` lies; once this member has applied that far on
+    /// every shard, its reads are at `R` or later, so they see every write acknowledged before
+    /// the barrier. Waits at most the leader patience for the applies (`request timed out`).
+    /// The leader's refusal comes back as its gRPC code and message.
+    pub async fn read_barrier_from(
+        &self,
+        leader: NodeId,
+    ) -> Result<Result<(), (u32, String)>, RelayError> {
+        let body = match self
+            .relay(leader, READ_BARRIER, Bytes::new(), false)
+            .await?
+        {
+            Ok(body) => body,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        let stamps = decode_stamps(&body)
+            .filter(|s| !s.is_empty())
+            .ok_or(RelayError::Lost(Error::LeaderChanged))?;
+        let revision = stamps.iter().map(|s| s.revision).min().unwrap_or(0);
+        for st in stamps {
+            self.core.peer_stamp(st);
+        }
+        let clock = &self.core.shared.clock;
+        let caught_up = futures_lite::future::or(
+            async {
+                clock.wait_visible(revision).await;
+                true
+            },
+            async {
+                glommio::timer::sleep(self.leader_patience()).await;
+                false
+            },
+        )
+        .await;
+        if caught_up {
+            Ok(Ok(()))
+        } else {
+            Err(RelayError::Lost(Error::Timeout))
+        }
+    }
+
     /// Installs what runs calls other members relay to this core.
     pub fn serve_relayed_calls(&self, handler: CallHandler) {
         *self.core.relay.handler.borrow_mut() = Some(handler);
@@ -190,6 +309,9 @@ impl LocalDb {
         body: Bytes,
         blocking: bool,
     ) -> Result<CallResult, RelayError> {
+        if body.len() > MAX_RELAYED {
+            return Err(RelayError::Lost(Error::RequestTooLarge));
+        }
         let core = &self.core;
         let Some(transport) = core.transport.borrow().clone() else {
             return Err(RelayError::NotSent(Error::NoLeader));

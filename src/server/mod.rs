@@ -31,7 +31,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::db::{CoreHook, Db, LocalDb, Options};
+use crate::db::{CoreHook, Db, LocalDb, Options, RelayError};
 use crate::error::Error;
 use crate::proto::etcdserverpb as pb;
 use crate::runtime::stages::Stage;
@@ -501,6 +501,9 @@ async fn call_anywhere(
         if hop == Hop::Forwarded {
             return Err(Error::NotLeader.into());
         }
+        if path == RANGE {
+            return follower_read(ctx, msgs).await;
+        }
         return forward(ctx, remote_leader(ctx), path, msgs).await;
     }
     let member = member && hop == Hop::Client;
@@ -513,6 +516,34 @@ async fn call_anywhere(
         },
         other => other,
     }
+}
+
+const RANGE: &str = "/etcdserverpb.KV/Range";
+
+async fn range(ctx: &Ctx, req: pb::RangeRequest) -> Result<Bytes, Status> {
+    let resp = ctx.db.range(convert::range_request(req)?).await?;
+    let h = ctx.header(resp.header.revision);
+    Ok(enc(&convert::range_response(resp, h)))
+}
+
+/// A linearizable Range on a follower: a read barrier from the leader node (ReadIndex across
+/// every shard, `LocalDb::read_barrier_from`), then the read from this member's own state, as
+/// etcd's followers serve them. While no leader can be reached it is forwarded like a write,
+/// which waits for the next leader.
+async fn follower_read(ctx: &Rc<Ctx>, msgs: Vec<Bytes>) -> Result<Bytes, Status> {
+    let Some(leader) = remote_leader(ctx) else {
+        return forward(ctx, None, RANGE, msgs).await;
+    };
+    match ctx.db.read_barrier_from(leader).await {
+        Ok(Ok(())) => {}
+        Ok(Err((code, message))) => return Err(Status::new(Code::from_wire(code), message)),
+        Err(RelayError::NotSent(_)) => return forward(ctx, None, RANGE, msgs).await,
+        Err(RelayError::Lost(e)) => return Err(e.into()),
+    }
+    let mut req: pb::RangeRequest = one(msgs)?;
+    // Everything acknowledged before the barrier is now applied here.
+    req.serializable = true;
+    range(ctx, req).await
 }
 
 /// The member leading the cluster, if it is another one.
@@ -575,7 +606,7 @@ fn needs_leader(path: &str, msgs: &[Bytes]) -> bool {
         "/etcdserverpb.KV/Txn"
         | "/etcdserverpb.Lease/LeaseTimeToLive"
         | "/etcdserverpb.Lease/LeaseLeases" => true,
-        "/etcdserverpb.KV/Range" => range_serializable(msgs) == Some(false),
+        RANGE => range_serializable(msgs) == Some(false),
         _ => false,
     }
 }
@@ -633,12 +664,7 @@ async fn call(
 ) -> Result<Bytes, Status> {
     let db = &ctx.db;
     match path {
-        "/etcdserverpb.KV/Range" => {
-            let req = convert::range_request(one(msgs)?)?;
-            let resp = db.range(req).await?;
-            let h = ctx.header(resp.header.revision);
-            Ok(enc(&convert::range_response(resp, h)))
-        }
+        RANGE => range(ctx, one(msgs)?).await,
         "/etcdserverpb.KV/Put" => {
             check_size(ctx, &msgs)?;
             check_space(ctx, true)?;
