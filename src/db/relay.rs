@@ -194,37 +194,21 @@ impl Core {
 
     /// Runs a call member `from` relayed here, and answers it on the connection it came on.
     pub(super) fn serve_relayed(self: &Rc<Self>, from: NodeId, call: Call, replies: Rc<Replies>) {
-        if call.path == READ_BARRIER {
-            let core = self.clone();
-            glommio::spawn_local(async move {
-                let (code, message, body) = match core.read_barrier().await {
-                    Ok(stamps) => (0, String::new(), encode_stamps(&stamps)),
-                    Err(e) => (GRPC_UNAVAILABLE, e.to_string(), Bytes::new()),
-                };
-                replies.send(Answer {
-                    id: call.id,
-                    core: call.core,
-                    code,
-                    message,
-                    body,
-                });
-            })
-            .detach();
-            return;
-        }
-        let Some(handler) = self.relay.handler.borrow().clone() else {
-            replies.send(Answer {
-                id: call.id,
-                core: call.core,
-                code: GRPC_UNAVAILABLE,
-                message: Error::NotLeader.to_string(),
-                body: Bytes::new(),
-            });
-            return;
-        };
         tracing::trace!(from = %format!("{from:x}"), path = %call.path, "relayed call");
+        let handler = self.relay.handler.borrow().clone();
+        let core = self.clone();
         glommio::spawn_local(async move {
-            let (code, message, body) = match handler(call.path, call.body).await {
+            let result = if call.path == READ_BARRIER {
+                core.read_barrier()
+                    .await
+                    .map(|stamps| encode_stamps(&stamps))
+                    .map_err(|e| (GRPC_UNAVAILABLE, e.to_string()))
+            } else if let Some(handler) = handler {
+                handler(call.path, call.body).await
+            } else {
+                Err((GRPC_UNAVAILABLE, Error::NotLeader.to_string()))
+            };
+            let (code, message, body) = match result {
                 // An answer must fit one peer frame; a larger one would break the connection
                 // and every call on it. etcd would send it; the client gets gRPC's refusal.
                 Ok(body) if body.len() > MAX_RELAYED => (
@@ -339,5 +323,30 @@ impl LocalDb {
         rx.recv_async()
             .await
             .map_err(|_| RelayError::Lost(Error::Closed))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_barrier_stamps_round_trip_and_bad_lengths_are_refused() {
+        let stamps = vec![
+            ReadStamp {
+                shard: 0,
+                index: 7,
+                revision: 41,
+            },
+            ReadStamp {
+                shard: 3,
+                index: u64::MAX,
+                revision: -1,
+            },
+        ];
+        let b = encode_stamps(&stamps);
+        assert_eq!(decode_stamps(&b), Some(stamps));
+        assert_eq!(decode_stamps(&b[..19]), None);
+        assert_eq!(decode_stamps(&[]), Some(vec![]));
     }
 }
