@@ -360,9 +360,17 @@ impl Shard {
             ops: exec.effects,
             ..Default::default()
         };
-        match self.replica.propose(&self.wal, &mut entry) {
-            Ok(index) => {
+        match self.replica.propose_shared(&self.wal, &mut entry) {
+            Ok((index, record)) => {
                 self.last_write_index.set(index);
+                // The Raft log holds the record until the next checkpoint: the store's keys
+                // and values of this write become slices of it instead of second copies.
+                if let Some(logged) = (!record.is_empty())
+                    .then(|| crate::wal::record::decode_payload(&record))
+                    .flatten()
+                {
+                    self.store.borrow_mut().share_record(&logged.ops, rev);
+                }
                 if kind == EntryKind::Part {
                     *self.held.borrow_mut() = Some(HeldPart {
                         revision: rev,

@@ -151,6 +151,18 @@ impl EventLog {
             .filter(|e| e.kind == EventKind::Put)
     }
 
+    /// The events of revision `rev` if it is the newest in the log (a write just executed).
+    pub fn newest_mut(&mut self, rev: i64) -> impl Iterator<Item = &mut Event> {
+        let n = self
+            .ring
+            .iter()
+            .rev()
+            .take_while(|e| e.revision() == rev)
+            .count();
+        let len = self.ring.len();
+        self.ring.range_mut(len - n..)
+    }
+
     pub fn read(&self, ranges: &[KeyRange], after: i64, upto: i64, out: &mut Vec<Event>) {
         debug_assert!(after >= self.floor, "read below the event log's floor");
         let start = self.ring.partition_point(|e| e.revision() <= after);

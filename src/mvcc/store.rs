@@ -349,19 +349,56 @@ impl ShardStore {
         }
     }
 
+    /// The write at `rev` was just logged: its keys and values take `record`'s copies (the
+    /// ops of the logged record, decoded so every key and value is a slice of the record's
+    /// buffer, which the Raft log holds until a checkpoint compacts it), in the index and in
+    /// the watch feed, so the heap copies the write was executed with can be freed. Puts the
+    /// store does not hold at `rev` exactly as logged are left alone.
+    pub fn share_record(&mut self, record: &[super::Effect], rev: i64) {
+        for op in record {
+            if let super::Effect::Put { key, value, .. } = op {
+                if let Some(ki) = self.index.replace_key(key.clone()) {
+                    ki.adopt(rev, value);
+                }
+            }
+        }
+        for event in self.events.newest_mut(rev) {
+            let shared = record.iter().find_map(|op| match op {
+                super::Effect::Put { key, value, .. } if event.kind == super::EventKind::Put => {
+                    (key == &event.kv.key && value.len() == event.kv.value.len())
+                        .then_some((key, Some(value)))
+                }
+                super::Effect::Delete { key } if event.kind == super::EventKind::Delete => {
+                    (key == &event.kv.key).then_some((key, None))
+                }
+                _ => None,
+            });
+            if let Some((key, value)) = shared {
+                event.kv.key = key.clone();
+                if let Some(v) = value {
+                    debug_assert_eq!(v, &event.kv.value, "logged value differs at {rev}");
+                    event.kv.value = v.clone();
+                }
+            }
+        }
+    }
+
     /// After [`Self::adopt`] up to revision `upto`: recent put events at or below it take
     /// the index's copy of their value, so the watch feed does not keep the heap copies alive.
     pub fn adopt_event_values(&mut self, upto: i64) {
         let index = &mut self.index;
         for event in self.events.puts_through_mut(upto) {
             let kv = &mut event.kv;
-            if let Some(v) = index
-                .get_mut(kv.key.as_ref())
-                .and_then(|ki| ki.value_at(kv.mod_revision))
-                .filter(|v| v.len() == kv.value.len())
-            {
-                debug_assert_eq!(v, &kv.value, "event value differs from the index");
-                kv.value = v.clone();
+            // The key too: it may be a slice of a logged record the next compaction frees.
+            if let Some((k, ki)) = index.get_key_value_mut(kv.key.as_ref()) {
+                kv.key = k.clone();
+                if let Some(v) = ki
+                    .value_at(kv.mod_revision)
+                    .filter(|v| v.len() == kv.value.len())
+                {
+                    debug_assert_eq!(v, &kv.value, "event value differs from the index");
+                    kv.value = v.clone();
+                }
             }
         }
     }

@@ -580,10 +580,22 @@ impl Replica {
         wal: &Wal,
         entry: &mut WalEntry,
     ) -> std::result::Result<u64, ProposeError> {
+        self.propose_shared(wal, entry).map(|(index, _)| index)
+    }
+
+    /// [`Self::propose`], also returning the encoded record the Raft log holds (empty for a
+    /// no-op, and without consensus): the shard's store shares its keys and values instead of
+    /// keeping copies of its own until the next checkpoint.
+    pub fn propose_shared(
+        &self,
+        wal: &Wal,
+        entry: &mut WalEntry,
+    ) -> std::result::Result<(u64, Bytes), ProposeError> {
         self.ensure_healthy()?;
         let Some(raft) = &self.raft else {
             entry.term = 1;
-            return wal.try_append(entry).map_err(ProposeError::NoRoom);
+            let index = wal.try_append(entry).map_err(ProposeError::NoRoom)?;
+            return Ok((index, Bytes::new()));
         };
         if self.peers && !self.can_execute() {
             return Err(ProposeError::Other(if self.leader().is_some() {
@@ -612,14 +624,14 @@ impl Replica {
         }
         let index = raft
             .borrow_mut()
-            .propose(payload)
+            .propose(payload.clone())
             .map_err(|e| raft_error(self.shard, e))?;
         assert_eq!(index, entry.index, "shard {} proposal index", self.shard);
         // The leader executed this record before proposing it.
         self.applied.set(index);
         self.pump(wal);
         self.ensure_healthy()?;
-        Ok(index)
+        Ok((index, payload))
     }
 
     /// Proposes a decision record (the outcome of a multi-shard write) as this group's leader,

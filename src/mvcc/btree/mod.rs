@@ -108,6 +108,15 @@ impl<K: Ord, V> BPlusTree<K, V> {
         self.tree.get_mut(key)
     }
 
+    /// The tree's own copy of `key` with its value.
+    pub fn get_key_value_mut<Q>(&mut self, key: &Q) -> Option<(&K, &mut V)>
+    where
+        K: Borrow<Q>,
+        Q: ?Sized + Ord,
+    {
+        self.tree.get_key_value_mut(key)
+    }
+
     pub fn contains_key<Q>(&self, key: &Q) -> bool
     where
         K: Borrow<Q>,

@@ -206,6 +206,16 @@ impl<K: Ord, V, const B: usize> Tree<K, V, B> {
         Some(&mut self.leaves[leaf as usize].vals[i])
     }
 
+    pub(super) fn get_key_value_mut<Q>(&mut self, key: &Q) -> Option<(&K, &mut V)>
+    where
+        K: Borrow<Q>,
+        Q: ?Sized + Ord,
+    {
+        let (leaf, i) = self.find(key)?;
+        let leaf = &mut self.leaves[leaf as usize];
+        Some((&leaf.keys[i], &mut leaf.vals[i]))
+    }
+
     pub(super) fn range<Q>(&self, lower: Bound<&Q>, upper: Bound<&Q>) -> Range<'_, K, V>
     where
         K: Borrow<Q>,
