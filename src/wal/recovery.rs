@@ -9,12 +9,13 @@
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::record::{
-    decode_segment_header, probe_frame, EntryKind, Probe, WalEntry, FRAME_HEADER_LEN,
-    SEGMENT_HEADER_LEN,
+    decode_segment_header, probe_frame, probe_frame_with, EntryKind, Probe, WalEntry,
+    FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use crate::error::{Error, Result};
 
@@ -35,7 +36,11 @@ pub struct Tail {
 }
 
 /// A recovered entry with the payload it was decoded from (its keys and values are slices of
-/// it), which is also the Raft log entry's data.
+/// it), which is also the Raft log entry's data. The payload is a slice of the segment's
+/// read-only mapping, not a heap copy: the store serves the log tail's values from the page
+/// cache, and the Raft log holds them without copies, until a checkpoint covers them. Segments
+/// are never truncated nor rewritten below their valid end (a torn tail is zeroed past it, new
+/// frames go after it), and a deleted segment stays mapped while a slice of it lives.
 #[derive(Clone, Debug)]
 pub struct LoggedEntry {
     pub entry: WalEntry,
@@ -55,6 +60,8 @@ pub struct Recovered {
     pub last_index: u64,
     /// A torn tail was cut off at this place.
     pub truncated: Option<(PathBuf, u64)>,
+    /// The mapped segments the entries' payloads are slices of.
+    pub maps: Vec<Arc<memmap2::Mmap>>,
     /// Term of the entry at `after_index` as the log holds it (if it does). A follower that
     /// installed its leader's checkpoint there logs an entry with the checkpoint's term at its
     /// index; a different term means the install was cut short before that, and the entries
@@ -112,6 +119,8 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
         // SAFETY: segment files belong to this shard and nothing else maps or truncates them while
         // the data dir is locked by this process.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&seg.path, e))?;
+        let map = Arc::new(map);
+        let shared = Bytes::from_owner(SegmentMap(map.clone()));
         let header = match decode_segment_header(&map) {
             Ok(h) => h,
             Err(reason) => return Err(Error::corrupt(&seg.path, 0, reason)),
@@ -150,7 +159,7 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
                     .any(|&b| b != 0)
                     .then_some("truncated frame header");
             }
-            match probe_frame(&map[pos..]) {
+            match probe_frame_with(&map[pos..], |p| shared.slice_ref(p)) {
                 Probe::Valid {
                     entry,
                     payload,
@@ -194,6 +203,7 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
             }
         };
         out.segments.push(seg.clone());
+        out.maps.push(map.clone());
         expected = Some(next);
         out.last_index = (next - 1).max(after_index);
 
@@ -240,6 +250,28 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
         break;
     }
     Ok(out)
+}
+
+impl Recovered {
+    /// Drops the segments' pages from this process's resident set (the scan and the replay
+    /// touched them all); they stay in the page cache and fault back in when a value is read.
+    pub fn release_pages(&self) {
+        for map in &self.maps {
+            // SAFETY: the mapping is read-only and file-backed, so dropping its pages loses
+            // nothing.
+            if let Err(e) = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) } {
+                tracing::debug!(error = %e, "madvise(DONTNEED) on a WAL segment failed");
+            }
+        }
+    }
+}
+
+struct SegmentMap(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for SegmentMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// Among valid frames at 8-aligned offsets from `from` on, the one with the highest mark.
