@@ -204,6 +204,8 @@ pub(super) fn recover_all(
     for s in &mut shards {
         s.store.compact(compact);
     }
+    // The scan's decoded records are gone; their memory lies between the index's.
+    crate::engine::checkpoint::release_free_memory();
     Ok((shards, current, compact))
 }
 
