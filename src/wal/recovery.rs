@@ -14,8 +14,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::record::{
-    decode_segment_header, probe_frame, probe_frame_with, EntryKind, Probe, WalEntry,
-    FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
+    decode_payload, decode_segment_header, probe_frame, probe_frame_with, EntryKind, Probe,
+    WalEntry, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use crate::error::{Error, Result};
 
@@ -234,6 +234,40 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
         }
         // This is the last segment holding data.
         let dirty = map[pos..].iter().any(|&b| b != 0);
+        // Appends continue in it with direct writes from the block holding `stop` on, and a
+        // direct write must be able to drop the pages it writes from the page cache: what the
+        // entries keep mapped ends at the last whole page before `stop`, and the few entries
+        // in the page after it are copied. The scan's mapping of the whole file goes now.
+        out.maps.pop();
+        let settled = stop / page_size() * page_size();
+        let kept = if settled > SEGMENT_HEADER_LEN as u64 {
+            // SAFETY: as for the scan's mapping; nothing writes below `settled` again.
+            let m = unsafe { memmap2::MmapOptions::new().len(settled as usize).map(&file) }
+                .map_err(|e| Error::io(&seg.path, e))?;
+            Some(Arc::new(m))
+        } else {
+            None
+        };
+        let kept_bytes = kept
+            .as_ref()
+            .map(|m| Bytes::from_owner(SegmentMap(m.clone())));
+        let base = map.as_ptr() as usize;
+        for e in out.entries.iter_mut().rev() {
+            let at = e.payload.as_ptr() as usize;
+            if !(base..base + map.len()).contains(&at) {
+                break;
+            }
+            let (off, end) = (at - base, at - base + e.payload.len());
+            let payload = match &kept_bytes {
+                Some(k) if end as u64 <= settled => k.slice(off..end),
+                _ => Bytes::copy_from_slice(&e.payload),
+            };
+            e.entry = decode_payload(&payload)
+                .ok_or_else(|| Error::corrupt(&seg.path, off as u64, "undecodable payload"))?;
+            e.payload = payload;
+        }
+        out.maps.extend(kept);
+        drop(shared);
         drop(map);
         if dirty {
             zero_from(&seg.path, stop, size)?;
@@ -266,7 +300,14 @@ impl Recovered {
     }
 }
 
-struct SegmentMap(Arc<memmap2::Mmap>);
+/// The page size: what a mapping is made of.
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(n).unwrap_or(4096).max(4096)
+}
+
+pub(crate) struct SegmentMap(pub(crate) Arc<memmap2::Mmap>);
 
 impl AsRef<[u8]> for SegmentMap {
     fn as_ref(&self) -> &[u8] {
