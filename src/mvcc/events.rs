@@ -151,16 +151,11 @@ impl EventLog {
             .filter(|e| e.kind == EventKind::Put)
     }
 
-    /// The events of revision `rev` if it is the newest in the log (a write just executed).
-    pub fn newest_mut(&mut self, rev: i64) -> impl Iterator<Item = &mut Event> {
-        let n = self
-            .ring
-            .iter()
-            .rev()
-            .take_while(|e| e.revision() == rev)
-            .count();
-        let len = self.ring.len();
-        self.ring.range_mut(len - n..)
+    /// The events of revision `rev` still in the log.
+    pub fn revision_mut(&mut self, rev: i64) -> impl Iterator<Item = &mut Event> {
+        let end = self.ring.partition_point(|e| e.revision() <= rev);
+        let start = self.ring.partition_point(|e| e.revision() < rev);
+        self.ring.range_mut(start..end)
     }
 
     pub fn read(&self, ranges: &[KeyRange], after: i64, upto: i64, out: &mut Vec<Event>) {

@@ -32,6 +32,14 @@ pub struct ShardStore {
     events: EventLog,
 }
 
+/// One op of a logged write for [`ShardStore::share`]: the key to find the entry by, the copy
+/// of it to keep, and for a put the copy of its value to keep.
+pub struct SharedOp {
+    pub probe: Bytes,
+    pub key: Bytes,
+    pub value: Option<Bytes>,
+}
+
 // By hand rather than derived, so the index type needs neither Debug nor Default.
 impl Default for ShardStore {
     fn default() -> Self {
@@ -349,38 +357,57 @@ impl ShardStore {
         }
     }
 
-    /// The write at `rev` was just logged: its keys and values take `record`'s copies (the
-    /// ops of the logged record, decoded so every key and value is a slice of the record's
-    /// buffer, which the Raft log holds until a checkpoint compacts it), in the index and in
-    /// the watch feed, so the heap copies the write was executed with can be freed. Puts the
-    /// store does not hold at `rev` exactly as logged are left alone.
-    pub fn share_record(&mut self, record: &[super::Effect], rev: i64) {
-        for op in record {
-            if let super::Effect::Put { key, value, .. } = op {
-                if let Some(ki) = self.index.replace_key(key.clone()) {
+    /// The write at `rev` was logged: its keys and values in the index and in the watch feed
+    /// take the copies `ops` gives (slices of the logged record, or of the mapped log segment
+    /// and a key arena), so the copies the write was executed with can be freed. Entries are
+    /// found by each op's `probe` (an equal key whose memory may be read), so the new copies
+    /// are not read here. Puts the store does not hold at `rev` as logged are left alone.
+    pub fn share(&mut self, ops: &[SharedOp], rev: i64) {
+        for op in ops {
+            if let Some(value) = &op.value {
+                if let Some(ki) = self.index.replace_key_by(op.probe.as_ref(), op.key.clone()) {
                     ki.adopt(rev, value);
                 }
             }
         }
-        for event in self.events.newest_mut(rev) {
-            let shared = record.iter().find_map(|op| match op {
-                super::Effect::Put { key, value, .. } if event.kind == super::EventKind::Put => {
-                    (key == &event.kv.key && value.len() == event.kv.value.len())
-                        .then_some((key, Some(value)))
-                }
-                super::Effect::Delete { key } if event.kind == super::EventKind::Delete => {
-                    (key == &event.kv.key).then_some((key, None))
-                }
-                _ => None,
+        for event in self.events.revision_mut(rev) {
+            let put = event.kind == super::EventKind::Put;
+            let shared = ops.iter().find(|op| {
+                op.value.is_some() == put
+                    && op.probe == event.kv.key
+                    && op
+                        .value
+                        .as_ref()
+                        .is_none_or(|v| v.len() == event.kv.value.len())
             });
-            if let Some((key, value)) = shared {
-                event.kv.key = key.clone();
-                if let Some(v) = value {
-                    debug_assert_eq!(v, &event.kv.value, "logged value differs at {rev}");
+            if let Some(op) = shared {
+                event.kv.key = op.key.clone();
+                if let Some(v) = &op.value {
                     event.kv.value = v.clone();
                 }
             }
         }
+    }
+
+    /// [`Self::share`] with the logged record's own keys and values (`record`: its ops,
+    /// decoded so every key and value is a slice of the record's buffer).
+    pub fn share_record(&mut self, record: &[super::Effect], rev: i64) {
+        let ops: Vec<SharedOp> = record
+            .iter()
+            .map(|op| match op {
+                super::Effect::Put { key, value, .. } => SharedOp {
+                    probe: key.clone(),
+                    key: key.clone(),
+                    value: Some(value.clone()),
+                },
+                super::Effect::Delete { key } => SharedOp {
+                    probe: key.clone(),
+                    key: key.clone(),
+                    value: None,
+                },
+            })
+            .collect();
+        self.share(&ops, rev);
     }
 
     /// After [`Self::adopt`] up to revision `upto`: recent put events at or below it take

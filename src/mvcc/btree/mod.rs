@@ -159,6 +159,15 @@ impl<K: Ord + Clone, V> BPlusTree<K, V> {
         self.tree.replace_key(key)
     }
 
+    /// [`Self::replace_key`], finding the entry by `probe`, which equals `key`.
+    pub fn replace_key_by<Q>(&mut self, probe: &Q, key: K) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+        Q: ?Sized + Ord,
+    {
+        self.tree.replace_key_by(probe, key)
+    }
+
     pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
     where
         K: Borrow<Q>,
