@@ -306,6 +306,65 @@ fn data_survives_restart_with_other_core_counts_and_checkpoints() {
     db.close();
 }
 
+/// Durable values are served from the mapped WAL segments (while running, and after a restart
+/// for the log tail): they read right, also once a checkpoint has deleted those segments and
+/// after the next restart.
+#[test]
+fn log_tail_values_read_right_after_checkpoints_and_restarts() {
+    let value = |i: usize, round: usize| format!("{round}:{i}:{}", "x".repeat(1000 + i % 13));
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = Db::open(dir.path(), opts(1, 1)).unwrap();
+        // Several 256 KiB segments' worth: the values of all but the last are served from
+        // the mapped segments once durable.
+        for i in 0..600 {
+            put(&db, &format!("k{i:04}"), &value(i, 0));
+        }
+        let all = db.range(RangeRequest::prefix("k")).unwrap();
+        assert_eq!(all.kvs.len(), 600);
+        for (i, kv) in all.kvs.iter().enumerate() {
+            assert_eq!(kv.key, Bytes::from(format!("k{i:04}")));
+            assert_eq!(
+                kv.value,
+                Bytes::from(value(i, 0)),
+                "k{i:04} before a restart"
+            );
+        }
+        db.close();
+    }
+    {
+        let db = Db::open(dir.path(), opts(1, 1)).unwrap();
+        let before = db.range(RangeRequest::prefix("k")).unwrap();
+        assert_eq!(before.kvs.len(), 600);
+        db.checkpoint().unwrap();
+        for i in (0..600).step_by(3) {
+            put(&db, &format!("k{i:04}"), &value(i, 1));
+        }
+        // Read before the checkpoint, after the segments they came from were deleted.
+        for (i, kv) in before.kvs.iter().enumerate() {
+            assert_eq!(kv.value, Bytes::from(value(i, 0)), "k{i:04} as read before");
+        }
+        for i in 0..600 {
+            let round = usize::from(i % 3 == 0);
+            let kv = get(&db, &format!("k{i:04}")).unwrap();
+            assert_eq!(kv.value, Bytes::from(value(i, round)), "k{i:04}");
+        }
+        db.close();
+    }
+    let db = Db::open(dir.path(), opts(1, 1)).unwrap();
+    for i in 0..600 {
+        let round = usize::from(i % 3 == 0);
+        let kv = get(&db, &format!("k{i:04}")).unwrap();
+        assert_eq!(
+            kv.value,
+            Bytes::from(value(i, round)),
+            "k{i:04} after restart"
+        );
+        assert_eq!(kv.version, 1 + round as i64);
+    }
+    db.close();
+}
+
 #[test]
 fn multi_shard_writes_are_never_seen_half_done() {
     let dir = tempfile::tempdir().unwrap();

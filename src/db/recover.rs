@@ -132,6 +132,7 @@ pub(super) fn recover_all(
         let compact = shards.iter().map(|s| s.store.compact_revision()).max();
         for s in &mut shards {
             s.wal.entries.clear();
+            s.wal.release_pages();
         }
         return Ok((shards, current.unwrap_or(0), compact.unwrap_or(0)));
     }
@@ -195,11 +196,16 @@ pub(super) fn recover_all(
         if !s.aborts.is_empty() {
             tracing::warn!(shard = s.id, revisions = ?s.aborts, "aborting incomplete multi-shard writes");
         }
+        // The replayed values and keys are slices of the mapped segments; let the pages the
+        // scan and the replay touched go.
+        s.wal.release_pages();
     }
     // A compaction interrupted after some shards logged it is completed on all of them.
     for s in &mut shards {
         s.store.compact(compact);
     }
+    // The scan's decoded records are gone; their memory lies between the index's.
+    crate::engine::checkpoint::release_free_memory();
     Ok((shards, current, compact))
 }
 

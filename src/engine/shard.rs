@@ -58,6 +58,12 @@ pub struct Shard {
     pub rebuilding: Cell<bool>,
     /// WAL index of the last write, for checkpoint scheduling.
     last_write_index: Cell<u64>,
+    /// Writes logged and not yet served from the log segment: (index, revision, record), in
+    /// index order (groups without peers; see [`Shard::settle_logged`]).
+    unsettled: RefCell<std::collections::VecDeque<(u64, i64, Bytes)>>,
+    /// Where keys of writes served from the log segment are copied (the segment's pages are
+    /// not read to find or compare keys).
+    key_arena: RefCell<bytes::BytesMut>,
     pub checkpoint_every: u64,
     /// Every lease, shared by all cores, so a put checks its lease without a hop.
     leases: SharedLeases,
@@ -86,6 +92,9 @@ pub struct Shard {
 /// environment makes it fail at that point (read once). The one point, `crash-before-last-part`, kills the process while
 /// it prepares the last participant's part of a multi-shard write, after the others logged
 /// theirs: the in-doubt write the recovery rule must settle (`tests/indoubt.rs`).
+/// Size of each buffer the keys of writes served from the log segment are copied to.
+const KEY_ARENA: usize = 64 << 10;
+
 fn fault_armed(point: &str) -> bool {
     static FAULT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     FAULT
@@ -165,6 +174,8 @@ impl Shard {
             checkpointing: Cell::new(false),
             rebuilding: Cell::new(false),
             last_write_index: Cell::new(0),
+            unsettled: RefCell::default(),
+            key_arena: RefCell::default(),
             checkpoint_every,
             leases,
             lease_log: RefCell::new(lease_log),
@@ -323,6 +334,7 @@ impl Shard {
             // refuses every read, so the unlogged write it applied is never seen.
             revs.finish(rev);
             durable?;
+            self.settle_logged();
             clock.note_committed(rev);
             clock.wait_resolved(rev).await;
             if let Some(t) = trace.as_deref_mut() {
@@ -360,9 +372,20 @@ impl Shard {
             ops: exec.effects,
             ..Default::default()
         };
-        match self.replica.propose(&self.wal, &mut entry) {
-            Ok(index) => {
+        match self.replica.propose_shared(&self.wal, &mut entry) {
+            Ok((index, record)) => {
                 self.last_write_index.set(index);
+                // The Raft log holds the record until the next checkpoint: the store's keys
+                // and values of this write become slices of it instead of second copies.
+                if let Some(logged) = (!record.is_empty())
+                    .then(|| crate::wal::record::decode_payload(&record))
+                    .flatten()
+                {
+                    self.store.borrow_mut().share_record(&logged.ops, rev);
+                    if kind == EntryKind::Write && !self.replica.has_peers() {
+                        self.unsettled.borrow_mut().push_back((index, rev, record));
+                    }
+                }
                 if kind == EntryKind::Part {
                     *self.held.borrow_mut() = Some(HeldPart {
                         revision: rev,
@@ -383,6 +406,66 @@ impl Shard {
                     ProposeError::Other(e) => e,
                 })
             }
+        }
+    }
+
+    /// Durable writes whose part of the log segment is written for good are served from it:
+    /// their values in the store and the watch feed become slices of the segment's mapping
+    /// (`Wal::settled_payload`), their keys copies in a small arena, and the record's heap
+    /// buffer is freed (the Raft log of a group without peers does not hold it). Writes still
+    /// in the segment's last window wait for a later call. A later checkpoint re-points them
+    /// to its own mapping as every other value.
+    fn settle_logged(&self) {
+        loop {
+            let Some((index, rev, record)) = self.unsettled.borrow().front().cloned() else {
+                return;
+            };
+            let mapped = match self.wal.settled_payload(index) {
+                crate::wal::Settled::NotYet => return,
+                crate::wal::Settled::Never => None,
+                crate::wal::Settled::At(m) => Some(m),
+            };
+            self.unsettled.borrow_mut().pop_front();
+            let Some(mapped) = mapped.filter(|m| m.len() == record.len()) else {
+                continue;
+            };
+            let Some(logged) = crate::wal::record::decode_payload(&record) else {
+                continue;
+            };
+            let base = record.as_ptr() as usize;
+            let at = |b: &Bytes| {
+                if b.is_empty() {
+                    return Bytes::new();
+                }
+                let off = b.as_ptr() as usize - base;
+                mapped.slice(off..off + b.len())
+            };
+            let mut arena = self.key_arena.borrow_mut();
+            let mut copy = |k: &Bytes| {
+                if arena.capacity() - arena.len() < k.len() {
+                    *arena = bytes::BytesMut::with_capacity(KEY_ARENA.max(k.len()));
+                }
+                arena.extend_from_slice(k);
+                arena.split().freeze()
+            };
+            let ops: Vec<crate::mvcc::SharedOp> = logged
+                .ops
+                .iter()
+                .map(|op| match op {
+                    crate::mvcc::Effect::Put { key, value, .. } => crate::mvcc::SharedOp {
+                        probe: key.clone(),
+                        key: copy(key),
+                        value: Some(at(value)),
+                    },
+                    crate::mvcc::Effect::Delete { key } => crate::mvcc::SharedOp {
+                        probe: key.clone(),
+                        key: copy(key),
+                        value: None,
+                    },
+                })
+                .collect();
+            drop(arena);
+            self.store.borrow_mut().share(&ops, rev);
         }
     }
 
@@ -1246,6 +1329,8 @@ impl Shard {
         }
         tracing::debug!(shard = self.id, index, revision = upto, path = %path.display(), "checkpoint written");
         self.adopt_values(&path, upto).await;
+        // The export read the values still served from the log segment.
+        self.wal.release_pages();
         Ok(info)
     }
 }

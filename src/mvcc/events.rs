@@ -151,6 +151,13 @@ impl EventLog {
             .filter(|e| e.kind == EventKind::Put)
     }
 
+    /// The events of revision `rev` still in the log.
+    pub fn revision_mut(&mut self, rev: i64) -> impl Iterator<Item = &mut Event> {
+        let end = self.ring.partition_point(|e| e.revision() <= rev);
+        let start = self.ring.partition_point(|e| e.revision() < rev);
+        self.ring.range_mut(start..end)
+    }
+
     pub fn read(&self, ranges: &[KeyRange], after: i64, upto: i64, out: &mut Vec<Event>) {
         debug_assert!(after >= self.floor, "read below the event log's floor");
         let start = self.ring.partition_point(|e| e.revision() <= after);

@@ -34,7 +34,7 @@ pub use key_index::{Generation, KeyHistory, PutEvent};
 pub use query::{
     cmp_kvs, effective_sort, has_revision_filters, keeps_values_for_merge, prefetch_window,
 };
-pub use store::ShardStore;
+pub use store::{ShardStore, SharedOp};
 
 /// A write to apply; the WAL stores these, and replaying them with the same revision must
 /// reproduce the state exactly.

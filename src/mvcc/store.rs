@@ -32,6 +32,14 @@ pub struct ShardStore {
     events: EventLog,
 }
 
+/// One op of a logged write for [`ShardStore::share`]: the key to find the entry by, the copy
+/// of it to keep, and for a put the copy of its value to keep.
+pub struct SharedOp {
+    pub probe: Bytes,
+    pub key: Bytes,
+    pub value: Option<Bytes>,
+}
+
 // By hand rather than derived, so the index type needs neither Debug nor Default.
 impl Default for ShardStore {
     fn default() -> Self {
@@ -349,19 +357,75 @@ impl ShardStore {
         }
     }
 
+    /// The write at `rev` was logged: its keys and values in the index and in the watch feed
+    /// take the copies `ops` gives (slices of the logged record, or of the mapped log segment
+    /// and a key arena), so the copies the write was executed with can be freed. Entries are
+    /// found by each op's `probe` (an equal key whose memory may be read), so the new copies
+    /// are not read here. Puts the store does not hold at `rev` as logged are left alone.
+    pub fn share(&mut self, ops: &[SharedOp], rev: i64) {
+        for op in ops {
+            if let Some(value) = &op.value {
+                if let Some(ki) = self.index.replace_key_by(op.probe.as_ref(), op.key.clone()) {
+                    ki.adopt(rev, value);
+                }
+            }
+        }
+        for event in self.events.revision_mut(rev) {
+            let put = event.kind == super::EventKind::Put;
+            let shared = ops.iter().find(|op| {
+                op.value.is_some() == put
+                    && op.probe == event.kv.key
+                    && op
+                        .value
+                        .as_ref()
+                        .is_none_or(|v| v.len() == event.kv.value.len())
+            });
+            if let Some(op) = shared {
+                event.kv.key = op.key.clone();
+                if let Some(v) = &op.value {
+                    event.kv.value = v.clone();
+                }
+            }
+        }
+    }
+
+    /// [`Self::share`] with the logged record's own keys and values (`record`: its ops,
+    /// decoded so every key and value is a slice of the record's buffer).
+    pub fn share_record(&mut self, record: &[super::Effect], rev: i64) {
+        let ops: Vec<SharedOp> = record
+            .iter()
+            .map(|op| match op {
+                super::Effect::Put { key, value, .. } => SharedOp {
+                    probe: key.clone(),
+                    key: key.clone(),
+                    value: Some(value.clone()),
+                },
+                super::Effect::Delete { key } => SharedOp {
+                    probe: key.clone(),
+                    key: key.clone(),
+                    value: None,
+                },
+            })
+            .collect();
+        self.share(&ops, rev);
+    }
+
     /// After [`Self::adopt`] up to revision `upto`: recent put events at or below it take
     /// the index's copy of their value, so the watch feed does not keep the heap copies alive.
     pub fn adopt_event_values(&mut self, upto: i64) {
         let index = &mut self.index;
         for event in self.events.puts_through_mut(upto) {
             let kv = &mut event.kv;
-            if let Some(v) = index
-                .get_mut(kv.key.as_ref())
-                .and_then(|ki| ki.value_at(kv.mod_revision))
-                .filter(|v| v.len() == kv.value.len())
-            {
-                debug_assert_eq!(v, &kv.value, "event value differs from the index");
-                kv.value = v.clone();
+            // The key too: it may be a slice of a logged record the next compaction frees.
+            if let Some((k, ki)) = index.get_key_value_mut(kv.key.as_ref()) {
+                kv.key = k.clone();
+                if let Some(v) = ki
+                    .value_at(kv.mod_revision)
+                    .filter(|v| v.len() == kv.value.len())
+                {
+                    debug_assert_eq!(v, &kv.value, "event value differs from the index");
+                    kv.value = v.clone();
+                }
             }
         }
     }

@@ -933,3 +933,45 @@ fn export_and_rebuild() {
         "nothing existed at revision 1"
     );
 }
+
+#[test]
+fn logged_record_shares_keys_and_values() {
+    use crate::wal::record::{decode_payload, encode_payload, EntryKind, WalEntry};
+    let mut s = ShardStore::new();
+    run(&mut s, 1, vec![put_op("a", "old")]);
+    let ex = run(
+        &mut s,
+        2,
+        vec![put_op("a", "one"), put_op("b", "two"), del_op("c", "d")],
+    );
+    let record = Bytes::from(encode_payload(&WalEntry {
+        kind: EntryKind::Write,
+        revision: 2,
+        ops: ex.effects,
+        ..Default::default()
+    }));
+    let logged = decode_payload(&record).expect("decodes");
+    s.share_record(&logged.ops, 2);
+    let inside = |x: &Bytes| {
+        let (p, r) = (x.as_ptr() as usize, record.as_ptr() as usize);
+        (r..r + record.len()).contains(&p)
+    };
+    for (k, v) in [("a", "one"), ("b", "two")] {
+        let got = get(&s, k, 2).expect("live");
+        assert_eq!(got.value, b(v));
+        assert!(inside(&got.key) && inside(&got.value), "{k} not shared");
+    }
+    // Older revisions keep their own values.
+    assert_eq!(get(&s, "a", 1).expect("live").value, b("old"));
+    let everything = crate::kv::KeyRange {
+        start: b("a"),
+        end: Some(b("z")),
+    };
+    let ch = s.changes(&[everything], 1, 2, 100).expect("changes");
+    assert_eq!(ch.events.len(), 2);
+    assert!(ch
+        .events
+        .iter()
+        .all(|e| inside(&e.kv.key) && inside(&e.kv.value)));
+    assert_eq!(ch.events[1].kv.value, b("two"));
+}

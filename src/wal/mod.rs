@@ -20,12 +20,16 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use bytes::Bytes;
 use event_listener::Event;
 use glommio::io::{DmaFile, OpenOptions};
 
 use crate::error::{Error, Result};
 use crate::runtime::LATENCY_BUCKETS;
-use record::{encode_payload, encode_segment_header, frame_len, write_frame, SEGMENT_HEADER_LEN};
+use record::{
+    encode_payload, encode_segment_header, frame_len, write_frame, FRAME_HEADER_LEN,
+    SEGMENT_HEADER_LEN,
+};
 pub use record::{EntryKind, LeaseRecord, WalEntry};
 pub use recovery::{recover, LoggedEntry, Recovered, SegmentFile};
 
@@ -71,6 +75,9 @@ impl Default for WalOptions {
         }
     }
 }
+
+/// Placements remembered for [`Wal::settled_payload`] (older ones are forgotten).
+const MAX_PLACED: usize = 1 << 16;
 
 /// Returned by [`Wal::try_append`] when neither the current nor a prepared segment can take the
 /// frame; call [`Wal::make_room`] and retry.
@@ -125,6 +132,34 @@ struct State {
     spare_creating: bool,
     spare_seq: u64,
     segments: Vec<SegmentFile>,
+    /// Where recent entries' payloads went, oldest first, for [`Wal::settled_payload`].
+    placed: VecDeque<Placed>,
+    /// Read-only mappings of settled windows of segments: (segment, window) → mapping.
+    windows: std::collections::BTreeMap<(u64, u64), (std::sync::Arc<memmap2::Mmap>, Bytes)>,
+}
+
+/// The place of one entry's payload in its segment.
+#[derive(Clone, Copy)]
+struct Placed {
+    index: u64,
+    segment: u64,
+    offset: u64,
+    len: u64,
+    segment_size: u64,
+}
+
+/// Segments are mapped for reading in windows of this size, each once everything in it is
+/// durable for good (see [`Wal::settled_payload`]).
+const WINDOW: u64 = 1 << 20;
+
+/// What [`Wal::settled_payload`] found.
+pub enum Settled {
+    /// The payload, a slice of the segment's mapping.
+    At(Bytes),
+    /// Not yet: part of its window may still be written.
+    NotYet,
+    /// Never (not placed, replaced by a rewind, across two windows, or its segment is gone).
+    Never,
 }
 
 struct Inner {
@@ -219,6 +254,8 @@ impl Wal {
             spare_creating: false,
             spare_seq: 0,
             segments: recovered.segments.clone(),
+            placed: VecDeque::new(),
+            windows: std::collections::BTreeMap::new(),
         };
         let wal = Wal {
             inner: Rc::new(Inner {
@@ -302,6 +339,9 @@ impl Wal {
             });
         }
         if let Some(i) = index.filter(|&i| i < st.next_index) {
+            while st.placed.back().is_some_and(|p| p.index >= i) {
+                st.placed.pop_back();
+            }
             st.next_index = i;
             st.durable_index = st.durable_index.min(i - 1);
             st.epoch += 1;
@@ -334,6 +374,19 @@ impl Wal {
         } else {
             SEGMENT_HEADER_LEN as u64
         };
+        if let Some(index) = index {
+            let (offset, segment_size) = (st.append_pos + FRAME_HEADER_LEN as u64, st.append_size);
+            if st.placed.len() >= MAX_PLACED {
+                st.placed.pop_front();
+            }
+            st.placed.push_back(Placed {
+                index,
+                segment,
+                offset,
+                len: payload.len() as u64,
+                segment_size,
+            });
+        }
         st.append_pos += len;
         if index.is_some() {
             st.next_index += 1;
@@ -558,6 +611,9 @@ impl Wal {
                 break;
             }
             let seg = st.segments.remove(0);
+            // Values still slices of its windows keep them mapped (and the file's space).
+            let first = seg.first_index;
+            st.windows.retain(|&(s, _), _| s != first);
             std::fs::remove_file(&seg.path).map_err(|e| Error::io(&seg.path, e))?;
             removed += 1;
         }
@@ -591,6 +647,84 @@ impl Wal {
                 reason: format!("no room for a {}-byte record after make_room", nr.frame_len),
             })?;
         Ok(())
+    }
+
+    /// The payload of the entry at `index`, as a slice of a read-only mapping of the segment
+    /// it is in, once it is durable and nothing in its window of the segment will be written
+    /// again: the log's direct writes start at the block holding the durable end, and a direct
+    /// write must be able to drop the pages it writes from the page cache, so nothing maps a
+    /// page the log may still write. Entries are asked for in index order; entries not asked
+    /// for before a later one are forgotten.
+    pub fn settled_payload(&self, index: u64) -> Settled {
+        let mut st = self.inner.st.borrow_mut();
+        while st.placed.front().is_some_and(|p| p.index < index) {
+            st.placed.pop_front();
+        }
+        let Some(p) = st.placed.front().copied().filter(|p| p.index == index) else {
+            return Settled::Never;
+        };
+        if index > st.durable_index {
+            return Settled::NotYet;
+        }
+        let window = p.offset / WINDOW;
+        let (start, end) = (window * WINDOW, ((window + 1) * WINDOW).min(p.segment_size));
+        if p.offset + p.len > end {
+            st.placed.pop_front();
+            return Settled::Never;
+        }
+        let settled = match st.durable_segment {
+            Some(d) if p.segment < d => p.segment_size,
+            Some(d) if p.segment == d => {
+                st.durable_pos / recovery::page_size() * recovery::page_size()
+            }
+            _ => 0,
+        };
+        if end > settled {
+            return Settled::NotYet;
+        }
+        st.placed.pop_front();
+        let map = match st.windows.get(&(p.segment, window)) {
+            Some((_, m)) => m.clone(),
+            None => {
+                let path = self.inner.dir.join(recovery::segment_name(p.segment));
+                let mapped = std::fs::File::open(&path).and_then(|f| {
+                    // SAFETY: segment files are never truncated, and nothing writes this
+                    // window of the file again (checked above).
+                    unsafe {
+                        memmap2::MmapOptions::new()
+                            .offset(start)
+                            .len((end - start) as usize)
+                            .map(&f)
+                    }
+                });
+                match mapped {
+                    Ok(m) => {
+                        let m = std::sync::Arc::new(m);
+                        let b = Bytes::from_owner(recovery::SegmentMap(m.clone()));
+                        st.windows.insert((p.segment, window), (m, b.clone()));
+                        b
+                    }
+                    Err(e) => {
+                        tracing::debug!(path = %path.display(), error = %e, "cannot map a WAL segment");
+                        return Settled::Never;
+                    }
+                }
+            }
+        };
+        let at = (p.offset - start) as usize;
+        Settled::At(map.slice(at..at + p.len as usize))
+    }
+
+    /// Drops the pages of the mapped windows from this process's resident set (a checkpoint
+    /// read every value in them); they stay in the page cache and fault back in when read.
+    pub fn release_pages(&self) {
+        for (map, _) in self.inner.st.borrow().windows.values() {
+            // SAFETY: the mapping is read-only and file-backed, so dropping its pages loses
+            // nothing.
+            if let Err(e) = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) } {
+                tracing::debug!(error = %e, "madvise(DONTNEED) on a WAL segment failed");
+            }
+        }
     }
 
     /// Name of the segment the last queued frame went to (`None` before the first).

@@ -194,6 +194,12 @@ pub enum Probe {
 
 /// Checks and decodes the frame starting at `buf[0]`; every read of a record goes through the CRC.
 pub fn probe_frame(buf: &[u8]) -> Probe {
+    probe_frame_with(buf, Bytes::copy_from_slice)
+}
+
+/// [`probe_frame`], with the valid payload's bytes made by `share` (a slice of the mapped
+/// segment the frame was read from, rather than a copy).
+pub fn probe_frame_with(buf: &[u8], share: impl FnOnce(&[u8]) -> Bytes) -> Probe {
     if buf.len() < FRAME_HEADER_LEN {
         return Probe::Invalid("truncated frame header");
     }
@@ -213,7 +219,7 @@ pub fn probe_frame(buf: &[u8]) -> Probe {
     if walfb::root_as_entry(payload).is_err() {
         return Probe::Invalid("undecodable payload");
     }
-    let payload = Bytes::copy_from_slice(payload);
+    let payload = share(payload);
     match decode_payload(&payload) {
         Some(entry) => Probe::Valid {
             entry,

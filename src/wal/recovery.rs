@@ -9,12 +9,13 @@
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::record::{
-    decode_segment_header, probe_frame, EntryKind, Probe, WalEntry, FRAME_HEADER_LEN,
-    SEGMENT_HEADER_LEN,
+    decode_payload, decode_segment_header, probe_frame, probe_frame_with, EntryKind, Probe,
+    WalEntry, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use crate::error::{Error, Result};
 
@@ -35,7 +36,11 @@ pub struct Tail {
 }
 
 /// A recovered entry with the payload it was decoded from (its keys and values are slices of
-/// it), which is also the Raft log entry's data.
+/// it), which is also the Raft log entry's data. The payload is a slice of the segment's
+/// read-only mapping, not a heap copy: the store serves the log tail's values from the page
+/// cache, and the Raft log holds them without copies, until a checkpoint covers them. Segments
+/// are never truncated nor rewritten below their valid end (a torn tail is zeroed past it, new
+/// frames go after it), and a deleted segment stays mapped while a slice of it lives.
 #[derive(Clone, Debug)]
 pub struct LoggedEntry {
     pub entry: WalEntry,
@@ -55,6 +60,8 @@ pub struct Recovered {
     pub last_index: u64,
     /// A torn tail was cut off at this place.
     pub truncated: Option<(PathBuf, u64)>,
+    /// The mapped segments the entries' payloads are slices of.
+    pub maps: Vec<Arc<memmap2::Mmap>>,
     /// Term of the entry at `after_index` as the log holds it (if it does). A follower that
     /// installed its leader's checkpoint there logs an entry with the checkpoint's term at its
     /// index; a different term means the install was cut short before that, and the entries
@@ -112,6 +119,8 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
         // SAFETY: segment files belong to this shard and nothing else maps or truncates them while
         // the data dir is locked by this process.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&seg.path, e))?;
+        let map = Arc::new(map);
+        let shared = Bytes::from_owner(SegmentMap(map.clone()));
         let header = match decode_segment_header(&map) {
             Ok(h) => h,
             Err(reason) => return Err(Error::corrupt(&seg.path, 0, reason)),
@@ -150,7 +159,7 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
                     .any(|&b| b != 0)
                     .then_some("truncated frame header");
             }
-            match probe_frame(&map[pos..]) {
+            match probe_frame_with(&map[pos..], |p| shared.slice_ref(p)) {
                 Probe::Valid {
                     entry,
                     payload,
@@ -194,6 +203,7 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
             }
         };
         out.segments.push(seg.clone());
+        out.maps.push(map.clone());
         expected = Some(next);
         out.last_index = (next - 1).max(after_index);
 
@@ -224,6 +234,40 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
         }
         // This is the last segment holding data.
         let dirty = map[pos..].iter().any(|&b| b != 0);
+        // Appends continue in it with direct writes from the block holding `stop` on, and a
+        // direct write must be able to drop the pages it writes from the page cache: what the
+        // entries keep mapped ends at the last whole page before `stop`, and the few entries
+        // in the page after it are copied. The scan's mapping of the whole file goes now.
+        out.maps.pop();
+        let settled = stop / page_size() * page_size();
+        let kept = if settled > SEGMENT_HEADER_LEN as u64 {
+            // SAFETY: as for the scan's mapping; nothing writes below `settled` again.
+            let m = unsafe { memmap2::MmapOptions::new().len(settled as usize).map(&file) }
+                .map_err(|e| Error::io(&seg.path, e))?;
+            Some(Arc::new(m))
+        } else {
+            None
+        };
+        let kept_bytes = kept
+            .as_ref()
+            .map(|m| Bytes::from_owner(SegmentMap(m.clone())));
+        let base = map.as_ptr() as usize;
+        for e in out.entries.iter_mut().rev() {
+            let at = e.payload.as_ptr() as usize;
+            if !(base..base + map.len()).contains(&at) {
+                break;
+            }
+            let (off, end) = (at - base, at - base + e.payload.len());
+            let payload = match &kept_bytes {
+                Some(k) if end as u64 <= settled => k.slice(off..end),
+                _ => Bytes::copy_from_slice(&e.payload),
+            };
+            e.entry = decode_payload(&payload)
+                .ok_or_else(|| Error::corrupt(&seg.path, off as u64, "undecodable payload"))?;
+            e.payload = payload;
+        }
+        out.maps.extend(kept);
+        drop(shared);
         drop(map);
         if dirty {
             zero_from(&seg.path, stop, size)?;
@@ -240,6 +284,35 @@ pub fn recover(dir: &Path, shard: u32, after_index: u64) -> Result<Recovered> {
         break;
     }
     Ok(out)
+}
+
+impl Recovered {
+    /// Drops the segments' pages from this process's resident set (the scan and the replay
+    /// touched them all); they stay in the page cache and fault back in when a value is read.
+    pub fn release_pages(&self) {
+        for map in &self.maps {
+            // SAFETY: the mapping is read-only and file-backed, so dropping its pages loses
+            // nothing.
+            if let Err(e) = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) } {
+                tracing::debug!(error = %e, "madvise(DONTNEED) on a WAL segment failed");
+            }
+        }
+    }
+}
+
+/// The page size: what a mapping is made of.
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(n).unwrap_or(4096).max(4096)
+}
+
+pub(crate) struct SegmentMap(pub(crate) Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for SegmentMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// Among valid frames at 8-aligned offsets from `from` on, the one with the highest mark.

@@ -176,7 +176,16 @@ pub struct Replica {
     ticks_since_ask: Cell<u64>,
     /// Role and term last noted (role changes are logged).
     last_role: Cell<(Role, u64)>,
+    /// Records of a group without peers that Raft holds only as [`UNLOGGED`], until `pump`
+    /// hands them to the WAL: (index, record), in index order.
+    unlogged: RefCell<VecDeque<(u64, Bytes)>>,
 }
+
+/// What the Raft log of a group without peers holds for a write's record: no follower ever
+/// reads its entries and recovery reads the WAL, so the record is not kept in memory twice
+/// (the store serves the write's values from the log segment once it is durable). Never
+/// logged: `pump` logs the record it stands for.
+const UNLOGGED: &[u8] = b"\0unlogged write";
 
 impl Replica {
     /// Rebuilds the group's durable state: the checkpoint is the snapshot, the WAL tail the log,
@@ -259,6 +268,7 @@ impl Replica {
             stalled: RefCell::new(None),
             ticks_since_ask: Cell::new(u64::MAX / 2),
             last_role: Cell::new((Role::Follower, 0)),
+            unlogged: RefCell::new(VecDeque::new()),
         })
     }
 
@@ -580,10 +590,22 @@ impl Replica {
         wal: &Wal,
         entry: &mut WalEntry,
     ) -> std::result::Result<u64, ProposeError> {
+        self.propose_shared(wal, entry).map(|(index, _)| index)
+    }
+
+    /// [`Self::propose`], also returning the encoded record the Raft log holds (empty for a
+    /// no-op, and without consensus): the shard's store shares its keys and values instead of
+    /// keeping copies of its own until the next checkpoint.
+    pub fn propose_shared(
+        &self,
+        wal: &Wal,
+        entry: &mut WalEntry,
+    ) -> std::result::Result<(u64, Bytes), ProposeError> {
         self.ensure_healthy()?;
         let Some(raft) = &self.raft else {
             entry.term = 1;
-            return wal.try_append(entry).map_err(ProposeError::NoRoom);
+            let index = wal.try_append(entry).map_err(ProposeError::NoRoom)?;
+            return Ok((index, Bytes::new()));
         };
         if self.peers && !self.can_execute() {
             return Err(ProposeError::Other(if self.leader().is_some() {
@@ -605,21 +627,32 @@ impl Replica {
         } else {
             encoded
         };
+        let unlogged = !self.peers && entry.kind == EntryKind::Write;
         if !wal.has_room(len + RECORD_SLACK) {
             return Err(ProposeError::NoRoom(NoRoom {
                 frame_len: len + RECORD_SLACK,
             }));
         }
+        let proposed = if unlogged {
+            Bytes::from_static(UNLOGGED)
+        } else {
+            payload.clone()
+        };
         let index = raft
             .borrow_mut()
-            .propose(payload)
+            .propose(proposed)
             .map_err(|e| raft_error(self.shard, e))?;
         assert_eq!(index, entry.index, "shard {} proposal index", self.shard);
+        if unlogged {
+            self.unlogged
+                .borrow_mut()
+                .push_back((index, payload.clone()));
+        }
         // The leader executed this record before proposing it.
         self.applied.set(index);
         self.pump(wal);
         self.ensure_healthy()?;
-        Ok(index)
+        Ok((index, payload))
     }
 
     /// Proposes a decision record (the outcome of a multi-shard write) as this group's leader,
@@ -915,6 +948,22 @@ impl Replica {
             }
             for (i, e) in rd.entries.iter().enumerate().skip(from) {
                 let payload = match e.kind {
+                    RaftKind::Normal if e.data.as_ref() == UNLOGGED => {
+                        let mut q = self.unlogged.borrow_mut();
+                        while q.front().is_some_and(|(at, _)| *at < e.index) {
+                            q.pop_front();
+                        }
+                        match q.front() {
+                            Some((at, record)) if *at == e.index => record.clone(),
+                            _ => {
+                                drop(q);
+                                let reason = format!("lost the record of entry {}", e.index);
+                                tracing::error!(shard = self.shard, %reason, "shard stops");
+                                self.fail(reason);
+                                return;
+                            }
+                        }
+                    }
                     RaftKind::Normal if !e.data.is_empty() => e.data.clone(),
                     RaftKind::Normal => encode(WalEntry {
                         term: e.term,
@@ -932,6 +981,9 @@ impl Replica {
                 };
                 match wal.append_frame(Some(e.index), &payload) {
                     Ok(seq) => {
+                        if e.data.as_ref() == UNLOGGED {
+                            self.unlogged.borrow_mut().pop_front();
+                        }
                         self.last_seq.set(seq);
                         self.appended_ev.notify(usize::MAX);
                     }

@@ -108,6 +108,15 @@ impl<K: Ord, V> BPlusTree<K, V> {
         self.tree.get_mut(key)
     }
 
+    /// The tree's own copy of `key` with its value.
+    pub fn get_key_value_mut<Q>(&mut self, key: &Q) -> Option<(&K, &mut V)>
+    where
+        K: Borrow<Q>,
+        Q: ?Sized + Ord,
+    {
+        self.tree.get_key_value_mut(key)
+    }
+
     pub fn contains_key<Q>(&self, key: &Q) -> bool
     where
         K: Borrow<Q>,
@@ -148,6 +157,15 @@ impl<K: Ord + Clone, V> BPlusTree<K, V> {
     /// nothing else holds them.
     pub fn replace_key(&mut self, key: K) -> Option<&mut V> {
         self.tree.replace_key(key)
+    }
+
+    /// [`Self::replace_key`], finding the entry by `probe`, which equals `key`.
+    pub fn replace_key_by<Q>(&mut self, probe: &Q, key: K) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+        Q: ?Sized + Ord,
+    {
+        self.tree.replace_key_by(probe, key)
     }
 
     pub fn remove<Q>(&mut self, key: &Q) -> Option<V>

@@ -206,6 +206,16 @@ impl<K: Ord, V, const B: usize> Tree<K, V, B> {
         Some(&mut self.leaves[leaf as usize].vals[i])
     }
 
+    pub(super) fn get_key_value_mut<Q>(&mut self, key: &Q) -> Option<(&K, &mut V)>
+    where
+        K: Borrow<Q>,
+        Q: ?Sized + Ord,
+    {
+        let (leaf, i) = self.find(key)?;
+        let leaf = &mut self.leaves[leaf as usize];
+        Some((&leaf.keys[i], &mut leaf.vals[i]))
+    }
+
     pub(super) fn range<Q>(&self, lower: Bound<&Q>, upper: Bound<&Q>) -> Range<'_, K, V>
     where
         K: Borrow<Q>,
@@ -426,20 +436,31 @@ impl<K: Ord + Clone, V, const B: usize> Tree<K, V, B> {
     /// leaf entry and the separator equal to it, if any) and returns the entry's value; `None`
     /// if the key is absent. For swapping key buffers: an equal key keeps every order intact.
     pub(super) fn replace_key(&mut self, key: K) -> Option<&mut V> {
+        let probe = key.clone();
+        self.replace_key_by(&probe, key)
+    }
+
+    /// [`Self::replace_key`], finding the key by `probe` (equal to it), so the search never
+    /// reads `key`'s memory (which may be a mapped file's).
+    pub(super) fn replace_key_by<Q>(&mut self, probe: &Q, key: K) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+        Q: ?Sized + Ord,
+    {
         if self.root == NIL {
             return None;
         }
         let mut node = self.root;
         for _ in 0..self.height {
             let branch = &mut self.branches[node as usize];
-            let i = search(&branch.keys, |sep| *sep <= key);
-            if i > 0 && branch.keys[i - 1] == key {
+            let i = search(&branch.keys, |sep| sep.borrow() <= probe);
+            if i > 0 && branch.keys[i - 1].borrow() == probe {
                 branch.keys[i - 1] = key.clone();
             }
             node = branch.children[i];
         }
         let leaf = &mut self.leaves[node as usize];
-        let i = search_exact(&leaf.keys, &key).ok()?;
+        let i = search_exact(&leaf.keys, probe).ok()?;
         leaf.keys[i] = key;
         Some(&mut leaf.vals[i])
     }
