@@ -142,13 +142,11 @@ impl EventLog {
     }
 
     /// Events in `ranges` with revision in `(after, upto]`; `after` must be at or above the floor.
-    /// Put events with revisions at or below `upto`, for swapping their values for identical
-    /// copies held elsewhere (see `ShardStore::adopt_event_values`).
-    pub fn puts_through_mut(&mut self, upto: i64) -> impl Iterator<Item = &mut Event> {
+    /// Events with revisions at or below `upto`, for swapping their keys and values for
+    /// identical copies held elsewhere (see `ShardStore::adopt_event_values`).
+    pub fn through_mut(&mut self, upto: i64) -> impl Iterator<Item = &mut Event> {
         let end = self.ring.partition_point(|e| e.revision() <= upto);
-        self.ring
-            .range_mut(..end)
-            .filter(|e| e.kind == EventKind::Put)
+        self.ring.range_mut(..end)
     }
 
     /// The events of revision `rev` still in the log.

@@ -363,6 +363,8 @@ impl ShardStore {
     /// found by each op's `probe` (an equal key whose memory may be read), so the new copies
     /// are not read here. Puts the store does not hold at `rev` as logged are left alone.
     pub fn share(&mut self, ops: &[SharedOp], rev: i64) {
+        /// Up to this many ops, each event scans them (no map to build on the hot path).
+        const SCAN_OPS: usize = 8;
         for op in ops {
             if let Some(value) = &op.value {
                 if let Some(ki) = self.index.replace_key_by(op.probe.as_ref(), op.key.clone()) {
@@ -370,16 +372,28 @@ impl ShardStore {
                 }
             }
         }
+        // A delete-range of many keys has as many ops as events: look them up by key rather
+        // than scanning the ops for every event. The first op of a key wins, as in a scan.
+        let by_key: Option<std::collections::HashMap<(bool, &[u8]), &SharedOp>> =
+            (ops.len() > SCAN_OPS).then(|| {
+                ops.iter()
+                    .rev()
+                    .map(|op| ((op.value.is_some(), op.probe.as_ref()), op))
+                    .collect()
+            });
         for event in self.events.revision_mut(rev) {
             let put = event.kind == super::EventKind::Put;
-            let shared = ops.iter().find(|op| {
-                op.value.is_some() == put
-                    && op.probe == event.kv.key
-                    && op
-                        .value
-                        .as_ref()
-                        .is_none_or(|v| v.len() == event.kv.value.len())
-            });
+            let fits = |op: &&SharedOp| {
+                op.value
+                    .as_ref()
+                    .is_none_or(|v| v.len() == event.kv.value.len())
+            };
+            let shared = match &by_key {
+                Some(m) => m.get(&(put, event.kv.key.as_ref())).copied().filter(fits),
+                None => ops
+                    .iter()
+                    .find(|op| op.value.is_some() == put && op.probe == event.kv.key && fits(op)),
+            };
             if let Some(op) = shared {
                 event.kv.key = op.key.clone();
                 if let Some(v) = &op.value {
@@ -410,12 +424,22 @@ impl ShardStore {
         self.share(&ops, rev);
     }
 
-    /// After [`Self::adopt`] up to revision `upto`: recent put events at or below it take
-    /// the index's copy of their value, so the watch feed does not keep the heap copies alive.
+    /// After [`Self::adopt`] up to revision `upto`: recent events at or below it take the
+    /// index's copy of their key and (puts) value, so the watch feed does not keep the heap
+    /// copies, or whole logged records, alive.
     pub fn adopt_event_values(&mut self, upto: i64) {
         let index = &mut self.index;
-        for event in self.events.puts_through_mut(upto) {
+        for event in self.events.through_mut(upto) {
             let kv = &mut event.kv;
+            if event.kind != super::EventKind::Put {
+                // A delete's key may be a slice of its logged record: take the index's key
+                // (its tombstone keeps it), or an exact copy once compaction dropped it.
+                kv.key = match index.get_key_value_mut(kv.key.as_ref()) {
+                    Some((k, _)) => k.clone(),
+                    None => Bytes::copy_from_slice(&kv.key),
+                };
+                continue;
+            }
             // The key too: it may be a slice of a logged record the next compaction frees.
             if let Some((k, ki)) = index.get_key_value_mut(kv.key.as_ref()) {
                 kv.key = k.clone();

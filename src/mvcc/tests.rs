@@ -975,3 +975,34 @@ fn logged_record_shares_keys_and_values() {
         .all(|e| inside(&e.kv.key) && inside(&e.kv.value)));
     assert_eq!(ch.events[1].kv.value, b("two"));
 }
+
+/// A write with more ops than the scan limit (a delete-range of many keys) shares every
+/// event's key through the by-key lookup, deletes included.
+#[test]
+fn logged_record_of_many_ops_shares_every_event() {
+    use crate::wal::record::{decode_payload, encode_payload, EntryKind, WalEntry};
+    let mut s = ShardStore::new();
+    let keys: Vec<String> = (0..40).map(|i| format!("k{i:02}")).collect();
+    run(&mut s, 1, keys.iter().map(|k| put_op(k, "v")).collect());
+    let ex = run(&mut s, 2, vec![del_op("k", "l")]);
+    assert_eq!(ex.effects.len(), 40);
+    let record = Bytes::from(encode_payload(&WalEntry {
+        kind: EntryKind::Write,
+        revision: 2,
+        ops: ex.effects,
+        ..Default::default()
+    }));
+    let logged = decode_payload(&record).expect("decodes");
+    s.share_record(&logged.ops, 2);
+    let inside = |x: &Bytes| {
+        let (p, r) = (x.as_ptr() as usize, record.as_ptr() as usize);
+        (r..r + record.len()).contains(&p)
+    };
+    let everything = crate::kv::KeyRange {
+        start: b("a"),
+        end: Some(b("z")),
+    };
+    let ch = s.changes(&[everything], 1, 2, 100).expect("changes");
+    assert_eq!(ch.events.len(), 40);
+    assert!(ch.events.iter().all(|e| inside(&e.kv.key)));
+}

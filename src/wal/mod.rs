@@ -712,7 +712,22 @@ impl Wal {
             }
         };
         let at = (p.offset - start) as usize;
-        Settled::At(map.slice(at..at + p.len as usize))
+        // Read back once and checked like every other read of the log: what the mapping shows
+        // must be the frame as written (a misdirected or lost write shows here, not later as
+        // a wrong value copied into a checkpoint under a fresh checksum).
+        let Some(header_at) = at.checked_sub(record::FRAME_HEADER_LEN) else {
+            return Settled::Never; // the header is in the window before
+        };
+        let payload = map.slice(at..at + p.len as usize);
+        if !record::frame_matches(&map[header_at..at], &payload) {
+            tracing::error!(
+                path = %self.inner.dir.join(recovery::segment_name(p.segment)).display(),
+                offset = p.offset - record::FRAME_HEADER_LEN as u64,
+                "a WAL frame reads back different from what was written; its value stays in memory"
+            );
+            return Settled::Never;
+        }
+        Settled::At(payload)
     }
 
     /// Drops the pages of the mapped windows from this process's resident set (a checkpoint

@@ -168,6 +168,17 @@ pub fn write_frame(out: &mut Vec<u8>, payload: &[u8], mark: u32) {
     out.extend_from_slice(&[0u8; 8][..pad]);
 }
 
+/// Whether `header` (a frame's first [`FRAME_HEADER_LEN`] bytes) describes `payload`: its
+/// length and checksum match, as [`write_frame`] wrote them.
+pub fn frame_matches(header: &[u8], payload: &[u8]) -> bool {
+    if header.len() != FRAME_HEADER_LEN {
+        return false;
+    }
+    let (len, crc, rest) = (&header[0..4], &header[4..8], &header[8..16]);
+    len == (payload.len() as u32).to_le_bytes()
+        && crc == frame_crc(len, rest, payload).to_le_bytes()
+}
+
 fn frame_crc(len: &[u8], rest: &[u8], payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(len);
