@@ -136,6 +136,9 @@ struct State {
     placed: VecDeque<Placed>,
     /// Read-only mappings of settled windows of segments: (segment, window) → mapping.
     windows: std::collections::BTreeMap<(u64, u64), (std::sync::Arc<memmap2::Mmap>, Bytes)>,
+    /// The window whose frames were last read back to check them: its pages leave the
+    /// resident set once the checks move on to the next window.
+    checked_window: Option<(u64, u64)>,
 }
 
 /// The place of one entry's payload in its segment.
@@ -256,6 +259,7 @@ impl Wal {
             segments: recovered.segments.clone(),
             placed: VecDeque::new(),
             windows: std::collections::BTreeMap::new(),
+            checked_window: None,
         };
         let wal = Wal {
             inner: Rc::new(Inner {
@@ -727,6 +731,14 @@ impl Wal {
             );
             return Settled::Never;
         }
+        // The check faulted the window's pages in; once the checks reach the next window they
+        // leave the resident set (they stay in the page cache and fault back in when read).
+        if st.checked_window != Some((p.segment, window)) {
+            if let Some((prev, _)) = st.checked_window.and_then(|w| st.windows.get(&w)) {
+                advise_dont_need(prev);
+            }
+            st.checked_window = Some((p.segment, window));
+        }
         Settled::At(payload)
     }
 
@@ -734,11 +746,7 @@ impl Wal {
     /// read every value in them); they stay in the page cache and fault back in when read.
     pub fn release_pages(&self) {
         for (map, _) in self.inner.st.borrow().windows.values() {
-            // SAFETY: the mapping is read-only and file-backed, so dropping its pages loses
-            // nothing.
-            if let Err(e) = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) } {
-                tracing::debug!(error = %e, "madvise(DONTNEED) on a WAL segment failed");
-            }
+            advise_dont_need(map);
         }
     }
 
@@ -822,6 +830,14 @@ async fn flusher(inner: Rc<Inner>, mut current: Option<Current>) {
     }
     if let Some(cur) = current {
         let _ = cur.file.close().await;
+    }
+}
+
+/// Drops a window's pages from this process's resident set.
+fn advise_dont_need(map: &memmap2::Mmap) {
+    // SAFETY: the mapping is read-only and file-backed, so dropping its pages loses nothing.
+    if let Err(e) = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) } {
+        tracing::debug!(error = %e, "madvise(DONTNEED) on a WAL segment failed");
     }
 }
 
