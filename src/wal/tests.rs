@@ -391,6 +391,33 @@ fn a_rewind_lowers_the_durable_mark_until_its_record_is_synced() {
     });
 }
 
+/// A fresh log in `path` with `n` entries of about 1 KB, each waited for until durable
+/// (before the first is durable it is not settled); returns the log and each entry's index and
+/// payload.
+async fn write_durably(path: &Path, segment_size: u64, n: i64) -> (Wal, Vec<(u64, Bytes)>) {
+    let rec = recover(path, 0, 0).unwrap();
+    let wal = Wal::open(path, 0, WalOptions { segment_size }, &rec)
+        .await
+        .unwrap();
+    let mut written = vec![];
+    for i in 0..n {
+        let mut e = entry(i + 1, &format!("k{i}"), 1000);
+        let idx = loop {
+            match wal.try_append(&mut e) {
+                Ok(idx) => break idx,
+                Err(NoRoom { frame_len }) => wal.make_room(frame_len).await.unwrap(),
+            }
+        };
+        if i == 0 {
+            // Queued, not durable: not yet.
+            assert!(matches!(wal.settled_payload(idx), Settled::NotYet));
+        }
+        wal.wait_durable(idx).await.unwrap();
+        written.push((idx, Bytes::from(record::encode_payload(&e))));
+    }
+    (wal, written)
+}
+
 /// A payload is handed out from the segment's mapping only once its whole window is durable
 /// for good (never a page the log still writes), and then reads as written.
 #[test]
@@ -398,34 +425,8 @@ fn settled_payloads_are_mapped_only_from_windows_written_for_good() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     run_local(move || async move {
-        let rec = recover(&path, 0, 0).unwrap();
         // Windows are 1 MiB: with 256 KiB segments, one is settled once the log moved on.
-        let wal = Wal::open(
-            &path,
-            0,
-            WalOptions {
-                segment_size: 256 << 10,
-            },
-            &rec,
-        )
-        .await
-        .unwrap();
-        let mut written = vec![];
-        for i in 0..400i64 {
-            let mut e = entry(i + 1, &format!("k{i}"), 1000);
-            let idx = loop {
-                match wal.try_append(&mut e) {
-                    Ok(idx) => break idx,
-                    Err(NoRoom { frame_len }) => wal.make_room(frame_len).await.unwrap(),
-                }
-            };
-            if i == 0 {
-                // Queued, not durable: not yet.
-                assert!(matches!(wal.settled_payload(idx), Settled::NotYet));
-            }
-            wal.wait_durable(idx).await.unwrap();
-            written.push((idx, Bytes::from(record::encode_payload(&e))));
-        }
+        let (wal, written) = write_durably(&path, 256 << 10, 400).await;
         // The first segment is complete: its entries are mapped and read as written.
         let (idx, payload) = &written[0];
         match wal.settled_payload(*idx) {
@@ -449,30 +450,8 @@ fn settled_payloads_in_the_segment_being_written() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     run_local(move || async move {
-        let rec = recover(&path, 0, 0).unwrap();
-        let wal = Wal::open(
-            &path,
-            0,
-            WalOptions {
-                segment_size: 4 << 20,
-            },
-            &rec,
-        )
-        .await
-        .unwrap();
-        let mut written = vec![];
         // About 1.3 MiB: the first window is written for good, the second is not.
-        for i in 0..1300i64 {
-            let mut e = entry(i + 1, &format!("k{i}"), 1000);
-            let idx = loop {
-                match wal.try_append(&mut e) {
-                    Ok(idx) => break idx,
-                    Err(NoRoom { frame_len }) => wal.make_room(frame_len).await.unwrap(),
-                }
-            };
-            wal.wait_durable(idx).await.unwrap();
-            written.push((idx, Bytes::from(record::encode_payload(&e))));
-        }
+        let (wal, written) = write_durably(&path, 4 << 20, 1300).await;
         assert_eq!(wal.segments().len(), 1);
         for (idx, payload) in &written[..100] {
             match wal.settled_payload(*idx) {
