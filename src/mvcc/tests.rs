@@ -934,9 +934,29 @@ fn export_and_rebuild() {
     );
 }
 
+/// Logs the write at `rev` with `effects` as a WAL record, shares the record's keys and values
+/// with the store, and returns the record.
+fn share_logged(s: &mut ShardStore, effects: Vec<crate::mvcc::Effect>, rev: i64) -> Bytes {
+    use crate::wal::record::{decode_payload, encode_payload, EntryKind, WalEntry};
+    let record = Bytes::from(encode_payload(&WalEntry {
+        kind: EntryKind::Write,
+        revision: rev,
+        ops: effects,
+        ..Default::default()
+    }));
+    let logged = decode_payload(&record).expect("decodes");
+    s.share_record(&logged.ops, rev);
+    record
+}
+
+/// Whether `x` points into `record`'s buffer.
+fn within(record: &Bytes, x: &Bytes) -> bool {
+    let (p, r) = (x.as_ptr() as usize, record.as_ptr() as usize);
+    (r..r + record.len()).contains(&p)
+}
+
 #[test]
 fn logged_record_shares_keys_and_values() {
-    use crate::wal::record::{decode_payload, encode_payload, EntryKind, WalEntry};
     let mut s = ShardStore::new();
     run(&mut s, 1, vec![put_op("a", "old")]);
     let ex = run(
@@ -944,18 +964,8 @@ fn logged_record_shares_keys_and_values() {
         2,
         vec![put_op("a", "one"), put_op("b", "two"), del_op("c", "d")],
     );
-    let record = Bytes::from(encode_payload(&WalEntry {
-        kind: EntryKind::Write,
-        revision: 2,
-        ops: ex.effects,
-        ..Default::default()
-    }));
-    let logged = decode_payload(&record).expect("decodes");
-    s.share_record(&logged.ops, 2);
-    let inside = |x: &Bytes| {
-        let (p, r) = (x.as_ptr() as usize, record.as_ptr() as usize);
-        (r..r + record.len()).contains(&p)
-    };
+    let record = share_logged(&mut s, ex.effects, 2);
+    let inside = |x: &Bytes| within(&record, x);
     for (k, v) in [("a", "one"), ("b", "two")] {
         let got = get(&s, k, 2).expect("live");
         assert_eq!(got.value, b(v));
@@ -980,24 +990,13 @@ fn logged_record_shares_keys_and_values() {
 /// event's key through the by-key lookup, deletes included.
 #[test]
 fn logged_record_of_many_ops_shares_every_event() {
-    use crate::wal::record::{decode_payload, encode_payload, EntryKind, WalEntry};
     let mut s = ShardStore::new();
     let keys: Vec<String> = (0..40).map(|i| format!("k{i:02}")).collect();
     run(&mut s, 1, keys.iter().map(|k| put_op(k, "v")).collect());
     let ex = run(&mut s, 2, vec![del_op("k", "l")]);
     assert_eq!(ex.effects.len(), 40);
-    let record = Bytes::from(encode_payload(&WalEntry {
-        kind: EntryKind::Write,
-        revision: 2,
-        ops: ex.effects,
-        ..Default::default()
-    }));
-    let logged = decode_payload(&record).expect("decodes");
-    s.share_record(&logged.ops, 2);
-    let inside = |x: &Bytes| {
-        let (p, r) = (x.as_ptr() as usize, record.as_ptr() as usize);
-        (r..r + record.len()).contains(&p)
-    };
+    let record = share_logged(&mut s, ex.effects, 2);
+    let inside = |x: &Bytes| within(&record, x);
     let everything = crate::kv::KeyRange {
         start: b("a"),
         end: Some(b("z")),
