@@ -171,6 +171,10 @@ pub(super) async fn run_core(
                 r.decisions,
             );
             shard.replica.start(&shard.wal).await?;
+            if shard.replica.has_peers() {
+                // Its records stay in the Raft log for followers: none is settled from the log.
+                shard.wal.stop_placing();
+            }
             shared
                 .raft_term
                 .fetch_max(shard.replica.term(), Ordering::Relaxed);

@@ -134,6 +134,9 @@ struct State {
     segments: Vec<SegmentFile>,
     /// Where recent entries' payloads went, oldest first, for [`Wal::settled_payload`].
     placed: VecDeque<Placed>,
+    /// Whether placements are noted for [`Wal::settled_payload`] (off when nobody asks: a
+    /// cluster member's records stay in its Raft log for followers).
+    placing: bool,
     /// Read-only mappings of settled windows of segments: (segment, window) → mapping.
     windows: std::collections::BTreeMap<(u64, u64), (std::sync::Arc<memmap2::Mmap>, Bytes)>,
     /// The window whose frames were last read back to check them: its pages leave the
@@ -258,6 +261,7 @@ impl Wal {
             spare_seq: 0,
             segments: recovered.segments.clone(),
             placed: VecDeque::new(),
+            placing: true,
             windows: std::collections::BTreeMap::new(),
             checked_window: None,
         };
@@ -378,7 +382,7 @@ impl Wal {
         } else {
             SEGMENT_HEADER_LEN as u64
         };
-        if let Some(index) = index {
+        if let Some(index) = index.filter(|_| st.placing) {
             let (offset, segment_size) = (st.append_pos + FRAME_HEADER_LEN as u64, st.append_size);
             if st.placed.len() >= MAX_PLACED {
                 st.placed.pop_front();
@@ -740,6 +744,13 @@ impl Wal {
             st.checked_window = Some((p.segment, window));
         }
         Settled::At(payload)
+    }
+
+    /// Stops noting where entries' payloads go: nobody will ask [`Self::settled_payload`].
+    pub fn stop_placing(&self) {
+        let mut st = self.inner.st.borrow_mut();
+        st.placing = false;
+        st.placed = VecDeque::new();
     }
 
     /// Drops the pages of the mapped windows from this process's resident set (a checkpoint
