@@ -88,8 +88,8 @@ impl Relay {
         }
     }
 
-    /// Every call out to `to` may be lost: fails those not already answered.
-    fn fail_to(&self, to: NodeId, err: impl Fn() -> Error) {
+    /// The connection to `to` broke: every call out to it may be lost.
+    pub(super) fn lost(&self, to: NodeId) {
         let lost: Vec<u64> = self
             .pending
             .borrow()
@@ -98,39 +98,28 @@ impl Relay {
             .map(|(&id, _)| id)
             .collect();
         for id in lost {
-            self.finish(id, Err(RelayError::Lost(err())));
+            self.finish(id, Err(RelayError::Lost(Error::LeaderChanged)));
         }
-    }
-
-    /// The connection to `to` broke.
-    pub(super) fn lost(&self, to: NodeId) {
-        self.fail_to(to, || Error::LeaderChanged);
     }
 
     /// On every tick: calls out to a member that no longer leads, or out too long.
     pub(super) fn check(&self, leader: NodeId, now: Instant) {
-        let targets: Vec<NodeId> = {
-            let p = self.pending.borrow();
-            let mut t: Vec<NodeId> = p
-                .values()
-                .map(|p| p.to)
-                .filter(|&to| to != leader)
-                .collect();
-            t.dedup();
-            t
-        };
-        for to in targets {
-            self.fail_to(to, || Error::LeaderChanged);
-        }
-        let late: Vec<u64> = self
+        let failed: Vec<(u64, Error)> = self
             .pending
             .borrow()
             .iter()
-            .filter(|(_, p)| p.deadline.is_some_and(|d| d <= now))
-            .map(|(&id, _)| id)
+            .filter_map(|(&id, p)| {
+                if p.to != leader {
+                    Some((id, Error::LeaderChanged))
+                } else if p.deadline.is_some_and(|d| d <= now) {
+                    Some((id, Error::Timeout))
+                } else {
+                    None
+                }
+            })
             .collect();
-        for id in late {
-            self.finish(id, Err(RelayError::Lost(Error::Timeout)));
+        for (id, e) in failed {
+            self.finish(id, Err(RelayError::Lost(e)));
         }
     }
 }
@@ -259,23 +248,11 @@ impl LocalDb {
         for st in stamps {
             self.core.peer_stamp(st);
         }
-        let clock = &self.core.shared.clock;
-        let caught_up = futures_lite::future::or(
-            async {
-                clock.wait_visible(revision).await;
-                true
-            },
-            async {
-                glommio::timer::sleep(self.leader_patience()).await;
-                false
-            },
-        )
-        .await;
-        if caught_up {
-            Ok(Ok(()))
-        } else {
-            Err(RelayError::Lost(Error::Timeout))
-        }
+        self.core
+            .wait_visible_within(revision, self.leader_patience())
+            .await
+            .map_err(RelayError::Lost)?;
+        Ok(Ok(()))
     }
 
     /// Installs what runs calls other members relay to this core.

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::core::{Core, LockEval, Msg, ShardOp};
 use super::wait_async;
@@ -72,6 +73,28 @@ impl Shared {
 }
 
 impl Core {
+    /// Waits until readers see `rev`, at most `patience`, then etcd's `request timed out`: a
+    /// follower's floors rise only with its leader's stamps, and a cut-off one never gets there.
+    pub(super) async fn wait_visible_within(&self, rev: i64, patience: Duration) -> Result<()> {
+        let clock = &self.shared.clock;
+        let waited = futures_lite::future::or(
+            async {
+                clock.wait_visible(rev).await;
+                true
+            },
+            async {
+                glommio::timer::sleep(patience).await;
+                false
+            },
+        )
+        .await;
+        if waited {
+            Ok(())
+        } else {
+            Err(Error::Timeout)
+        }
+    }
+
     /// Resolves the revision a read uses: the read revision, or an explicit one once visible.
     async fn read_at(&self, requested: i64) -> Result<(i64, i64)> {
         let clock = &self.shared.clock;
@@ -85,22 +108,7 @@ impl Core {
             match self.shared.cluster.as_ref() {
                 // A follower's floors rise with its leader's stamps; cut off from the leader,
                 // it answers with etcd's timeout rather than hold the read forever.
-                Some(cl) => {
-                    let waited = futures_lite::future::or(
-                        async {
-                            clock.wait_visible(requested).await;
-                            true
-                        },
-                        async {
-                            glommio::timer::sleep(cl.patience()).await;
-                            false
-                        },
-                    )
-                    .await;
-                    if !waited {
-                        return Err(Error::Timeout);
-                    }
-                }
+                Some(cl) => self.wait_visible_within(requested, cl.patience()).await?,
                 None => clock.wait_visible(requested).await,
             }
             return Ok((requested, clock.read_revision()));
