@@ -36,6 +36,19 @@ struct HeldPart {
     undo: Undo,
 }
 
+/// Size of each buffer the keys of writes served from the log segment are copied to.
+const KEY_ARENA: usize = 64 << 10;
+
+/// A logged write not yet served from the log segment: its WAL index and revision, its record,
+/// and the record's ops as decoded when it was proposed (slices of `record`).
+#[derive(Clone)]
+struct Unsettled {
+    index: u64,
+    rev: i64,
+    record: Bytes,
+    logged: std::rc::Rc<[crate::mvcc::Effect]>,
+}
+
 pub struct Shard {
     pub id: u32,
     pub dir: PathBuf,
@@ -60,7 +73,7 @@ pub struct Shard {
     last_write_index: Cell<u64>,
     /// Writes logged and not yet served from the log segment: (index, revision, record), in
     /// index order (groups without peers; see [`Shard::settle_logged`]).
-    unsettled: RefCell<std::collections::VecDeque<(u64, i64, Bytes)>>,
+    unsettled: RefCell<std::collections::VecDeque<Unsettled>>,
     /// Where keys of writes served from the log segment are copied (the segment's pages are
     /// not read to find or compare keys).
     key_arena: RefCell<bytes::BytesMut>,
@@ -92,9 +105,6 @@ pub struct Shard {
 /// environment makes it fail at that point (read once). The one point, `crash-before-last-part`, kills the process while
 /// it prepares the last participant's part of a multi-shard write, after the others logged
 /// theirs: the in-doubt write the recovery rule must settle (`tests/indoubt.rs`).
-/// Size of each buffer the keys of writes served from the log segment are copied to.
-const KEY_ARENA: usize = 64 << 10;
-
 fn fault_armed(point: &str) -> bool {
     static FAULT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     FAULT
@@ -383,7 +393,12 @@ impl Shard {
                 {
                     self.store.borrow_mut().share_record(&logged.ops, rev);
                     if kind == EntryKind::Write && !self.replica.has_peers() {
-                        self.unsettled.borrow_mut().push_back((index, rev, record));
+                        self.unsettled.borrow_mut().push_back(Unsettled {
+                            index,
+                            rev,
+                            record,
+                            logged: logged.ops.into(),
+                        });
                     }
                 }
                 if kind == EntryKind::Part {
@@ -417,7 +432,13 @@ impl Shard {
     /// to its own mapping as every other value.
     fn settle_logged(&self) {
         loop {
-            let Some((index, rev, record)) = self.unsettled.borrow().front().cloned() else {
+            let Some(Unsettled {
+                index,
+                rev,
+                record,
+                logged,
+            }) = self.unsettled.borrow().front().cloned()
+            else {
                 return;
             };
             let mapped = match self.wal.settled_payload(index) {
@@ -427,9 +448,6 @@ impl Shard {
             };
             self.unsettled.borrow_mut().pop_front();
             let Some(mapped) = mapped.filter(|m| m.len() == record.len()) else {
-                continue;
-            };
-            let Some(logged) = crate::wal::record::decode_payload(&record) else {
                 continue;
             };
             let base = record.as_ptr() as usize;
@@ -448,22 +466,7 @@ impl Shard {
                 arena.extend_from_slice(k);
                 arena.split().freeze()
             };
-            let ops: Vec<crate::mvcc::SharedOp> = logged
-                .ops
-                .iter()
-                .map(|op| match op {
-                    crate::mvcc::Effect::Put { key, value, .. } => crate::mvcc::SharedOp {
-                        probe: key.clone(),
-                        key: copy(key),
-                        value: Some(at(value)),
-                    },
-                    crate::mvcc::Effect::Delete { key } => crate::mvcc::SharedOp {
-                        probe: key.clone(),
-                        key: copy(key),
-                        value: None,
-                    },
-                })
-                .collect();
+            let ops = crate::mvcc::SharedOp::of_effects(&logged, &mut copy, at);
             drop(arena);
             self.store.borrow_mut().share(&ops, rev);
         }

@@ -40,6 +40,34 @@ pub struct SharedOp {
     pub value: Option<Bytes>,
 }
 
+impl SharedOp {
+    /// The ops of a logged write's `effects`, each found by its own key and keeping the copies
+    /// `key` and `value` make of its key and value.
+    pub fn of_effects(
+        effects: &[super::Effect],
+        mut key: impl FnMut(&Bytes) -> Bytes,
+        mut value: impl FnMut(&Bytes) -> Bytes,
+    ) -> Vec<SharedOp> {
+        effects
+            .iter()
+            .map(|op| match op {
+                super::Effect::Put {
+                    key: k, value: v, ..
+                } => SharedOp {
+                    probe: k.clone(),
+                    key: key(k),
+                    value: Some(value(v)),
+                },
+                super::Effect::Delete { key: k } => SharedOp {
+                    probe: k.clone(),
+                    key: key(k),
+                    value: None,
+                },
+            })
+            .collect()
+    }
+}
+
 // By hand rather than derived, so the index type needs neither Debug nor Default.
 impl Default for ShardStore {
     fn default() -> Self {
@@ -406,21 +434,7 @@ impl ShardStore {
     /// [`Self::share`] with the logged record's own keys and values (`record`: its ops,
     /// decoded so every key and value is a slice of the record's buffer).
     pub fn share_record(&mut self, record: &[super::Effect], rev: i64) {
-        let ops: Vec<SharedOp> = record
-            .iter()
-            .map(|op| match op {
-                super::Effect::Put { key, value, .. } => SharedOp {
-                    probe: key.clone(),
-                    key: key.clone(),
-                    value: Some(value.clone()),
-                },
-                super::Effect::Delete { key } => SharedOp {
-                    probe: key.clone(),
-                    key: key.clone(),
-                    value: None,
-                },
-            })
-            .collect();
+        let ops = SharedOp::of_effects(record, Bytes::clone, Bytes::clone);
         self.share(&ops, rev);
     }
 
