@@ -438,10 +438,7 @@ pub fn load(path: &Path, shard: u32) -> Result<Loaded> {
     }
     // Validation touched every page; let them go from this process's resident set. They stay in
     // the page cache and fault back in only for values that are read.
-    // SAFETY: the mapping is read-only and file-backed, so dropping its pages loses nothing.
-    if let Err(e) = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) } {
-        tracing::debug!(error = %e, "madvise(DONTNEED) on a checkpoint failed; pages stay resident");
-    }
+    crate::wal::recovery::drop_resident(&map);
     Ok(Loaded {
         info,
         extras,

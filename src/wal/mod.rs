@@ -739,7 +739,7 @@ impl Wal {
         // leave the resident set (they stay in the page cache and fault back in when read).
         if st.checked_window != Some((p.segment, window)) {
             if let Some((prev, _)) = st.checked_window.and_then(|w| st.windows.get(&w)) {
-                advise_dont_need(prev);
+                recovery::drop_resident(prev);
             }
             st.checked_window = Some((p.segment, window));
         }
@@ -757,7 +757,7 @@ impl Wal {
     /// read every value in them); they stay in the page cache and fault back in when read.
     pub fn release_pages(&self) {
         for (map, _) in self.inner.st.borrow().windows.values() {
-            advise_dont_need(map);
+            recovery::drop_resident(map);
         }
     }
 
@@ -841,14 +841,6 @@ async fn flusher(inner: Rc<Inner>, mut current: Option<Current>) {
     }
     if let Some(cur) = current {
         let _ = cur.file.close().await;
-    }
-}
-
-/// Drops a window's pages from this process's resident set.
-fn advise_dont_need(map: &memmap2::Mmap) {
-    // SAFETY: the mapping is read-only and file-backed, so dropping its pages loses nothing.
-    if let Err(e) = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) } {
-        tracing::debug!(error = %e, "madvise(DONTNEED) on a WAL segment failed");
     }
 }
 

@@ -291,12 +291,17 @@ impl Recovered {
     /// touched them all); they stay in the page cache and fault back in when a value is read.
     pub fn release_pages(&self) {
         for map in &self.maps {
-            // SAFETY: the mapping is read-only and file-backed, so dropping its pages loses
-            // nothing.
-            if let Err(e) = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) } {
-                tracing::debug!(error = %e, "madvise(DONTNEED) on a WAL segment failed");
-            }
+            drop_resident(map);
         }
+    }
+}
+
+/// Drops a read-only file mapping's pages from this process's resident set: they stay in the
+/// page cache and fault back in when read. A failure only leaves them resident.
+pub(crate) fn drop_resident(map: &memmap2::Mmap) {
+    // SAFETY: the mapping is read-only and file-backed, so dropping its pages loses nothing.
+    if let Err(e) = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) } {
+        tracing::debug!(error = %e, "madvise(DONTNEED) failed; pages stay resident");
     }
 }
 
