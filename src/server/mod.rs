@@ -432,12 +432,7 @@ async fn grpc_call(
     started: Instant,
 ) -> Response<GrpcBody> {
     let learner = ctx.db.is_learner();
-    if learner
-        && !matches!(
-            path,
-            "/etcdserverpb.Maintenance/Status" | "/etcdserverpb.KV/Range"
-        )
-    {
+    if learner && !matches!(path, "/etcdserverpb.Maintenance/Status" | RANGE) {
         // etcd's learners serve only Status and serializable ranges; clients move on to
         // another member.
         return grpc::error(&not_for_learner());
@@ -460,7 +455,7 @@ async fn grpc_call(
         Ok(m) => m,
         Err(s) => return grpc::error(&s),
     };
-    if learner && path == "/etcdserverpb.KV/Range" && range_serializable(&msgs) != Some(true) {
+    if learner && path == RANGE && range_serializable(&msgs) != Some(true) {
         return grpc::error(&not_for_learner());
     }
     if path == election::OBSERVE {
