@@ -22,8 +22,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use glommio::Placement;
-
 pub use self::cluster::ClusterOptions;
 use self::cluster::ClusterState;
 use self::core::{oneshot, run_core, ClientReq, Core, Feed, Msg, Reply, ShardOp};
@@ -59,7 +57,8 @@ pub struct Options {
     pub shards: Option<u32>,
     /// Key-to-shard mapping for a new data dir.
     pub partitioner: Partitioner,
-    /// Pin executor `i` to CPU `i % available`; off for tests that run many stores at once.
+    /// Pin executors to CPUs when they use every CPU the process may (`runtime::core_placements`);
+    /// off for tests that run many stores at once.
     pub pin: bool,
     pub wal_segment_size: u64,
     /// Write a checkpoint after this many log entries per shard (0 = only on demand).
@@ -200,17 +199,15 @@ impl Db {
         for s in shards {
             per_core[shared.core_of(s.id)].push(s);
         }
-        let cpus = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let placements = crate::runtime::core_placements(opts.cores, opts.pin);
         let mut threads = Vec::new();
         let mut ready = Vec::new();
-        for (core, (rx, mine)) in receivers.into_iter().zip(per_core).enumerate() {
-            let placement = if opts.pin && std::env::var_os("SPINDLE_NO_PIN").is_none() {
-                Placement::Fixed(core % cpus)
-            } else {
-                Placement::Unbound
-            };
+        for (core, ((rx, mine), placement)) in receivers
+            .into_iter()
+            .zip(per_core)
+            .zip(placements)
+            .enumerate()
+        {
             let shared = shared.clone();
             let (ready_tx, ready_rx) = oneshot::<()>();
             let wal_opts = WalOptions {

@@ -27,6 +27,45 @@ pub fn builder(placement: Placement, name: &str) -> LocalExecutorBuilder {
         .ring_depth(RING_DEPTH)
 }
 
+/// Where each of a store's `cores` executors runs. Executors pin to the CPUs this process may
+/// use (its affinity mask, so `taskset` and cpusets are obeyed), in order, when there are at
+/// least as many cores as such CPUs: the process owns them, which is what thread-per-core
+/// assumes. With fewer cores than allowed CPUs the process shares the machine (a `--cores 1`
+/// member next to others, a test), and pinning every such process to the same first CPUs would
+/// stack them on one CPU while the others idle; those executors are left to the kernel's
+/// scheduler. `pin = false` (or `SPINDLE_NO_PIN` in the environment) never pins.
+pub fn core_placements(cores: usize, pin: bool) -> Vec<Placement> {
+    let pin = pin && std::env::var_os("SPINDLE_NO_PIN").is_none();
+    let allowed = if pin { allowed_cpus() } else { Vec::new() };
+    pin_plan(cores, &allowed)
+        .into_iter()
+        .map(|cpu| cpu.map_or(Placement::Unbound, Placement::Fixed))
+        .collect()
+}
+
+/// The CPU each executor pins to (`None`: unpinned) given the allowed CPUs.
+fn pin_plan(cores: usize, allowed: &[usize]) -> Vec<Option<usize>> {
+    (0..cores)
+        .map(|core| {
+            (!allowed.is_empty() && cores >= allowed.len()).then(|| allowed[core % allowed.len()])
+        })
+        .collect()
+}
+
+/// The CPUs in this process's affinity mask (empty if it cannot be read: nothing is pinned).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: `set` is a plain bit set that sched_getaffinity fills for this process (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    }
+}
+
 /// Runs `f` to completion on a fresh unpinned executor thread (tests and one-shot tools).
 pub fn run_local<F, Fut, T>(f: F) -> T
 where
@@ -39,4 +78,24 @@ where
         .expect("failed to start a glommio executor")
         .join()
         .expect("executor thread panicked")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pin_plan;
+
+    #[test]
+    fn executors_pin_only_when_they_use_every_allowed_cpu() {
+        // The process owns its CPUs: one executor on each, in the mask's order.
+        assert_eq!(pin_plan(2, &[0, 1]), vec![Some(0), Some(1)]);
+        assert_eq!(pin_plan(2, &[2, 5]), vec![Some(2), Some(5)]);
+        // `taskset -c 1 spindle serve --cores 1`: the one allowed CPU, not CPU 0.
+        assert_eq!(pin_plan(1, &[1]), vec![Some(1)]);
+        // More executors than CPUs wrap around the allowed ones.
+        assert_eq!(pin_plan(3, &[4, 6]), vec![Some(4), Some(6), Some(4)]);
+        // Fewer executors than allowed CPUs: the machine is shared, nothing is pinned.
+        assert_eq!(pin_plan(1, &[0, 1]), vec![None]);
+        // An unreadable mask pins nothing.
+        assert_eq!(pin_plan(2, &[]), vec![None, None]);
+    }
 }
