@@ -145,15 +145,33 @@ impl EventLog {
     /// Events with revisions at or below `upto`, for swapping their keys and values for
     /// identical copies held elsewhere (see `ShardStore::adopt_event_values`).
     pub fn through_mut(&mut self, upto: i64) -> impl Iterator<Item = &mut Event> {
-        let end = self.ring.partition_point(|e| e.revision() <= upto);
+        let end = self.count_through(upto);
         self.ring.range_mut(..end)
     }
 
     /// The events of revision `rev` still in the log.
     pub fn revision_mut(&mut self, rev: i64) -> impl Iterator<Item = &mut Event> {
-        let end = self.ring.partition_point(|e| e.revision() <= rev);
-        let start = self.ring.partition_point(|e| e.revision() < rev);
+        let end = self.count_through(rev);
+        let start = self.count_through(rev - 1);
         self.ring.range_mut(start..end)
+    }
+
+    /// How many events have revisions at or below `rev`. The revisions asked about are almost
+    /// always the newest (a write settling right after it was applied), so the newest few
+    /// events are looked at first; a binary search over the whole ring misses the cache on
+    /// every step (it showed as 2% of a loaded server's CPU).
+    fn count_through(&self, rev: i64) -> usize {
+        const NEAR: usize = 32;
+        let n = self.ring.len();
+        for back in 0..NEAR.min(n) {
+            if self.ring[n - 1 - back].revision() <= rev {
+                return n - back;
+            }
+        }
+        if n <= NEAR {
+            return 0;
+        }
+        self.ring.partition_point(|e| e.revision() <= rev)
     }
 
     pub fn read(&self, ranges: &[KeyRange], after: i64, upto: i64, out: &mut Vec<Event>) {
@@ -219,5 +237,30 @@ mod tests {
         out.clear();
         log.read(&[KeyRange::all()], 1, 3, &mut out);
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn counting_from_the_newest_agrees_with_a_binary_search() {
+        // Revisions 1..=200 with some revisions holding several events and some missing.
+        let mut log = EventLog::new(0, 1 << 10);
+        for rev in 1..=200i64 {
+            if rev % 7 == 0 {
+                continue;
+            }
+            for op in 0..(rev % 3) as u32 + 1 {
+                log.push(put(&format!("k{rev}-{op}"), rev, op));
+            }
+        }
+        for rev in -1..=205 {
+            let want = log.ring.partition_point(|e| e.revision() <= rev);
+            assert_eq!(log.count_through(rev), want, "revision {rev}");
+            let at: Vec<i64> = log.revision_mut(rev).map(|e| e.revision()).collect();
+            assert!(at.iter().all(|&r| r == rev), "revision {rev}: {at:?}");
+            assert_eq!(
+                at.len(),
+                log.ring.iter().filter(|e| e.revision() == rev).count()
+            );
+        }
+        assert_eq!(EventLog::new(0, 4).count_through(9), 0);
     }
 }
