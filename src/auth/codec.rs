@@ -186,7 +186,8 @@ impl AuthOp {
                 let p = r
                     .perm
                     .ok_or_else(|| DecodeError::Malformed("grant without permission".into()))?;
-                let perm = Grant::from_proto(&p).ok_or(DecodeError::UnknownPermType(p.perm_type))?;
+                let perm =
+                    Grant::from_proto(&p).ok_or(DecodeError::UnknownPermType(p.perm_type))?;
                 AuthOp::RoleGrantPermission { name: r.role, perm }
             }
             ROLE_REVOKE_PERMISSION => AuthOp::RoleRevokePermission {
@@ -287,4 +288,3 @@ impl AuthStore {
         })
     }
 }
-

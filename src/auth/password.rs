@@ -24,9 +24,7 @@ pub fn effective_bcrypt_cost(cost: u32) -> u32 {
 /// etcd 3.4's bcrypt does, so a hash made by either verifies on the other.
 pub fn hash_password(password: &[u8], cost: u32) -> Result<Vec<u8>, AuthError> {
     let parts = bcrypt::hash_with_result(password, cost).map_err(|_| AuthError::Hash)?;
-    Ok(parts
-        .format_for_version(bcrypt::Version::TwoA)
-        .into_bytes())
+    Ok(parts.format_for_version(bcrypt::Version::TwoA).into_bytes())
 }
 
 /// Whether `password` matches `hash` (the crate compares in constant time). A malformed or

@@ -213,7 +213,9 @@ impl AuthOp {
 
     /// RoleGrantPermission as it is logged; a request without a (known) permission is refused
     /// before it reaches the log.
-    pub fn role_grant_permission(req: &AuthRoleGrantPermissionRequest) -> Result<AuthOp, AuthError> {
+    pub fn role_grant_permission(
+        req: &AuthRoleGrantPermissionRequest,
+    ) -> Result<AuthOp, AuthError> {
         let perm = req.perm.as_ref().ok_or(AuthError::PermissionNotGiven)?;
         let perm = Grant::from_proto(perm).ok_or(AuthError::PermissionNotGiven)?;
         Ok(AuthOp::RoleGrantPermission {
@@ -423,9 +425,10 @@ impl AuthStore {
             }
             AuthOp::RoleGrantPermission { name, perm } => {
                 let r = self.roles.get_mut(name).ok_or(AuthError::RoleNotFound)?;
-                match r.perms.binary_search_by(|p| {
-                    (&p.key, &p.range_end).cmp(&(&perm.key, &perm.range_end))
-                }) {
+                match r
+                    .perms
+                    .binary_search_by(|p| (&p.key, &p.range_end).cmp(&(&perm.key, &perm.range_end)))
+                {
                     // The same range granted again replaces the type (etcd updates in place).
                     Ok(at) => r.perms[at].perm = perm.perm,
                     Err(at) => r.perms.insert(at, perm.clone()),

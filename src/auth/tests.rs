@@ -50,21 +50,45 @@ fn messages_and_codes_are_etcds() {
     use AuthError::*;
     let table: &[(AuthError, &str, u32)] = &[
         (RootUserNotExist, "etcdserver: root user does not exist", 9),
-        (RootRoleNotExist, "etcdserver: root user does not have root role", 9),
+        (
+            RootRoleNotExist,
+            "etcdserver: root user does not have root role",
+            9,
+        ),
         (UserAlreadyExist, "etcdserver: user name already exists", 9),
         (UserEmpty, "etcdserver: user name is empty", 3),
         (UserNotFound, "etcdserver: user name not found", 9),
         (RoleAlreadyExist, "etcdserver: role name already exists", 9),
         (RoleNotFound, "etcdserver: role name not found", 9),
         (RoleEmpty, "etcdserver: role name is empty", 3),
-        (AuthFailed, "etcdserver: authentication failed, invalid user ID or password", 3),
+        (
+            AuthFailed,
+            "etcdserver: authentication failed, invalid user ID or password",
+            3,
+        ),
         (PermissionDenied, "etcdserver: permission denied", 7),
-        (RoleNotGranted, "etcdserver: role is not granted to the user", 9),
-        (PermissionNotGranted, "etcdserver: permission is not granted to the role", 9),
-        (AuthNotEnabled, "etcdserver: authentication is not enabled", 9),
+        (
+            RoleNotGranted,
+            "etcdserver: role is not granted to the user",
+            9,
+        ),
+        (
+            PermissionNotGranted,
+            "etcdserver: permission is not granted to the role",
+            9,
+        ),
+        (
+            AuthNotEnabled,
+            "etcdserver: authentication is not enabled",
+            9,
+        ),
         (InvalidAuthToken, "etcdserver: invalid auth token", 16),
         (InvalidAuthMgmt, "etcdserver: invalid auth management", 3),
-        (AuthOldRevision, "etcdserver: revision of auth store is old", 3),
+        (
+            AuthOldRevision,
+            "etcdserver: revision of auth store is old",
+            3,
+        ),
         (PermissionNotGiven, "etcdserver: permission not given", 3),
     ];
     for (e, msg, c) in table {
@@ -87,9 +111,15 @@ fn new_store_is_disabled_at_revision_one() {
 #[test]
 fn enable_needs_root_user_with_root_role() {
     let mut st = AuthStore::new();
-    assert_eq!(st.apply(&AuthOp::AuthEnable), Err(AuthError::RootUserNotExist));
+    assert_eq!(
+        st.apply(&AuthOp::AuthEnable),
+        Err(AuthError::RootUserNotExist)
+    );
     st.apply(&user_add("root")).unwrap();
-    assert_eq!(st.apply(&AuthOp::AuthEnable), Err(AuthError::RootRoleNotExist));
+    assert_eq!(
+        st.apply(&AuthOp::AuthEnable),
+        Err(AuthError::RootRoleNotExist)
+    );
     // Role root need not exist as a role to be granted.
     st.apply(&grant_role("root", ROOT_ROLE)).unwrap();
     let rev = st.revision();
@@ -214,8 +244,14 @@ fn grant_and_revoke_roles() {
     st.apply(&user_add("u")).unwrap();
     st.apply(&AuthOp::RoleAdd { name: s("b") }).unwrap();
     st.apply(&AuthOp::RoleAdd { name: s("a") }).unwrap();
-    assert_eq!(st.apply(&grant_role("x", "a")), Err(AuthError::UserNotFound));
-    assert_eq!(st.apply(&grant_role("u", "zz")), Err(AuthError::RoleNotFound));
+    assert_eq!(
+        st.apply(&grant_role("x", "a")),
+        Err(AuthError::UserNotFound)
+    );
+    assert_eq!(
+        st.apply(&grant_role("u", "zz")),
+        Err(AuthError::RoleNotFound)
+    );
     st.apply(&grant_role("u", "b")).unwrap();
     st.apply(&grant_role("u", "a")).unwrap();
     let rev = st.revision();
@@ -308,7 +344,10 @@ fn root_is_protected_only_while_enabled() {
     st.apply(&revoke).unwrap();
     st.apply(&del_role).unwrap();
     st.apply(&del_user).unwrap();
-    assert_eq!(st.apply(&AuthOp::AuthEnable), Err(AuthError::RootUserNotExist));
+    assert_eq!(
+        st.apply(&AuthOp::AuthEnable),
+        Err(AuthError::RootUserNotExist)
+    );
 }
 
 #[test]
@@ -324,7 +363,8 @@ fn grant_permission_updates_in_place_and_sorts() {
     st.apply(&grant("r", PermType::Read, "a", b"\0")).unwrap();
     let rev = st.revision();
     // Same range again: the type is replaced, the revision still moves (etcd's behaviour).
-    st.apply(&grant("r", PermType::ReadWrite, "k", b"")).unwrap();
+    st.apply(&grant("r", PermType::ReadWrite, "k", b""))
+        .unwrap();
     assert_eq!(st.revision(), rev + 1);
     assert_eq!(
         st.role_get("r").unwrap(),
@@ -346,7 +386,10 @@ fn revoke_permission_needs_exact_range() {
         key: key.into(),
         range_end: end.into(),
     };
-    assert_eq!(st.apply(&revoke("x", "a", "c")), Err(AuthError::RoleNotFound));
+    assert_eq!(
+        st.apply(&revoke("x", "a", "c")),
+        Err(AuthError::RoleNotFound)
+    );
     assert_eq!(
         st.apply(&revoke("r", "a", "b")),
         Err(AuthError::PermissionNotGranted)
@@ -461,7 +504,8 @@ fn check_union_of_grants_across_roles() {
         st.apply(&AuthOp::RoleAdd { name: s(r) }).unwrap();
     }
     st.apply(&grant("r1", PermType::Read, "a", b"c")).unwrap();
-    st.apply(&grant("r2", PermType::ReadWrite, "c", b"e")).unwrap();
+    st.apply(&grant("r2", PermType::ReadWrite, "c", b"e"))
+        .unwrap();
     st.apply(&user_add("u")).unwrap();
     st.apply(&grant_role("u", "r1")).unwrap();
     let sn = st.snapshot();
@@ -495,7 +539,10 @@ fn check_users_root_and_disabled() {
         sn.check("ghost", b"a", b"", Perm::Read),
         Err(AuthError::PermissionDenied)
     );
-    assert_eq!(sn.check("", b"a", b"", Perm::Read), Err(AuthError::UserEmpty));
+    assert_eq!(
+        sn.check("", b"a", b"", Perm::Read),
+        Err(AuthError::UserEmpty)
+    );
     assert!(sn.is_admin("root"));
     assert!(!sn.is_admin("u"));
     assert_eq!(sn.check_admin("u"), Err(AuthError::PermissionDenied));
@@ -546,7 +593,10 @@ fn check_password_rules() {
     let sn = st.snapshot();
     assert_eq!(sn.check_password("u", b"pw"), Ok(st.revision()));
     assert_eq!(sn.check_password("u", b"px"), Err(AuthError::AuthFailed));
-    assert_eq!(sn.check_password("ghost", b"pw"), Err(AuthError::AuthFailed));
+    assert_eq!(
+        sn.check_password("ghost", b"pw"),
+        Err(AuthError::AuthFailed)
+    );
     // root was added with no_password in these tests: it can never log in with a password.
     assert_eq!(sn.check_password("root", b""), Err(AuthError::AuthFailed));
     st.apply(&AuthOp::AuthDisable).unwrap();
@@ -703,17 +753,24 @@ fn op_decode_errors_are_typed() {
 fn store_round_trips_and_rejects_bad_checkpoints() {
     let mut st = enabled_store();
     st.apply(&AuthOp::RoleAdd { name: s("r") }).unwrap();
-    st.apply(&grant("r", PermType::ReadWrite, "a", b"z")).unwrap();
+    st.apply(&grant("r", PermType::ReadWrite, "a", b"z"))
+        .unwrap();
     st.apply(&user_add("u")).unwrap();
     st.apply(&grant_role("u", "r")).unwrap();
     let bytes = st.encode();
     let back = AuthStore::decode(&bytes).unwrap();
     assert_eq!(back, st);
     assert_eq!(back.encode(), bytes);
-    assert_eq!(AuthStore::decode(&AuthStore::new().encode()), Ok(AuthStore::new()));
+    assert_eq!(
+        AuthStore::decode(&AuthStore::new().encode()),
+        Ok(AuthStore::new())
+    );
 
     // version 0 (an empty message) is not a checkpoint
-    assert!(matches!(AuthStore::decode(&[]), Err(DecodeError::Version(0))));
+    assert!(matches!(
+        AuthStore::decode(&[]),
+        Err(DecodeError::Version(0))
+    ));
     // a duplicate user
     let mut dup = bytes.clone();
     let user = authpb::User {
