@@ -167,10 +167,13 @@ fn model_check(
                 Perm::Read => g.perm != PermType::Write,
                 Perm::Write => g.perm != PermType::Read,
             };
-            if applies {
+            if applies && !g.key.is_empty() {
                 grants.extend(model_range(&g.key, &g.range_end));
             }
         }
+    }
+    if key.is_empty() {
+        return Err(AuthError::PermissionDenied);
     }
     let (start, stop) = model_range(key, end).unwrap_or_else(|| (key.to_vec(), Some(succ(key))));
     if model_covers(&grants, &start, &stop) {

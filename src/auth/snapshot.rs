@@ -123,6 +123,12 @@ impl AuthSnapshot {
                     continue;
                 };
                 for g in &r.perms {
+                    // etcd 3.4 reads an empty begin key as +infinity, so a grant starting at ""
+                    // grants nothing there (etcdctl sends "\0" for an empty prefix or from-key,
+                    // etcd PR #8514); spindle is not more permissive than etcd.
+                    if g.key.is_empty() {
+                        continue;
+                    }
                     let Some(ivl) = interval(&g.key, &g.range_end) else {
                         continue;
                     };
@@ -164,7 +170,8 @@ impl AuthSnapshot {
 
     /// etcd's `isOpPermitted`: may `user` read (or write) `[key, range_end)`? With auth off
     /// everything is allowed; no user → `user name is empty` (etcd's answer to a request
-    /// without a token); an unknown user → `permission denied`; role `root` → allowed.
+    /// without a token); an unknown user → `permission denied`; role `root` → allowed; the empty
+    /// key is never granted to anyone else.
     pub fn check(
         &self,
         user: &str,
@@ -181,6 +188,11 @@ impl AuthSnapshot {
         let u = self.users.get(user).ok_or(AuthError::PermissionDenied)?;
         if u.root {
             return Ok(());
+        }
+        if key.is_empty() {
+            // Unreachable through etcd's KV validation (`key is not provided`); denied as etcd's
+            // interval tree would.
+            return Err(AuthError::PermissionDenied);
         }
         let ivls = match perm {
             Perm::Read => &u.read,

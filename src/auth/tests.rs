@@ -498,6 +498,25 @@ fn check_single_key_range_prefix_and_from_key() {
 }
 
 #[test]
+fn empty_key_grants_nothing_as_in_etcd() {
+    // etcdctl's `--prefix ''` / `--from-key ''` send key "\0", range_end "\0": every key.
+    let sn = snap_with(&[(PermType::Read, "\0", b"\0")]);
+    assert_eq!(sn.check("u", b"\0", b"\0", Perm::Read), Ok(()));
+    assert_eq!(sn.check("u", b"anything", b"", Perm::Read), Ok(()));
+    // A raw grant starting at "" is etcd 3.4's +infinity: it grants nothing.
+    let sn = snap_with(&[(PermType::Read, "", b"\0"), (PermType::Read, "", b"z")]);
+    assert_eq!(
+        sn.check("u", b"a", b"", Perm::Read),
+        Err(AuthError::PermissionDenied)
+    );
+    assert_eq!(
+        sn.check("u", b"", b"", Perm::Read),
+        Err(AuthError::PermissionDenied)
+    );
+    assert_eq!(sn.check("root", b"", b"", Perm::Read), Ok(()));
+}
+
+#[test]
 fn check_union_of_grants_across_roles() {
     let mut st = enabled_store();
     for r in ["r1", "r2"] {
