@@ -89,7 +89,7 @@ impl AuthOp {
                 no_password,
             } => OpRecord {
                 name: name.clone(),
-                password_hash: password_hash.clone(),
+                password_hash: password_hash.as_bytes().to_vec(),
                 no_password: *no_password,
                 ..rec(USER_ADD)
             },
@@ -107,7 +107,7 @@ impl AuthOp {
                 password_hash,
             } => OpRecord {
                 name: name.clone(),
-                password_hash: password_hash.clone(),
+                password_hash: password_hash.as_bytes().to_vec(),
                 ..rec(USER_CHANGE_PASSWORD)
             },
             AuthOp::UserGrantRole { user, role } => OpRecord {
@@ -160,7 +160,7 @@ impl AuthOp {
             AUTH_DISABLE => AuthOp::AuthDisable,
             USER_ADD => AuthOp::UserAdd {
                 name: r.name,
-                password_hash: r.password_hash,
+                password_hash: r.password_hash.into(),
                 no_password: r.no_password,
             },
             USER_GET => AuthOp::UserGet { name: r.name },
@@ -168,7 +168,7 @@ impl AuthOp {
             USER_DELETE => AuthOp::UserDelete { name: r.name },
             USER_CHANGE_PASSWORD => AuthOp::UserChangePassword {
                 name: r.name,
-                password_hash: r.password_hash,
+                password_hash: r.password_hash.into(),
             },
             USER_GRANT_ROLE => AuthOp::UserGrantRole {
                 user: r.name,
@@ -212,7 +212,7 @@ impl AuthStore {
             .iter()
             .map(|(name, u)| authpb::User {
                 name: name.clone().into_bytes().into(),
-                password: u.password.clone().into(),
+                password: u.password.as_bytes().to_vec().into(),
                 roles: u.roles.clone(),
                 options: Some(authpb::UserAddOptions {
                     no_password: u.no_password,
@@ -253,7 +253,7 @@ impl AuthStore {
                 return Err(DecodeError::Duplicate("role of a user"));
             }
             let user = User {
-                password: u.password.to_vec(),
+                password: u.password.to_vec().into(),
                 roles,
                 no_password: u.options.is_some_and(|o| o.no_password),
             };

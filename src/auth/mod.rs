@@ -20,7 +20,7 @@ mod proptests;
 mod tests;
 
 pub use error::{AuthError, DecodeError};
-pub use password::{hash_password, verify_password, DEFAULT_BCRYPT_COST};
+pub use password::{hash_password, verify_password, PasswordHash, DEFAULT_BCRYPT_COST};
 pub use snapshot::{AuthSnapshot, Perm};
 pub use store::{
     prefix_end, AuthOp, AuthReply, AuthStore, Grant, PermType, Role, User, ROOT_ROLE, ROOT_USER,

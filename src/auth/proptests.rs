@@ -32,15 +32,15 @@ fn op() -> impl Strategy<Value = AuthOp> {
         Just(AuthOp::AuthDisable),
         (name(), any::<bool>()).prop_map(|(name, no_password)| AuthOp::UserAdd {
             name,
-            password_hash: if no_password { vec![] } else { b"h".to_vec() },
+            password_hash: if no_password { vec![] } else { b"h".to_vec() }.into(),
             no_password,
         }),
         name().prop_map(|name| AuthOp::UserGet { name }),
         Just(AuthOp::UserList),
         name().prop_map(|name| AuthOp::UserDelete { name }),
-        (name(), key()).prop_map(|(name, password_hash)| AuthOp::UserChangePassword {
+        (name(), key()).prop_map(|(name, hash)| AuthOp::UserChangePassword {
             name,
-            password_hash
+            password_hash: hash.into(),
         }),
         (name(), role_name()).prop_map(|(user, role)| AuthOp::UserGrantRole { user, role }),
         (name(), role_name()).prop_map(|(name, role)| AuthOp::UserRevokeRole { name, role }),
@@ -74,7 +74,7 @@ fn building_op() -> impl Strategy<Value = AuthOp> {
         1 => role_name().prop_map(|name| AuthOp::RoleAdd { name }),
         1 => name().prop_map(|name| AuthOp::UserAdd {
             name,
-            password_hash: vec![],
+            password_hash: PasswordHash::default(),
             no_password: true,
         }),
         1 => op(),
@@ -244,7 +244,7 @@ proptest! {
         // Users and roles exist up front, so most random grants land somewhere.
         let mut st = AuthStore::new();
         for n in ["a", "b", "c"] {
-            let _ = st.apply(&AuthOp::UserAdd { name: n.into(), password_hash: vec![], no_password: true });
+            let _ = st.apply(&AuthOp::UserAdd { name: n.into(), password_hash: PasswordHash::default(), no_password: true });
         }
         for r in ["r1", "r2", "r3"] {
             let _ = st.apply(&AuthOp::RoleAdd { name: r.into() });
@@ -253,7 +253,7 @@ proptest! {
             let _ = st.apply(op);
         }
         if enable {
-            let _ = st.apply(&AuthOp::UserAdd { name: "root".into(), password_hash: vec![], no_password: true });
+            let _ = st.apply(&AuthOp::UserAdd { name: "root".into(), password_hash: PasswordHash::default(), no_password: true });
             let _ = st.apply(&AuthOp::UserGrantRole { user: "root".into(), role: ROOT_ROLE.into() });
             let _ = st.apply(&AuthOp::AuthEnable);
         }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use super::error::AuthError;
-use super::password::verify_password;
+use super::password::{verify_password, PasswordHash};
 use super::store::{AuthStore, PermType, ROOT_ROLE};
 
 /// What a request needs: reads need READ or READWRITE, writes WRITE or READWRITE.
@@ -99,7 +99,7 @@ struct UserView {
     root: bool,
     read: Intervals,
     write: Intervals,
-    password: Vec<u8>,
+    password: PasswordHash,
     no_password: bool,
 }
 

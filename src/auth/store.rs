@@ -13,7 +13,7 @@ use crate::proto::etcdserverpb::{
 };
 
 use super::error::AuthError;
-use super::password::hash_password;
+use super::password::{hash_password, PasswordHash};
 use super::snapshot::AuthSnapshot;
 
 /// The user that may always enable auth and is never locked out while auth is on.
@@ -103,7 +103,7 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct User {
     /// bcrypt hash (`$2a$…`), empty for a user added with `no_password`.
-    pub password: Vec<u8>,
+    pub password: PasswordHash,
     /// Sorted and unique, as etcd keeps them.
     pub roles: Vec<String>,
     /// Added with `options.no_password`: can never authenticate with a password.
@@ -132,7 +132,7 @@ pub enum AuthOp {
     UserAdd {
         name: String,
         /// bcrypt hash; empty when `no_password`.
-        password_hash: Vec<u8>,
+        password_hash: PasswordHash,
         no_password: bool,
     },
     UserGet {
@@ -144,7 +144,7 @@ pub enum AuthOp {
     },
     UserChangePassword {
         name: String,
-        password_hash: Vec<u8>,
+        password_hash: PasswordHash,
     },
     UserGrantRole {
         user: String,
@@ -184,12 +184,12 @@ impl AuthOp {
             // Fails at apply with etcd's error; not worth a bcrypt round.
             return Ok(AuthOp::UserAdd {
                 name: String::new(),
-                password_hash: Vec::new(),
+                password_hash: PasswordHash::default(),
                 no_password,
             });
         }
         let password_hash = if no_password {
-            Vec::new()
+            PasswordHash::default()
         } else {
             hash_password(req.password.as_bytes(), bcrypt_cost)?
         };
@@ -337,7 +337,7 @@ impl AuthStore {
                 }
                 let user = User {
                     password: if *no_password {
-                        Vec::new()
+                        PasswordHash::default()
                     } else {
                         password_hash.clone()
                     },

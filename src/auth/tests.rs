@@ -17,7 +17,7 @@ fn s(x: &str) -> String {
 fn user_add(name: &str) -> AuthOp {
     AuthOp::UserAdd {
         name: s(name),
-        password_hash: Vec::new(),
+        password_hash: PasswordHash::default(),
         no_password: true,
     }
 }
@@ -190,7 +190,7 @@ fn user_add_prepares_hash_or_no_password() {
         panic!("{op:?}")
     };
     assert!(!no_password);
-    assert!(password_hash.starts_with(b"$2a$04$"));
+    assert!(password_hash.as_bytes().starts_with(b"$2a$04$"));
     assert!(verify_password(password_hash, b"secret"));
     assert!(!verify_password(password_hash, b"Secret"));
 
@@ -204,7 +204,7 @@ fn user_add_prepares_hash_or_no_password() {
         op,
         AuthOp::UserAdd {
             name: s("np"),
-            password_hash: vec![],
+            password_hash: PasswordHash::default(),
             no_password: true
         }
     );
@@ -233,7 +233,7 @@ fn change_password_keeps_roles_and_options() {
     assert!(u.no_password, "etcd keeps the option");
     let missing = AuthOp::UserChangePassword {
         name: s("x"),
-        password_hash: vec![],
+        password_hash: PasswordHash::default(),
     };
     assert_eq!(st.apply(&missing), Err(AuthError::UserNotFound));
 }
@@ -628,13 +628,18 @@ fn check_password_rules() {
 #[test]
 fn password_hash_format_and_bad_input() {
     let h = hash_password(b"x", COST).unwrap();
-    assert_eq!(h.len(), 60);
-    assert!(h.starts_with(b"$2a$04$"));
+    assert_eq!(h.as_bytes().len(), 60);
+    assert!(h.as_bytes().starts_with(b"$2a$04$"));
+    assert_eq!(
+        format!("{h:?}"),
+        "PasswordHash(<60 bytes>)",
+        "never printed"
+    );
     assert_ne!(h, hash_password(b"x", COST).unwrap(), "salted");
     assert!(verify_password(&h, b"x"));
-    assert!(!verify_password(b"", b""));
-    assert!(!verify_password(b"garbage", b"x"));
-    assert!(!verify_password(&[0xff, 0xfe], b"x"));
+    assert!(!verify_password(&PasswordHash::default(), b""));
+    assert!(!verify_password(&b"garbage".to_vec().into(), b"x"));
+    assert!(!verify_password(&vec![0xff, 0xfe].into(), b"x"));
     assert_eq!(hash_password(b"x", 3), Err(AuthError::Hash));
     assert_eq!(password::effective_bcrypt_cost(3), DEFAULT_BCRYPT_COST);
     assert_eq!(password::effective_bcrypt_cost(12), 12);
@@ -713,7 +718,7 @@ fn every_op_round_trips() {
         AuthOp::AuthDisable,
         AuthOp::UserAdd {
             name: s("u"),
-            password_hash: b"$2a$04$x".to_vec(),
+            password_hash: b"$2a$04$x".to_vec().into(),
             no_password: false,
         },
         user_add("np"),
@@ -722,7 +727,7 @@ fn every_op_round_trips() {
         AuthOp::UserDelete { name: s("u") },
         AuthOp::UserChangePassword {
             name: s("u"),
-            password_hash: b"h".to_vec(),
+            password_hash: b"h".to_vec().into(),
         },
         grant_role("u", "r"),
         AuthOp::UserRevokeRole {
