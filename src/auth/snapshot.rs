@@ -42,17 +42,6 @@ pub(crate) fn interval(key: &[u8], range_end: &[u8]) -> Option<(Vec<u8>, End)> {
     }
 }
 
-/// The interval a request must be covered on. A request whose range is empty or inverted
-/// (`range_end <= key`) selects nothing; it is checked as its start key, so it can never serve
-/// as a probe outside what the user may access.
-pub(crate) fn request_interval(key: &[u8], range_end: &[u8]) -> (Vec<u8>, End) {
-    interval(key, range_end).unwrap_or_else(|| {
-        let mut next = key.to_vec();
-        next.push(0);
-        (key.to_vec(), End::Key(next))
-    })
-}
-
 /// Sorted, disjoint, non-touching half-open intervals.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Intervals(Vec<(Vec<u8>, End)>);
@@ -79,12 +68,25 @@ impl Intervals {
         Intervals(out)
     }
 
-    /// Whether `[start, end)` (non-empty) lies within the union.
-    pub(crate) fn covers(&self, start: &[u8], end: &End) -> bool {
-        let i = self.0.partition_point(|(s, _)| s.as_slice() <= start);
-        match i.checked_sub(1).and_then(|j| self.0.get(j)) {
-            Some((_, e)) => e >= end,
-            None => false,
+    /// Whether the union covers the request `[key, range_end)`, read as etcd encodes it, without
+    /// allocating. A request whose range is empty or inverted (`range_end <= key`) selects
+    /// nothing; it is checked as its start key, so it can never probe outside what the user may
+    /// access. A single key `k` is `[k, k+"\0")`, and an end `e` reaches `k+"\0"` iff `e > k`.
+    pub(crate) fn covers(&self, key: &[u8], range_end: &[u8]) -> bool {
+        let i = self.0.partition_point(|(s, _)| s.as_slice() <= key);
+        let Some((_, end)) = i.checked_sub(1).and_then(|j| self.0.get(j)) else {
+            return false;
+        };
+        let End::Key(end) = end else {
+            return true;
+        };
+        let end = end.as_slice();
+        if range_end == [0] {
+            false
+        } else if range_end.is_empty() || range_end <= key {
+            end > key
+        } else {
+            end >= range_end
         }
     }
 
@@ -198,8 +200,7 @@ impl AuthSnapshot {
             Perm::Read => &u.read,
             Perm::Write => &u.write,
         };
-        let (start, end) = request_interval(key, range_end);
-        if ivls.covers(&start, &end) {
+        if ivls.covers(key, range_end) {
             Ok(())
         } else {
             Err(AuthError::PermissionDenied)
