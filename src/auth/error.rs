@@ -6,6 +6,7 @@ pub mod code {
     pub const INVALID_ARGUMENT: u32 = 3;
     pub const PERMISSION_DENIED: u32 = 7;
     pub const FAILED_PRECONDITION: u32 = 9;
+    pub const INTERNAL: u32 = 13;
     pub const UNAUTHENTICATED: u32 = 16;
 }
 
@@ -74,8 +75,8 @@ impl AuthError {
             RootUserNotExist | RootRoleNotExist | UserAlreadyExist | UserNotFound
             | RoleAlreadyExist | RoleNotFound | RoleNotGranted | PermissionNotGranted
             | AuthNotEnabled => code::FAILED_PRECONDITION,
-            // Internal (13): a server-side failure, not the client's fault.
-            TokenGeneration | Hash => 13,
+            // A server-side failure, not the client's fault.
+            TokenGeneration | Hash => code::INTERNAL,
         }
     }
 }

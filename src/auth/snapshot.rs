@@ -207,7 +207,7 @@ impl AuthSnapshot {
         }
     }
 
-    /// etcd's `IsAdminPermitted`, for the Auth, Cluster and Maintenance calls that need role
+    /// etcd's `IsAdminPermitted`, for the Auth admin calls and anything else that needs role
     /// `root`: allowed with auth off; else no user → `user name is empty`, unknown user →
     /// `user name not found`, without role `root` → `permission denied`.
     pub fn check_admin(&self, user: &str) -> Result<(), AuthError> {

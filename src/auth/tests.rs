@@ -95,6 +95,9 @@ fn messages_and_codes_are_etcds() {
         assert_eq!(e.message(), *msg);
         assert_eq!(e.code(), *c, "{msg}");
     }
+    // spindle's own server-side failures are Internal (13).
+    assert_eq!(AuthError::TokenGeneration.code(), 13);
+    assert_eq!(AuthError::Hash.code(), 13);
     assert_eq!(AuthError::PermissionDenied.code(), code::PERMISSION_DENIED);
     assert_eq!(AuthError::InvalidAuthToken.code(), code::UNAUTHENTICATED);
 }
