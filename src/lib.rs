@@ -1,5 +1,6 @@
 //! spindle: an etcd-compatible key-value store built thread-per-core on glommio.
 
+pub mod auth;
 pub mod bench;
 pub mod cluster;
 pub mod db;

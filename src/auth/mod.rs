@@ -1,0 +1,28 @@
+//! etcd 3.4's auth (users, roles, key-range permissions, simple tokens) as a pure core: no IO,
+//! no clock, no server wiring.
+//!
+//! - `store`: the replicated state and `apply` for every admin call, deterministic per log op;
+//! - `codec`: bytes of an op (a log record) and of the store (a checkpoint);
+//! - `snapshot`: the immutable, `Arc`-shared view the request path checks permissions against;
+//! - `password`: bcrypt hashing, done before an op is logged;
+//! - `token`: etcd's simple tokens with their TTL, and the stale-revision rule.
+
+mod codec;
+pub mod error;
+pub mod password;
+pub mod snapshot;
+pub mod store;
+pub mod token;
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
+
+pub use error::{AuthError, DecodeError};
+pub use password::{hash_password, verify_password, PasswordHash, DEFAULT_BCRYPT_COST};
+pub use snapshot::{AuthSnapshot, Perm};
+pub use store::{
+    prefix_end, AuthOp, AuthReply, AuthStore, Grant, PermType, Role, User, ROOT_ROLE, ROOT_USER,
+};
+pub use token::{check_auth_revision, SimpleTokens, DEFAULT_TOKEN_TTL};
