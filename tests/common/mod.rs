@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod alloc_count;
 pub mod cluster;
 pub mod db;
 pub mod etcd;
