@@ -787,8 +787,10 @@ impl Wal {
 }
 
 async fn flusher(inner: Rc<Inner>, mut current: Option<Current>) {
+    // A listener is only made when nothing is queued (each costs an allocation), and the
+    // queue is looked at again after it exists, so a notify in between is not lost.
+    let mut listener = None;
     loop {
-        let listener = inner.work_ev.listen();
         let next = {
             let mut st = inner.st.borrow_mut();
             if st.failed.is_some() {
@@ -801,10 +803,13 @@ async fn flusher(inner: Rc<Inner>, mut current: Option<Current>) {
             }
         };
         let Some(chunk) = next else {
-            listener.await;
+            match listener.take() {
+                Some(l) => l.await,
+                None => listener = Some(inner.work_ev.listen()),
+            }
             continue;
         };
-        drop(listener);
+        listener = None;
         let epoch = chunk.epoch;
         match flush_chunk(&inner, &mut current, chunk).await {
             Ok((last_index, last_seq, segment, pos)) => {

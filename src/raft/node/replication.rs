@@ -275,17 +275,14 @@ impl Raft {
 
     /// Commits the highest index a majority of voters durably hold, if it is of this term.
     pub(super) fn maybe_commit(&mut self) -> bool {
-        let mut matched: Vec<u64> = self
+        let matched = self
             .conf
             .voters
             .iter()
-            .map(|v| self.prs.get(v).map_or(0, |p| p.matched))
-            .collect();
-        if matched.is_empty() {
+            .map(|v| self.prs.get(v).map_or(0, |p| p.matched));
+        let Some(candidate) = quorum_index(matched, self.quorum()) else {
             return false;
-        }
-        matched.sort_unstable_by(|a, b| b.cmp(a));
-        let candidate = matched[self.quorum() - 1];
+        };
         if candidate <= self.log.committed() || self.log.term(candidate) != Some(self.term) {
             return false;
         }
@@ -298,5 +295,43 @@ impl Raft {
             }
         }
         true
+    }
+}
+
+/// The highest index at least `quorum` of `matched` reach (the `quorum`-th largest), without
+/// allocating for clusters of up to eight voters: this runs on every acknowledgement.
+fn quorum_index(matched: impl ExactSizeIterator<Item = u64>, quorum: usize) -> Option<u64> {
+    let n = matched.len();
+    if n == 0 || quorum == 0 || quorum > n {
+        return None;
+    }
+    let mut small = [0u64; 8];
+    let mut large = Vec::new();
+    let all: &mut [u64] = if n <= small.len() {
+        for (slot, m) in small.iter_mut().zip(matched) {
+            *slot = m;
+        }
+        &mut small[..n]
+    } else {
+        large.extend(matched);
+        &mut large
+    };
+    all.sort_unstable_by(|a, b| b.cmp(a));
+    Some(all[quorum - 1])
+}
+
+#[cfg(test)]
+mod quorum_tests {
+    use super::quorum_index;
+
+    #[test]
+    fn the_quorum_index_is_the_quorum_th_largest_match() {
+        assert_eq!(quorum_index([5u64].into_iter(), 1), Some(5));
+        assert_eq!(quorum_index([3u64, 9, 7].into_iter(), 2), Some(7));
+        assert_eq!(quorum_index([1u64, 2, 3, 4, 5].into_iter(), 3), Some(3));
+        let many: Vec<u64> = (1..=11).collect();
+        assert_eq!(quorum_index(many.into_iter(), 6), Some(6));
+        assert_eq!(quorum_index(std::iter::empty(), 1), None);
+        assert_eq!(quorum_index([4u64, 4].into_iter(), 3), None);
     }
 }
