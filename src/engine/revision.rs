@@ -15,11 +15,21 @@ use event_listener::Event;
 
 const NONE_PENDING: i64 = i64::MAX;
 
+/// An atomic alone on its cache line (128 bytes covers adjacent-line prefetching).
+#[repr(align(128))]
+struct Line(AtomicI64);
+
 pub struct RevisionClock {
     counter: AtomicI64,
     compact: AtomicI64,
-    /// Per core: lowest unfinished revision it handed out, or `NONE_PENDING`.
-    low_pending: Vec<AtomicI64>,
+    /// Per core: lowest unfinished revision it handed out, or `NONE_PENDING`. One cache line
+    /// each: every core writes its own on every write it starts and finishes.
+    low_pending: Vec<Line>,
+    /// The highest [`Self::resolved`] value waiters were woken for. A finish that does not
+    /// raise it cannot satisfy anyone (both wait conditions only grow with it; floors and the
+    /// counter wake waiters themselves), so it wakes nobody: with two cores, a core finishing
+    /// behind the other's older pending writes used to wake every waiter on both for nothing.
+    announced: AtomicI64,
     /// Highest read revision ever computed. A core's freshly published lower bound can be stale
     /// (below revisions others already finished), so a later computation may come out lower; the
     /// watermark keeps the read revision monotonic, which is safe because revisions at or below a
@@ -53,7 +63,10 @@ impl RevisionClock {
         Arc::new(RevisionClock {
             counter: AtomicI64::new(current),
             compact: AtomicI64::new(compact),
-            low_pending: (0..cores).map(|_| AtomicI64::new(NONE_PENDING)).collect(),
+            low_pending: (0..cores)
+                .map(|_| Line(AtomicI64::new(NONE_PENDING)))
+                .collect(),
+            announced: AtomicI64::new(current),
             visible: AtomicI64::new(current),
             advanced: Event::new(),
             follower: std::sync::OnceLock::new(),
@@ -118,14 +131,17 @@ impl RevisionClock {
         let low = self
             .low_pending
             .iter()
-            .map(|a| a.load(SeqCst))
+            .map(|a| a.0.load(SeqCst))
             .min()
             .unwrap_or(NONE_PENDING);
-        if low == NONE_PENDING {
+        let now = if low == NONE_PENDING {
             c
         } else {
             c.min(low - 1)
-        }
+        };
+        // A core publishing a stale lower bound in `begin` can make one computation come out
+        // below an earlier one; what was once announced finished stays finished.
+        now.max(self.announced.load(SeqCst))
     }
 
     /// Every revision up to this one is durable and applied on every shard.
@@ -205,7 +221,7 @@ impl CoreRevisions {
     /// Hands out the next revision and keeps it from becoming visible until [`Self::finish`].
     pub fn begin(&self) -> i64 {
         let mut pending = self.pending.borrow_mut();
-        let slot = &self.clock.low_pending[self.core];
+        let slot = &self.clock.low_pending[self.core].0;
         if pending.is_empty() {
             // Publish a lower bound before taking the revision, so no reader can see the counter
             // advanced past it without also seeing it pending.
@@ -223,9 +239,14 @@ impl CoreRevisions {
         let was_there = pending.remove(&rev);
         debug_assert!(was_there, "finishing revision {rev} that was not pending");
         let low = pending.first().copied().unwrap_or(NONE_PENDING);
-        self.clock.low_pending[self.core].store(low, SeqCst);
+        self.clock.low_pending[self.core].0.store(low, SeqCst);
         drop(pending);
-        self.clock.advanced.notify(usize::MAX);
+        // After the store: a waiter that checks after this computation sees the store, and one
+        // that checked before is listening by now (it listens before it checks).
+        let resolved = self.clock.resolved();
+        if self.clock.announced.fetch_max(resolved, SeqCst) < resolved {
+            self.clock.advanced.notify(usize::MAX);
+        }
     }
 }
 
