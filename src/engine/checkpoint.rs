@@ -10,8 +10,9 @@
 //! before | magic). Extras (version 2; version 1 files have none) carry what a cluster member
 //! cannot re-log after the checkpoint, since a follower proposes nothing: `len:u32` then
 //! `lease_count:u32 { id:i64 ttl:i64 } meta_len:u32 meta decision_count:u32 { rev:i64
-//! committed:u8 }` (the shard's live leases, for shard 0 the cluster membership, and the
-//! outcomes of the newest multi-shard writes).
+//! committed:u8 } [auth_len:u32 auth]` (the shard's live leases, for shard 0 the cluster
+//! membership, the outcomes of the newest multi-shard writes, and for shard 0 the auth store,
+//! absent in files written before auth was persisted and when auth was never used).
 //! A key record: `key_len:u32 key gen_count:u32 { create:i64 first_version:i64 tombstone:i64(0 = live)
 //! put_count:u32 { rev:i64 lease:i64 value_len:u32 value } }`.
 
@@ -53,6 +54,9 @@ pub struct Extras {
     /// Outcomes of the newest multi-shard writes the shard took part in (revision, committed):
     /// a member deciding a write its leader left undecided asks for them.
     pub decisions: Vec<(i64, bool)>,
+    /// Shard 0's checkpoint: the auth store (`AuthStore::encode`) as of its index; empty when
+    /// auth was never used.
+    pub auth: Bytes,
 }
 
 impl Extras {
@@ -70,6 +74,10 @@ impl Extras {
         for (rev, committed) in &self.decisions {
             b.extend_from_slice(&rev.to_le_bytes());
             b.push(u8::from(*committed));
+        }
+        if !self.auth.is_empty() {
+            b.extend_from_slice(&(self.auth.len() as u32).to_le_bytes());
+            b.extend_from_slice(&self.auth);
         }
         let len = (b.len() - 4) as u32;
         b[..4].copy_from_slice(&len.to_le_bytes());
@@ -100,10 +108,19 @@ impl Extras {
             let p = r.take(1)?;
             decisions.push((rev, r.buf[p] != 0));
         }
+        // Extras written before auth was persisted (or without auth state) end here.
+        let auth = if r.pos == end {
+            Bytes::new()
+        } else {
+            let alen = r.u32()? as usize;
+            let apos = r.take(alen)?;
+            owner.slice(apos..apos + alen)
+        };
         (r.pos == end).then(|| Extras {
             decisions,
             leases,
             membership: owner.slice(mpos..mpos + mlen),
+            auth,
         })
     }
 }
