@@ -39,9 +39,13 @@ impl SharedAuth {
         }
     }
 
-    /// Sets the simple tokens' TTL (`--auth-token-ttl`); existing tokens are dropped.
+    /// Sets the simple tokens' TTL (`--auth-token-ttl`); existing tokens are dropped if it
+    /// changes.
     pub fn set_token_ttl(&self, ttl: Duration) {
-        *lock(&self.tokens) = SimpleTokens::new(ttl);
+        let mut tokens = lock(&self.tokens);
+        if tokens.ttl() != ttl {
+            *tokens = SimpleTokens::new(ttl);
+        }
     }
 
     /// Moves on every change of the store; a core refreshes its view when it differs.
