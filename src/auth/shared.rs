@@ -92,8 +92,7 @@ impl SharedAuth {
         let mut store = lock(&self.store);
         let before = store.revision();
         let was_enabled = store.enabled();
-        if store.apply(op).is_ok()
-            && (store.revision() != before || store.enabled() != was_enabled)
+        if store.apply(op).is_ok() && (store.revision() != before || store.enabled() != was_enabled)
         {
             self.publish(&store, Some(op));
         }
@@ -204,6 +203,8 @@ mod tests {
         let g = shared.generation();
         shared.apply(&AuthOp::UserDelete { name: "u".into() });
         assert_eq!(shared.generation(), g);
-        assert!(shared.try_apply(&AuthOp::UserDelete { name: "u".into() }).is_err());
+        assert!(shared
+            .try_apply(&AuthOp::UserDelete { name: "u".into() })
+            .is_err());
     }
 }

@@ -355,7 +355,11 @@ pub(super) async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<
         }
         "UserGet" => {
             let req: pb::AuthUserGetRequest = one(msgs)?;
-            let roles = ctx.db.auth().read(|s| s.user_get(&req.name)).map_err(status)?;
+            let roles = ctx
+                .db
+                .auth()
+                .read(|s| s.user_get(&req.name))
+                .map_err(status)?;
             Ok(enc(&pb::AuthUserGetResponse { header: h(), roles }))
         }
         "UserList" => {
@@ -402,7 +406,11 @@ pub(super) async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<
         }
         "RoleGet" => {
             let req: pb::AuthRoleGetRequest = one(msgs)?;
-            let perms = ctx.db.auth().read(|s| s.role_get(&req.role)).map_err(status)?;
+            let perms = ctx
+                .db
+                .auth()
+                .read(|s| s.role_get(&req.role))
+                .map_err(status)?;
             Ok(enc(&pb::AuthRoleGetResponse {
                 header: h(),
                 perm: perms.iter().map(|g| g.to_proto()).collect(),
@@ -443,7 +451,11 @@ pub(super) async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<
 pub(super) async fn purge_loop(ctx: Rc<Ctx>, every: Duration) {
     loop {
         glommio::timer::sleep(every).await;
-        if ctx.drain.draining.load(std::sync::atomic::Ordering::Acquire) {
+        if ctx
+            .drain
+            .draining
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             return;
         }
         ctx.db.auth().purge_tokens();

@@ -47,7 +47,14 @@ pub fn serve(ctx: Rc<Ctx>, body: Incoming, caller: Caller) -> http::Response<Grp
     let limit = ctx.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     glommio::spawn_local(read_requests(body, limit, req_tx)).detach();
     let (out, rx) = flume::bounded::<Frame<Bytes>>(16);
-    spawn_session(ctx, caller, requests, out, |r| Ok(grpc::encode_message(r)), true);
+    spawn_session(
+        ctx,
+        caller,
+        requests,
+        out,
+        |r| Ok(grpc::encode_message(r)),
+        true,
+    );
     grpc::stream(rx)
 }
 
