@@ -708,6 +708,54 @@ mod tests {
     use crate::kv::{DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest};
     use crate::mvcc::{ShardStore, TxnPath};
 
+    fn extras_roundtrip(bytes: &[u8]) -> Option<Extras> {
+        let owner = Bytes::copy_from_slice(bytes);
+        let mut r = Reader {
+            buf: &owner,
+            pos: 0,
+        };
+        let e = Extras::decode(&mut r, &owner)?;
+        (r.pos == owner.len()).then_some(e)
+    }
+
+    #[test]
+    fn extras_carry_the_auth_store_and_older_extras_still_load() {
+        let full = Extras {
+            leases: vec![(5, 60)],
+            membership: Bytes::from_static(b"{}"),
+            decisions: vec![(9, true)],
+            auth: Bytes::from_static(b"auth-bytes"),
+        };
+        assert_eq!(extras_roundtrip(&full.encode()), Some(full.clone()));
+        // Written before auth was persisted (or with no auth state): no auth section.
+        let without = Extras {
+            auth: Bytes::new(),
+            ..full.clone()
+        };
+        let bytes = without.encode();
+        assert_eq!(extras_roundtrip(&bytes), Some(without));
+        // Written before outcomes were recorded: leases and membership only.
+        let mut old = Vec::new();
+        old.extend_from_slice(&(4u32 + 16 + 4 + 2).to_le_bytes());
+        old.extend_from_slice(&1u32.to_le_bytes());
+        old.extend_from_slice(&5i64.to_le_bytes());
+        old.extend_from_slice(&60i64.to_le_bytes());
+        old.extend_from_slice(&2u32.to_le_bytes());
+        old.extend_from_slice(b"{}");
+        let e = extras_roundtrip(&old).expect("old extras load");
+        assert_eq!(
+            (e.leases, e.decisions.len(), e.auth.len()),
+            (vec![(5, 60)], 0, 0)
+        );
+        // A truncated auth section is refused.
+        let mut cut = full.encode();
+        let n = cut.len();
+        cut.truncate(n - 3);
+        let len = (cut.len() - 4) as u32;
+        cut[..4].copy_from_slice(&len.to_le_bytes());
+        assert_eq!(extras_roundtrip(&cut), None);
+    }
+
     /// A checkpoint file as `write` lays it out, built in memory.
     fn file_bytes(store: &ShardStore, upto: i64) -> Vec<u8> {
         let histories = store.export_keys(None, usize::MAX, upto);
