@@ -441,3 +441,102 @@ fn restart_keeps_auth_state_and_refuses_tokens_from_before() {
         "{o:?}"
     );
 }
+
+/// Runs etcdctl until it succeeds (a cluster may be between leaders), at most `secs` seconds.
+fn until_ok(s: &Server, args: &[&str], secs: u64) -> Outcome {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let o = run(s, args, None);
+        if o.ok || std::time::Instant::now() >= deadline {
+            return o;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn is_leader(s: &Server) -> bool {
+    let o = run(s, &["endpoint", "status"], None);
+    // `endpoint, id, version, size, is leader, is learner, …`
+    o.ok && o.stdout.split(", ").nth(4) == Some("true")
+}
+
+/// Three members: auth changes made through a follower are relayed to the leader and applied
+/// everywhere; each member checks its clients' tokens and permissions; a change made after the
+/// leader was killed reaches it when it comes back.
+#[test]
+fn cluster_members_share_the_auth_state() {
+    use common::server::Ports;
+    let mut servers = common::cluster::start_spindle("a", "auth-test", &Ports::free(3), &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let leader = loop {
+        if let Some(i) = servers.iter().position(is_leader) {
+            break i;
+        }
+        assert!(std::time::Instant::now() < deadline, "no leader");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let f1 = (leader + 1) % 3;
+    let f2 = (leader + 2) % 3;
+    for args in [
+        &["user", "add", "root:pw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "r"],
+        &[
+            "role",
+            "grant-permission",
+            "r",
+            "--prefix=true",
+            "readwrite",
+            "p/",
+        ],
+        &["user", "add", "u:pw"],
+        &["user", "grant-role", "u", "r"],
+        &["auth", "enable"],
+    ] {
+        ok(until_ok(&servers[f1], args, 10), &args.join(" "));
+    }
+    // The other follower applied it all: its clients are checked against it.
+    let users = until_ok(&servers[f2], &[ROOT, "user", "list"], 10);
+    assert_eq!(ok(users, "user list"), "root\nu\n");
+    assert_eq!(
+        ok(run(&servers[f2], &[U, "put", "p/1", "x"], None), "put"),
+        "OK\n"
+    );
+    let o = run(&servers[f2], &[U, "put", "a", "x"], None);
+    assert!(
+        o.errors
+            .contains(&"Error: etcdserver: permission denied".to_string()),
+        "{o:?}"
+    );
+    let o = run(&servers[f2], &["get", "p/1"], None);
+    assert!(
+        o.errors
+            .contains(&"Error: etcdserver: user name is empty".to_string()),
+        "{o:?}"
+    );
+
+    // The leader dies; a change through a survivor reaches it when it returns.
+    servers[leader].kill();
+    ok(
+        until_ok(&servers[f2], &[ROOT, "user", "add", "w:pw"], 15),
+        "user add w",
+    );
+    servers[leader].restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let o = run(&servers[leader], &[ROOT, "user", "list"], None);
+        if o.ok && o.stdout == "root\nu\nw\n" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{o:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = run(&servers[leader], &["--user=w:pw", "get", "p/1"], None);
+    assert!(
+        o.errors
+            .contains(&"Error: etcdserver: permission denied".to_string()),
+        "{o:?}"
+    );
+    let got = ok(run(&servers[leader], &[U, "get", "p/1"], None), "get p/1");
+    assert_eq!(got, "p/1\nx\n");
+}

@@ -333,6 +333,17 @@ async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> 
     glommio::executor().spawn_blocking(f).await
 }
 
+/// A follower that knows the leader relays the change before spending a bcrypt round on it (the
+/// leader hashes the password itself); without a known leader the change waits for one as
+/// writes do.
+fn hash_here(ctx: &Ctx) -> Result<(), Status> {
+    let leader = ctx.db.leader();
+    if ctx.db.is_cluster_member() && leader != 0 && leader != ctx.member_id {
+        return Err(crate::error::Error::NotLeader.into());
+    }
+    Ok(())
+}
+
 /// Logs an auth change on the leader (a follower's `not leader` is forwarded by the caller).
 async fn change(ctx: &Ctx, op: AuthOp) -> Result<AuthReply, Status> {
     ctx.db.auth_change(op).await?.map_err(status)
@@ -365,6 +376,7 @@ pub(super) async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<
         }
         "UserAdd" => {
             let req: pb::AuthUserAddRequest = one(msgs)?;
+            hash_here(ctx)?;
             let cost = ctx.auth.bcrypt_cost;
             let op = blocking(move || AuthOp::user_add(&req, cost))
                 .await
@@ -393,6 +405,7 @@ pub(super) async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<
         }
         "UserChangePassword" => {
             let req: pb::AuthUserChangePasswordRequest = one(msgs)?;
+            hash_here(ctx)?;
             let cost = ctx.auth.bcrypt_cost;
             let op = blocking(move || AuthOp::user_change_password(&req, cost))
                 .await
