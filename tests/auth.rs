@@ -82,6 +82,10 @@ fn txn_script(compares: &[&str], success: &[&str], failure: &[&str]) -> String {
 }
 
 const ROOT: &str = "--user=root:pw";
+
+/// bcrypt's lowest cost for both servers: etcdctl authenticates within its dial timeout (3 s),
+/// which cost 10 in an unoptimized build on a loaded 2-CPU machine does not always manage.
+const FAST_BCRYPT: &[&str] = &["--bcrypt-cost", "4"];
 const U: &str = "--user=u:pw";
 
 /// The session both servers run: (args, stdin).
@@ -194,8 +198,8 @@ fn session() -> Vec<(Vec<&'static str>, Option<String>)> {
 
 #[test]
 fn etcdctl_auth_session_matches_etcd() {
-    let mut etcd = Server::spawn(Kind::Etcd, &[]);
-    let mut spindle = Server::spawn(Kind::Spindle, &[]);
+    let mut etcd = Server::spawn(Kind::Etcd, FAST_BCRYPT);
+    let mut spindle = Server::spawn(Kind::Spindle, FAST_BCRYPT);
     spindle.wait_ready();
     etcd.wait_ready();
     for (args, stdin) in session() {
@@ -217,8 +221,8 @@ fn etcdctl_auth_session_matches_etcd() {
 /// so each server's id is replaced in the outputs.
 #[test]
 fn lease_key_permissions_match_etcd() {
-    let mut etcd = Server::spawn(Kind::Etcd, &[]);
-    let mut spindle = Server::spawn(Kind::Spindle, &[]);
+    let mut etcd = Server::spawn(Kind::Etcd, FAST_BCRYPT);
+    let mut spindle = Server::spawn(Kind::Spindle, FAST_BCRYPT);
     spindle.wait_ready();
     etcd.wait_ready();
     let mut outcomes = Vec::new();
@@ -327,7 +331,7 @@ fn ok(o: Outcome, what: &str) -> String {
 
 #[test]
 fn restart_keeps_auth_state_and_refuses_tokens_from_before() {
-    let mut s = Server::spindle(&[]);
+    let mut s = Server::spindle(FAST_BCRYPT);
     for args in [
         &["user", "add", "root:pw"][..],
         &["user", "grant-role", "root", "root"],
@@ -471,7 +475,7 @@ fn cluster_members_share_the_auth_state() {
         "a",
         "auth-test",
         &Ports::free(3),
-        &["--snapshot-count", "10"],
+        &["--snapshot-count", "10", "--bcrypt-cost", "4"],
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let leader = loop {
