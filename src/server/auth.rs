@@ -42,6 +42,9 @@ use crate::proto::etcdserverpb as pb;
 /// renews the token's TTL).
 const TOKEN_RECHECK: Duration = Duration::from_secs(1);
 
+/// Tokens a core caches at most (bounded memory with many clients; a miss costs one lookup).
+const TOKEN_CACHE_MAX: usize = 4096;
+
 /// One core's auth state: its view of the node's snapshot and the tokens it resolved.
 pub(super) struct CoreAuth {
     view: RefCell<AuthView>,
@@ -113,10 +116,15 @@ pub(crate) fn identify(ctx: &Ctx, headers: &http::HeaderMap) -> Caller {
     }
     match shared.lookup_token(token) {
         Ok(user) => {
-            ctx.auth
-                .tokens
-                .borrow_mut()
-                .insert(token.to_string(), (user.clone(), now));
+            let mut cache = ctx.auth.tokens.borrow_mut();
+            if cache.len() >= TOKEN_CACHE_MAX {
+                // Entries past their recheck time would be looked up again anyway.
+                cache.retain(|_, (_, at)| now.duration_since(*at) < TOKEN_RECHECK);
+                if cache.len() >= TOKEN_CACHE_MAX {
+                    cache.clear();
+                }
+            }
+            cache.insert(token.to_string(), (user.clone(), now));
             Caller::User(user)
         }
         Err(_) => {
