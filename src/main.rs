@@ -181,6 +181,15 @@ struct ServeArgs {
     /// How often idle watches created with progress_notify hear they are current (Go duration).
     #[arg(long, default_value = "10m")]
     experimental_watch_progress_notify_interval: String,
+    /// Auth token kind (etcd's flag); only `simple` is served.
+    #[arg(long, default_value = "simple")]
+    auth_token: String,
+    /// Seconds a simple auth token lives after its last use (etcd's flag).
+    #[arg(long, default_value_t = 300)]
+    auth_token_ttl: u64,
+    /// bcrypt cost for hashing new passwords (etcd's flag; out of range falls back to 10).
+    #[arg(long, default_value_t = 10)]
+    bcrypt_cost: u32,
     /// Size of each preallocated WAL segment, in MiB.
     #[arg(long, default_value_t = 64)]
     wal_segment_mb: u64,
@@ -347,7 +356,15 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
                 args.experimental_watch_progress_notify_interval
             ))
         })?,
+        auth_token_ttl: std::time::Duration::from_secs(args.auth_token_ttl.max(1)),
+        bcrypt_cost: args.bcrypt_cost,
     };
+    if args.auth_token != "simple" && !args.auth_token.is_empty() {
+        return Err(invalid(format!(
+            "unsupported --auth-token {:?}: only \"simple\" is served (no JWT yet)",
+            args.auth_token
+        )));
+    }
     if let Some(c) = opts.cluster.as_mut() {
         c.client_urls = cfg.advertise_client_urls.clone();
     }

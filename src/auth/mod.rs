@@ -5,11 +5,13 @@
 //! - `codec`: bytes of an op (a log record) and of the store (a checkpoint);
 //! - `snapshot`: the immutable, `Arc`-shared view the request path checks permissions against;
 //! - `password`: bcrypt hashing, done before an op is logged;
-//! - `token`: etcd's simple tokens with their TTL, and the stale-revision rule.
+//! - `token`: etcd's simple tokens with their TTL, and the stale-revision rule;
+//! - `shared`: the node's state shared by every core, and each core's lock-free view of it.
 
 mod codec;
 pub mod error;
 pub mod password;
+pub mod shared;
 pub mod snapshot;
 pub mod store;
 pub mod token;
@@ -21,6 +23,7 @@ mod tests;
 
 pub use error::{AuthError, DecodeError};
 pub use password::{hash_password, verify_password, PasswordHash, DEFAULT_BCRYPT_COST};
+pub use shared::{AuthView, SharedAuth};
 pub use snapshot::{AuthSnapshot, Perm};
 pub use store::{
     prefix_end, AuthOp, AuthReply, AuthStore, Grant, PermType, Role, User, ROOT_ROLE, ROOT_USER,

@@ -353,7 +353,7 @@ async fn run_core(core: usize, shared: Arc<Shared>) -> Result<(), String> {
     for c in 0..my_clients {
         let shared = shared.clone();
         let client = conns[c % conns.len()].clone();
-        let seed = ((core as u64 + 1) * 0x9E37_79B9_7F4A_7C15) ^ (c as u64 + 1);
+        let seed = (core as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (c as u64 + 1);
         tasks.push(glommio::spawn_local(client_loop(shared, client, seed)));
     }
     let mut hist = new_hist();

@@ -377,6 +377,9 @@ fn join(opts: &ClusterOptions, nshards: u32) -> Result<(Membership, u64)> {
 
 /// Starts this core's share of the cluster: the transport and its shards' tasks.
 pub(super) fn start(core: &Rc<Core>) -> Result<()> {
+    for shard in core.shards.values() {
+        shard.attach_auth(core.shared.auth.clone());
+    }
     let Some(cl) = core.shared.cluster.as_ref() else {
         return Ok(());
     };

@@ -24,6 +24,12 @@ pub(super) enum LeaseOp {
     Log(i64, Option<i64>, Reply<()>),
     /// The shard's keys attached to a lease.
     Keys(i64, Reply<Vec<Bytes>>),
+    /// Shard 0 only: validate, log and install an auth change (`Shard::log_auth`). It rides
+    /// here because, like lease records, it is a record of shard 0's log with no revision.
+    Auth(
+        crate::auth::AuthOp,
+        Reply<std::result::Result<crate::auth::AuthReply, crate::auth::AuthError>>,
+    ),
 }
 
 impl LeaseOp {
@@ -31,6 +37,7 @@ impl LeaseOp {
         match self {
             LeaseOp::Log(_, _, r) => drop(r.send(Err(err))),
             LeaseOp::Keys(_, r) => drop(r.send(Err(err))),
+            LeaseOp::Auth(_, r) => drop(r.send(Err(err))),
         }
     }
 
@@ -38,6 +45,7 @@ impl LeaseOp {
         match self {
             LeaseOp::Log(id, grant, r) => drop(r.send(shard.log_lease(id, grant).await)),
             LeaseOp::Keys(id, r) => drop(r.send(shard.lease_keys(id).await)),
+            LeaseOp::Auth(op, r) => drop(r.send(shard.log_auth(op).await)),
         }
     }
 }
@@ -275,6 +283,24 @@ fn refresh_all(shared: &Shared, now: Instant) {
 }
 
 impl LocalDb {
+    /// The node's auth state, shared by every core.
+    pub fn auth(&self) -> &std::sync::Arc<crate::auth::SharedAuth> {
+        &self.core.shared.auth
+    }
+
+    /// Logs an auth change in shard 0's log and installs it (etcd's Auth admin calls). The
+    /// outer error is the store's (not leader, no room, …); the inner one is the op's own
+    /// refusal, with etcd's message, after which nothing was logged.
+    pub async fn auth_change(
+        &self,
+        op: crate::auth::AuthOp,
+    ) -> Result<std::result::Result<crate::auth::AuthReply, crate::auth::AuthError>> {
+        self.core.wait_writable().await?;
+        self.core
+            .call(0, |r| ShardOp::Lease(LeaseOp::Auth(op, r)))
+            .await
+    }
+
     /// etcd's LeaseGrant: `id` 0 picks a fresh id; durable when it returns.
     pub async fn lease_grant(&self, id: i64, ttl: i64) -> Result<LeaseGrantResponse> {
         self.core.wait_writable().await?;

@@ -173,6 +173,13 @@ impl Db {
             clock.cap_follower_reads(c.gate.clone(), &floors);
         }
         let leases = recovered_leases(&shards);
+        let auth = Arc::new(crate::auth::SharedAuth::new(
+            shards
+                .iter()
+                .find(|s| s.id == 0)
+                .map(|s| s.auth.clone())
+                .unwrap_or_default(),
+        ));
 
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
@@ -190,6 +197,7 @@ impl Db {
             cluster_id: meta.cluster_id,
             member_id: meta.member_id,
             leases,
+            auth,
             raft_term: std::sync::atomic::AtomicU64::new(0),
             cluster,
             closing: AtomicBool::new(false),

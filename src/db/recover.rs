@@ -33,6 +33,9 @@ pub(super) struct RecoveredShard {
     pub(super) anchor: Option<(u64, u64)>,
     /// Multi-shard outcomes the checkpoint remembers (revision → committed).
     pub(super) decisions: BTreeMap<i64, bool>,
+    /// Shard 0: the auth store of its checkpoint, with (on a single node) the `Auth` records
+    /// of its log tail applied. A cluster member applies those as its group commits them.
+    pub(super) auth: crate::auth::AuthStore,
 }
 
 /// Loads every shard and settles multi-shard revisions: one is committed iff every participant
@@ -54,6 +57,7 @@ pub(super) fn recover_all(
         BTreeMap<i64, i64>,
         Option<(u64, u64)>,
         BTreeMap<i64, bool>,
+        crate::auth::AuthStore,
     );
     // Shards recover independently (checkpoint load + WAL scan), in parallel.
     let loaded: Vec<Result<Loaded>> = std::thread::scope(|s| {
@@ -87,6 +91,17 @@ pub(super) fn recover_all(
                     let leases = newest.extras.leases.iter().copied().collect();
                     let anchor = dropped.then_some((index, term));
                     let decisions = newest.extras.decisions.iter().copied().collect();
+                    let auth = if newest.extras.auth.is_empty() {
+                        crate::auth::AuthStore::new()
+                    } else {
+                        crate::auth::AuthStore::decode(&newest.extras.auth).map_err(|e| {
+                            Error::corrupt(
+                                &dir,
+                                0,
+                                format!("the newest checkpoint's auth store: {e:?}"),
+                            )
+                        })?
+                    };
                     Ok((
                         newest.store,
                         wal,
@@ -96,6 +111,7 @@ pub(super) fn recover_all(
                         leases,
                         anchor,
                         decisions,
+                        auth,
                     ))
                 })
             })
@@ -107,7 +123,7 @@ pub(super) fn recover_all(
     });
     let mut shards = Vec::new();
     for (id, r) in loaded.into_iter().enumerate() {
-        let (store, wal, replica, checkpoint_index, dir, leases, anchor, decisions) = r?;
+        let (store, wal, replica, checkpoint_index, dir, leases, anchor, decisions, auth) = r?;
         let checkpoint_revision = store.last_revision();
         if let Some((file, offset)) = &wal.truncated {
             tracing::warn!(file = %file.display(), offset, "truncated a torn WAL tail (unacknowledged writes)");
@@ -124,6 +140,7 @@ pub(super) fn recover_all(
             leases,
             anchor,
             decisions,
+            auth,
         });
     }
 
@@ -189,6 +206,18 @@ pub(super) fn recover_all(
                 }
                 EntryKind::LeaseRevoke => {
                     s.leases.remove(&e.lease.id);
+                }
+                EntryKind::Auth => {
+                    let op = crate::auth::AuthOp::decode(&e.data).map_err(|err| {
+                        Error::corrupt(
+                            &s.dir,
+                            e.index,
+                            format!("auth record {} does not decode: {err:?}", e.index),
+                        )
+                    })?;
+                    // Logged ops were validated against this same state: an error changes
+                    // nothing.
+                    let _ = s.auth.apply(&op);
                 }
                 _ => {}
             }

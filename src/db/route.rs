@@ -29,6 +29,8 @@ pub(super) struct Shared {
     pub(super) cluster_id: u64,
     pub(super) member_id: u64,
     pub(super) leases: crate::mvcc::lease::SharedLeases,
+    /// The node's auth state (shard 0's log and checkpoints persist it).
+    pub(super) auth: Arc<crate::auth::SharedAuth>,
     /// Highest Raft term of any shard group (response headers carry it).
     pub(super) raft_term: std::sync::atomic::AtomicU64,
     /// Set for a cluster member.

@@ -10,8 +10,9 @@
 //! before | magic). Extras (version 2; version 1 files have none) carry what a cluster member
 //! cannot re-log after the checkpoint, since a follower proposes nothing: `len:u32` then
 //! `lease_count:u32 { id:i64 ttl:i64 } meta_len:u32 meta decision_count:u32 { rev:i64
-//! committed:u8 }` (the shard's live leases, for shard 0 the cluster membership, and the
-//! outcomes of the newest multi-shard writes).
+//! committed:u8 } [auth_len:u32 auth]` (the shard's live leases, for shard 0 the cluster
+//! membership, the outcomes of the newest multi-shard writes, and for shard 0 the auth store,
+//! absent in files written before auth was persisted and when auth was never used).
 //! A key record: `key_len:u32 key gen_count:u32 { create:i64 first_version:i64 tombstone:i64(0 = live)
 //! put_count:u32 { rev:i64 lease:i64 value_len:u32 value } }`.
 
@@ -53,6 +54,9 @@ pub struct Extras {
     /// Outcomes of the newest multi-shard writes the shard took part in (revision, committed):
     /// a member deciding a write its leader left undecided asks for them.
     pub decisions: Vec<(i64, bool)>,
+    /// Shard 0's checkpoint: the auth store (`AuthStore::encode`) as of its index; empty when
+    /// auth was never used.
+    pub auth: Bytes,
 }
 
 impl Extras {
@@ -70,6 +74,10 @@ impl Extras {
         for (rev, committed) in &self.decisions {
             b.extend_from_slice(&rev.to_le_bytes());
             b.push(u8::from(*committed));
+        }
+        if !self.auth.is_empty() {
+            b.extend_from_slice(&(self.auth.len() as u32).to_le_bytes());
+            b.extend_from_slice(&self.auth);
         }
         let len = (b.len() - 4) as u32;
         b[..4].copy_from_slice(&len.to_le_bytes());
@@ -100,10 +108,19 @@ impl Extras {
             let p = r.take(1)?;
             decisions.push((rev, r.buf[p] != 0));
         }
+        // Extras written before auth was persisted (or without auth state) end here.
+        let auth = if r.pos == end {
+            Bytes::new()
+        } else {
+            let alen = r.u32()? as usize;
+            let apos = r.take(alen)?;
+            owner.slice(apos..apos + alen)
+        };
         (r.pos == end).then(|| Extras {
             decisions,
             leases,
             membership: owner.slice(mpos..mpos + mlen),
+            auth,
         })
     }
 }
@@ -690,6 +707,54 @@ mod tests {
     use super::*;
     use crate::kv::{DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest};
     use crate::mvcc::{ShardStore, TxnPath};
+
+    fn extras_roundtrip(bytes: &[u8]) -> Option<Extras> {
+        let owner = Bytes::copy_from_slice(bytes);
+        let mut r = Reader {
+            buf: &owner,
+            pos: 0,
+        };
+        let e = Extras::decode(&mut r, &owner)?;
+        (r.pos == owner.len()).then_some(e)
+    }
+
+    #[test]
+    fn extras_carry_the_auth_store_and_older_extras_still_load() {
+        let full = Extras {
+            leases: vec![(5, 60)],
+            membership: Bytes::from_static(b"{}"),
+            decisions: vec![(9, true)],
+            auth: Bytes::from_static(b"auth-bytes"),
+        };
+        assert_eq!(extras_roundtrip(&full.encode()), Some(full.clone()));
+        // Written before auth was persisted (or with no auth state): no auth section.
+        let without = Extras {
+            auth: Bytes::new(),
+            ..full.clone()
+        };
+        let bytes = without.encode();
+        assert_eq!(extras_roundtrip(&bytes), Some(without));
+        // Written before outcomes were recorded: leases and membership only.
+        let mut old = Vec::new();
+        old.extend_from_slice(&(4u32 + 16 + 4 + 2).to_le_bytes());
+        old.extend_from_slice(&1u32.to_le_bytes());
+        old.extend_from_slice(&5i64.to_le_bytes());
+        old.extend_from_slice(&60i64.to_le_bytes());
+        old.extend_from_slice(&2u32.to_le_bytes());
+        old.extend_from_slice(b"{}");
+        let e = extras_roundtrip(&old).expect("old extras load");
+        assert_eq!(
+            (e.leases, e.decisions.len(), e.auth.len()),
+            (vec![(5, 60)], 0, 0)
+        );
+        // A truncated auth section is refused.
+        let mut cut = full.encode();
+        let n = cut.len();
+        cut.truncate(n - 3);
+        let len = (cut.len() - 4) as u32;
+        cut[..4].copy_from_slice(&len.to_le_bytes());
+        assert_eq!(extras_roundtrip(&cut), None);
+    }
 
     /// A checkpoint file as `write` lays it out, built in memory.
     fn file_bytes(store: &ShardStore, upto: i64) -> Vec<u8> {

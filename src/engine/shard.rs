@@ -14,10 +14,12 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use glommio::sync::Semaphore;
 
+use crate::auth::{AuthError, AuthOp, AuthReply, AuthStore, SharedAuth};
 use crate::engine::checkpoint::{self, CheckpointInfo};
 use crate::engine::partition::Partitioner;
 use crate::engine::replica::{ProposeError, Replica};
@@ -99,6 +101,9 @@ pub struct Shard {
     /// After a rebuild: the index the store must apply up to again before it serves reads (the
     /// node's read floors may already cover what it held before).
     replay_to: Cell<u64>,
+    /// The node's auth state (every shard gets it when its core starts; shard 0's log carries
+    /// the `Auth` records, its checkpoints the whole store).
+    auth: RefCell<Option<Arc<SharedAuth>>>,
 }
 
 /// Fault injection for tests, in every build: `SPINDLE_FAULT=<point>` in a member's
@@ -196,7 +201,79 @@ impl Shard {
             decision_proposed: Cell::new(None),
             pending_records: RefCell::default(),
             locked_term: Cell::new(0),
+            auth: RefCell::new(None),
         })
+    }
+
+    /// Gives the shard the node's auth state (called once per shard when its core starts).
+    pub fn attach_auth(&self, auth: Arc<SharedAuth>) {
+        *self.auth.borrow_mut() = Some(auth);
+    }
+
+    fn shared_auth(&self) -> Option<Arc<SharedAuth>> {
+        self.auth.borrow().clone()
+    }
+
+    /// Shard 0: validates an auth op against the current state and, if it applies, logs it
+    /// (`EntryKind::Auth`) and installs the new state in the same step as the proposal, so the
+    /// state always mirrors this log's order (as `lease_log` does); then waits until it is
+    /// committed. A refused op logs nothing.
+    pub async fn log_auth(&self, op: AuthOp) -> Result<std::result::Result<AuthReply, AuthError>> {
+        self.ensure_healthy()?;
+        let auth = self
+            .shared_auth()
+            .ok_or_else(|| Error::InvalidArgument("auth state not attached".into()))?;
+        if self.id != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "auth records belong in shard 0's log, not shard {}",
+                self.id
+            )));
+        }
+        let data = Bytes::from(op.encode());
+        let outcome: RefCell<Option<std::result::Result<(AuthStore, AuthReply), AuthError>>> =
+            RefCell::new(None);
+        let proposed = self
+            .propose_record(|| {
+                let tried = auth.try_apply(&op);
+                let ok = tried.is_ok();
+                *outcome.borrow_mut() = Some(tried);
+                ok.then(|| WalEntry {
+                    kind: EntryKind::Auth,
+                    data: data.clone(),
+                    ..Default::default()
+                })
+            })
+            .await?;
+        let (next, reply) = match outcome.into_inner() {
+            Some(Ok(done)) => done,
+            Some(Err(e)) => return Ok(Err(e)),
+            None => return Err(Error::Closed),
+        };
+        // Same step as the proposal: nothing ran in between.
+        auth.commit(&op, next);
+        if let Some((index, term)) = proposed {
+            self.replica.wait_committed(&self.wal, index, term).await?;
+        }
+        Ok(Ok(reply))
+    }
+
+    /// Reloads the auth state from a checkpoint's extras (shard 0; a rebuild or an install).
+    fn reload_auth(&self, bytes: &[u8]) {
+        if self.id != 0 {
+            return;
+        }
+        let Some(auth) = self.shared_auth() else {
+            return;
+        };
+        let store = if bytes.is_empty() {
+            Ok(AuthStore::new())
+        } else {
+            AuthStore::decode(bytes)
+        };
+        match store {
+            Ok(store) => auth.reset(store),
+            Err(e) => tracing::error!(error = ?e, "checkpoint holds an undecodable auth store"),
+        }
     }
 
     fn owns(&self) -> impl Fn(&[u8]) -> bool + '_ {
@@ -863,6 +940,19 @@ impl Shard {
                         }
                         self.lease_log.borrow_mut().remove(&rec.lease.id);
                     }
+                    EntryKind::Auth => match (self.shared_auth(), AuthOp::decode(&rec.data)) {
+                        (Some(auth), Ok(op)) => auth.apply(&op),
+                        (_, Err(err)) => {
+                            return Err(Error::ShardFailed {
+                                shard: self.id,
+                                reason: format!(
+                                    "committed auth record {} does not decode: {err:?}",
+                                    e.index
+                                ),
+                            })
+                        }
+                        (None, _) => {}
+                    },
                     _ => {}
                 }
             }
@@ -996,6 +1086,8 @@ impl Shard {
         let newest = checkpoint::load_newest(&self.dir, self.id)?;
         let index = newest.index;
         *self.store.borrow_mut() = newest.store;
+        // The committed log after the checkpoint is applied again, auth records included.
+        self.reload_auth(&newest.extras.auth);
         self.deferred.borrow_mut().clear();
         self.stamps.borrow_mut().clear();
         let target = self.replica.reset_applied(index)?;
@@ -1085,6 +1177,7 @@ impl Shard {
             }
         }
         *self.lease_log.borrow_mut() = leases;
+        self.reload_auth(&loaded.extras.auth);
         self.checkpoint_index.set(index);
         self.last_write_index.set(index);
         self.deferred.borrow_mut().retain(|e| e.index > index);
@@ -1202,7 +1295,7 @@ impl Shard {
         // final. A follower's store holds exactly what it applied, all of it committed; a
         // leader's holds what it executed, which must commit before the checkpoint may stand
         // for it.
-        let (index, upto, leases) = {
+        let (index, upto, leases, auth) = {
             let _guard = self.acquire().await?;
             self.ensure_healthy()?;
             if self.replica.pending_install().is_some() {
@@ -1239,7 +1332,13 @@ impl Shard {
                 .iter()
                 .map(|(&id, &ttl)| (id, ttl))
                 .collect();
-            (index, self.store.borrow().last_revision(), leases)
+            // Shard 0's auth state mirrors its log (changes are installed in the same step as
+            // their proposal, or applied in log order), so it is taken in this same step.
+            let auth = match (self.id, self.shared_auth()) {
+                (0, Some(a)) if a.read(|s| *s != AuthStore::new()) => Bytes::from(a.encode()),
+                _ => Bytes::new(),
+            };
+            (index, self.store.borrow().last_revision(), leases, auth)
         };
         let term = self
             .replica
@@ -1274,6 +1373,7 @@ impl Shard {
                 .map(|(&r, &c)| (r, c))
                 .collect(),
             leases,
+            auth,
             membership: if member && self.id == 0 {
                 membership()
             } else {

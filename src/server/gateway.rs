@@ -10,6 +10,7 @@ use http::{Response, StatusCode};
 use hyper::body::Incoming;
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 
+use super::auth::Caller;
 use super::grpc::{Code, GrpcBody, Status};
 use super::Ctx;
 
@@ -32,6 +33,11 @@ fn route(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
             "DeleteRangeResponse",
         ),
         "/v3/kv/txn" => ("/etcdserverpb.KV/Txn", "TxnRequest", "TxnResponse"),
+        "/v3/auth/authenticate" => (
+            "/etcdserverpb.Auth/Authenticate",
+            "AuthenticateRequest",
+            "AuthenticateResponse",
+        ),
         "/v3/kv/compaction" => (
             "/etcdserverpb.KV/Compact",
             "CompactionRequest",
@@ -113,6 +119,8 @@ fn http_status(code: Code) -> StatusCode {
         Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
         Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
         Code::NotFound => StatusCode::NOT_FOUND,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
         Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
         Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
         Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -131,11 +139,20 @@ fn error(s: &Status) -> Response<GrpcBody> {
     json(http_status(s.code), body.to_string())
 }
 
-pub(super) async fn handle(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Response<GrpcBody> {
+pub(super) async fn handle(
+    ctx: &Rc<Ctx>,
+    path: &str,
+    body: Incoming,
+    caller: Caller,
+) -> Response<GrpcBody> {
     if path == "/v3/watch" {
-        return watch(ctx, body).await;
+        return watch(ctx, body, caller).await;
     }
     if path == "/v3/election/observe" {
+        let method = "/v3electionpb.Election/Observe";
+        if let Err(s) = super::auth::check(ctx, &caller, method, &[]).await {
+            return error(&s);
+        }
         return observe(ctx, body).await;
     }
     let Some((method, req_name, resp_name)) = route(path) else {
@@ -144,7 +161,7 @@ pub(super) async fn handle(ctx: &Rc<Ctx>, path: &str, body: Incoming) -> Respons
             "{\"error\":\"Not Found\",\"code\":5}".into(),
         );
     };
-    match translate(ctx, method, req_name, resp_name, body).await {
+    match translate(ctx, method, req_name, resp_name, body, &caller).await {
         // grpc-gateway wraps each message of a streaming call.
         Ok(text) if method == super::lease::KEEP_ALIVE_ONCE => {
             json(StatusCode::OK, format!("{{\"result\":{text}}}"))
@@ -160,8 +177,10 @@ async fn translate(
     req_name: &str,
     resp_name: &str,
     body: Incoming,
+    caller: &Caller,
 ) -> Result<String, Status> {
     let encoded = json_request(ctx, body, req_name).await?;
+    super::auth::check(ctx, caller, method, std::slice::from_ref(&encoded)).await?;
     let resp = super::call_anywhere(ctx, method, vec![encoded], None, super::Hop::Client).await?;
     to_json(resp_name, resp)
 }
@@ -236,7 +255,7 @@ pub(super) fn to_json(name: &str, encoded: Bytes) -> Result<String, Status> {
 }
 
 /// `POST /v3/watch`: the body holds one or more JSON WatchRequests; the answer streams.
-async fn watch(ctx: &Rc<Ctx>, body: Incoming) -> Response<GrpcBody> {
+async fn watch(ctx: &Rc<Ctx>, body: Incoming, caller: Caller) -> Response<GrpcBody> {
     let limit = ctx.cfg.max_request_bytes + super::GRPC_OVERHEAD_BYTES;
     let parsed = async {
         let bytes = super::read_body(body, 4 * limit).await?;
@@ -256,7 +275,7 @@ async fn watch(ctx: &Rc<Ctx>, body: Incoming) -> Response<GrpcBody> {
         Ok::<_, Status>(reqs)
     };
     match parsed.await {
-        Ok(reqs) => super::watch::serve_json(ctx.clone(), reqs),
+        Ok(reqs) => super::watch::serve_json(ctx.clone(), reqs, caller),
         Err(s) => error(&s),
     }
 }

@@ -19,12 +19,14 @@ pub enum Code {
     Unknown = 2,
     InvalidArgument = 3,
     NotFound = 5,
+    PermissionDenied = 7,
     ResourceExhausted = 8,
     FailedPrecondition = 9,
     OutOfRange = 11,
     Unimplemented = 12,
     Internal = 13,
     Unavailable = 14,
+    Unauthenticated = 16,
 }
 
 impl Code {
@@ -36,12 +38,14 @@ impl Code {
             Code::Unknown,
             Code::InvalidArgument,
             Code::NotFound,
+            Code::PermissionDenied,
             Code::ResourceExhausted,
             Code::FailedPrecondition,
             Code::OutOfRange,
             Code::Unimplemented,
             Code::Internal,
             Code::Unavailable,
+            Code::Unauthenticated,
         ]
         .into_iter()
         .find(|&c| c as u32 == n)

@@ -6,6 +6,7 @@
 //! through [`LocalDb`]: data this core owns is served without any hop, other shards are one
 //! message away. HTTP/2 streams of one connection are served concurrently.
 
+mod auth;
 mod authority;
 pub mod compaction;
 mod convert;
@@ -58,6 +59,10 @@ pub struct ServerConfig {
     /// etcd's `--experimental-watch-progress-notify-interval`: how often idle watches created
     /// with `progress_notify` are told they are current.
     pub watch_progress_notify_interval: Duration,
+    /// etcd's `--auth-token-ttl`: how long a simple token lives after its last use.
+    pub auth_token_ttl: Duration,
+    /// etcd's `--bcrypt-cost` for hashing new passwords.
+    pub bcrypt_cost: u32,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +75,8 @@ impl Default for ServerConfig {
             max_request_bytes: 1536 * 1024,
             quota_backend_bytes: 0,
             watch_progress_notify_interval: watch::DEFAULT_PROGRESS_NOTIFY_INTERVAL,
+            auth_token_ttl: crate::auth::DEFAULT_TOKEN_TTL,
+            bcrypt_cost: crate::auth::DEFAULT_BCRYPT_COST,
         }
     }
 }
@@ -110,6 +117,8 @@ struct Ctx {
     drain: Arc<Drain>,
     cluster_id: u64,
     member_id: u64,
+    /// This core's view of the node's auth state and the tokens it resolved.
+    auth: auth::CoreAuth,
 }
 
 impl Ctx {
@@ -179,6 +188,9 @@ pub fn start(
         let drain = drain.clone();
         Arc::new(move |db: LocalDb| {
             let (cluster_id, member_id) = db.identity();
+            db.auth().set_token_ttl(cfg.auth_token_ttl);
+            let core_auth = auth::CoreAuth::new(db.auth(), cfg.bcrypt_cost);
+            let first_core = db.core_id() == 0;
             let ctx = Rc::new(Ctx {
                 db,
                 cfg: cfg.clone(),
@@ -187,7 +199,12 @@ pub fn start(
                 drain: drain.clone(),
                 cluster_id,
                 member_id,
+                auth: core_auth,
             });
+            if first_core {
+                let every = cfg.auth_token_ttl.max(Duration::from_secs(1));
+                glommio::spawn_local(auth::purge_loop(ctx.clone(), every)).detach();
+            }
             ctx.db.serve_relayed_calls(forward::relayed_calls(&ctx));
             for addr in &cfg.listen {
                 match glommio::net::TcpListener::bind(addr) {
@@ -351,7 +368,8 @@ async fn serve_request(ctx: &Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBo
         .is_some_and(|v| v.starts_with("application/grpc"));
     if is_grpc {
         let started = Instant::now();
-        let resp = grpc_call(ctx, &path, req.into_body(), started).await;
+        let caller = auth::identify(ctx, req.headers());
+        let resp = grpc_call(ctx, &path, req.into_body(), started, caller).await;
         ctx.metrics.observe(&path, started.elapsed());
         return resp;
     }
@@ -365,7 +383,10 @@ async fn serve_request(ctx: &Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBo
             let text = ctx.metrics.render(&ctx.db).await;
             plain(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
-        ("POST", p) if p.starts_with("/v3/") => gateway::handle(ctx, p, req.into_body()).await,
+        ("POST", p) if p.starts_with("/v3/") => {
+            let caller = auth::identify(ctx, req.headers());
+            gateway::handle(ctx, p, req.into_body(), caller).await
+        }
         _ => plain(
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -430,6 +451,7 @@ async fn grpc_call(
     path: &str,
     body: Incoming,
     started: Instant,
+    caller: auth::Caller,
 ) -> Response<GrpcBody> {
     let learner = ctx.db.is_learner();
     if learner && !matches!(path, "/etcdserverpb.Maintenance/Status" | RANGE) {
@@ -438,13 +460,16 @@ async fn grpc_call(
         return grpc::error(&not_for_learner());
     }
     if path == "/etcdserverpb.Maintenance/Snapshot" {
+        if let Err(s) = auth::check(ctx, &caller, path, &[]).await {
+            return grpc::error(&s);
+        }
         return snapshot::stream(ctx.clone());
     }
     if path == lease::KEEP_ALIVE {
         return lease::keep_alive_stream(ctx.clone(), body);
     }
     if path == "/etcdserverpb.Watch/Watch" {
-        return watch::serve(ctx.clone(), body);
+        return watch::serve(ctx.clone(), body, caller);
     }
     let limit = ctx.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let bytes = match read_grpc_body(body, limit).await {
@@ -457,6 +482,10 @@ async fn grpc_call(
     };
     if learner && path == RANGE && range_serializable(&msgs) != Some(true) {
         return grpc::error(&not_for_learner());
+    }
+    // Checked here, on the member the client talks to, before the call is served or relayed.
+    if let Err(s) = auth::check(ctx, &caller, path, &msgs).await {
+        return grpc::error(&s);
     }
     if path == election::OBSERVE {
         return match one(msgs) {
@@ -840,6 +869,7 @@ async fn call(
         p if p.starts_with("/etcdserverpb.Lease/") || p == lease::KEEP_ALIVE_ONCE => {
             lease::call(ctx, p, msgs).await
         }
+        p if p.starts_with("/etcdserverpb.Auth/") => auth::call(ctx, p, msgs).await,
         p if p.starts_with("/v3lockpb.Lock/") => lock::call(ctx, p, msgs).await,
         p if p.starts_with("/v3electionpb.Election/") => election::call(ctx, p, msgs).await,
         _ => Err(Status::unimplemented(path)),

@@ -14,6 +14,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use super::auth::Caller;
 use super::grpc::{self, Code, GrpcBody, Status};
 use super::{convert, Ctx, GRPC_OVERHEAD_BYTES};
 use crate::db::{WatchRequest, WatchUpdate};
@@ -41,25 +42,36 @@ struct StreamWatch {
 }
 
 /// The gRPC call: requests decoded from the request body's frames, responses gRPC-framed.
-pub fn serve(ctx: Rc<Ctx>, body: Incoming) -> http::Response<GrpcBody> {
+pub fn serve(ctx: Rc<Ctx>, body: Incoming, caller: Caller) -> http::Response<GrpcBody> {
     let (req_tx, requests) = flume::bounded(64);
     let limit = ctx.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     glommio::spawn_local(read_requests(body, limit, req_tx)).detach();
     let (out, rx) = flume::bounded::<Frame<Bytes>>(16);
-    spawn_session(ctx, requests, out, |r| Ok(grpc::encode_message(r)), true);
+    spawn_session(
+        ctx,
+        caller,
+        requests,
+        out,
+        |r| Ok(grpc::encode_message(r)),
+        true,
+    );
     grpc::stream(rx)
 }
 
 /// The JSON gateway's `POST /v3/watch`: the body's JSON requests, then a stream of
 /// `{"result": ...}` lines, one per response, as etcd's gateway sends them.
-pub fn serve_json(ctx: Rc<Ctx>, reqs: Vec<pb::WatchRequest>) -> http::Response<GrpcBody> {
+pub fn serve_json(
+    ctx: Rc<Ctx>,
+    reqs: Vec<pb::WatchRequest>,
+    caller: Caller,
+) -> http::Response<GrpcBody> {
     let (req_tx, requests) = flume::unbounded();
     for r in reqs {
         let _ = req_tx.send(Ok(r));
     }
     drop(req_tx);
     let (out, rx) = flume::bounded::<Frame<Bytes>>(16);
-    spawn_session(ctx, requests, out, json_line, false);
+    spawn_session(ctx, caller, requests, out, json_line, false);
     super::gateway::json_stream(rx)
 }
 
@@ -72,6 +84,7 @@ type Encoder = fn(&pb::WatchResponse) -> Result<Bytes, Status>;
 
 fn spawn_session(
     ctx: Rc<Ctx>,
+    caller: Caller,
     requests: flume::Receiver<Result<pb::WatchRequest, Status>>,
     out: flume::Sender<Frame<Bytes>>,
     encode: Encoder,
@@ -83,6 +96,7 @@ fn spawn_session(
             next_id: 0,
             sink_id: ctx.db.new_watch_sink(),
             ctx,
+            caller,
         };
         let status = session.run(requests, &out, encode).await;
         for w in session.watches.values() {
@@ -99,6 +113,8 @@ fn spawn_session(
 
 struct Session {
     ctx: Rc<Ctx>,
+    /// Who opened the stream (its token is resolved once, when the stream opens).
+    caller: Caller,
     watches: BTreeMap<i64, StreamWatch>,
     /// etcd hands out ids from 0 upwards, skipping ids in use.
     next_id: i64,
@@ -197,6 +213,9 @@ impl Session {
                 if !c.range_end.is_empty() && c.range_end.as_ref() != b"\0" && c.range_end <= c.key
                 {
                     return vec![refused(EMPTY_RANGE)];
+                }
+                if !super::auth::watch_permitted(&self.ctx, &self.caller, &c.key, &c.range_end) {
+                    return vec![refused(super::auth::WATCH_DENIED)];
                 }
                 let id = if c.watch_id != 0 {
                     if self.watches.contains_key(&c.watch_id) {

@@ -38,6 +38,8 @@ pub enum EntryKind {
     ConfChange,
     /// A multi-shard revision every participant committed (cluster members).
     Commit,
+    /// An auth change (`data`: `auth::AuthOp::encode()`), in shard 0's log only.
+    Auth,
 }
 
 /// The lease a `LeaseGrant`/`LeaseRevoke` entry is about (zero for other kinds).
@@ -62,7 +64,7 @@ pub struct WalEntry {
     /// `HardState`: the vote (0 = none) and commit index.
     pub vote: u64,
     pub commit: u64,
-    /// `ConfChange`: the encoded change.
+    /// `ConfChange`: the encoded change; `Auth`: the encoded auth op.
     pub data: Bytes,
 }
 
@@ -122,6 +124,7 @@ pub fn encode_payload(entry: &WalEntry) -> Vec<u8> {
         EntryKind::HardState => walfb::EntryKind::HardState,
         EntryKind::ConfChange => walfb::EntryKind::ConfChange,
         EntryKind::Commit => walfb::EntryKind::Commit,
+        EntryKind::Auth => walfb::EntryKind::Auth,
     };
     let data = (!entry.data.is_empty()).then(|| fbb.create_vector(entry.data.as_ref()));
     let root = walfb::Entry::create(
@@ -260,6 +263,7 @@ pub fn decode_payload(payload: &Bytes) -> Option<WalEntry> {
         walfb::EntryKind::HardState => EntryKind::HardState,
         walfb::EntryKind::ConfChange => EntryKind::ConfChange,
         walfb::EntryKind::Commit => EntryKind::Commit,
+        walfb::EntryKind::Auth => EntryKind::Auth,
         _ => return None,
     };
     let mut ops = Vec::new();

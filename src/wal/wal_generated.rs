@@ -14,10 +14,10 @@ pub mod walfb {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ENTRY_KIND: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ENTRY_KIND: u8 = 9;
+pub const ENUM_MAX_ENTRY_KIND: u8 = 10;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ENTRY_KIND: [EntryKind; 10] = [
+pub const ENUM_VALUES_ENTRY_KIND: [EntryKind; 11] = [
   EntryKind::Write,
   EntryKind::Part,
   EntryKind::Abort,
@@ -28,6 +28,7 @@ pub const ENUM_VALUES_ENTRY_KIND: [EntryKind; 10] = [
   EntryKind::HardState,
   EntryKind::ConfChange,
   EntryKind::Commit,
+  EntryKind::Auth,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -45,9 +46,10 @@ impl EntryKind {
   pub const HardState: Self = Self(7);
   pub const ConfChange: Self = Self(8);
   pub const Commit: Self = Self(9);
+  pub const Auth: Self = Self(10);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 9;
+  pub const ENUM_MAX: u8 = 10;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Write,
     Self::Part,
@@ -59,6 +61,7 @@ impl EntryKind {
     Self::HardState,
     Self::ConfChange,
     Self::Commit,
+    Self::Auth,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -73,6 +76,7 @@ impl EntryKind {
       Self::HardState => Some("HardState"),
       Self::ConfChange => Some("ConfChange"),
       Self::Commit => Some("Commit"),
+      Self::Auth => Some("Auth"),
       _ => None,
     }
   }

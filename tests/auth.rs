@@ -1,0 +1,570 @@
+//! Auth end to end: an etcdctl session (users, roles, permission forms, allowed and denied
+//! reads, writes and txns, enable/disable, wrong and missing credentials) run against etcd 3.4
+//! and spindle with exit codes and outputs compared, and a spindle restart that must keep
+//! users, roles and permissions while refusing tokens issued before it.
+//!
+//! Needs `etcd` and `etcdctl` 3.4 on PATH (`tools/test` installs them).
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+mod common;
+use common::server::{Kind, Server};
+
+/// One etcdctl run, normalized: exit status, stdout, and the failure as etcdctl reports it
+/// (the gRPC error of its client log line and its `Error:` line).
+#[derive(Debug, PartialEq, Eq)]
+struct Outcome {
+    ok: bool,
+    stdout: String,
+    errors: Vec<String>,
+}
+
+fn run(s: &Server, args: &[&str], stdin: Option<&str>) -> Outcome {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = s
+        .etcdctl_cmd(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run etcdctl");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().expect("wait for etcdctl");
+    let mut errors = Vec::new();
+    for line in String::from_utf8_lossy(&out.stderr).lines().map(str::trim) {
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with('{') {
+            if let Ok(v) = serde_json::from_str::<Value>(line) {
+                if let Some(e) = v.get("error").and_then(Value::as_str) {
+                    errors.push(format!("log: {e}"));
+                }
+                continue;
+            }
+        }
+        errors.push(line.to_string());
+    }
+    // Endpoints differ between the two servers.
+    let endpoint = s.endpoint();
+    let norm = |t: &str| t.replace(&endpoint, "<endpoint>");
+    Outcome {
+        ok: out.status.success(),
+        stdout: norm(&String::from_utf8_lossy(&out.stdout)),
+        errors: errors.iter().map(|e| norm(e)).collect(),
+    }
+}
+
+fn txn_script(compares: &[&str], success: &[&str], failure: &[&str]) -> String {
+    let mut s = String::new();
+    for part in [compares, success, failure] {
+        for line in part {
+            s.push_str(line);
+            s.push('\n');
+        }
+        s.push('\n');
+    }
+    s
+}
+
+const ROOT: &str = "--user=root:pw";
+
+/// bcrypt's lowest cost for both servers: etcdctl authenticates within its dial timeout (3 s),
+/// which cost 10 in an unoptimized build on a loaded 2-CPU machine does not always manage.
+const FAST_BCRYPT: &[&str] = &["--bcrypt-cost", "4"];
+const U: &str = "--user=u:pw";
+
+/// The session both servers run: (args, stdin).
+fn session() -> Vec<(Vec<&'static str>, Option<String>)> {
+    let plain = |a: &[&'static str]| (a.to_vec(), None);
+    let denied_compare = txn_script(&["value(\"c\") = \"1\""], &["put p/t yes"], &["put p/t no"]);
+    let allowed_txn = txn_script(&["value(\"a\") = \"1\""], &["put p/t yes", "get a"], &[]);
+    let denied_op = txn_script(&["value(\"a\") = \"1\""], &["put p/t yes"], &["put a no"]);
+    vec![
+        plain(&["user", "add", "root:pw"]),
+        plain(&["role", "add", "root"]),
+        plain(&["user", "grant-role", "root", "root"]),
+        plain(&["user", "list"]),
+        plain(&["auth", "enable"]),
+        plain(&[ROOT, "put", "a", "1"]),
+        plain(&[ROOT, "put", "b", "2"]),
+        plain(&[ROOT, "put", "c", "3"]),
+        plain(&[ROOT, "put", "x", "4"]),
+        plain(&[ROOT, "get", "a"]),
+        // No credentials, wrong password, unknown user.
+        plain(&["get", "a"]),
+        plain(&["put", "a", "9"]),
+        plain(&["--user=root:wrong", "get", "a"]),
+        plain(&["--user=nobody:pw", "get", "a"]),
+        plain(&[ROOT, "role", "add", "r"]),
+        plain(&[ROOT, "role", "add", "r"]),
+        plain(&[ROOT, "role", "grant-permission", "r", "read", "a", "c"]),
+        plain(&[
+            ROOT,
+            "role",
+            "grant-permission",
+            "r",
+            "--prefix=true",
+            "readwrite",
+            "p/",
+        ]),
+        plain(&[
+            ROOT,
+            "role",
+            "grant-permission",
+            "r",
+            "--from-key",
+            "write",
+            "x",
+        ]),
+        plain(&[ROOT, "user", "add", "u:pw"]),
+        plain(&[ROOT, "user", "grant-role", "u", "r"]),
+        plain(&[ROOT, "user", "grant-role", "u", "missing"]),
+        // Reads: allowed inside [a, c) and p/, denied elsewhere.
+        plain(&[U, "get", "a"]),
+        plain(&[U, "get", "b"]),
+        plain(&[U, "get", "a", "c"]),
+        plain(&[U, "get", "c"]),
+        plain(&[U, "get", "a", "d"]),
+        plain(&[U, "get", "--prefix", "p/"]),
+        plain(&[U, "get", "x"]),
+        plain(&[U, "get", "--from-key", "a"]),
+        // Writes: allowed in p/ and from x on, denied elsewhere.
+        plain(&[U, "put", "p/1", "v"]),
+        plain(&[U, "put", "y", "v"]),
+        plain(&[U, "put", "a", "v"]),
+        plain(&[U, "del", "a"]),
+        plain(&[U, "del", "--prefix", "p/"]),
+        (vec![U, "txn"], Some(denied_compare)),
+        (vec![U, "txn"], Some(allowed_txn)),
+        (vec![U, "txn"], Some(denied_op)),
+        // Admin calls: root only, except a user's own record and a held role.
+        plain(&[ROOT, "user", "list"]),
+        plain(&[ROOT, "role", "list"]),
+        plain(&[ROOT, "role", "get", "r"]),
+        plain(&[ROOT, "user", "get", "u"]),
+        plain(&[U, "user", "list"]),
+        plain(&[U, "role", "list"]),
+        plain(&[U, "user", "get", "u"]),
+        plain(&[U, "user", "get", "root"]),
+        plain(&[U, "role", "get", "r"]),
+        plain(&[U, "role", "add", "r2"]),
+        plain(&[U, "auth", "disable"]),
+        plain(&[ROOT, "user", "delete", "root"]),
+        plain(&[ROOT, "role", "revoke-permission", "r", "a", "c"]),
+        plain(&[ROOT, "role", "revoke-permission", "r", "a", "c"]),
+        plain(&[U, "get", "a"]),
+        plain(&[ROOT, "user", "revoke-role", "u", "r"]),
+        plain(&[U, "get", "--prefix", "p/"]),
+        // Watch, maintenance and compaction rules.
+        plain(&[U, "watch", "c"]),
+        plain(&[
+            U,
+            "snapshot",
+            "save",
+            "/tmp/spindle-auth-test-never-written.db",
+        ]),
+        plain(&[
+            "snapshot",
+            "save",
+            "/tmp/spindle-auth-test-never-written.db",
+        ]),
+        plain(&[U, "defrag"]),
+        plain(&[U, "endpoint", "hashkv"]),
+        plain(&["endpoint", "hashkv"]),
+        plain(&[U, "compaction", "1"]),
+        plain(&[ROOT, "auth", "disable"]),
+        plain(&["get", "a"]),
+        plain(&["user", "list"]),
+        plain(&["role", "delete", "r"]),
+        plain(&["user", "delete", "u"]),
+        plain(&["--user=root:pw", "get", "a"]),
+    ]
+}
+
+#[test]
+fn etcdctl_auth_session_matches_etcd() {
+    let mut etcd = Server::spawn(Kind::Etcd, FAST_BCRYPT);
+    let mut spindle = Server::spawn(Kind::Spindle, FAST_BCRYPT);
+    spindle.wait_ready();
+    etcd.wait_ready();
+    for (args, stdin) in session() {
+        let e = run(&etcd, &args, stdin.as_deref());
+        let s = run(&spindle, &args, stdin.as_deref());
+        assert_eq!(
+            s,
+            e,
+            "etcdctl {} (stdin {:?}): spindle (left) differs from etcd (right)",
+            args.join(" "),
+            stdin
+        );
+    }
+    spindle.assert_alive();
+}
+
+/// Leases with keys: revoking one, or putting with it, needs write permission on every key it
+/// holds; TimeToLive shows the keys to anyone (etcd 3.4). Lease ids differ between the servers,
+/// so each server's id is replaced in the outputs.
+#[test]
+fn lease_key_permissions_match_etcd() {
+    let mut etcd = Server::spawn(Kind::Etcd, FAST_BCRYPT);
+    let mut spindle = Server::spawn(Kind::Spindle, FAST_BCRYPT);
+    spindle.wait_ready();
+    etcd.wait_ready();
+    let mut outcomes = Vec::new();
+    for s in [&etcd, &spindle] {
+        for args in [
+            &["user", "add", "root:pw"][..],
+            &["user", "grant-role", "root", "root"],
+            &["role", "add", "r"],
+            &[
+                "role",
+                "grant-permission",
+                "r",
+                "--prefix=true",
+                "readwrite",
+                "p/",
+            ],
+            &["user", "add", "u:pw"],
+            &["user", "grant-role", "u", "r"],
+            &["auth", "enable"],
+        ] {
+            ok(run(s, args, None), &args.join(" "));
+        }
+        let granted = ok(
+            run(s, &[ROOT, "lease", "grant", "100"], None),
+            "lease grant",
+        );
+        let id = granted
+            .split_whitespace()
+            .nth(1)
+            .expect("lease id")
+            .to_string();
+        let mut mine = Vec::new();
+        for args in [
+            vec![ROOT, "put", "zz", "1", "--lease"],
+            vec![U, "lease", "timetolive", "--keys"],
+            vec![U, "put", "p/k", "v", "--lease"],
+            vec![U, "lease", "revoke"],
+            vec![ROOT, "del", "zz"],
+            vec![U, "put", "p/k", "v", "--lease"],
+            vec![U, "lease", "revoke"],
+        ] {
+            let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            if args.last().is_some_and(|a| a == "--lease") {
+                let last = args.pop().unwrap();
+                args.push(format!("{last}={id}"));
+            } else if args.contains(&"revoke".to_string())
+                || args.contains(&"timetolive".to_string())
+            {
+                args.insert(3, id.clone());
+            }
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut o = run(s, &refs, None);
+            o.stdout = o.stdout.replace(&id, "<id>");
+            // TimeToLive's remaining seconds may tick between the two servers.
+            o.stdout = o.stdout.replace("remaining(99s)", "remaining(100s)");
+            mine.push((args.join(" ").replace(&id, "<id>"), o));
+        }
+        outcomes.push(mine);
+    }
+    assert_eq!(
+        outcomes[1], outcomes[0],
+        "spindle (left) differs from etcd (right)"
+    );
+}
+
+/// A raw JSON POST to the gateway with an `Authorization` header (the token, none if empty);
+/// HTTP status and JSON body.
+fn post_with_token(port: u16, path: &str, body: &str, token: &str) -> (u16, Value) {
+    let auth = if token.is_empty() {
+        String::new()
+    } else {
+        format!("Authorization: {token}\r\n")
+    };
+    let raw = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+         {auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let out = common::http::request(port, raw.as_bytes(), Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    // A chunked body: take the JSON object.
+    let json = body
+        .find('{')
+        .and_then(|start| body.rfind('}').map(|end| &body[start..=end]))
+        .unwrap_or("null");
+    (code, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+fn authenticate(port: u16, user: &str, password: &str) -> String {
+    let body = serde_json::json!({ "name": user, "password": password }).to_string();
+    let (code, v) = post_with_token(port, "/v3/auth/authenticate", &body, "");
+    assert_eq!(code, 200, "authenticate {user}: {v}");
+    v["token"].as_str().expect("a token").to_string()
+}
+
+fn ok(o: Outcome, what: &str) -> String {
+    assert!(o.ok, "{what}: {o:?}");
+    o.stdout
+}
+
+#[test]
+fn restart_keeps_auth_state_and_refuses_tokens_from_before() {
+    let mut s = Server::spindle(FAST_BCRYPT);
+    for args in [
+        &["user", "add", "root:pw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "r"],
+        &["role", "grant-permission", "r", "read", "a", "c"],
+        &["user", "add", "u:pw"],
+        &["user", "grant-role", "u", "r"],
+        &["auth", "enable"],
+        &[ROOT, "put", "a", "1"],
+        &[ROOT, "put", "c", "3"],
+        // A checkpoint of every shard: what follows is replayed from the WAL.
+        &[ROOT, "defrag"],
+        &[
+            ROOT,
+            "role",
+            "grant-permission",
+            "r",
+            "--prefix=true",
+            "readwrite",
+            "p/",
+        ],
+        &[ROOT, "user", "add", "v:pw"],
+        &[ROOT, "user", "delete", "v"],
+    ] {
+        ok(run(&s, args, None), &args.join(" "));
+    }
+    let before: Vec<String> = [
+        &[ROOT, "user", "list"][..],
+        &[ROOT, "role", "list"],
+        &[ROOT, "role", "get", "r"],
+        &[ROOT, "user", "get", "u"],
+    ]
+    .iter()
+    .map(|a| ok(run(&s, a, None), &a.join(" ")))
+    .collect();
+
+    // A token works through the gateway's Authorization header, for what it may read only.
+    let token = authenticate(s.port, "u", "pw");
+    let range_a = r#"{"key":"YQ=="}"#; // "a"
+    let range_c = r#"{"key":"Yw=="}"#; // "c"
+    let (code, v) = post_with_token(s.port, "/v3/kv/range", range_a, &token);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["count"], "1");
+    let (code, v) = post_with_token(s.port, "/v3/kv/range", range_c, &token);
+    assert_eq!(
+        (code, v["message"].as_str()),
+        (403, Some("etcdserver: permission denied"))
+    );
+    let (code, v) = post_with_token(s.port, "/v3/kv/range", range_a, "");
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(v["message"], "etcdserver: user name is empty");
+
+    // A watch on a range the user may not read is created cancelled, as etcd does.
+    let watch = r#"{"create_request":{"key":"Yw=="}}"#;
+    let raw = format!(
+        "POST /v3/watch HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/json\r\n\
+         Authorization: {token}\r\nContent-Length: {}\r\n\r\n{watch}",
+        s.port,
+        watch.len()
+    );
+    let streamed = common::http::stream_during(s.port, &raw, || {});
+    assert!(
+        streamed.contains("\"canceled\":true")
+            && streamed.contains(
+                "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+            ),
+        "{streamed}"
+    );
+
+    s.terminate();
+    s.restart();
+
+    let after: Vec<String> = [
+        &[ROOT, "user", "list"][..],
+        &[ROOT, "role", "list"],
+        &[ROOT, "role", "get", "r"],
+        &[ROOT, "user", "get", "u"],
+    ]
+    .iter()
+    .map(|a| ok(run(&s, a, None), &a.join(" ")))
+    .collect();
+    assert_eq!(after, before, "the auth store after the restart");
+
+    // Tokens live in memory: one from before the restart is refused, a new one works.
+    let (code, v) = post_with_token(s.port, "/v3/kv/range", range_a, &token);
+    assert_eq!(code, 401, "{v}");
+    assert_eq!(v["message"], "etcdserver: invalid auth token");
+    let token = authenticate(s.port, "u", "pw");
+    let (code, v) = post_with_token(s.port, "/v3/kv/range", range_a, &token);
+    assert_eq!(code, 200, "{v}");
+    let (code, _) = post_with_token(s.port, "/v3/kv/range", range_c, &token);
+    assert_eq!(code, 403);
+    // Still enabled, with the same rules, through etcdctl too.
+    let o = run(&s, &["get", "a"], None);
+    assert!(!o.ok);
+    assert!(
+        o.errors
+            .iter()
+            .any(|e| e == "Error: etcdserver: user name is empty"),
+        "{o:?}"
+    );
+    assert_eq!(
+        ok(run(&s, &[U, "put", "p/1", "x"], None), "put p/1"),
+        "OK\n"
+    );
+    let o = run(&s, &["--user=v:pw", "get", "a"], None);
+    assert!(
+        o.errors
+            .iter()
+            .any(|e| e == "Error: etcdserver: authentication failed, invalid user ID or password"),
+        "{o:?}"
+    );
+}
+
+/// Runs etcdctl until it succeeds (a cluster may be between leaders), at most `secs` seconds.
+fn until_ok(s: &Server, args: &[&str], secs: u64) -> Outcome {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let o = run(s, args, None);
+        if o.ok || std::time::Instant::now() >= deadline {
+            return o;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn is_leader(s: &Server) -> bool {
+    let o = run(s, &["endpoint", "status"], None);
+    // `endpoint, id, version, size, is leader, is learner, …`
+    o.ok && o.stdout.split(", ").nth(4) == Some("true")
+}
+
+/// Three members: auth changes made through a follower are relayed to the leader and applied
+/// everywhere; each member checks its clients' tokens and permissions; a change made after the
+/// leader was killed reaches it when it comes back, through the checkpoint it installs (the
+/// survivors cut checkpoints every 10 entries per shard meanwhile).
+#[test]
+fn cluster_members_share_the_auth_state() {
+    use common::server::Ports;
+    let mut servers = common::cluster::start_spindle(
+        "a",
+        "auth-test",
+        &Ports::free(3),
+        &["--snapshot-count", "10", "--bcrypt-cost", "4"],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let leader = loop {
+        if let Some(i) = servers.iter().position(is_leader) {
+            break i;
+        }
+        assert!(std::time::Instant::now() < deadline, "no leader");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let f1 = (leader + 1) % 3;
+    let f2 = (leader + 2) % 3;
+    for args in [
+        &["user", "add", "root:pw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "r"],
+        &[
+            "role",
+            "grant-permission",
+            "r",
+            "--prefix=true",
+            "readwrite",
+            "p/",
+        ],
+        &["user", "add", "u:pw"],
+        &["user", "grant-role", "u", "r"],
+        &["auth", "enable"],
+    ] {
+        ok(until_ok(&servers[f1], args, 10), &args.join(" "));
+    }
+    // The other follower applied it all: its clients are checked against it.
+    let users = until_ok(&servers[f2], &[ROOT, "user", "list"], 10);
+    assert_eq!(ok(users, "user list"), "root\nu\n");
+    assert_eq!(
+        ok(run(&servers[f2], &[U, "put", "p/1", "x"], None), "put"),
+        "OK\n"
+    );
+    let o = run(&servers[f2], &[U, "put", "a", "x"], None);
+    assert!(
+        o.errors
+            .contains(&"Error: etcdserver: permission denied".to_string()),
+        "{o:?}"
+    );
+    let o = run(&servers[f2], &["get", "p/1"], None);
+    assert!(
+        o.errors
+            .contains(&"Error: etcdserver: user name is empty".to_string()),
+        "{o:?}"
+    );
+
+    // The leader dies; a change through a survivor reaches it when it returns.
+    servers[leader].kill();
+    ok(
+        until_ok(&servers[f2], &[ROOT, "user", "add", "w:pw"], 15),
+        "user add w",
+    );
+    // Enough writes on every shard that the survivors' logs no longer reach back to it.
+    let token = authenticate(servers[f2].port, "root", "pw");
+    for i in 0..60 {
+        let put = format!(r#"{{"key":"{}","value":"dg=="}}"#, b64(&format!("k{i}")));
+        let (code, v) = post_with_token(servers[f2].port, "/v3/kv/put", &put, &token);
+        assert_eq!(code, 200, "{v}");
+    }
+    servers[leader].restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let o = run(&servers[leader], &[ROOT, "user", "list"], None);
+        if o.ok && o.stdout == "root\nu\nw\n" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{o:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = run(&servers[leader], &["--user=w:pw", "get", "p/1"], None);
+    assert!(
+        o.errors
+            .contains(&"Error: etcdserver: permission denied".to_string()),
+        "{o:?}"
+    );
+    let got = ok(run(&servers[leader], &[U, "get", "p/1"], None), "get p/1");
+    assert_eq!(got, "p/1\nx\n");
+    assert!(
+        servers[leader]
+            .log()
+            .contains("installed the leader's checkpoint"),
+        "the returning member caught up from a checkpoint"
+    );
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
