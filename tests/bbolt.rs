@@ -1,0 +1,381 @@
+//! bbolt files (`spindle::bbolt`): the writer's files read back the same, the reader never
+//! panics on random or corrupted bytes, and both agree with real etcd 3.4 — the reader opens a
+//! file `etcdctl snapshot save` wrote, and etcd's tools accept a file the writer rewrote from it.
+//!
+//! Needs `etcd` and `etcdctl` 3.4 on PATH (`tools/test` installs them).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use base64::Engine;
+use proptest::prelude::*;
+use prost::Message;
+use serde_json::Value as Json;
+use sha2::{Digest, Sha256};
+use spindle::bbolt::{self, BucketData, Bucket, Db, Error, Value};
+use spindle::proto::mvccpb::KeyValue;
+
+mod common;
+use common::etcd;
+use common::etcdctl;
+use common::process::{json_output, output_ok};
+use common::server::{Kind, Ports, Server};
+
+type Contents = BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>>;
+
+/// Every top-level bucket and its entries; panics on errors and nested buckets.
+fn contents(db: &Db<'_>) -> Contents {
+    let mut all = Contents::new();
+    for name in db.buckets().expect("bucket names") {
+        let bucket = db.bucket(name).expect("read bucket").expect("bucket listed");
+        let mut entries = BTreeMap::new();
+        for entry in bucket.iter() {
+            let (k, v) = entry.expect("bucket entry");
+            let v = v.data().expect("no nested buckets");
+            entries.insert(k.to_vec(), v.to_vec());
+        }
+        all.insert(name.to_vec(), entries);
+    }
+    all
+}
+
+fn as_buckets(c: &Contents) -> Vec<BucketData> {
+    c.iter()
+        .map(|(name, entries)| {
+            let kvs = entries.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            (name.clone(), kvs)
+        })
+        .collect()
+}
+
+/// Reads everything reachable (nested buckets included) and the freelist, ignoring errors: what
+/// a reader of a hostile file does. Returns how many entries it saw.
+fn walk_all(db: &Db<'_>) -> usize {
+    fn walk(b: &Bucket<'_>, depth: usize) -> usize {
+        let mut n = 0;
+        for entry in b.iter() {
+            let Ok((_, v)) = entry else { break };
+            n += 1;
+            if let Value::Bucket(inner) = v {
+                if depth < 8 {
+                    n += walk(&inner, depth + 1);
+                }
+            }
+        }
+        n
+    }
+    let _ = db.freelist();
+    let _ = db.buckets();
+    walk(&db.root(), 0)
+}
+
+fn contents_strategy() -> impl Strategy<Value = Contents> {
+    let small = proptest::collection::vec(any::<u8>(), 0..24);
+    let large = proptest::collection::vec(any::<u8>(), 0..1200);
+    let value = prop_oneof![4 => small, 1 => large];
+    let key = proptest::collection::vec(any::<u8>(), 1..40);
+    let entries = proptest::collection::btree_map(key, value, 0..120);
+    let name = proptest::collection::vec(any::<u8>(), 1..12);
+    proptest::collection::btree_map(name, entries, 0..5)
+}
+
+fn page_size_strategy() -> impl Strategy<Value = usize> {
+    prop_oneof![Just(128usize), Just(256), Just(512), Just(4096)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// What the writer writes, the reader reads back: every bucket (empty ones too) and every
+    /// key and value (values larger than a page too), in order.
+    #[test]
+    fn write_then_read_round_trips(c in contents_strategy(), page_size in page_size_strategy()) {
+        let file = bbolt::write(&as_buckets(&c), page_size);
+        prop_assert_eq!(file.len() % page_size, 0);
+        let db = Db::open(&file).expect("open what the writer wrote");
+        prop_assert_eq!(db.page_size(), page_size);
+        prop_assert_eq!(db.meta().high_water as usize * page_size, file.len());
+        prop_assert_eq!(db.meta_page(), 1);
+        prop_assert_eq!(db.freelist().expect("freelist"), Vec::<u64>::new());
+        prop_assert_eq!(contents(&db), c.clone());
+        for (name, entries) in &c {
+            let b = db.bucket(name).unwrap().unwrap();
+            prop_assert!(!b.is_inline());
+            if let Some((k, v)) = entries.iter().next_back() {
+                prop_assert_eq!(b.get(k).unwrap().and_then(|v| v.data()), Some(&v[..]));
+            }
+        }
+    }
+
+    /// Random bytes are refused or read, never a panic.
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        if let Ok(db) = Db::open(&bytes) {
+            walk_all(&db);
+        }
+    }
+
+    /// A valid file with bytes overwritten or cut off is refused or read, never a panic.
+    #[test]
+    fn corrupted_files_never_panic(
+        c in contents_strategy(),
+        page_size in prop_oneof![Just(128usize), Just(256)],
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        cut in proptest::option::of(any::<prop::sample::Index>()),
+    ) {
+        let mut file = bbolt::write(&as_buckets(&c), page_size);
+        for (at, byte) in edits {
+            let i = at.index(file.len());
+            file[i] = byte;
+        }
+        if let Some(cut) = cut {
+            file.truncate(cut.index(file.len()));
+        }
+        if let Ok(db) = Db::open(&file) {
+            walk_all(&db);
+        }
+    }
+}
+
+fn sample() -> Contents {
+    let mut c = Contents::new();
+    let big: BTreeMap<Vec<u8>, Vec<u8>> = (0..200u32)
+        .map(|i| (format!("key{i:05}").into_bytes(), vec![i as u8; 40]))
+        .collect();
+    c.insert(b"big".to_vec(), big);
+    c.insert(b"empty".to_vec(), BTreeMap::new());
+    c
+}
+
+/// A bad meta page 0 leaves meta page 1; both bad refuses the file, naming both.
+#[test]
+fn a_bad_meta_falls_back_to_the_other() {
+    let file = bbolt::write(&as_buckets(&sample()), 256);
+    let mut one_bad = file.clone();
+    one_bad[16 + 20] ^= 1; // meta 0's root page: the checksum no longer matches
+    let db = Db::open(&one_bad).expect("meta 1 is still valid");
+    assert_eq!(db.meta_page(), 1);
+    assert_eq!(contents(&db), sample());
+
+    let mut both_bad = one_bad.clone();
+    both_bad[256 + 16] ^= 1; // meta 1's magic
+    match Db::open(&both_bad) {
+        Err(Error::NoValidMeta { first, second }) => {
+            assert!(matches!(*first, Error::BadChecksum { page: 0, offset: 72, .. }), "{first}");
+            assert!(matches!(*second, Error::BadMagic { page: 1, offset: 272, .. }), "{second}");
+        }
+        other => panic!("expected NoValidMeta, got {other:?}"),
+    }
+}
+
+/// A file cut short fails where the first missing page is reached, naming it.
+#[test]
+fn a_truncated_file_names_the_missing_page() {
+    let file = bbolt::write(&as_buckets(&sample()), 256);
+    let cut = &file[..file.len() - 256];
+    let db = Db::open(cut).expect("the metas are intact");
+    let last = db.meta().high_water - 1;
+    // The root bucket's page is the last one written.
+    match db.buckets() {
+        Err(e @ Error::OutOfBounds { .. }) => {
+            assert_eq!(e.page(), Some(last), "{e}");
+            assert_eq!(e.offset(), Some(last * 256), "{e}");
+        }
+        other => panic!("expected OutOfBounds, got {other:?}"),
+    }
+}
+
+/// A branch page pointing at itself is reported, not followed forever.
+#[test]
+fn a_cycle_is_reported() {
+    let file = bbolt::write(&as_buckets(&sample()), 256);
+    let db = Db::open(&file).unwrap();
+    let root = db.bucket(b"big").unwrap().unwrap().root_page().unwrap();
+    let mut bad = file.clone();
+    let at = root as usize * 256;
+    assert_eq!(u16::from_le_bytes([bad[at + 8], bad[at + 9]]), 0x01, "a branch root");
+    // The first element's child becomes the branch itself.
+    bad[at + 16 + 8..at + 16 + 16].copy_from_slice(&root.to_le_bytes());
+    let db = Db::open(&bad).unwrap();
+    let b = db.bucket(b"big").unwrap().unwrap();
+    let err = b.iter().find_map(Result::err).expect("an error");
+    assert!(matches!(err, Error::Cycle { .. }), "{err}");
+}
+
+// ---- against etcd 3.4 ---------------------------------------------------------------------
+
+const ETCD_BUCKETS: [&str; 9] = [
+    "key",
+    "meta",
+    "lease",
+    "members",
+    "cluster",
+    "alarm",
+    "auth",
+    "authUsers",
+    "authRoles",
+];
+
+fn ctl(s: &Server, args: &[&str]) -> String {
+    let out = s.etcdctl(args);
+    assert!(out.ok, "etcdctl {args:?}: {}", out.stderr);
+    out.stdout
+}
+
+fn revision(s: &Server) -> i64 {
+    let j: Json = serde_json::from_str(&ctl(s, &["get", "nothing", "-w", "json"])).unwrap();
+    j["header"]["revision"].as_i64().unwrap()
+}
+
+/// The bbolt file inside a snapshot, after checking its sha256 trailer.
+fn strip_trailer(snapshot: &[u8]) -> &[u8] {
+    assert!(snapshot.len() > 32);
+    let (db, sum) = snapshot.split_at(snapshot.len() - 32);
+    assert_eq!(&Sha256::digest(db)[..], sum, "the snapshot's sha256 trailer");
+    db
+}
+
+fn with_trailer(db: &[u8]) -> Vec<u8> {
+    let mut out = db.to_vec();
+    out.extend_from_slice(&Sha256::digest(db));
+    out
+}
+
+fn snapshot_status(file: &Path) -> Json {
+    json_output(&mut etcdctl::command("127.0.0.1:1", &[
+        "snapshot",
+        "status",
+        file.to_str().unwrap(),
+        "-w",
+        "json",
+    ]))
+}
+
+/// All keys with their values, versions, revisions and leases, as etcd returns them.
+fn all_kvs(s: &Server) -> Json {
+    let j: Json = serde_json::from_str(&ctl(s, &["get", "--prefix", "", "-w", "json"])).unwrap();
+    j["kvs"].clone()
+}
+
+/// A revision key of etcd's `key` bucket: main and sub revision, and whether it is a tombstone.
+fn revision_key(k: &[u8]) -> (i64, i64, bool) {
+    assert!(k.len() == 17 || (k.len() == 18 && k[17] == b't'), "{k:?}");
+    assert_eq!(k[8], b'_');
+    let main = i64::from_be_bytes(k[..8].try_into().unwrap());
+    let sub = i64::from_be_bytes(k[9..17].try_into().unwrap());
+    (main, sub, k.len() == 18)
+}
+
+/// etcd writes a snapshot the reader opens: its buckets, and one `key` entry per revision
+/// holding the key-value etcd stored. The writer then rewrites the same buckets into a file
+/// `etcdctl snapshot status` reads as the same revision, key count and hash, and which
+/// `etcdctl snapshot restore` turns into a data dir etcd serves the same keys from.
+#[test]
+fn etcd_snapshot_is_read_and_rewritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::etcd(&[]);
+    let base = revision(&server);
+    ctl(&server, &["put", "a", "1"]);
+    ctl(&server, &["put", "b", "2"]);
+    ctl(&server, &["put", "b", "3"]);
+    ctl(&server, &["put", "c", "gone"]);
+    ctl(&server, &["del", "c"]);
+    let grant: Json = serde_json::from_str(&ctl(&server, &["lease", "grant", "600", "-w", "json"]))
+        .unwrap();
+    let lease = grant["ID"].as_i64().unwrap();
+    let lease_hex = format!("{lease:x}");
+    ctl(&server, &["put", "l", "leased", "--lease", &lease_hex]);
+    let big = "x".repeat(10_000);
+    ctl(&server, &["put", "big", &big]);
+    let kvs = all_kvs(&server);
+
+    let saved = tmp.path().join("saved.db");
+    ctl(&server, &["snapshot", "save", saved.to_str().unwrap()]);
+    let snapshot = std::fs::read(&saved).unwrap();
+    let file = strip_trailer(&snapshot);
+
+    // The reader opens it.
+    let db = Db::open(file).expect("open etcd's snapshot");
+    let names: Vec<String> = db
+        .buckets()
+        .unwrap()
+        .iter()
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect();
+    for b in ETCD_BUCKETS {
+        assert!(names.iter().any(|n| n == b), "bucket {b} missing from {names:?}");
+    }
+    let c = contents(&db);
+    let revs: Vec<(i64, i64, bool, KeyValue)> = c[&b"key"[..]]
+        .iter()
+        .map(|(k, v)| {
+            let (main, sub, tomb) = revision_key(k);
+            (main, sub, tomb, KeyValue::decode(&v[..]).expect("mvccpb.KeyValue"))
+        })
+        .collect();
+    let expect: Vec<(i64, bool, &str, &str, i64)> = vec![
+        (base + 1, false, "a", "1", 0),
+        (base + 2, false, "b", "2", 0),
+        (base + 3, false, "b", "3", 0),
+        (base + 4, false, "c", "gone", 0),
+        (base + 5, true, "c", "", 0),
+        (base + 6, false, "l", "leased", lease),
+        (base + 7, false, "big", &big, 0),
+    ];
+    assert_eq!(revs.len(), expect.len(), "one key entry per revision: {revs:?}");
+    for ((main, sub, tomb, kv), (rev, etomb, key, value, elease)) in revs.iter().zip(&expect) {
+        assert_eq!((*main, *sub, *tomb), (*rev, 0, *etomb), "{kv:?}");
+        assert_eq!(&kv.key[..], key.as_bytes());
+        assert_eq!(&kv.value[..], value.as_bytes());
+        assert_eq!(kv.lease, *elease);
+        if !tomb {
+            assert_eq!(kv.mod_revision, *rev);
+        }
+    }
+    let leases = &c[&b"lease"[..]];
+    assert_eq!(leases.keys().collect::<Vec<_>>(), vec![&lease.to_be_bytes().to_vec()]);
+    assert!(c[&b"meta"[..]].contains_key(&b"consistent_index"[..]));
+    assert_eq!(c[&b"members"[..]].len(), 1);
+
+    // The writer rewrites it; etcd's tools read the rewrite as the original.
+    let rewritten = tmp.path().join("rewritten.db");
+    let again = bbolt::write(&as_buckets(&c), db.page_size());
+    assert_eq!(contents(&Db::open(&again).unwrap()), c);
+    std::fs::write(&rewritten, with_trailer(&again)).unwrap();
+    let (before, after) = (snapshot_status(&saved), snapshot_status(&rewritten));
+    for field in ["revision", "totalKey", "hash"] {
+        assert_eq!(before[field], after[field], "{field}: {before} vs {after}");
+    }
+    assert_eq!(after["revision"].as_i64(), Some(base + 7));
+    drop(server);
+
+    // Restored and served, the rewrite holds the same keys.
+    let ports = Ports::free(1)[0];
+    let restored = tmp.path().join("restored");
+    output_ok(&mut etcdctl::command("127.0.0.1:1", &[
+        "snapshot",
+        "restore",
+        rewritten.to_str().unwrap(),
+        "--data-dir",
+        restored.to_str().unwrap(),
+        "--name",
+        "default",
+        "--initial-cluster",
+        &format!("default={}", ports.peer_url()),
+        "--initial-advertise-peer-urls",
+        &ports.peer_url(),
+    ]));
+    let mut args = etcd::single_member_args(&ports);
+    args.extend(["--data-dir".to_string(), restored.to_str().unwrap().to_string()]);
+    let mut served = Server::spawn_on(Kind::Etcd, ports, &args);
+    served.wait_ready();
+    assert_eq!(all_kvs(&served), kvs);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let keys: Vec<String> = kvs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|kv| String::from_utf8(b64.decode(kv["key"].as_str().unwrap()).unwrap()).unwrap())
+        .collect();
+    assert_eq!(keys, ["a", "b", "big", "l"]);
+}
