@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use prost::Message;
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
-use spindle::bbolt::{self, BucketData, Bucket, Db, Error, Value};
+use spindle::bbolt::{self, Bucket, BucketData, Db, Error, Value};
 use spindle::proto::mvccpb::KeyValue;
 
 mod common;
@@ -27,7 +27,10 @@ type Contents = BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>>;
 fn contents(db: &Db<'_>) -> Contents {
     let mut all = Contents::new();
     for name in db.buckets().expect("bucket names") {
-        let bucket = db.bucket(name).expect("read bucket").expect("bucket listed");
+        let bucket = db
+            .bucket(name)
+            .expect("read bucket")
+            .expect("bucket listed");
         let mut entries = BTreeMap::new();
         for entry in bucket.iter() {
             let (k, v) = entry.expect("bucket entry");
@@ -42,7 +45,10 @@ fn contents(db: &Db<'_>) -> Contents {
 fn as_buckets(c: &Contents) -> Vec<BucketData> {
     c.iter()
         .map(|(name, entries)| {
-            let kvs = entries.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let kvs = entries
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             (name.clone(), kvs)
         })
         .collect()
@@ -161,8 +167,28 @@ fn a_bad_meta_falls_back_to_the_other() {
     both_bad[256 + 16] ^= 1; // meta 1's magic
     match Db::open(&both_bad) {
         Err(Error::NoValidMeta { first, second }) => {
-            assert!(matches!(*first, Error::BadChecksum { page: 0, offset: 72, .. }), "{first}");
-            assert!(matches!(*second, Error::BadMagic { page: 1, offset: 272, .. }), "{second}");
+            assert!(
+                matches!(
+                    *first,
+                    Error::BadChecksum {
+                        page: 0,
+                        offset: 72,
+                        ..
+                    }
+                ),
+                "{first}"
+            );
+            assert!(
+                matches!(
+                    *second,
+                    Error::BadMagic {
+                        page: 1,
+                        offset: 272,
+                        ..
+                    }
+                ),
+                "{second}"
+            );
         }
         other => panic!("expected NoValidMeta, got {other:?}"),
     }
@@ -193,7 +219,11 @@ fn a_cycle_is_reported() {
     let root = db.bucket(b"big").unwrap().unwrap().root_page().unwrap();
     let mut bad = file.clone();
     let at = root as usize * 256;
-    assert_eq!(u16::from_le_bytes([bad[at + 8], bad[at + 9]]), 0x01, "a branch root");
+    assert_eq!(
+        u16::from_le_bytes([bad[at + 8], bad[at + 9]]),
+        0x01,
+        "a branch root"
+    );
     // The first element's child becomes the branch itself.
     bad[at + 16 + 8..at + 16 + 16].copy_from_slice(&root.to_le_bytes());
     let db = Db::open(&bad).unwrap();
@@ -231,7 +261,11 @@ fn revision(s: &Server) -> i64 {
 fn strip_trailer(snapshot: &[u8]) -> &[u8] {
     assert!(snapshot.len() > 32);
     let (db, sum) = snapshot.split_at(snapshot.len() - 32);
-    assert_eq!(&Sha256::digest(db)[..], sum, "the snapshot's sha256 trailer");
+    assert_eq!(
+        &Sha256::digest(db)[..],
+        sum,
+        "the snapshot's sha256 trailer"
+    );
     db
 }
 
@@ -242,13 +276,10 @@ fn with_trailer(db: &[u8]) -> Vec<u8> {
 }
 
 fn snapshot_status(file: &Path) -> Json {
-    json_output(&mut etcdctl::command("127.0.0.1:1", &[
-        "snapshot",
-        "status",
-        file.to_str().unwrap(),
-        "-w",
-        "json",
-    ]))
+    json_output(&mut etcdctl::command(
+        "127.0.0.1:1",
+        &["snapshot", "status", file.to_str().unwrap(), "-w", "json"],
+    ))
 }
 
 /// All keys with their values, versions, revisions and leases, as etcd returns them.
@@ -280,8 +311,8 @@ fn etcd_snapshot_is_read_and_rewritten() {
     ctl(&server, &["put", "b", "3"]);
     ctl(&server, &["put", "c", "gone"]);
     ctl(&server, &["del", "c"]);
-    let grant: Json = serde_json::from_str(&ctl(&server, &["lease", "grant", "600", "-w", "json"]))
-        .unwrap();
+    let grant: Json =
+        serde_json::from_str(&ctl(&server, &["lease", "grant", "600", "-w", "json"])).unwrap();
     let lease = grant["ID"].as_i64().unwrap();
     let lease_hex = format!("{lease:x}");
     ctl(&server, &["put", "l", "leased", "--lease", &lease_hex]);
@@ -303,14 +334,22 @@ fn etcd_snapshot_is_read_and_rewritten() {
         .map(|n| String::from_utf8_lossy(n).into_owned())
         .collect();
     for b in ETCD_BUCKETS {
-        assert!(names.iter().any(|n| n == b), "bucket {b} missing from {names:?}");
+        assert!(
+            names.iter().any(|n| n == b),
+            "bucket {b} missing from {names:?}"
+        );
     }
     let c = contents(&db);
     let revs: Vec<(i64, i64, bool, KeyValue)> = c[&b"key"[..]]
         .iter()
         .map(|(k, v)| {
             let (main, sub, tomb) = revision_key(k);
-            (main, sub, tomb, KeyValue::decode(&v[..]).expect("mvccpb.KeyValue"))
+            (
+                main,
+                sub,
+                tomb,
+                KeyValue::decode(&v[..]).expect("mvccpb.KeyValue"),
+            )
         })
         .collect();
     let expect: Vec<(i64, bool, &str, &str, i64)> = vec![
@@ -322,7 +361,11 @@ fn etcd_snapshot_is_read_and_rewritten() {
         (base + 6, false, "l", "leased", lease),
         (base + 7, false, "big", &big, 0),
     ];
-    assert_eq!(revs.len(), expect.len(), "one key entry per revision: {revs:?}");
+    assert_eq!(
+        revs.len(),
+        expect.len(),
+        "one key entry per revision: {revs:?}"
+    );
     for ((main, sub, tomb, kv), (rev, etomb, key, value, elease)) in revs.iter().zip(&expect) {
         assert_eq!((*main, *sub, *tomb), (*rev, 0, *etomb), "{kv:?}");
         assert_eq!(&kv.key[..], key.as_bytes());
@@ -333,7 +376,10 @@ fn etcd_snapshot_is_read_and_rewritten() {
         }
     }
     let leases = &c[&b"lease"[..]];
-    assert_eq!(leases.keys().collect::<Vec<_>>(), vec![&lease.to_be_bytes().to_vec()]);
+    assert_eq!(
+        leases.keys().collect::<Vec<_>>(),
+        vec![&lease.to_be_bytes().to_vec()]
+    );
     assert!(c[&b"meta"[..]].contains_key(&b"consistent_index"[..]));
     assert_eq!(c[&b"members"[..]].len(), 1);
 
@@ -352,21 +398,27 @@ fn etcd_snapshot_is_read_and_rewritten() {
     // Restored and served, the rewrite holds the same keys.
     let ports = Ports::free(1)[0];
     let restored = tmp.path().join("restored");
-    output_ok(&mut etcdctl::command("127.0.0.1:1", &[
-        "snapshot",
-        "restore",
-        rewritten.to_str().unwrap(),
-        "--data-dir",
-        restored.to_str().unwrap(),
-        "--name",
-        "default",
-        "--initial-cluster",
-        &format!("default={}", ports.peer_url()),
-        "--initial-advertise-peer-urls",
-        &ports.peer_url(),
-    ]));
+    output_ok(&mut etcdctl::command(
+        "127.0.0.1:1",
+        &[
+            "snapshot",
+            "restore",
+            rewritten.to_str().unwrap(),
+            "--data-dir",
+            restored.to_str().unwrap(),
+            "--name",
+            "default",
+            "--initial-cluster",
+            &format!("default={}", ports.peer_url()),
+            "--initial-advertise-peer-urls",
+            &ports.peer_url(),
+        ],
+    ));
     let mut args = etcd::single_member_args(&ports);
-    args.extend(["--data-dir".to_string(), restored.to_str().unwrap().to_string()]);
+    args.extend([
+        "--data-dir".to_string(),
+        restored.to_str().unwrap().to_string(),
+    ]);
     let mut served = Server::spawn_on(Kind::Etcd, ports, &args);
     served.wait_ready();
     assert_eq!(all_kvs(&served), kvs);

@@ -11,7 +11,10 @@ pub enum Error {
     #[error("file of {len} bytes is too short to hold a meta page")]
     TooShort { len: usize },
     #[error("no valid meta page (page 0: {first}; page 1: {second})")]
-    NoValidMeta { first: Box<Error>, second: Box<Error> },
+    NoValidMeta {
+        first: Box<Error>,
+        second: Box<Error>,
+    },
     #[error("page {page} (byte {offset}): bad magic {found:#010x}")]
     BadMagic { page: u64, offset: u64, found: u32 },
     #[error("page {page} (byte {offset}): format version {found}, expected {VERSION}")]
@@ -322,7 +325,12 @@ impl<'a> Page<'a> {
         let at = self.element(i)?;
         let b = self.bytes;
         let (pos, ksize, vsize) = (u32_at(b, at + 4), u32_at(b, at + 8), u32_at(b, at + 12));
-        let kv = self.span(at, pos, ksize as usize + vsize as usize, "leaf key and value")?;
+        let kv = self.span(
+            at,
+            pos,
+            ksize as usize + vsize as usize,
+            "leaf key and value",
+        )?;
         let (key, value) = kv.split_at(ksize as usize);
         Ok(LeafElement {
             flags: u32_at(b, at),

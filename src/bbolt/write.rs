@@ -48,7 +48,11 @@ impl Writer {
         let buf = &mut self.out[start..start + pages * self.page_size];
         put_u64(buf, 0, id);
         put_u16(buf, 8, flags);
-        put_u16(buf, 10, u16::try_from(count).expect("element count fits u16"));
+        put_u16(
+            buf,
+            10,
+            u16::try_from(count).expect("element count fits u16"),
+        );
         put_u32(buf, 12, len_u32(pages - 1, "overflow"));
         fill(&mut buf[PAGE_HEADER_SIZE..]);
         id
@@ -97,8 +101,7 @@ impl Writer {
         let mut n = 0;
         for size in sizes {
             let count = n - start;
-            if count > 0 && (used + size > self.page_size || count >= usize::from(u16::MAX) - 1)
-            {
+            if count > 0 && (used + size > self.page_size || count >= usize::from(u16::MAX) - 1) {
                 runs.push(start..n);
                 start = n;
                 used = PAGE_HEADER_SIZE;
@@ -137,7 +140,7 @@ impl Writer {
 }
 
 /// Sorts by key and keeps the last of equal keys.
-fn sorted<'x, T>(entries: &'x [(Vec<u8>, T)]) -> Vec<&'x (Vec<u8>, T)> {
+fn sorted<T>(entries: &[(Vec<u8>, T)]) -> Vec<&(Vec<u8>, T)> {
     let mut v: Vec<&(Vec<u8>, T)> = entries.iter().collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     let mut out: Vec<&(Vec<u8>, T)> = Vec::with_capacity(v.len());
