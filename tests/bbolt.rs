@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use prost::Message;
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
-use spindle::bbolt::{self, Bucket, BucketData, Db, Error, Value};
+use spindle::bbolt::{self, Bucket, BucketData, Db, Error, Value, WriteOptions};
 use spindle::proto::mvccpb::KeyValue;
 
 mod common;
@@ -95,8 +95,12 @@ proptest! {
     /// What the writer writes, the reader reads back: every bucket (empty ones too) and every
     /// key and value (values larger than a page too), in order.
     #[test]
-    fn write_then_read_round_trips(c in contents_strategy(), page_size in page_size_strategy()) {
-        let file = bbolt::write(&as_buckets(&c), page_size);
+    fn write_then_read_round_trips(
+        c in contents_strategy(),
+        page_size in page_size_strategy(),
+        inline_buckets in any::<bool>(),
+    ) {
+        let file = bbolt::write_with(&as_buckets(&c), WriteOptions { page_size, inline_buckets });
         prop_assert_eq!(file.len() % page_size, 0);
         let db = Db::open(&file).expect("open what the writer wrote");
         prop_assert_eq!(db.page_size(), page_size);
@@ -106,7 +110,9 @@ proptest! {
         prop_assert_eq!(contents(&db), c.clone());
         for (name, entries) in &c {
             let b = db.bucket(name).unwrap().unwrap();
-            prop_assert!(!b.is_inline());
+            let size: usize = 16 + entries.iter().map(|(k, v)| 16 + k.len() + v.len()).sum::<usize>();
+            prop_assert_eq!(b.is_inline(), inline_buckets && size <= page_size / 4);
+            prop_assert_eq!(b.root_page().is_none(), b.is_inline());
             if let Some((k, v)) = entries.iter().next_back() {
                 prop_assert_eq!(b.get(k).unwrap().and_then(|v| v.data()), Some(&v[..]));
             }
@@ -125,11 +131,12 @@ proptest! {
     #[test]
     fn corrupted_files_never_panic(
         c in contents_strategy(),
-        page_size in prop_oneof![Just(128usize), Just(256)],
+        page_size in prop_oneof![Just(128usize), Just(256), Just(1024)],
+        inline_buckets in any::<bool>(),
         edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
         cut in proptest::option::of(any::<prop::sample::Index>()),
     ) {
-        let mut file = bbolt::write(&as_buckets(&c), page_size);
+        let mut file = bbolt::write_with(&as_buckets(&c), WriteOptions { page_size, inline_buckets });
         for (at, byte) in edits {
             let i = at.index(file.len());
             file[i] = byte;
@@ -230,6 +237,67 @@ fn a_cycle_is_reported() {
     let b = db.bucket(b"big").unwrap().unwrap();
     let err = b.iter().find_map(Result::err).expect("an error");
     assert!(matches!(err, Error::Cycle { .. }), "{err}");
+}
+
+/// A bucket entry flagged as a bucket is reported as a nested bucket, inline ones included.
+#[test]
+fn nested_buckets_are_reported_as_such() {
+    // An inline bucket (root 0, sequence 7) whose page holds x = y, stored as a plain value
+    // first; then its element's flags say "bucket".
+    let mut inline = vec![0u8; 16];
+    inline[8..16].copy_from_slice(&7u64.to_le_bytes());
+    let mut page = vec![0u8; 16 + 16];
+    page[8] = 0x02; // leaf
+    page[10] = 1; // one element
+    page[16 + 4..16 + 8].copy_from_slice(&16u32.to_le_bytes()); // pos: right after the element
+    page[16 + 8] = 1; // ksize
+    page[16 + 12] = 1; // vsize
+    page.extend_from_slice(b"xy");
+    inline.extend_from_slice(&page);
+    let buckets: Vec<BucketData> = vec![(
+        b"outer".to_vec(),
+        vec![(b"a".to_vec(), b"1".to_vec()), (b"inner".to_vec(), inline)],
+    )];
+    let mut file = bbolt::write(&buckets, 256);
+    let db = Db::open(&file).unwrap();
+    let outer = db.bucket(b"outer").unwrap().unwrap().root_page().unwrap() as usize;
+    file[outer * 256 + 16 + 16] = 0x01; // element 1 ("inner") becomes a bucket
+    let db = Db::open(&file).unwrap();
+    let outer = db.bucket(b"outer").unwrap().unwrap();
+    assert_eq!(outer.bucket_names().unwrap(), vec![&b"inner"[..]]);
+    let entries: Vec<(&[u8], Value<'_>)> = outer.iter().map(Result::unwrap).collect();
+    assert_eq!(entries[0].0, b"a");
+    assert_eq!(entries[0].1.data(), Some(&b"1"[..]));
+    let Value::Bucket(inner) = entries[1].1 else {
+        panic!("inner is not reported as a bucket")
+    };
+    assert!(inner.is_inline());
+    assert_eq!(inner.sequence(), 7);
+    let kvs: Vec<(&[u8], Option<&[u8]>)> = inner
+        .iter()
+        .map(|e| e.map(|(k, v)| (k, v.data())).unwrap())
+        .collect();
+    assert_eq!(kvs, vec![(&b"x"[..], Some(&b"y"[..]))]);
+    assert!(
+        db.bucket(b"inner").unwrap().is_none(),
+        "not a top-level bucket"
+    );
+}
+
+/// A freelist page with 0xFFFF as its count keeps the real count in its first slot.
+#[test]
+fn freelist_count_overflow_convention() {
+    let mut file = bbolt::write(&as_buckets(&sample()), 256);
+    let p = 2 * 256;
+    file[p + 10..p + 12].copy_from_slice(&0xFFFFu16.to_le_bytes());
+    for (i, v) in [3u64, 9, 8, 7].iter().enumerate() {
+        file[p + 16 + 8 * i..p + 24 + 8 * i].copy_from_slice(&v.to_le_bytes());
+    }
+    assert_eq!(Db::open(&file).unwrap().freelist().unwrap(), vec![9, 8, 7]);
+    // A count larger than the page holds is refused, naming the page.
+    file[p + 16..p + 24].copy_from_slice(&1000u64.to_le_bytes());
+    let err = Db::open(&file).unwrap().freelist().unwrap_err();
+    assert!(matches!(err, Error::OutOfBounds { page: 2, .. }), "{err}");
 }
 
 // ---- against etcd 3.4 ---------------------------------------------------------------------
@@ -383,45 +451,53 @@ fn etcd_snapshot_is_read_and_rewritten() {
     assert!(c[&b"meta"[..]].contains_key(&b"consistent_index"[..]));
     assert_eq!(c[&b"members"[..]].len(), 1);
 
-    // The writer rewrites it; etcd's tools read the rewrite as the original.
-    let rewritten = tmp.path().join("rewritten.db");
-    let again = bbolt::write(&as_buckets(&c), db.page_size());
-    assert_eq!(contents(&Db::open(&again).unwrap()), c);
-    std::fs::write(&rewritten, with_trailer(&again)).unwrap();
-    let (before, after) = (snapshot_status(&saved), snapshot_status(&rewritten));
-    for field in ["revision", "totalKey", "hash"] {
-        assert_eq!(before[field], after[field], "{field}: {before} vs {after}");
-    }
-    assert_eq!(after["revision"].as_i64(), Some(base + 7));
+    // The writer rewrites it, with and without inline buckets; etcd's tools read each rewrite
+    // as the original, and etcd restored from it serves the same keys.
     drop(server);
+    let before = snapshot_status(&saved);
+    assert_eq!(before["revision"].as_i64(), Some(base + 7));
+    for inline_buckets in [false, true] {
+        let options = WriteOptions {
+            page_size: db.page_size(),
+            inline_buckets,
+        };
+        let again = bbolt::write_with(&as_buckets(&c), options);
+        assert_eq!(contents(&Db::open(&again).unwrap()), c);
+        let rewritten = tmp.path().join(format!("rewritten-{inline_buckets}.db"));
+        std::fs::write(&rewritten, with_trailer(&again)).unwrap();
+        let after = snapshot_status(&rewritten);
+        for field in ["revision", "totalKey", "hash"] {
+            assert_eq!(before[field], after[field], "{field}: {before} vs {after}");
+        }
+        assert_eq!(after["totalSize"].as_u64(), Some(again.len() as u64));
 
-    // Restored and served, the rewrite holds the same keys.
-    let ports = Ports::free(1)[0];
-    let restored = tmp.path().join("restored");
-    output_ok(&mut etcdctl::command(
-        "127.0.0.1:1",
-        &[
-            "snapshot",
-            "restore",
-            rewritten.to_str().unwrap(),
-            "--data-dir",
-            restored.to_str().unwrap(),
-            "--name",
-            "default",
-            "--initial-cluster",
-            &format!("default={}", ports.peer_url()),
-            "--initial-advertise-peer-urls",
-            &ports.peer_url(),
-        ],
-    ));
-    let mut args = etcd::single_member_args(&ports);
-    args.extend([
-        "--data-dir".to_string(),
-        restored.to_str().unwrap().to_string(),
-    ]);
-    let mut served = Server::spawn_on(Kind::Etcd, ports, &args);
-    served.wait_ready();
-    assert_eq!(all_kvs(&served), kvs);
+        let ports = Ports::free(1)[0];
+        let restored = tmp.path().join(format!("restored-{inline_buckets}"));
+        output_ok(&mut etcdctl::command(
+            "127.0.0.1:1",
+            &[
+                "snapshot",
+                "restore",
+                rewritten.to_str().unwrap(),
+                "--data-dir",
+                restored.to_str().unwrap(),
+                "--name",
+                "default",
+                "--initial-cluster",
+                &format!("default={}", ports.peer_url()),
+                "--initial-advertise-peer-urls",
+                &ports.peer_url(),
+            ],
+        ));
+        let mut args = etcd::single_member_args(&ports);
+        args.extend([
+            "--data-dir".to_string(),
+            restored.to_str().unwrap().to_string(),
+        ]);
+        let mut served = Server::spawn_on(Kind::Etcd, ports, &args);
+        served.wait_ready();
+        assert_eq!(all_kvs(&served), kvs);
+    }
     let b64 = base64::engine::general_purpose::STANDARD;
     let keys: Vec<String> = kvs
         .as_array()

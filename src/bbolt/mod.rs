@@ -31,4 +31,4 @@ mod write;
 
 pub use format::{fnv1a64, MAGIC, MIN_PAGE_SIZE, VERSION};
 pub use read::{Bucket, Db, Error, Iter, Meta, Value};
-pub use write::{write, BucketData};
+pub use write::{write, write_with, BucketData, WriteOptions};

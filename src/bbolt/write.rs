@@ -59,21 +59,8 @@ impl Writer {
     }
 
     fn leaf(&mut self, items: &[Item<'_>]) -> u64 {
-        let heads = items.len() * ELEMENT_SIZE;
-        let data: usize = items.iter().map(|i| i.key.len() + i.value.len()).sum();
-        self.page(FLAG_LEAF, items.len(), heads + data, |body| {
-            let mut pos = heads;
-            for (n, item) in items.iter().enumerate() {
-                let at = n * ELEMENT_SIZE;
-                put_u32(body, at, item.flags);
-                put_u32(body, at + 4, len_u32(pos - at, "a page"));
-                put_u32(body, at + 8, len_u32(item.key.len(), "a key"));
-                put_u32(body, at + 12, len_u32(item.value.len(), "a value"));
-                body[pos..pos + item.key.len()].copy_from_slice(item.key);
-                pos += item.key.len();
-                body[pos..pos + item.value.len()].copy_from_slice(item.value);
-                pos += item.value.len();
-            }
+        self.page(FLAG_LEAF, items.len(), leaf_body_len(items), |body| {
+            fill_leaf(body, items)
         })
     }
 
@@ -139,6 +126,29 @@ impl Writer {
     }
 }
 
+/// The bytes a leaf page of `items` takes after its header.
+fn leaf_body_len(items: &[Item<'_>]) -> usize {
+    let data: usize = items.iter().map(|i| i.key.len() + i.value.len()).sum();
+    items.len() * ELEMENT_SIZE + data
+}
+
+/// Writes the elements of a leaf page, then their keys and values, into `body` (the page after
+/// its header).
+fn fill_leaf(body: &mut [u8], items: &[Item<'_>]) {
+    let mut pos = items.len() * ELEMENT_SIZE;
+    for (n, item) in items.iter().enumerate() {
+        let at = n * ELEMENT_SIZE;
+        put_u32(body, at, item.flags);
+        put_u32(body, at + 4, len_u32(pos - at, "a page"));
+        put_u32(body, at + 8, len_u32(item.key.len(), "a key"));
+        put_u32(body, at + 12, len_u32(item.value.len(), "a value"));
+        body[pos..pos + item.key.len()].copy_from_slice(item.key);
+        pos += item.key.len();
+        body[pos..pos + item.value.len()].copy_from_slice(item.value);
+        pos += item.value.len();
+    }
+}
+
 /// Sorts by key and keeps the last of equal keys.
 fn sorted<T>(entries: &[(Vec<u8>, T)]) -> Vec<&(Vec<u8>, T)> {
     let mut v: Vec<&(Vec<u8>, T)> = entries.iter().collect();
@@ -153,15 +163,40 @@ fn sorted<T>(entries: &[(Vec<u8>, T)]) -> Vec<&(Vec<u8>, T)> {
     out
 }
 
+/// How [`write_with`] lays a file out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Bytes a page; etcd's files use the machine's page size, 4096.
+    pub page_size: usize,
+    /// Stores a small bucket inside its entry in the root bucket, as bbolt itself does: when its
+    /// one leaf page (header included) takes at most a quarter of a page. Otherwise every bucket
+    /// has a root page of its own.
+    pub inline_buckets: bool,
+}
+
 /// A complete bbolt file holding `buckets` (top-level buckets, none nested), with pages of
-/// `page_size` bytes: meta pages 0 and 1 (transaction ids 0 and 1, the same root), an empty
-/// freelist on page 2, then each bucket's tree on pages of its own (leaf pages filled to the page
-/// size, branch pages above them, overflow pages for elements larger than a page), then the root
-/// bucket's tree. Keys and bucket names are sorted; of equal ones the last given wins.
-///
-/// Panics if `page_size` is below [`MIN_PAGE_SIZE`] or above `u32::MAX`, or if a key or value
-/// is 4 GiB or larger.
+/// `page_size` bytes and every bucket on pages of its own: [`write_with`] without inline
+/// buckets.
 pub fn write(buckets: &[BucketData], page_size: usize) -> Vec<u8> {
+    write_with(
+        buckets,
+        WriteOptions {
+            page_size,
+            inline_buckets: false,
+        },
+    )
+}
+
+/// A complete bbolt file holding `buckets` (top-level buckets, none nested): meta pages 0 and 1
+/// (transaction ids 0 and 1, the same root), an empty freelist on page 2, then each bucket's
+/// tree (leaf pages filled to the page size, branch pages above them, overflow pages for
+/// elements larger than a page) unless it is stored inline, then the root bucket's tree. Keys
+/// and bucket names are sorted; of equal ones the last given wins. Bucket sequences are 0.
+///
+/// Panics if the page size is below [`MIN_PAGE_SIZE`] or above 16 MiB, or if a key or value is
+/// 4 GiB or larger.
+pub fn write_with(buckets: &[BucketData], options: WriteOptions) -> Vec<u8> {
+    let page_size = options.page_size;
     assert!(
         (MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size),
         "page size {page_size} out of range"
@@ -173,7 +208,7 @@ pub fn write(buckets: &[BucketData], page_size: usize) -> Vec<u8> {
     };
     w.alloc(3);
     let buckets = sorted(buckets);
-    let mut headers = Vec::with_capacity(buckets.len());
+    let mut headers: Vec<Vec<u8>> = Vec::with_capacity(buckets.len());
     for (_, entries) in &buckets {
         let entries = sorted(entries);
         let items: Vec<Item<'_>> = entries
@@ -184,9 +219,22 @@ pub fn write(buckets: &[BucketData], page_size: usize) -> Vec<u8> {
                 value: v,
             })
             .collect();
-        let root = w.tree(&items);
-        let mut header = [0u8; BUCKET_HEADER_SIZE];
-        put_u64(&mut header, 0, root);
+        let inline_len = PAGE_HEADER_SIZE + leaf_body_len(&items);
+        let mut header = vec![0u8; BUCKET_HEADER_SIZE];
+        if options.inline_buckets && inline_len <= page_size / 4 {
+            // Root 0 and sequence 0, then the bucket's one leaf page (page id 0).
+            header.resize(BUCKET_HEADER_SIZE + inline_len, 0);
+            let page = &mut header[BUCKET_HEADER_SIZE..];
+            put_u16(page, 8, FLAG_LEAF);
+            put_u16(
+                page,
+                10,
+                u16::try_from(items.len()).expect("fits a quarter page"),
+            );
+            fill_leaf(&mut page[PAGE_HEADER_SIZE..], &items);
+        } else {
+            put_u64(&mut header, 0, w.tree(&items));
+        }
         headers.push(header);
     }
     let items: Vec<Item<'_>> = buckets
