@@ -450,13 +450,42 @@ impl<'a> Bucket<'a> {
         }
     }
 
-    /// What `key` holds, if it is present.
+    /// What `key` holds, if it is present: a descent from the root through the branch pages
+    /// whose keys bracket it.
     pub fn get(&self, key: &[u8]) -> Result<Option<Value<'a>>, Error> {
-        for entry in self.iter() {
-            let (k, v) = entry?;
-            match k.cmp(key) {
+        let mut page = match self.root {
+            Root::Page(id) => self.file.tree_page(id)?,
+            Root::Inline(page) => page,
+        };
+        // A tree deeper than the file has pages has a cycle.
+        let mut budget = self.file.data.len() / self.file.page_size + 2;
+        while page.flags == FLAG_BRANCH {
+            // The last child whose first key is not above `key` (the first child if none is).
+            let mut child = None;
+            for i in 0..page.count {
+                let (k, id) = page.branch_element(i)?;
+                if child.is_some() && k > key {
+                    break;
+                }
+                child = Some(id);
+            }
+            let Some(id) = child else {
+                return Ok(None);
+            };
+            budget -= 1;
+            if budget == 0 {
+                return Err(Error::Cycle {
+                    page: page.id,
+                    offset: page.base as u64,
+                });
+            }
+            page = self.file.tree_page(id)?;
+        }
+        for i in 0..page.count {
+            let e = page.leaf_element(i)?;
+            match e.key.cmp(key) {
                 std::cmp::Ordering::Less => {}
-                std::cmp::Ordering::Equal => return Ok(Some(v)),
+                std::cmp::Ordering::Equal => return value_of(self.file, &page, &e).map(Some),
                 std::cmp::Ordering::Greater => break,
             }
         }
@@ -482,6 +511,15 @@ impl<'a> Bucket<'a> {
         }
         Ok(names)
     }
+}
+
+/// What a leaf element holds.
+fn value_of<'a>(file: File<'a>, page: &Page<'a>, e: &LeafElement<'a>) -> Result<Value<'a>, Error> {
+    Ok(if e.flags & LEAF_BUCKET != 0 {
+        Value::Bucket(Bucket::from_value(file, page, e.value)?)
+    } else {
+        Value::Data(e.value)
+    })
 }
 
 /// The keys of a bucket in order, from [`Bucket::iter`]. After an error it ends.
@@ -544,12 +582,7 @@ impl<'a> Iter<'a> {
                 });
             }
             self.last = Some(e.key);
-            let value = if e.flags & LEAF_BUCKET != 0 {
-                Value::Bucket(Bucket::from_value(self.file, &page, e.value)?)
-            } else {
-                Value::Data(e.value)
-            };
-            return Ok(Some((e.key, value)));
+            return Ok(Some((e.key, value_of(self.file, &page, &e)?)));
         }
     }
 }
