@@ -153,6 +153,41 @@ proptest! {
         }
     }
 
+    /// Valid metas in front of pages of random bytes whose headers name themselves and a tree
+    /// page type: the walk meets garbage elements, never a panic.
+    #[test]
+    fn random_pages_behind_valid_metas_never_panic(
+        pages in proptest::collection::vec(
+            (prop_oneof![Just(0x01u16), Just(0x02), Just(0x10)], 0u16..12, 0u32..3,
+             proptest::collection::vec(any::<u8>(), 112)),
+            1..16,
+        ),
+        root in 0u64..20,
+        freelist in 0u64..20,
+        high_water in 0u64..24,
+    ) {
+        const PS: usize = 128;
+        let mut file = bbolt::write(&[], PS);
+        file.truncate(2 * PS);
+        for (i, (flags, count, overflow, body)) in pages.into_iter().enumerate() {
+            let id = (i + 2) as u64;
+            file.extend_from_slice(&id.to_le_bytes());
+            file.extend_from_slice(&flags.to_le_bytes());
+            file.extend_from_slice(&count.to_le_bytes());
+            file.extend_from_slice(&overflow.to_le_bytes());
+            file.extend_from_slice(&body);
+        }
+        for m in [16, PS + 16] {
+            file[m + 16..m + 24].copy_from_slice(&root.to_le_bytes());
+            file[m + 32..m + 40].copy_from_slice(&freelist.to_le_bytes());
+            file[m + 40..m + 48].copy_from_slice(&high_water.to_le_bytes());
+            let sum = bbolt::fnv1a64(&file[m..m + 56]);
+            file[m + 56..m + 64].copy_from_slice(&sum.to_le_bytes());
+        }
+        let db = Db::open(&file).expect("the metas are valid");
+        walk_all(&db);
+    }
+
     /// A valid file with bytes overwritten or cut off is refused or read, never a panic.
     #[test]
     fn corrupted_files_never_panic(
