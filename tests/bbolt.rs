@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::Stdio;
 
 use base64::Engine;
 use proptest::prelude::*;
@@ -388,6 +389,40 @@ fn revision(s: &Server) -> i64 {
     j["header"]["revision"].as_i64().unwrap()
 }
 
+/// Whether bucket `name` has a root page of its own and it is a branch page (flags 0x01).
+fn branch_root(db: &Db<'_>, file: &[u8], name: &[u8]) -> Option<bool> {
+    let root = db.bucket(name).unwrap()?.root_page()? as usize;
+    Some(file[root * db.page_size() + 8] == 0x01)
+}
+
+const TXNS: usize = 3;
+const TXN_OPS: usize = 128;
+
+/// Runs `etcdctl txn` with `input` (compares, blank line, success ops, blank line, failure ops)
+/// on its stdin.
+fn txn(s: &Server, input: &str) {
+    use std::io::Write;
+    let mut child = etcdctl::command(&s.endpoint(), &["txn"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run etcdctl txn");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("SUCCESS"));
+}
+
 /// The bbolt file inside a snapshot, after checking its sha256 trailer.
 fn strip_trailer(snapshot: &[u8]) -> &[u8] {
     assert!(snapshot.len() > 32);
@@ -449,6 +484,15 @@ fn etcd_snapshot_is_read_and_rewritten() {
     ctl(&server, &["put", "l", "leased", "--lease", &lease_hex]);
     let big = "x".repeat(10_000);
     ctl(&server, &["put", "big", &big]);
+    // Three transactions of 128 puts each (etcd's --max-txn-ops): one revision each, the puts
+    // its sub-revisions, and enough bytes that etcd's `key` bucket needs branch pages.
+    let txn_value = |t: usize, i: usize| format!("{t}-{i}-{}", "p".repeat(100));
+    for t in 0..TXNS {
+        let ops: String = (0..TXN_OPS)
+            .map(|i| format!("put t/{t}/{i:03} {}\n", txn_value(t, i)))
+            .collect();
+        txn(&server, &format!("\n{ops}\n\n"));
+    }
     let kvs = all_kvs(&server);
 
     let saved = tmp.path().join("saved.db");
@@ -471,6 +515,11 @@ fn etcd_snapshot_is_read_and_rewritten() {
         );
     }
     let c = contents(&db);
+    assert_eq!(
+        branch_root(&db, file, b"key"),
+        Some(true),
+        "etcd's key bucket"
+    );
     let revs: Vec<(i64, i64, bool, KeyValue)> = c[&b"key"[..]]
         .iter()
         .map(|(k, v)| {
@@ -483,22 +532,39 @@ fn etcd_snapshot_is_read_and_rewritten() {
             )
         })
         .collect();
-    let expect: Vec<(i64, bool, &str, &str, i64)> = vec![
-        (base + 1, false, "a", "1", 0),
-        (base + 2, false, "b", "2", 0),
-        (base + 3, false, "b", "3", 0),
-        (base + 4, false, "c", "gone", 0),
-        (base + 5, true, "c", "", 0),
-        (base + 6, false, "l", "leased", lease),
-        (base + 7, false, "big", &big, 0),
-    ];
+    let mut expect: Vec<(i64, i64, bool, String, String, i64)> = [
+        (1, false, "a", "1", 0),
+        (2, false, "b", "2", 0),
+        (3, false, "b", "3", 0),
+        (4, false, "c", "gone", 0),
+        (5, true, "c", "", 0),
+        (6, false, "l", "leased", lease),
+        (7, false, "big", &big, 0),
+    ]
+    .into_iter()
+    .map(|(rev, tomb, k, v, l)| (base + rev, 0, tomb, k.to_string(), v.to_string(), l))
+    .collect();
+    for t in 0..TXNS {
+        for i in 0..TXN_OPS {
+            let key = format!("t/{t}/{i:03}");
+            expect.push((
+                base + 8 + t as i64,
+                i as i64,
+                false,
+                key,
+                txn_value(t, i),
+                0,
+            ));
+        }
+    }
     assert_eq!(
         revs.len(),
         expect.len(),
         "one key entry per revision: {revs:?}"
     );
-    for ((main, sub, tomb, kv), (rev, etomb, key, value, elease)) in revs.iter().zip(&expect) {
-        assert_eq!((*main, *sub, *tomb), (*rev, 0, *etomb), "{kv:?}");
+    for ((main, sub, tomb, kv), (rev, esub, etomb, key, value, elease)) in revs.iter().zip(&expect)
+    {
+        assert_eq!((*main, *sub, *tomb), (*rev, *esub, *etomb), "{kv:?}");
         assert_eq!(&kv.key[..], key.as_bytes());
         assert_eq!(&kv.value[..], value.as_bytes());
         assert_eq!(kv.lease, *elease);
@@ -525,14 +591,16 @@ fn etcd_snapshot_is_read_and_rewritten() {
     // The writer rewrites it, with and without inline buckets; etcd's tools read each rewrite
     // as the original, and etcd restored from it serves the same keys.
     let before = snapshot_status(&saved);
-    assert_eq!(before["revision"].as_i64(), Some(base + 7));
+    assert_eq!(before["revision"].as_i64(), Some(base + 7 + TXNS as i64));
     for inline_buckets in [false, true] {
         let options = WriteOptions {
             page_size: db.page_size(),
             inline_buckets,
         };
         let again = bbolt::write_with(&as_buckets(&c), options);
-        assert_eq!(contents(&Db::open(&again).unwrap()), c);
+        let reread = Db::open(&again).unwrap();
+        assert_eq!(contents(&reread), c);
+        assert_eq!(branch_root(&reread, &again, b"key"), Some(true));
         let rewritten = tmp.path().join(format!("rewritten-{inline_buckets}.db"));
         std::fs::write(&rewritten, with_trailer(&again)).unwrap();
         let after = snapshot_status(&rewritten);
@@ -575,5 +643,9 @@ fn etcd_snapshot_is_read_and_rewritten() {
         .iter()
         .map(|kv| String::from_utf8(b64.decode(kv["key"].as_str().unwrap()).unwrap()).unwrap())
         .collect();
-    assert_eq!(keys, ["a", "b", "big", "l"]);
+    let mut expect_keys = vec!["a".to_string(), "b".into(), "big".into(), "l".into()];
+    for t in 0..TXNS {
+        expect_keys.extend((0..TXN_OPS).map(|i| format!("t/{t}/{i:03}")));
+    }
+    assert_eq!(keys, expect_keys);
 }
