@@ -1,6 +1,7 @@
 //! spindle: an etcd-compatible key-value store built thread-per-core on glommio.
 
 pub mod auth;
+pub mod bbolt;
 pub mod bench;
 pub mod cluster;
 pub mod db;
