@@ -134,9 +134,24 @@ struct ServeArgs {
     /// Human-readable name of this member.
     #[arg(long, default_value = "default")]
     name: String,
-    /// URLs to listen on for client traffic (comma-separated, http only).
+    /// URLs to listen on for client traffic (comma-separated; https:// ones are served with
+    /// --cert-file and --key-file).
     #[arg(long, default_value = "http://127.0.0.1:2379")]
     listen_client_urls: String,
+    /// Path to the client server TLS cert file (PEM), for https:// client URLs.
+    #[arg(long)]
+    cert_file: Option<PathBuf>,
+    /// Path to the client server TLS key file (PEM).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Path to the client server TLS trusted CA cert file (PEM): client certificates must be
+    /// signed by one of its CAs.
+    #[arg(long)]
+    trusted_ca_file: Option<PathBuf>,
+    /// Enable client cert authentication: TLS clients must present a certificate signed by a
+    /// trusted CA, and with auth enabled its Common Name is the user of calls without a token.
+    #[arg(long)]
+    client_cert_auth: bool,
     /// Client URLs advertised to clients (member list); default: the listen URLs.
     #[arg(long)]
     advertise_client_urls: Option<String>,
@@ -328,6 +343,21 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
         &args.auto_compaction_retention,
     )?;
     let listen = spindle::server::parse_listen_urls(&args.listen_client_urls)?;
+    let tls_files = spindle::server::tls::TlsFiles {
+        cert_file: args.cert_file.clone(),
+        key_file: args.key_file.clone(),
+        trusted_ca_file: args.trusted_ca_file.clone(),
+        client_cert_auth: args.client_cert_auth,
+    };
+    // As etcd: the files are read at start, and a bad one stops the server there.
+    let tls = if listen.https.is_empty() {
+        if args.cert_file.is_some() || args.key_file.is_some() {
+            tracing::warn!("no https:// client URL: --cert-file and --key-file are ignored");
+        }
+        None
+    } else {
+        Some(spindle::server::tls::server_config(&tls_files)?)
+    };
     let split = |s: &str| {
         s.split(',')
             .map(|u| u.trim().to_string())
@@ -337,7 +367,10 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
     opts.cluster = cluster_options(&args, &split(&args.initial_advertise_peer_urls))?;
     let cfg = ServerConfig {
         name: args.name,
-        listen,
+        listen: listen.http,
+        listen_tls: listen.https,
+        tls,
+        client_cert_auth: args.client_cert_auth,
         advertise_client_urls: split(
             args.advertise_client_urls
                 .as_deref()

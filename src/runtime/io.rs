@@ -1,5 +1,6 @@
-//! Glue between glommio and hyper: hyper's I/O traits over a glommio `TcpStream`, and an executor
-//! that spawns hyper's connection tasks on the current glommio executor (they need not be `Send`).
+//! Glue between glommio and hyper: hyper's I/O traits over a glommio `TcpStream` (or a TLS
+//! session over one), and an executor that spawns hyper's connection tasks on the current glommio
+//! executor (they need not be `Send`).
 
 use std::future::Future;
 use std::io;
@@ -9,10 +10,59 @@ use std::task::{Context, Poll};
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
+/// A server-side TLS session over a glommio socket.
+pub type TlsStream = futures_rustls::server::TlsStream<TcpStream>;
+
+/// The byte stream under a connection: the socket itself, or a TLS session over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_close(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+        }
+    }
+}
+
 /// A connection in hyper's terms. Reads go through a small owned buffer, so no uninitialized
 /// memory is ever handed to the socket.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: Box<[u8]>,
     /// Bytes read while sniffing the protocol (or produced by the filter), served before the
     /// socket.
@@ -31,6 +81,15 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 impl Conn {
     pub fn new(stream: TcpStream) -> Conn {
+        Conn::over(Stream::Plain(stream))
+    }
+
+    /// A connection over an established TLS session.
+    pub fn tls(stream: TlsStream) -> Conn {
+        Conn::over(Stream::Tls(Box::new(stream)))
+    }
+
+    fn over(stream: Stream) -> Conn {
         Conn {
             stream,
             buf: vec![0u8; 16 << 10].into_boxed_slice(),

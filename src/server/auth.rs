@@ -88,8 +88,10 @@ fn status(e: AuthError) -> Status {
     Status::new(Code::from_wire(e.code()), e.message())
 }
 
-/// The caller of a request with these headers (see the module doc for the cost).
-pub(crate) fn identify(ctx: &Ctx, headers: &http::HeaderMap) -> Caller {
+/// The caller of a request with these headers (see the module doc for the cost). `cert_user` is
+/// the Common Name of the client's verified TLS certificate: with `--client-cert-auth` it names
+/// the user when the call carries no token, as in etcd 3.4.
+pub(crate) fn identify(ctx: &Ctx, headers: &http::HeaderMap, cert_user: Option<&str>) -> Caller {
     let shared = ctx.db.auth();
     let enabled = {
         let mut view = ctx.auth.view.borrow_mut();
@@ -106,7 +108,10 @@ pub(crate) fn identify(ctx: &Ctx, headers: &http::HeaderMap) -> Caller {
         .or_else(|| headers.get("authorization"))
         .and_then(|v| v.to_str().ok())
     else {
-        return Caller::Anonymous;
+        return match cert_user {
+            Some(cn) if ctx.cfg.client_cert_auth => Caller::User(cn.to_string()),
+            _ => Caller::Anonymous,
+        };
     };
     let now = Instant::now();
     if let Some((user, at)) = ctx.auth.tokens.borrow().get(token) {

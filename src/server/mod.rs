@@ -19,6 +19,7 @@ mod lease;
 mod lock;
 pub mod metrics;
 mod snapshot;
+pub mod tls;
 mod watch;
 
 use std::net::SocketAddr;
@@ -48,7 +49,15 @@ pub const ETCD_API_VERSION: &str = "3.4.0";
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub name: String,
+    /// `http://` client listeners.
     pub listen: Vec<SocketAddr>,
+    /// `https://` client listeners, served with `tls`.
+    pub listen_tls: Vec<SocketAddr>,
+    /// The TLS setup of the `https://` listeners (needed when there are any).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// etcd's `--client-cert-auth`: with auth enabled, the Common Name of a verified client
+    /// certificate is the user of a call that carries no token.
+    pub client_cert_auth: bool,
     pub advertise_client_urls: Vec<String>,
     pub advertise_peer_urls: Vec<String>,
     /// etcd's `--max-request-bytes`.
@@ -70,6 +79,9 @@ impl Default for ServerConfig {
         ServerConfig {
             name: "default".into(),
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 2379))],
+            listen_tls: Vec::new(),
+            tls: None,
+            client_cert_auth: false,
             advertise_client_urls: vec!["http://127.0.0.1:2379".into()],
             advertise_peer_urls: vec!["http://localhost:2380".into()],
             max_request_bytes: 1536 * 1024,
@@ -81,27 +93,38 @@ impl Default for ServerConfig {
     }
 }
 
-/// Parses etcd-style URL lists (`http://host:port,http://...`) into socket addresses.
-pub fn parse_listen_urls(urls: &str) -> Result<Vec<SocketAddr>, Error> {
-    let mut out = Vec::new();
+/// Client listen URLs by scheme.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListenUrls {
+    pub http: Vec<SocketAddr>,
+    pub https: Vec<SocketAddr>,
+}
+
+/// Parses etcd-style URL lists (`http://host:port,https://...`) into socket addresses.
+pub fn parse_listen_urls(urls: &str) -> Result<ListenUrls, Error> {
+    let mut out = ListenUrls::default();
     for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "unsupported URL {url:?}: only http:// is served (no TLS yet)"
-            ))
-        })?;
+        let (rest, list) = if let Some(rest) = url.strip_prefix("http://") {
+            (rest, &mut out.http)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (rest, &mut out.https)
+        } else {
+            return Err(Error::InvalidArgument(format!(
+                "unsupported URL {url:?}: only http:// and https:// are served"
+            )));
+        };
         let hostport = rest.trim_end_matches('/');
         let addr = if let Some(port) = hostport.strip_prefix("localhost:") {
             format!("127.0.0.1:{port}")
         } else {
             hostport.to_string()
         };
-        out.push(
+        list.push(
             addr.parse()
                 .map_err(|e| Error::InvalidArgument(format!("bad listen URL {url:?}: {e}")))?,
         );
     }
-    if out.is_empty() {
+    if out.http.is_empty() && out.https.is_empty() {
         return Err(Error::InvalidArgument("no listen URL given".into()));
     }
     Ok(out)
@@ -206,11 +229,15 @@ pub fn start(
                 glommio::spawn_local(auth::purge_loop(ctx.clone(), every)).detach();
             }
             ctx.db.serve_relayed_calls(forward::relayed_calls(&ctx));
-            for addr in &cfg.listen {
+            let plain = cfg.listen.iter().map(|a| (a, None));
+            let tls = cfg.listen_tls.iter().map(|a| (a, cfg.tls.clone()));
+            for (addr, tls) in plain.chain(tls) {
                 match glommio::net::TcpListener::bind(addr) {
                     Ok(listener) => {
                         let _ = bound_tx.send(Ok(()));
-                        glommio::spawn_local(accept_loop(listener, ctx.clone())).detach();
+                        let acceptor = tls.map(futures_rustls::TlsAcceptor::from);
+                        glommio::spawn_local(accept_loop(listener, ctx.clone(), acceptor))
+                            .detach();
                     }
                     Err(e) => {
                         let _ = bound_tx.send(Err(format!("cannot listen on {addr}: {e}")));
@@ -219,9 +246,16 @@ pub fn start(
             }
         })
     };
+    if !cfg.listen_tls.is_empty() && cfg.tls.is_none() {
+        return Err(Error::InvalidArgument(
+            "TLS key/cert (--cert-file, --key-file) must be provided for client URLs with the \
+             HTTPS scheme"
+                .into(),
+        ));
+    }
     let cores = opts.cores;
     let db = Db::open_with(data_dir, opts, Some(hook))?;
-    for _ in 0..cores * cfg.listen.len() {
+    for _ in 0..cores * (cfg.listen.len() + cfg.listen_tls.len()) {
         match bound_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -277,7 +311,14 @@ fn txn_has_puts(t: &pb::TxnRequest) -> bool {
         })
 }
 
-async fn accept_loop(listener: glommio::net::TcpListener, ctx: Rc<Ctx>) {
+/// How long a client has to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn accept_loop(
+    listener: glommio::net::TcpListener,
+    ctx: Rc<Ctx>,
+    tls: Option<futures_rustls::TlsAcceptor>,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok(s) => s,
@@ -289,13 +330,38 @@ async fn accept_loop(listener: glommio::net::TcpListener, ctx: Rc<Ctx>) {
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
+        let tls = tls.clone();
         glommio::spawn_local(async move {
+            let (conn, cert_user) = match tls {
+                None => (crate::runtime::io::Conn::new(stream), None),
+                Some(acceptor) => {
+                    let peer = stream.peer_addr().ok();
+                    let handshake =
+                        async { Ok::<_, glommio::GlommioError<()>>(acceptor.accept(stream).await) };
+                    match glommio::timer::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(s)) => {
+                            let cn = tls::peer_common_name(s.get_ref().1).map(Rc::<str>::from);
+                            (crate::runtime::io::Conn::tls(s), cn)
+                        }
+                        // Not TLS, a certificate the CAs did not sign, no certificate where one
+                        // is required: the connection closes and nobody else is affected.
+                        Ok(Err(e)) => {
+                            tracing::warn!(?peer, error = %e, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(?peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
             let service = hyper::service::service_fn(move |req| {
                 let ctx = ctx.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(ctx, req).await) }
+                let cert_user = cert_user.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(ctx, req, cert_user).await) }
             });
             // HTTP/2 for gRPC, HTTP/1.1 for curl and the JSON gateway: auto-detected per connection.
-            let conn = crate::runtime::io::Conn::new(stream);
             if let Err(e) = serve_connection(conn, service).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -351,15 +417,24 @@ fn server_stopped() -> Status {
     Status::new(Code::Unavailable, "etcdserver: server stopped")
 }
 
-async fn handle(ctx: Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBody> {
+/// Serves one request; `cert_user` is the Common Name of the client's verified certificate.
+async fn handle(
+    ctx: Rc<Ctx>,
+    req: Request<Incoming>,
+    cert_user: Option<Rc<str>>,
+) -> Response<GrpcBody> {
     let _guard = InFlight::enter(&ctx.drain);
     if ctx.drain.draining.load(Ordering::Acquire) {
         return grpc::error(&server_stopped());
     }
-    serve_request(&ctx, req).await
+    serve_request(&ctx, req, cert_user.as_deref()).await
 }
 
-async fn serve_request(ctx: &Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBody> {
+async fn serve_request(
+    ctx: &Rc<Ctx>,
+    req: Request<Incoming>,
+    cert_user: Option<&str>,
+) -> Response<GrpcBody> {
     let path = req.uri().path().to_string();
     let is_grpc = req
         .headers()
@@ -368,7 +443,7 @@ async fn serve_request(ctx: &Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBo
         .is_some_and(|v| v.starts_with("application/grpc"));
     if is_grpc {
         let started = Instant::now();
-        let caller = auth::identify(ctx, req.headers());
+        let caller = auth::identify(ctx, req.headers(), cert_user);
         let resp = grpc_call(ctx, &path, req.into_body(), started, caller).await;
         ctx.metrics.observe(&path, started.elapsed());
         return resp;
@@ -384,7 +459,8 @@ async fn serve_request(ctx: &Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBo
             plain(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         ("POST", p) if p.starts_with("/v3/") => {
-            let caller = auth::identify(ctx, req.headers());
+            // As etcd 3.4's gateway, which drops the certificate's name: a token or nobody.
+            let caller = auth::identify(ctx, req.headers(), None);
             gateway::handle(ctx, p, req.into_body(), caller).await
         }
         _ => plain(
