@@ -236,8 +236,7 @@ pub fn start(
                     Ok(listener) => {
                         let _ = bound_tx.send(Ok(()));
                         let acceptor = tls.map(futures_rustls::TlsAcceptor::from);
-                        glommio::spawn_local(accept_loop(listener, ctx.clone(), acceptor))
-                            .detach();
+                        glommio::spawn_local(accept_loop(listener, ctx.clone(), acceptor)).detach();
                     }
                     Err(e) => {
                         let _ = bound_tx.send(Err(format!("cannot listen on {addr}: {e}")));
@@ -448,6 +447,17 @@ async fn serve_request(
         ctx.metrics.observe(&path, started.elapsed());
         return resp;
     }
+    if cert_user.is_some() && path.starts_with("/v3/") {
+        // etcd 3.4 refuses the gateway to a client whose verified certificate has a Common Name,
+        // rather than serve it without the name (its gateway proxies with its own certificate).
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "text/plain; charset=utf-8",
+            "CommonName of client sending a request against gateway will be ignored and not \
+             used as expected\n"
+                .into(),
+        );
+    }
     match (req.method().as_str(), path.as_str()) {
         ("GET", "/health") => plain(
             StatusCode::OK,
@@ -459,7 +469,7 @@ async fn serve_request(
             plain(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         ("POST", p) if p.starts_with("/v3/") => {
-            // As etcd 3.4's gateway, which drops the certificate's name: a token or nobody.
+            // A token or nobody: certificates with a name were refused above.
             let caller = auth::identify(ctx, req.headers(), None);
             gateway::handle(ctx, p, req.into_body(), caller).await
         }

@@ -62,8 +62,12 @@ fn read_certs(flag: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, E
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
     let pem = std::fs::read(path)
         .map_err(|e| invalid(format!("cannot read --key-file {}: {e}", path.display())))?;
-    PrivateKeyDer::from_pem_slice(&pem)
-        .map_err(|e| invalid(format!("no private key in --key-file {}: {e}", path.display())))
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        invalid(format!(
+            "no private key in --key-file {}: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// The rustls configuration for the client listeners, built (and every file read) at start.
