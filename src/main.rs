@@ -59,7 +59,11 @@ fn snapshot(cmd: SnapshotCommand) -> Result<(), String> {
                 "simple" => println!("{}", st.simple()),
                 "table" => print!("{}", st.table()),
                 "json" => println!("{}", st.json()),
-                other => return Err(format!("unknown output format {other:?} (simple, table, json)")),
+                other => {
+                    return Err(format!(
+                        "unknown output format {other:?} (simple, table, json)"
+                    ))
+                }
             }
             Ok(())
         }

@@ -50,7 +50,11 @@ fn txn(s: &Server, input: &str) {
         .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).starts_with("SUCCESS"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).starts_with("SUCCESS"),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 /// `etcdctl snapshot status FILE -w FORMAT` (no server involved).
@@ -74,7 +78,11 @@ fn assert_same_status(file: &Path) -> Json {
     for format in ["json", "table", "simple"] {
         let ours = spindle_status(file, format);
         assert!(ours.status.success(), "{}", text(&ours.stderr));
-        assert_eq!(text(&ours.stdout), etcdctl_status(file, format), "-w {format}");
+        assert_eq!(
+            text(&ours.stdout),
+            etcdctl_status(file, format),
+            "-w {format}"
+        );
     }
     serde_json::from_str(&etcdctl_status(file, "json")).unwrap()
 }
@@ -89,7 +97,17 @@ fn kvs(s: &Server, args: &[&str]) -> Json {
 #[test]
 fn etcd_restores_spindle_snapshot() {
     let tmp = tempfile::tempdir().unwrap();
-    let spindle = Server::spindle(&[]);
+    let spindle = Server::spindle(&["--bcrypt-cost", "4"]);
+    ctl(
+        &spindle,
+        &["user", "add", "alice", "--new-user-password", "pw"],
+    );
+    ctl(&spindle, &["role", "add", "reader"]);
+    ctl(
+        &spindle,
+        &["role", "grant-permission", "reader", "read", "a", "c"],
+    );
+    ctl(&spindle, &["user", "grant-role", "alice", "reader"]);
     write_rev(&spindle, &["put", "a", "1"]);
     write_rev(&spindle, &["put", "b", "1"]);
     let compact_at = write_rev(&spindle, &["put", "b", "2"]);
@@ -106,8 +124,18 @@ fn etcd_restores_spindle_snapshot() {
     let last = write_rev(&spindle, &["put", "d", "after"]);
 
     let all = kvs(&spindle, &["get", "--prefix", ""]);
+    let auth_of = |s: &Server| {
+        let user = ctl_json(s, &["user", "get", "alice"]);
+        let role = ctl_json(s, &["role", "get", "reader"]);
+        (user["roles"].clone(), role["perm"].clone())
+    };
+    let auth = auth_of(&spindle);
+    assert_eq!(auth.0, serde_json::json!(["reader"]));
     let old_b = kvs(&spindle, &["get", "b", "--rev", &b3.to_string()]);
-    let old_all = kvs(&spindle, &["get", "--prefix", "", "--rev", &(b3 + 1).to_string()]);
+    let old_all = kvs(
+        &spindle,
+        &["get", "--prefix", "", "--rev", &(b3 + 1).to_string()],
+    );
     assert_eq!(all.as_array().unwrap().len(), 5, "{all}");
     assert_eq!(old_b[0]["mod_revision"].as_i64(), Some(b3));
 
@@ -164,6 +192,7 @@ fn etcd_restores_spindle_snapshot() {
         "{}",
         gone.stderr
     );
+    assert_eq!(auth_of(&etcd), auth);
     let ttl = ctl_json(&etcd, &["lease", "timetolive", &lease_hex]);
     assert_eq!(ttl["granted-ttl"].as_i64(), Some(600), "{ttl}");
 }

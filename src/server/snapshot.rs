@@ -95,9 +95,10 @@ fn extras(ctx: &Ctx, rev: i64) -> snapshot::Extras {
             client_urls: m.client_ur_ls,
         })
         .collect();
-    let (auth_enabled, auth_revision, auth_users, auth_roles) = ctx.db.auth().read(|a| {
-        (a.enabled(), a.revision(), a.etcd_users(), a.etcd_roles())
-    });
+    let (auth_enabled, auth_revision, auth_users, auth_roles) = ctx
+        .db
+        .auth()
+        .read(|a| (a.enabled(), a.revision(), a.etcd_users(), a.etcd_roles()));
     snapshot::Extras {
         compact_revision: ctx.db.compact_revision(),
         consistent_index: rev.max(0) as u64,
@@ -135,7 +136,10 @@ pub fn stream(ctx: Rc<Ctx>) -> http::Response<grpc::GrpcBody> {
                         remaining_bytes: (file.len() - end) as u64,
                         blob: file.slice(sent..end),
                     };
-                    ok = tx.send_async(Frame::data(grpc::encode_message(&msg))).await.is_ok();
+                    ok = tx
+                        .send_async(Frame::data(grpc::encode_message(&msg)))
+                        .await
+                        .is_ok();
                     sent = end;
                 }
                 if !ok {
