@@ -92,6 +92,37 @@ fn kvs(s: &Server, args: &[&str]) -> Json {
     ctl_json(s, args)["kvs"].clone()
 }
 
+/// `etcdctl snapshot restore` of `snapshot` into a new data dir under `dir`, and etcd 3.4 started
+/// on it, ready.
+fn restore_and_serve(snapshot: &Path, dir: &Path) -> Server {
+    let ports = Ports::free(1)[0];
+    let restored = dir.join("restored");
+    output_ok(&mut etcdctl::command(
+        "127.0.0.1:1",
+        &[
+            "snapshot",
+            "restore",
+            snapshot.to_str().unwrap(),
+            "--data-dir",
+            restored.to_str().unwrap(),
+            "--name",
+            "default",
+            "--initial-cluster",
+            &format!("default={}", ports.peer_url()),
+            "--initial-advertise-peer-urls",
+            &ports.peer_url(),
+        ],
+    ));
+    let mut args = etcd::single_member_args(&ports);
+    args.extend([
+        "--data-dir".to_string(),
+        restored.to_str().unwrap().to_string(),
+    ]);
+    let mut etcd = Server::spawn_on(Kind::Etcd, ports, &args);
+    etcd.wait_ready();
+    etcd
+}
+
 /// A spindle history: puts, overwrites, deletes, a multi-op txn, a leased key and a compaction;
 /// etcd restored from spindle's snapshot serves the same keys, history and lease.
 #[test]
@@ -149,31 +180,7 @@ fn etcd_restores_spindle_snapshot() {
     );
     drop(spindle);
 
-    let ports = Ports::free(1)[0];
-    let restored = tmp.path().join("restored");
-    output_ok(&mut etcdctl::command(
-        "127.0.0.1:1",
-        &[
-            "snapshot",
-            "restore",
-            saved.to_str().unwrap(),
-            "--data-dir",
-            restored.to_str().unwrap(),
-            "--name",
-            "default",
-            "--initial-cluster",
-            &format!("default={}", ports.peer_url()),
-            "--initial-advertise-peer-urls",
-            &ports.peer_url(),
-        ],
-    ));
-    let mut args = etcd::single_member_args(&ports);
-    args.extend([
-        "--data-dir".to_string(),
-        restored.to_str().unwrap().to_string(),
-    ]);
-    let mut etcd = Server::spawn_on(Kind::Etcd, ports, &args);
-    etcd.wait_ready();
+    let etcd = restore_and_serve(&saved, tmp.path());
     assert_eq!(kvs(&etcd, &["get", "--prefix", ""]), all);
     assert_eq!(kvs(&etcd, &["get", "b", "--rev", &b3.to_string()]), old_b);
     assert_eq!(
@@ -230,4 +237,44 @@ fn status_of_etcd_snapshots_and_damaged_files() {
     flipped[5000] ^= 0x40;
     expect_error("flipped.db", &flipped, "sha256 mismatch");
     expect_error("empty.db", &[], "too short");
+}
+
+/// With auth enabled on spindle, etcd restored from its snapshot has auth enabled, the same
+/// auth revision (tokens and requests checked against it still pass), and the users' password
+/// hashes: the password given to spindle logs in to etcd.
+#[test]
+fn auth_carries_over_to_etcd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spindle = Server::spindle(&["--bcrypt-cost", "4"]);
+    ctl(
+        &spindle,
+        &["user", "add", "root", "--new-user-password", "pw"],
+    );
+    ctl(&spindle, &["user", "grant-role", "root", "root"]);
+    ctl(&spindle, &["put", "k", "v"]);
+    ctl(&spindle, &["auth", "enable"]);
+    let saved = tmp.path().join("auth.db");
+    ctl(
+        &spindle,
+        &[
+            "--user",
+            "root:pw",
+            "snapshot",
+            "save",
+            saved.to_str().unwrap(),
+        ],
+    );
+    assert_same_status(&saved);
+    drop(spindle);
+
+    let etcd = restore_and_serve(&saved, tmp.path());
+    let anonymous = etcd.etcdctl(&["get", "k"]);
+    assert!(!anonymous.ok, "auth is enabled: {}", anonymous.stdout);
+    let got = ctl(
+        &etcd,
+        &["--user", "root:pw", "get", "k", "--print-value-only"],
+    );
+    assert_eq!(got.trim(), "v");
+    let wrong = etcd.etcdctl(&["--user", "root:nope", "get", "k"]);
+    assert!(!wrong.ok, "a wrong password: {}", wrong.stdout);
 }
