@@ -95,6 +95,13 @@ fn kvs(s: &Server, args: &[&str]) -> Json {
 /// `etcdctl snapshot restore` of `snapshot` into a new data dir under `dir`, and etcd 3.4 started
 /// on it, ready.
 fn restore_and_serve(snapshot: &Path, dir: &Path) -> Server {
+    let mut etcd = restore_and_spawn(snapshot, dir);
+    etcd.wait_ready();
+    etcd
+}
+
+/// As [`restore_and_serve`], not waited for.
+fn restore_and_spawn(snapshot: &Path, dir: &Path) -> Server {
     let ports = Ports::free(1)[0];
     let restored = dir.join("restored");
     output_ok(&mut etcdctl::command(
@@ -118,9 +125,7 @@ fn restore_and_serve(snapshot: &Path, dir: &Path) -> Server {
         "--data-dir".to_string(),
         restored.to_str().unwrap().to_string(),
     ]);
-    let mut etcd = Server::spawn_on(Kind::Etcd, ports, &args);
-    etcd.wait_ready();
-    etcd
+    Server::spawn_on(Kind::Etcd, ports, &args)
 }
 
 /// A spindle history: puts, overwrites, deletes, a multi-op txn, a leased key and a compaction;
@@ -267,7 +272,17 @@ fn auth_carries_over_to_etcd() {
     assert_same_status(&saved);
     drop(spindle);
 
-    let etcd = restore_and_serve(&saved, tmp.path());
+    // etcdctl's health check needs a user once auth is on: wait for a get as root instead.
+    let etcd = restore_and_spawn(&saved, tmp.path());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !etcd.etcdctl(&["--user", "root:pw", "get", "k"]).ok {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            etcd.log_tail(20)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let anonymous = etcd.etcdctl(&["get", "k"]);
     assert!(!anonymous.ok, "auth is enabled: {}", anonymous.stdout);
     let got = ctl(
