@@ -33,6 +33,41 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Load generator for any etcd v3 endpoint (spindle or etcd).
     Bench(BenchArgs),
+    /// etcd 3.4 snapshot files (what `etcdctl snapshot save` writes from spindle or etcd).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Hash, revision, total keys and total size of a snapshot, as `etcdctl snapshot status`.
+    Status {
+        file: PathBuf,
+        /// Output format: simple, table or json.
+        #[arg(short = 'w', long = "write-out", default_value = "simple")]
+        write_out: String,
+    },
+}
+
+fn snapshot(cmd: SnapshotCommand) -> Result<(), String> {
+    match cmd {
+        SnapshotCommand::Status { file, write_out } => {
+            let bytes = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let st = spindle::snapshot::status(&bytes)
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            match write_out.as_str() {
+                "simple" => println!("{}", st.simple()),
+                "table" => print!("{}", st.table()),
+                "json" => println!("{}", st.json()),
+                other => {
+                    return Err(format!(
+                        "unknown output format {other:?} (simple, table, json)"
+                    ))
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -240,6 +275,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("spindle: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Snapshot(cmd) => match snapshot(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("spindle snapshot: {e}");
                 ExitCode::FAILURE
             }
         },

@@ -204,29 +204,47 @@ fn utf8(b: &[u8]) -> Result<String, DecodeError> {
     String::from_utf8(b.to_vec()).map_err(|_| DecodeError::NotUtf8)
 }
 
+/// A user as etcd stores it (`authpb.User`, in its `authUsers` bucket).
+fn user_proto(name: &str, u: &User) -> authpb::User {
+    authpb::User {
+        name: name.as_bytes().to_vec().into(),
+        password: u.password.as_bytes().to_vec().into(),
+        roles: u.roles.clone(),
+        options: Some(authpb::UserAddOptions {
+            no_password: u.no_password,
+        }),
+    }
+}
+
+/// A role as etcd stores it (`authpb.Role`, in its `authRoles` bucket).
+fn role_proto(name: &str, r: &Role) -> authpb::Role {
+    authpb::Role {
+        name: name.as_bytes().to_vec().into(),
+        key_permission: r.perms.iter().map(Grant::to_proto).collect(),
+    }
+}
+
 impl AuthStore {
+    /// The users as etcd's backend holds them: name, encoded `authpb.User`; by name.
+    pub fn etcd_users(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.users
+            .iter()
+            .map(|(n, u)| (n.as_bytes().to_vec(), user_proto(n, u).encode_to_vec()))
+            .collect()
+    }
+
+    /// The roles as etcd's backend holds them: name, encoded `authpb.Role`; by name.
+    pub fn etcd_roles(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.roles
+            .iter()
+            .map(|(n, r)| (n.as_bytes().to_vec(), role_proto(n, r).encode_to_vec()))
+            .collect()
+    }
+
     /// The whole store, for a checkpoint.
     pub fn encode(&self) -> Vec<u8> {
-        let users = self
-            .users
-            .iter()
-            .map(|(name, u)| authpb::User {
-                name: name.clone().into_bytes().into(),
-                password: u.password.as_bytes().to_vec().into(),
-                roles: u.roles.clone(),
-                options: Some(authpb::UserAddOptions {
-                    no_password: u.no_password,
-                }),
-            })
-            .collect();
-        let roles = self
-            .roles
-            .iter()
-            .map(|(name, r)| authpb::Role {
-                name: name.clone().into_bytes().into(),
-                key_permission: r.perms.iter().map(Grant::to_proto).collect(),
-            })
-            .collect();
+        let users = self.users.iter().map(|(n, u)| user_proto(n, u)).collect();
+        let roles = self.roles.iter().map(|(n, r)| role_proto(n, r)).collect();
         StoreRecord {
             version: STORE_VERSION,
             enabled: self.enabled,

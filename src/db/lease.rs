@@ -325,6 +325,24 @@ impl LocalDb {
     pub fn lease_leases(&self) -> LeaseLeasesResponse {
         leases(&self.core.shared)
     }
+
+    /// Every live lease with its granted TTL, by id (what a snapshot records).
+    pub fn lease_grants(&self) -> Vec<(i64, i64)> {
+        let now = Instant::now();
+        let leases = self
+            .core
+            .shared
+            .leases
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(i64, i64)> = leases
+            .ids()
+            .into_iter()
+            .filter_map(|id| leases.time_to_live(id, now).map(|t| (id, t.granted)))
+            .collect();
+        out.sort_unstable();
+        out
+    }
 }
 
 impl Db {

@@ -1,21 +1,20 @@
 //! Maintenance Snapshot, Hash and HashKV, all built on a consistent export of every shard at one
 //! revision (MVCC makes the cut consistent while writes continue).
 //!
-//! Snapshot stream format: `SPNDLSNP | version:u32 | shards:u32 | revision:i64 | compact:i64`,
-//! then chunks `shard:u32 | len:u64 | key records (checkpoint encoding)`, then `0xFFFFFFFF` and
-//! zero padding to a multiple of 512 bytes, then the SHA-256 of everything before it (etcd's
-//! clients verify that trailer by the same layout).
+//! The Snapshot stream is an etcd 3.4 snapshot file (a bbolt file and its sha256, see
+//! [`crate::snapshot`]), which `etcdctl snapshot status` and `snapshot restore` read. Hash and
+//! HashKV hash spindle's own export encoding.
 
 use std::rc::Rc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::Frame;
-use sha2::{Digest, Sha256};
 
 use super::grpc::{self, Code, Status};
 use super::Ctx;
 use crate::db::{encode_export, LocalDb};
 use crate::proto::etcdserverpb as pb;
+use crate::snapshot;
 
 const CHUNK_KEYS: usize = 1024;
 
@@ -81,66 +80,78 @@ pub async fn hash_kv(ctx: &Rc<Ctx>, req: pb::HashKvRequest) -> Result<pb::HashKv
     })
 }
 
-/// Streams a consistent snapshot; the response body is fed as chunks are exported.
+/// Bytes of the snapshot file a response carries.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+/// What the snapshot records beside the keys: leases, members and auth as they are now.
+fn extras(ctx: &Ctx, rev: i64) -> snapshot::Extras {
+    let members = super::member_list(ctx)
+        .into_iter()
+        .map(|m| snapshot::MemberRecord {
+            id: m.id,
+            peer_urls: m.peer_ur_ls,
+            is_learner: m.is_learner,
+            name: m.name,
+            client_urls: m.client_ur_ls,
+        })
+        .collect();
+    let (auth_enabled, auth_revision, auth_users, auth_roles) = ctx
+        .db
+        .auth()
+        .read(|a| (a.enabled(), a.revision(), a.etcd_users(), a.etcd_roles()));
+    snapshot::Extras {
+        compact_revision: ctx.db.compact_revision(),
+        consistent_index: rev.max(0) as u64,
+        leases: ctx.db.lease_grants(),
+        members,
+        auth_enabled,
+        auth_revision,
+        auth_users,
+        auth_roles,
+    }
+}
+
+/// Streams a consistent snapshot in etcd 3.4's format (see [`crate::snapshot`]): every key's
+/// history at one revision is exported, the file built, then sent in chunks.
 pub fn stream(ctx: Rc<Ctx>) -> http::Response<grpc::GrpcBody> {
     let (tx, rx) = flume::bounded::<Frame<Bytes>>(4);
     glommio::spawn_local(async move {
         let rev = ctx.db.revision();
         let header = Some(ctx.header(rev));
-        let mut sha = Sha256::new();
-        let mut total = 0usize;
-        let mut send = |blob: Bytes, sha: &mut Sha256, tx: &flume::Sender<Frame<Bytes>>| {
-            sha.update(&blob);
-            total += blob.len();
-            let msg = pb::SnapshotResponse {
-                header,
-                remaining_bytes: 0,
-                blob,
-            };
-            tx.send(Frame::data(grpc::encode_message(&msg))).is_ok()
-        };
-        let mut head = BytesMut::new();
-        head.put_slice(b"SPNDLSNP");
-        head.put_u32_le(1);
-        head.put_u32_le(ctx.db.shards());
-        head.put_i64_le(rev);
-        head.put_i64_le(ctx.db.compact_revision());
-        if !send(head.freeze(), &mut sha, &tx) {
-            return;
-        }
-        let mut records = Vec::new();
-        let result = for_each_chunk(&ctx.db, rev, |shard, chunk| {
-            records.clear();
-            encode_export(chunk, &mut records);
-            let mut b = BytesMut::with_capacity(12 + records.len());
-            b.put_u32_le(shard);
-            b.put_u64_le(records.len() as u64);
-            b.put_slice(&records);
-            send(b.freeze(), &mut sha, &tx)
+        let mut builder = snapshot::Builder::new();
+        let result = for_each_chunk(&ctx.db, rev, |_, chunk| {
+            builder.add(chunk);
+            true
         })
         .await;
         let status = match result {
             Ok(()) => {
-                // etcd's clients find the checksum by size: the data before it is a multiple of
-                // 512 bytes (a bolt file is), so pad the end marker out to that.
-                let mut tail = BytesMut::new();
-                tail.put_slice(&[0xff, 0xff, 0xff, 0xff]);
-                let padded = (total + tail.len()).next_multiple_of(512);
-                tail.resize(padded - total, 0);
-                sha.update(&tail);
-                let digest = sha.clone().finalize();
-                tail.put_slice(&digest);
-                let msg = pb::SnapshotResponse {
-                    header,
-                    remaining_bytes: 0,
-                    blob: tail.freeze(),
-                };
-                let _ = tx.send(Frame::data(grpc::encode_message(&msg)));
+                let file = Bytes::from(builder.finish(&extras(&ctx, rev)));
+                let mut sent = 0;
+                let mut ok = true;
+                while sent < file.len() && ok {
+                    let end = (sent + CHUNK_BYTES).min(file.len());
+                    let msg = pb::SnapshotResponse {
+                        header,
+                        remaining_bytes: (file.len() - end) as u64,
+                        blob: file.slice(sent..end),
+                    };
+                    ok = tx
+                        .send_async(Frame::data(grpc::encode_message(&msg)))
+                        .await
+                        .is_ok();
+                    sent = end;
+                }
+                if !ok {
+                    return;
+                }
                 Status::new(Code::Ok, "")
             }
             Err(s) => s,
         };
-        let _ = tx.send(Frame::trailers(grpc::status_trailers(&status)));
+        let _ = tx
+            .send_async(Frame::trailers(grpc::status_trailers(&status)))
+            .await;
     })
     .detach();
     grpc::stream(rx)
