@@ -16,6 +16,7 @@ pub mod proto;
 pub mod raft;
 pub mod runtime;
 pub mod server;
+pub mod restore;
 pub mod snapshot;
 pub mod wal;
 

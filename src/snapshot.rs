@@ -286,6 +286,17 @@ pub enum StatusError {
     Bucket { bucket: String, error: bbolt::Error },
     #[error("bucket \"key\": entry {index} is {len} bytes, not a revision key")]
     BadRevisionKey { index: u64, len: usize },
+    #[error(
+        "no sha256 trailer: the file is {len} bytes, not 32 more than a multiple of 512 (a \
+         bare bbolt file can be restored with --skip-hash-check)"
+    )]
+    MissingHash { len: usize },
+    #[error("bucket {bucket:?}: entry {key}: {why}")]
+    BadEntry {
+        bucket: &'static str,
+        key: String,
+        why: String,
+    },
 }
 
 /// crc32 with the Castagnoli polynomial (Go's `crc32.MakeTable(crc32.Castagnoli)`).
@@ -325,13 +336,19 @@ impl Crc32c {
     }
 }
 
-/// Reads a snapshot (or a bare bbolt file) as `etcdctl snapshot status` does. Like etcd, a file
-/// whose size is 32 more than a multiple of 512 has a sha256 trailer, which must match.
-pub fn status(file: &[u8]) -> Result<Status, StatusError> {
+/// The bbolt file inside a snapshot, checked as etcd checks it: a file whose size is 32 more
+/// than a multiple of 512 has a sha256 trailer, which must match unless `skip_hash_check`; a
+/// file without one is taken as a bare bbolt file only when `require_hash` is false. The pages
+/// the file's meta names must all be there.
+fn open_checked(
+    file: &[u8],
+    require_hash: bool,
+    skip_hash_check: bool,
+) -> Result<(Db<'_>, u64), StatusError> {
     let db_bytes = if file.len() % 512 == TRAILER && file.len() > TRAILER {
         let (db, sum) = file.split_at(file.len() - TRAILER);
         let computed = Sha256::digest(db);
-        if &computed[..] != sum {
+        if !skip_hash_check && &computed[..] != sum {
             return Err(StatusError::Sha256Mismatch {
                 len: db.len(),
                 found: hex(sum),
@@ -339,6 +356,8 @@ pub fn status(file: &[u8]) -> Result<Status, StatusError> {
             });
         }
         db
+    } else if require_hash && !skip_hash_check {
+        return Err(StatusError::MissingHash { len: file.len() });
     } else {
         file
     };
@@ -354,6 +373,13 @@ pub fn status(file: &[u8]) -> Result<Status, StatusError> {
             have: db_bytes.len(),
         });
     }
+    Ok((db, need))
+}
+
+/// Reads a snapshot (or a bare bbolt file) as `etcdctl snapshot status` does. Like etcd, a file
+/// whose size is 32 more than a multiple of 512 has a sha256 trailer, which must match.
+pub fn status(file: &[u8]) -> Result<Status, StatusError> {
+    let (db, need) = open_checked(file, false, false)?;
     let mut h = Crc32c::new();
     let mut revision = 0;
     let mut total_key = 0u64;
@@ -391,6 +417,144 @@ pub fn status(file: &[u8]) -> Result<Status, StatusError> {
         total_key,
         total_size: need,
     })
+}
+
+/// What a snapshot holds, as restore needs it.
+#[derive(Clone, Debug, Default)]
+pub struct Contents {
+    /// Every key's retained history, in key order.
+    pub histories: Vec<KeyHistory>,
+    /// The newest revision (the last `key` entry's, or the compaction's if higher).
+    pub revision: i64,
+    pub compact_revision: i64,
+    /// Revision entries read from `key`.
+    pub events: u64,
+    /// Leases: id and granted TTL.
+    pub leases: Vec<(i64, i64)>,
+    pub auth_enabled: bool,
+    pub auth_revision: u64,
+    /// Name and encoded `authpb.User` / `authpb.Role`.
+    pub auth_users: Vec<(Vec<u8>, Vec<u8>)>,
+    pub auth_roles: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Reads everything a restore takes from a snapshot (see the module doc for the buckets): the
+/// sha256 trailer must be there and match unless `skip_hash_check`. Each key's entries become
+/// its generations: a put opens one (create revision and version from its `KeyValue`) or
+/// extends the open one, a tombstone closes it.
+pub fn read(file: &[u8], skip_hash_check: bool) -> Result<Contents, StatusError> {
+    use std::collections::BTreeMap;
+    use crate::mvcc::{Generation, PutEvent};
+    let (db, _) = open_checked(file, true, skip_hash_check)?;
+    let bucket = |name: &'static str| -> Result<Vec<(Vec<u8>, Vec<u8>)>, StatusError> {
+        let err = |error| StatusError::Bucket {
+            bucket: name.to_string(),
+            error,
+        };
+        let Some(b) = db.bucket(name.as_bytes()).map_err(err)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for entry in b.iter() {
+            let (k, v) = entry.map_err(err)?;
+            if let Some(v) = v.data() {
+                out.push((k.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(out)
+    };
+    let bad = |bucket: &'static str, key: &[u8], why: String| StatusError::BadEntry {
+        bucket,
+        key: hex(key),
+        why,
+    };
+    let mut c = Contents::default();
+    let mut keys: BTreeMap<Bytes, Vec<Generation>> = BTreeMap::new();
+    for (k, v) in bucket("key")? {
+        let tombstone = match k.len() {
+            17 => false,
+            18 if k[17] == b't' => true,
+            len => {
+                return Err(StatusError::BadRevisionKey {
+                    index: c.events,
+                    len,
+                })
+            }
+        };
+        let main = i64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
+        let kv = KeyValue::decode(v.as_slice())
+            .map_err(|e| bad("key", &k, format!("not an mvccpb.KeyValue: {e}")))?;
+        c.events += 1;
+        c.revision = c.revision.max(main);
+        let gens = keys.entry(Bytes::from(kv.key.to_vec())).or_default();
+        let open = gens.last_mut().filter(|g| g.tombstone.is_none());
+        match (tombstone, open) {
+            (true, Some(g)) => g.tombstone = Some(main),
+            // A delete with no put before it reads as the key's absence, which it already is.
+            (true, None) => {}
+            (false, Some(g)) => g.puts.push(PutEvent {
+                revision: main,
+                value: Bytes::from(kv.value.to_vec()),
+                lease: kv.lease,
+            }),
+            (false, None) => gens.push(Generation {
+                create_revision: kv.create_revision,
+                first_version: kv.version.max(1),
+                puts: vec![PutEvent {
+                    revision: main,
+                    value: Bytes::from(kv.value.to_vec()),
+                    lease: kv.lease,
+                }],
+                tombstone: None,
+            }),
+        }
+    }
+    for (key, generations) in keys {
+        if generations.is_empty() {
+            continue;
+        }
+        let h = KeyHistory { key, generations };
+        if !h.is_well_formed() {
+            return Err(bad(
+                "key",
+                &h.key,
+                "its revisions do not form a history (out of order)".into(),
+            ));
+        }
+        c.histories.push(h);
+    }
+    let rev_of = |k: &[u8], v: &[u8]| -> Result<i64, StatusError> {
+        v.get(..8)
+            .map(|b| i64::from_be_bytes(b.try_into().expect("8 bytes")))
+            .ok_or_else(|| bad("meta", k, format!("{} bytes, not a revision", v.len())))
+    };
+    for (k, v) in bucket("meta")? {
+        if k == b"finishedCompactRev" || k == b"scheduledCompactRev" {
+            c.compact_revision = c.compact_revision.max(rev_of(&k, &v)?);
+        }
+    }
+    c.revision = c.revision.max(c.compact_revision);
+    for (k, v) in bucket("lease")? {
+        let rec = LeaseRecord::decode(v.as_slice())
+            .map_err(|e| bad("lease", &k, format!("not a leasepb.Lease: {e}")))?;
+        c.leases.push((rec.id, rec.ttl));
+    }
+    for (k, v) in bucket("auth")? {
+        match k.as_slice() {
+            b"authEnabled" => c.auth_enabled = v.first() == Some(&1),
+            b"authRevision" => {
+                let b: [u8; 8] = v
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| bad("auth", &k, format!("{} bytes, not 8", v.len())))?;
+                c.auth_revision = u64::from_be_bytes(b);
+            }
+            _ => {}
+        }
+    }
+    c.auth_users = bucket("authUsers")?;
+    c.auth_roles = bucket("authRoles")?;
+    Ok(c)
 }
 
 fn hex(bytes: &[u8]) -> String {

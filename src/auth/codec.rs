@@ -241,6 +241,32 @@ impl AuthStore {
             .collect()
     }
 
+    /// The store etcd's backend describes: its `authEnabled` flag, `authRevision`, and the
+    /// `authUsers`/`authRoles` buckets (name → encoded `authpb.User`/`authpb.Role`).
+    pub fn from_etcd(
+        enabled: bool,
+        revision: u64,
+        users: &[(Vec<u8>, Vec<u8>)],
+        roles: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<AuthStore, DecodeError> {
+        let users = users
+            .iter()
+            .map(|(_, v)| authpb::User::decode(v.as_slice()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let roles = roles
+            .iter()
+            .map(|(_, v)| authpb::Role::decode(v.as_slice()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let record = StoreRecord {
+            version: STORE_VERSION,
+            enabled,
+            revision,
+            users,
+            roles,
+        };
+        AuthStore::decode(&record.encode_to_vec())
+    }
+
     /// The whole store, for a checkpoint.
     pub fn encode(&self) -> Vec<u8> {
         let users = self.users.iter().map(|(n, u)| user_proto(n, u)).collect();

@@ -254,6 +254,34 @@ where
     Ok(final_path)
 }
 
+/// Writes a whole checkpoint synchronously from histories in key order (no executor needed):
+/// what `spindle snapshot restore` lays down. Synced, then renamed into place.
+pub fn write_sync(
+    dir: &Path,
+    mut info: CheckpointInfo,
+    extras: &Extras,
+    histories: &[KeyHistory],
+) -> Result<PathBuf> {
+    use std::io::Write;
+    let final_path = dir.join(file_name(info.index));
+    let tmp = dir.join(format!("{}.tmp", file_name(info.index)));
+    info.key_count = histories.len() as u64;
+    let mut out = encode_header(&info).to_vec();
+    out.extend_from_slice(&extras.encode());
+    encode_histories(histories, &mut out);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(END_MAGIC);
+    let io = |e: std::io::Error| Error::io(&tmp, e);
+    let mut f = fs::File::create(&tmp).map_err(io)?;
+    f.write_all(&out).and_then(|_| f.sync_all()).map_err(io)?;
+    fs::rename(&tmp, &final_path).map_err(|e| Error::io(&final_path, e))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))?;
+    Ok(final_path)
+}
+
 /// Where a leader's checkpoint is assembled while it arrives in chunks.
 pub fn received_path(dir: &Path) -> PathBuf {
     dir.join("snapshot.recv")
