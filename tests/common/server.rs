@@ -117,8 +117,20 @@ impl Server {
     /// dir, client and peer URLs, and for spindle two cores), started but not yet waited for:
     /// the members of a cluster become ready only together.
     pub fn spawn_on(kind: Kind, ports: Ports, args: &[String]) -> Server {
+        Server::spawn_prepared(kind, ports, args, |_| {})
+    }
+
+    /// As [`Server::spawn_on`], with `prepare` given the data dir's path (not yet created)
+    /// before the server starts: a test lays down a restored data dir there.
+    pub fn spawn_prepared(
+        kind: Kind,
+        ports: Ports,
+        args: &[String],
+        prepare: impl FnOnce(&Path),
+    ) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
+        prepare(&data);
         let mut all = match kind {
             Kind::Spindle => spindle_args(&ports),
             Kind::Etcd => etcd::args(&ports),
