@@ -323,3 +323,72 @@ fn restore_refuses_damaged_files_and_used_dirs() {
     assert!(empty.join("spindle.meta").exists());
     assert!(empty.join("shard-001").exists());
 }
+
+/// With etcd's cluster flags, each member's restored data dir is the one `spindle serve
+/// --initial-cluster-state new` with the same flags bootstraps as that member: the members
+/// start together as one cluster serving the snapshot's store, and carry on writing.
+#[test]
+fn restored_members_form_a_cluster() {
+    use common::cluster::{initial_cluster, spindle_member};
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Server::etcd(&[]);
+    write_rev(&etcd, &["put", "a", "1"]);
+    let compact_at = write_rev(&etcd, &["put", "a", "2"]);
+    write_rev(&etcd, &["put", "b", "1"]);
+    write_rev(&etcd, &["del", "b"]);
+    ctl(&etcd, &["compact", &compact_at.to_string()]);
+    let last = write_rev(&etcd, &["put", "c", "1"]);
+    let all = kvs(&etcd, &["get", "--prefix", ""]);
+    let saved = tmp.path().join("etcd.db");
+    ctl(&etcd, &["snapshot", "save", saved.to_str().unwrap()]);
+    drop(etcd);
+
+    let ports = Ports::free(2);
+    let urls: Vec<String> = ports.iter().map(|p| p.peer_url()).collect();
+    let initial = initial_cluster("m", &urls);
+    let token = "restored";
+    let mut members: Vec<Server> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (name, url) = (format!("m{i}"), p.peer_url());
+            let args = spindle_member(&name, &initial, "new", token, &url, &url);
+            let restore_flags = [
+                "--shards".to_string(),
+                "2".to_string(),
+                "--name".to_string(),
+                name.clone(),
+                "--initial-cluster".to_string(),
+                initial.clone(),
+                "--initial-cluster-token".to_string(),
+                token.to_string(),
+                "--initial-advertise-peer-urls".to_string(),
+                url.clone(),
+            ];
+            let file = saved.clone();
+            Server::spawn_prepared(Kind::Spindle, *p, &args, move |data| {
+                let flags: Vec<&str> = restore_flags.iter().map(String::as_str).collect();
+                let out = restore(&file, data, &flags);
+                assert!(out.status.success(), "restore: {}", text(&out.stderr));
+            })
+        })
+        .collect();
+    for m in &mut members {
+        m.wait_ready();
+    }
+    for m in &members {
+        assert_eq!(kvs(m, &["get", "--prefix", ""]), all, "{}", m.endpoint());
+        assert_compacted(m, "a", compact_at - 1);
+        let list = ctl_json(m, &["member", "list"]);
+        let names: Vec<&str> = list["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|x| x["name"].as_str())
+            .collect();
+        assert_eq!(names.len(), 2, "{list}");
+    }
+    assert_eq!(write_rev(&members[0], &["put", "d", "new"]), last + 1);
+    let got = kvs(&members[1], &["get", "d"]);
+    assert_eq!(got[0]["mod_revision"].as_i64(), Some(last + 1), "{got}");
+}
