@@ -14,9 +14,9 @@ pub mod mvcc;
 pub mod peer;
 pub mod proto;
 pub mod raft;
+pub mod restore;
 pub mod runtime;
 pub mod server;
-pub mod restore;
 pub mod snapshot;
 pub mod wal;
 

@@ -71,8 +71,7 @@ pub fn restore(file: &[u8], dir: &Path, opts: &Options) -> Result<Summary, Strin
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("data dir {}: {e}", dir.display())),
     }
-    let contents =
-        crate::snapshot::read(file, opts.skip_hash_check).map_err(|e| e.to_string())?;
+    let contents = crate::snapshot::read(file, opts.skip_hash_check).map_err(|e| e.to_string())?;
     let auth = crate::auth::AuthStore::from_etcd(
         contents.auth_enabled,
         contents.auth_revision,
@@ -93,7 +92,10 @@ pub fn restore(file: &[u8], dir: &Path, opts: &Options) -> Result<Summary, Strin
     // An empty target is replaced by the rename; a missing one is created by it.
     if let Err(e) = std::fs::rename(&tmp, dir) {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(format!("moving the restored data dir into {}: {e}", dir.display()));
+        return Err(format!(
+            "moving the restored data dir into {}: {e}",
+            dir.display()
+        ));
     }
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
@@ -128,8 +130,8 @@ fn write_dir(
     let err = |e: crate::Error| e.to_string();
     let mut identity = None;
     if let Some(f) = &opts.cluster {
-        let listed = crate::cluster::parse_initial_cluster(&f.initial_cluster)
-            .map_err(|e| e.to_string())?;
+        let listed =
+            crate::cluster::parse_initial_cluster(&f.initial_cluster).map_err(|e| e.to_string())?;
         if listed.len() >= 2 {
             let (m, id) = crate::cluster::Membership::bootstrap(
                 &f.initial_cluster,

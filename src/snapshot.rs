@@ -419,6 +419,9 @@ pub fn status(file: &[u8]) -> Result<Status, StatusError> {
     })
 }
 
+/// A bucket's entries: key and value.
+type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// What a snapshot holds, as restore needs it.
 #[derive(Clone, Debug, Default)]
 pub struct Contents {
@@ -443,10 +446,10 @@ pub struct Contents {
 /// its generations: a put opens one (create revision and version from its `KeyValue`) or
 /// extends the open one, a tombstone closes it.
 pub fn read(file: &[u8], skip_hash_check: bool) -> Result<Contents, StatusError> {
-    use std::collections::BTreeMap;
     use crate::mvcc::{Generation, PutEvent};
+    use std::collections::BTreeMap;
     let (db, _) = open_checked(file, true, skip_hash_check)?;
-    let bucket = |name: &'static str| -> Result<Vec<(Vec<u8>, Vec<u8>)>, StatusError> {
+    let bucket = |name: &'static str| -> Result<Entries, StatusError> {
         let err = |error| StatusError::Bucket {
             bucket: name.to_string(),
             error,

@@ -158,7 +158,10 @@ fn etcd_snapshot_restores_into_spindle_and_back() {
         .unwrap();
     let lease_hex = format!("{lease:x}");
     write_rev(&etcd, &["put", "l", "leased", "--lease", &lease_hex]);
-    ctl(&etcd, &["user", "add", "alice", "--new-user-password", "pw"]);
+    ctl(
+        &etcd,
+        &["user", "add", "alice", "--new-user-password", "pw"],
+    );
     ctl(&etcd, &["role", "add", "reader"]);
     ctl(
         &etcd,
@@ -219,7 +222,13 @@ fn auth_enabled_snapshot_restores() {
     let saved = tmp.path().join("auth.db");
     ctl(
         &etcd,
-        &["--user", "root:pw", "snapshot", "save", saved.to_str().unwrap()],
+        &[
+            "--user",
+            "root:pw",
+            "snapshot",
+            "save",
+            saved.to_str().unwrap(),
+        ],
     );
     drop(etcd);
 
