@@ -19,8 +19,8 @@ use spindle::proto::mvccpb::KeyValue;
 mod common;
 use common::etcd;
 use common::etcdctl;
-use common::process::{json_output, output_ok};
-use common::server::{Kind, Ports, Server};
+use common::process::json_output;
+use common::server::Server;
 
 type Contents = BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>>;
 
@@ -609,30 +609,8 @@ fn etcd_snapshot_is_read_and_rewritten() {
         }
         assert_eq!(after["totalSize"].as_u64(), Some(again.len() as u64));
 
-        let ports = Ports::free(1)[0];
         let restored = tmp.path().join(format!("restored-{inline_buckets}"));
-        output_ok(&mut etcdctl::command(
-            "127.0.0.1:1",
-            &[
-                "snapshot",
-                "restore",
-                rewritten.to_str().unwrap(),
-                "--data-dir",
-                restored.to_str().unwrap(),
-                "--name",
-                "default",
-                "--initial-cluster",
-                &format!("default={}", ports.peer_url()),
-                "--initial-advertise-peer-urls",
-                &ports.peer_url(),
-            ],
-        ));
-        let mut args = etcd::single_member_args(&ports);
-        args.extend([
-            "--data-dir".to_string(),
-            restored.to_str().unwrap().to_string(),
-        ]);
-        let mut served = Server::spawn_on(Kind::Etcd, ports, &args);
+        let mut served = etcd::spawn_restored(&rewritten, &restored);
         served.wait_ready();
         assert_eq!(all_kvs(&served), kvs);
     }

@@ -14,7 +14,7 @@ mod common;
 use common::etcd;
 use common::etcdctl;
 use common::process::{output_ok, text};
-use common::server::{Kind, Ports, Server, SPINDLE};
+use common::server::{Server, SPINDLE};
 
 fn ctl(s: &Server, args: &[&str]) -> String {
     let out = s.etcdctl(args);
@@ -102,30 +102,7 @@ fn restore_and_serve(snapshot: &Path, dir: &Path) -> Server {
 
 /// As [`restore_and_serve`], not waited for.
 fn restore_and_spawn(snapshot: &Path, dir: &Path) -> Server {
-    let ports = Ports::free(1)[0];
-    let restored = dir.join("restored");
-    output_ok(&mut etcdctl::command(
-        "127.0.0.1:1",
-        &[
-            "snapshot",
-            "restore",
-            snapshot.to_str().unwrap(),
-            "--data-dir",
-            restored.to_str().unwrap(),
-            "--name",
-            "default",
-            "--initial-cluster",
-            &format!("default={}", ports.peer_url()),
-            "--initial-advertise-peer-urls",
-            &ports.peer_url(),
-        ],
-    ));
-    let mut args = etcd::single_member_args(&ports);
-    args.extend([
-        "--data-dir".to_string(),
-        restored.to_str().unwrap().to_string(),
-    ]);
-    Server::spawn_on(Kind::Etcd, ports, &args)
+    etcd::spawn_restored(snapshot, &dir.join("restored"))
 }
 
 /// A spindle history: puts, overwrites, deletes, a multi-op txn, a leased key and a compaction;

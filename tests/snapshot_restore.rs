@@ -12,7 +12,7 @@ use serde_json::Value as Json;
 mod common;
 use common::etcd;
 use common::etcdctl;
-use common::process::{output_ok, text};
+use common::process::text;
 use common::server::{Kind, Ports, Server, SPINDLE};
 
 fn ctl(s: &Server, args: &[&str]) -> String {
@@ -76,27 +76,7 @@ fn restore_and_spawn_spindle(file: &Path, extra: &[&str]) -> Server {
 
 /// `etcdctl snapshot restore` into a new data dir under `dir`, and etcd started on it, ready.
 fn etcd_restored(snapshot: &Path, dir: &Path) -> Server {
-    let ports = Ports::free(1)[0];
-    let restored = dir.join("etcd-restored");
-    output_ok(&mut etcdctl::command(
-        "127.0.0.1:1",
-        &[
-            "snapshot",
-            "restore",
-            snapshot.to_str().unwrap(),
-            "--data-dir",
-            restored.to_str().unwrap(),
-            "--name",
-            "default",
-            "--initial-cluster",
-            &format!("default={}", ports.peer_url()),
-            "--initial-advertise-peer-urls",
-            &ports.peer_url(),
-        ],
-    ));
-    let mut args = etcd::single_member_args(&ports);
-    args.extend(["--data-dir".to_string(), restored.to_str().unwrap().into()]);
-    let mut s = Server::spawn_on(Kind::Etcd, ports, &args);
+    let mut s = etcd::spawn_restored(snapshot, &dir.join("etcd-restored"));
     s.wait_ready();
     s
 }
