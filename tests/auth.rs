@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 mod common;
+use common::etcdctl;
 use common::server::{Kind, Server};
 
 /// One etcdctl run, normalized: exit status, stdout, and the failure as etcdctl reports it
@@ -22,43 +23,10 @@ struct Outcome {
 }
 
 fn run(s: &Server, args: &[&str], stdin: Option<&str>) -> Outcome {
-    use std::io::Write;
-    use std::process::Stdio;
-    let mut child = s
-        .etcdctl_cmd(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run etcdctl");
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().expect("wait for etcdctl");
-    let mut errors = Vec::new();
-    for line in String::from_utf8_lossy(&out.stderr).lines().map(str::trim) {
-        if line.is_empty() {
-            continue;
-        }
-        if line.starts_with('{') {
-            if let Ok(v) = serde_json::from_str::<Value>(line) {
-                if let Some(e) = v.get("error").and_then(Value::as_str) {
-                    errors.push(format!("log: {e}"));
-                }
-                continue;
-            }
-        }
-        errors.push(line.to_string());
-    }
+    let out = etcdctl::spawn_with_input(s.etcdctl_cmd(args), stdin)
+        .wait_with_output()
+        .expect("wait for etcdctl");
+    let errors = etcdctl::error_lines(&String::from_utf8_lossy(&out.stderr));
     // Endpoints differ between the two servers.
     let endpoint = s.endpoint();
     let norm = |t: &str| t.replace(&endpoint, "<endpoint>");

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Stdio;
 
 use base64::Engine;
 use proptest::prelude::*;
@@ -401,26 +400,9 @@ const TXN_OPS: usize = 128;
 /// Runs `etcdctl txn` with `input` (compares, blank line, success ops, blank line, failure ops)
 /// on its stdin.
 fn txn(s: &Server, input: &str) {
-    use std::io::Write;
-    let mut child = etcdctl::command(&s.endpoint(), &["txn"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run etcdctl txn");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("SUCCESS"));
+    let out = etcdctl::run_with_input(&s.endpoint(), &["txn"], input);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.starts_with("SUCCESS"));
 }
 
 /// The bbolt file inside a snapshot, after checking its sha256 trailer.

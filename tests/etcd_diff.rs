@@ -20,13 +20,13 @@
 //!
 //! Needs `etcd` and `etcdctl` 3.4 on PATH (`tools/test` installs them).
 
-use std::io::Write;
-use std::process::{Child, Stdio};
+use std::process::Child;
 
 use base64::Engine as _;
 use serde_json::{json, Value};
 
 mod common;
+use common::etcdctl;
 use common::server::{Kind, Server};
 
 /// `--max-request-bytes` for both servers, so that "request is too large" is cheap to provoke.
@@ -47,39 +47,7 @@ struct Ctl {
 }
 
 fn spawn_etcdctl(s: &Server, args: &[&str], stdin: Option<&str>) -> Child {
-    let mut child = s
-        .etcdctl_cmd(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run etcdctl");
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(text.as_bytes()).unwrap();
-    }
-    child
-}
-
-fn error_lines(stderr: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for line in stderr.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        if line.starts_with('{') {
-            // The client's zap log line: keep only the error (the rest names the endpoint).
-            if let Ok(v) = serde_json::from_str::<Value>(line) {
-                if let Some(e) = v.get("error").and_then(Value::as_str) {
-                    out.push(format!("log: {e}"));
-                }
-                continue;
-            }
-        }
-        out.push(line.to_string());
-    }
-    out
+    etcdctl::spawn_with_input(s.etcdctl_cmd(args), stdin)
 }
 
 fn finish_etcdctl(s: &mut Server, child: Child, what: &str) -> Ctl {
@@ -87,7 +55,7 @@ fn finish_etcdctl(s: &mut Server, child: Child, what: &str) -> Ctl {
     let ctl = Ctl {
         ok: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        errors: error_lines(&String::from_utf8_lossy(&out.stderr)),
+        errors: etcdctl::error_lines(&String::from_utf8_lossy(&out.stderr)),
     };
     let transport = ctl.errors.iter().any(|e| {
         e.contains("context deadline exceeded")

@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::etcdctl;
@@ -58,26 +56,8 @@ fn doomed_keys(s: &Server) -> Vec<String> {
 }
 
 fn txn(endpoint: &str, ops: &str) -> etcdctl::Ctl {
-    let mut child = etcdctl::command(endpoint, &["txn"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // No compares, the puts as the success branch, no failure branch.
-    let input = format!("\n{ops}\n\n\n");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    etcdctl::Ctl {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    etcdctl::run_with_input(endpoint, &["txn"], &format!("\n{ops}\n\n\n"))
 }
 
 #[test]

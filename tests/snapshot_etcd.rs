@@ -6,7 +6,7 @@
 //! Needs `etcd` and `etcdctl` 3.4 on PATH (`tools/test` installs them).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde_json::Value as Json;
 
@@ -35,26 +35,9 @@ fn write_rev(s: &Server, args: &[&str]) -> i64 {
 
 /// Runs `etcdctl txn` with `input` (compares, blank line, success ops, blank line, failure ops).
 fn txn(s: &Server, input: &str) {
-    use std::io::Write;
-    let mut child = etcdctl::command(&s.endpoint(), &["txn"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run etcdctl txn");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).starts_with("SUCCESS"),
-        "{}",
-        text(&out.stdout)
-    );
+    let out = etcdctl::run_with_input(&s.endpoint(), &["txn"], input);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.starts_with("SUCCESS"), "{}", out.stdout);
 }
 
 /// `etcdctl snapshot status FILE -w FORMAT` (no server involved).

@@ -5,7 +5,7 @@
 //! Needs `etcd` and `etcdctl` 3.4 on PATH (`tools/test` installs them).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use serde_json::Value as Json;
 
@@ -37,21 +37,8 @@ fn kvs(s: &Server, args: &[&str]) -> Json {
 }
 
 fn txn(s: &Server, input: &str) {
-    use std::io::Write;
-    let mut child = etcdctl::command(&s.endpoint(), &["txn"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run etcdctl txn");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = etcdctl::run_with_input(&s.endpoint(), &["txn"], input);
+    assert!(out.ok, "{}", out.stderr);
 }
 
 fn restore(file: &Path, data_dir: &Path, extra: &[&str]) -> Output {
