@@ -247,11 +247,7 @@ where
         f.write_all_at(&header, 0).map_err(io)?;
         f.sync_all().map_err(io)?;
     }
-    fs::rename(&tmp, &final_path).map_err(|e| Error::io(&final_path, e))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))?;
-    Ok(final_path)
+    publish(dir, &tmp, final_path)
 }
 
 /// Writes a whole checkpoint synchronously from histories in key order (no executor needed):
@@ -275,7 +271,13 @@ pub fn write_sync(
     let io = |e: std::io::Error| Error::io(&tmp, e);
     let mut f = fs::File::create(&tmp).map_err(io)?;
     f.write_all(&out).and_then(|_| f.sync_all()).map_err(io)?;
-    fs::rename(&tmp, &final_path).map_err(|e| Error::io(&final_path, e))?;
+    publish(dir, &tmp, final_path)
+}
+
+/// Renames the synced `tmp` into place as `final_path` and syncs the directory, so the
+/// checkpoint exists whole or not at all.
+fn publish(dir: &Path, tmp: &Path, final_path: PathBuf) -> Result<PathBuf> {
+    fs::rename(tmp, &final_path).map_err(|e| Error::io(&final_path, e))?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(dir, e))?;
