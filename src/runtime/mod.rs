@@ -20,11 +20,21 @@ pub const IO_MEMORY: usize = 512 << 10;
 /// Submission-queue depth per ring; small rings keep locked memory low.
 pub const RING_DEPTH: usize = 128;
 
+/// An executor with the project's ring and io-memory sizes. `SPINDLE_SPIN_US=N` in the
+/// environment makes a pinned executor poll N µs before it parks: off by default, because with
+/// the load generator on the same two CPUs spinning takes their time (docs/benchmarks.md).
 pub fn builder(placement: Placement, name: &str) -> LocalExecutorBuilder {
-    LocalExecutorBuilder::new(placement)
+    let b = LocalExecutorBuilder::new(placement)
         .name(name)
         .io_memory(IO_MEMORY)
-        .ring_depth(RING_DEPTH)
+        .ring_depth(RING_DEPTH);
+    match std::env::var("SPINDLE_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(us) if us > 0 => b.spin_before_park(std::time::Duration::from_micros(us)),
+        _ => b,
+    }
 }
 
 /// Where each of a store's `cores` executors runs. Executors pin to the CPUs this process may
