@@ -320,6 +320,8 @@ impl Core {
         }
     }
 
+    /// Every request that hops to this core is spawned as this future, so its size is paid per
+    /// request: the rare, large operations are boxed and only the hot ones stay inline.
     async fn shard_op(self: Rc<Self>, id: u32, op: ShardOp) {
         let Some(shard) = self.shards.get(&id).cloned() else {
             let core = self.id;
@@ -361,7 +363,7 @@ impl Core {
                 let _ = r.send(res);
             }
             ShardOp::Prepare(txn, path, rev, parts, r) => {
-                let _ = r.send(shard.prepare(&txn, &path, rev, parts).await);
+                let _ = r.send(Box::pin(shard.prepare(&txn, &path, rev, parts)).await);
             }
             ShardOp::Commit(rev, token, r) => {
                 shard.commit(rev, token);
@@ -375,22 +377,24 @@ impl Core {
                 let _ = r.send(Ok(shard.part_status(rev)));
             }
             ShardOp::Abort(rev, token, r) => {
-                let _ = r.send(shard.abort(rev, token).await);
+                let _ = r.send(Box::pin(shard.abort(rev, token)).await);
             }
             ShardOp::Unlock(token, r) => {
                 shard.unlock_coordinator(token);
                 let _ = r.send(Ok(()));
             }
             ShardOp::Compact(rev, r) => {
-                let _ = r.send(shard.compact(rev).await);
+                let _ = r.send(Box::pin(shard.compact(rev)).await);
             }
             ShardOp::Checkpoint(r) => {
                 let shared = self.shared.clone();
                 let _ = r.send(
-                    shard
-                        .clone()
-                        .checkpoint_with(move || shared.membership_record())
-                        .await,
+                    Box::pin(
+                        shard
+                            .clone()
+                            .checkpoint_with(move || shared.membership_record()),
+                    )
+                    .await,
                 );
             }
             ShardOp::Changes(ranges, after, upto, with_prev, r) => {
@@ -419,12 +423,12 @@ impl Core {
                     shard.wal.sync_stats(),
                 )));
             }
-            ShardOp::Lease(op) => op.run(&shard).await,
+            ShardOp::Lease(op) => Box::pin(op.run(&shard)).await,
             ShardOp::Transfer(to, r) => {
                 let _ = r.send(shard.replica.transfer_leader(&shard.wal, to));
             }
             ShardOp::ReadIndex(r) => {
-                let _ = r.send(self.confirm_read(&shard).await);
+                let _ = r.send(Box::pin(self.confirm_read(&shard)).await);
             }
             ShardOp::Stamp(revision, r) => {
                 let _ = r.send(if shard.replica.role() == crate::raft::Role::Leader {
@@ -438,7 +442,7 @@ impl Core {
                 });
             }
             ShardOp::Member(op, r) => {
-                let _ = r.send(self.member_change(&shard, op).await);
+                let _ = r.send(Box::pin(self.member_change(&shard, op)).await);
             }
         }
     }
@@ -468,7 +472,7 @@ impl Core {
                 let _ = r.send(res.map(|resp| (resp, trace.last())));
             }
             ClientReq::Compact(req, r) => {
-                let _ = r.send(self.compact(req).await);
+                let _ = r.send(Box::pin(self.compact(req)).await);
             }
             ClientReq::Checkpoint(r) => {
                 let mut out = Vec::new();

@@ -170,7 +170,8 @@ impl Core {
             };
             return Ok(self.assemble(&txn, path, vec![partials], rev));
         }
-        self.multi_shard_write(txn, touched).await
+        // Boxed: a single-shard write (the common case) should not carry its size.
+        Box::pin(self.multi_shard_write(txn, touched)).await
     }
 
     /// Compares over every touched shard merged into one result per compare.

@@ -392,7 +392,8 @@ impl Shard {
             let estimate = self.frame_estimate(txn, &path, c)?;
             if !self.wal.has_room(estimate) {
                 drop(guard);
-                self.wal.make_room(estimate).await?;
+                // Boxed: rare, and inline it would quadruple every write's future.
+                Box::pin(self.wal.make_room(estimate)).await?;
                 continue;
             }
             let rev = revs.begin();

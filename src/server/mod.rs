@@ -471,7 +471,7 @@ async fn serve_request(
         ("POST", p) if p.starts_with("/v3/") => {
             // A token or nobody: certificates with a name were refused above.
             let caller = auth::identify(ctx, req.headers(), None);
-            gateway::handle(ctx, p, req.into_body(), caller).await
+            Box::pin(gateway::handle(ctx, p, req.into_body(), caller)).await
         }
         _ => plain(
             StatusCode::NOT_FOUND,
@@ -612,16 +612,16 @@ async fn call_anywhere(
             return Err(Error::NotLeader.into());
         }
         if path == RANGE {
-            return follower_read(ctx, msgs).await;
+            return Box::pin(follower_read(ctx, msgs)).await;
         }
-        return forward(ctx, remote_leader(ctx), path, msgs).await;
+        return Box::pin(forward(ctx, remote_leader(ctx), path, msgs)).await;
     }
     let member = member && hop == Hop::Client;
     // Kept only where a refusal may be forwarded: a single node's hot path copies nothing.
     let copy = member.then(|| msgs.clone());
     match call(ctx, path, msgs, started).await {
         Err(s) if is_not_leader(&s) => match (remote_leader(ctx), copy) {
-            (Some(to), Some(msgs)) => forward(ctx, Some(to), path, msgs).await,
+            (Some(to), Some(msgs)) => Box::pin(forward(ctx, Some(to), path, msgs)).await,
             _ => Err(s),
         },
         other => other,
@@ -766,6 +766,9 @@ fn enc(m: &impl prost::Message) -> Bytes {
 
 /// Dispatches one unary call and returns the encoded response; the JSON gateway calls this too.
 /// A put with `started` (when its request reached the handler) records its stages.
+/// hyper spawns every request as one future, allocated and moved per request, whose size is
+/// that of the largest path inlined in it: rare and large paths (other services, cluster
+/// forwarding, the gateway, hashes) are boxed so the KV calls stay small.
 async fn call(
     ctx: &Rc<Ctx>,
     path: &str,
@@ -877,7 +880,7 @@ async fn call(
         "/etcdserverpb.Maintenance/Hash" => {
             let _: pb::HashRequest = one(msgs)?;
             let rev = db.revision();
-            let hash = snapshot::hash(ctx, rev).await?;
+            let hash = Box::pin(snapshot::hash(ctx, rev)).await?;
             Ok(enc(&pb::HashResponse {
                 header: Some(ctx.header(rev)),
                 hash,
@@ -885,7 +888,7 @@ async fn call(
         }
         "/etcdserverpb.Maintenance/HashKV" => {
             let req: pb::HashKvRequest = one(msgs)?;
-            Ok(enc(&snapshot::hash_kv(ctx, req).await?))
+            Ok(enc(&Box::pin(snapshot::hash_kv(ctx, req)).await?))
         }
         "/etcdserverpb.Maintenance/MoveLeader" => {
             let req: pb::MoveLeaderRequest = one(msgs)?;
@@ -953,11 +956,13 @@ async fn call(
             }))
         }
         p if p.starts_with("/etcdserverpb.Lease/") || p == lease::KEEP_ALIVE_ONCE => {
-            lease::call(ctx, p, msgs).await
+            Box::pin(lease::call(ctx, p, msgs)).await
         }
-        p if p.starts_with("/etcdserverpb.Auth/") => auth::call(ctx, p, msgs).await,
-        p if p.starts_with("/v3lockpb.Lock/") => lock::call(ctx, p, msgs).await,
-        p if p.starts_with("/v3electionpb.Election/") => election::call(ctx, p, msgs).await,
+        p if p.starts_with("/etcdserverpb.Auth/") => Box::pin(auth::call(ctx, p, msgs)).await,
+        p if p.starts_with("/v3lockpb.Lock/") => Box::pin(lock::call(ctx, p, msgs)).await,
+        p if p.starts_with("/v3electionpb.Election/") => {
+            Box::pin(election::call(ctx, p, msgs)).await
+        }
         _ => Err(Status::unimplemented(path)),
     }
 }
