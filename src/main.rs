@@ -194,6 +194,10 @@ struct BenchArgs {
     /// with an empty response, and run the workload against it.
     #[arg(long, global = true)]
     self_check: bool,
+    /// Authenticate every connection as this user, `NAME:PASSWORD` (etcdctl's form), for a
+    /// server with auth enabled.
+    #[arg(long, global = true)]
+    user: Option<String>,
 }
 
 #[derive(Subcommand, Clone, Copy)]
@@ -633,6 +637,13 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         warmup: std::time::Duration::from_secs_f64(a.warmup.max(0.0)),
         cores: a.cores.max(1),
         data_dir: None,
+        user: match &a.user {
+            None => None,
+            Some(u) => match u.split_once(':') {
+                Some((name, password)) => Some((name.to_string(), password.to_string())),
+                None => return Err(format!("--user {u}: expected NAME:PASSWORD")),
+            },
+        },
     };
     let report = spindle::bench::run(cfg)?;
     if let Some(path) = &a.hdr_out {

@@ -30,6 +30,8 @@ type ResponseFuture = Pin<Box<dyn Future<Output = hyper::Result<http::Response<I
 pub struct Client {
     send: SendRequest<ReqBody>,
     authority: String,
+    /// An auth token sent as etcd's `token` metadata on every call (see [`Client::login`]).
+    token: Option<http::HeaderValue>,
 }
 
 impl Client {
@@ -52,7 +54,29 @@ impl Client {
             let _ = conn.await;
         })
         .detach();
-        Ok(Client { send, authority })
+        Ok(Client {
+            send,
+            authority,
+            token: None,
+        })
+    }
+
+    /// Authenticates as `user` with `password` (etcd's Auth/Authenticate) and sends the token
+    /// with every later call on this connection and its clones.
+    pub async fn login(&mut self, user: &str, password: &str) -> Result<(), Status> {
+        let resp: crate::proto::etcdserverpb::AuthenticateResponse = self
+            .unary(
+                "/etcdserverpb.Auth/Authenticate",
+                &crate::proto::etcdserverpb::AuthenticateRequest {
+                    name: user.into(),
+                    password: password.into(),
+                },
+            )
+            .await?;
+        let token = http::HeaderValue::from_str(&resp.token)
+            .map_err(|e| Status::new(Code::Internal, format!("token is not a header: {e}")))?;
+        self.token = Some(token);
+        Ok(())
     }
 
     /// One unary call.
@@ -83,6 +107,9 @@ impl Client {
             .header("te", "trailers");
         for (k, v) in headers {
             builder = builder.header(*k, *v);
+        }
+        if let Some(t) = &self.token {
+            builder = builder.header("token", t.clone());
         }
         let request = builder
             .body(Either::Left(Full::new(encode_message(req))))
@@ -129,9 +156,13 @@ impl Client {
         let (tx, rx) = flume::unbounded::<Bytes>();
         let frames: FrameStream =
             futures_lite::StreamExt::map(rx.into_stream(), |b| Ok(Frame::data(b)));
-        let request = Request::post(uri)
+        let mut builder = Request::post(uri)
             .header("content-type", "application/grpc")
-            .header("te", "trailers")
+            .header("te", "trailers");
+        if let Some(t) = &self.token {
+            builder = builder.header("token", t.clone());
+        }
+        let request = builder
             .body(Either::Right(StreamBody::new(frames)))
             .map_err(|e| Status::new(Code::Internal, e.to_string()))?;
         self.send

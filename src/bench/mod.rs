@@ -69,6 +69,8 @@ pub struct BenchConfig {
     pub cores: usize,
     /// Data dir for the `Mvcc` workload (a temporary one when `None`).
     pub data_dir: Option<std::path::PathBuf>,
+    /// `(user, password)`: every connection authenticates first (a server with auth enabled).
+    pub user: Option<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -336,7 +338,13 @@ async fn run_core(core: usize, shared: Arc<Shared>) -> Result<(), String> {
     let mut conns = Vec::new();
     for i in 0..my_conns {
         let ep = &cfg.endpoints[(core + i * cores) % cfg.endpoints.len()];
-        conns.push(client::Client::connect(ep).await?);
+        let mut c = client::Client::connect(ep).await?;
+        if let Some((user, password)) = &cfg.user {
+            c.login(user, password)
+                .await
+                .map_err(|s| format!("authenticating as {user} at {ep}: {}", s.message))?;
+        }
+        conns.push(c);
     }
     let mut tasks = Vec::new();
     if let Workload::Watch { watchers } = cfg.workload {
