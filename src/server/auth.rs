@@ -99,6 +99,21 @@ fn status(e: AuthError) -> Status {
 /// the Common Name of the client's verified TLS certificate: with `--client-cert-auth` it names
 /// the user when the call carries no token, as in etcd 3.4.
 pub(crate) fn identify(ctx: &Ctx, headers: &http::HeaderMap, cert_user: Option<&str>) -> Caller {
+    let token = headers
+        .get("token")
+        .or_else(|| headers.get("authorization"))
+        .and_then(|v| v.to_str().ok());
+    identify_token(ctx, token, cert_user)
+}
+
+/// The caller of a JSON gateway request: etcd's gateway passes on only the `Authorization`
+/// header (the bare token, no `Bearer`), never a `token` header.
+pub(crate) fn identify_gateway(ctx: &Ctx, headers: &http::HeaderMap) -> Caller {
+    let token = headers.get("authorization").and_then(|v| v.to_str().ok());
+    identify_token(ctx, token, None)
+}
+
+fn identify_token(ctx: &Ctx, token: Option<&str>, cert_user: Option<&str>) -> Caller {
     let shared = ctx.db.auth();
     let enabled = {
         let mut view = ctx.auth.view.borrow_mut();
@@ -110,11 +125,7 @@ pub(crate) fn identify(ctx: &Ctx, headers: &http::HeaderMap, cert_user: Option<&
     if !enabled {
         return Caller::Unchecked;
     }
-    let Some(token) = headers
-        .get("token")
-        .or_else(|| headers.get("authorization"))
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(token) = token else {
         return match cert_user {
             Some(cn) if ctx.cfg.client_cert_auth => Caller::User(cn.to_string()),
             _ => Caller::Anonymous,

@@ -476,7 +476,7 @@ async fn serve_request(
         }
         ("POST", p) if p.starts_with("/v3/") => {
             // A token or nobody: certificates with a name were refused above.
-            let caller = auth::identify(ctx, req.headers(), None);
+            let caller = auth::identify_gateway(ctx, req.headers());
             gateway::handle(ctx, p, req.into_body(), caller).await
         }
         _ => plain(
