@@ -543,30 +543,41 @@ fn b64(s: &str) -> String {
 }
 
 /// Writes a fresh key pair for `sign-method` into `dir` and returns the `--auth-token` value
-/// naming it (`extra` appended, e.g. `,ttl=2s`): ECDSA keys from rcgen, RSA keys from the
-/// `openssl` CLI (rcgen cannot generate RSA keys).
+/// naming it (`extra` appended, e.g. `,ttl=2s`): ES384 keys (PKCS#8) from rcgen; RSA and ES256
+/// keys from the `openssl` CLI (rcgen cannot generate RSA keys; `ecparam` writes the SEC1 form
+/// etcd's docs use).
 fn jwt_flag(dir: &std::path::Path, method: &str, extra: &str) -> String {
     let (private, public) = (dir.join("jwt.key"), dir.join("jwt.pub"));
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("the openssl CLI generates the RSA and ES256 test keys");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    let (k, p) = (private.to_str().unwrap(), public.to_str().unwrap());
     match method {
-        "ES256" | "ES384" => {
-            let alg = if method == "ES256" {
-                &rcgen::PKCS_ECDSA_P256_SHA256
-            } else {
-                &rcgen::PKCS_ECDSA_P384_SHA384
-            };
-            let pair = rcgen::KeyPair::generate_for(alg).expect("EC key");
+        "ES256" => {
+            openssl(&[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                k,
+            ]);
+            openssl(&["ec", "-in", k, "-pubout", "-out", p]);
+            let pem = std::fs::read_to_string(&private).unwrap();
+            assert!(pem.starts_with("-----BEGIN EC PRIVATE KEY-----"), "{pem}");
+        }
+        "ES384" => {
+            let pair =
+                rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("EC key");
             std::fs::write(&private, pair.serialize_pem()).unwrap();
             std::fs::write(&public, pair.public_key_pem()).unwrap();
         }
         _ => {
-            let openssl = |args: &[&str]| {
-                let out = std::process::Command::new("openssl")
-                    .args(args)
-                    .output()
-                    .expect("the openssl CLI generates the RSA test keys");
-                assert!(out.status.success(), "openssl {args:?}: {out:?}");
-            };
-            let (k, p) = (private.to_str().unwrap(), public.to_str().unwrap());
             openssl(&["genrsa", "-out", k, "2048"]);
             openssl(&["rsa", "-in", k, "-pubout", "-out", p]);
         }
@@ -749,7 +760,8 @@ fn jwt_tokens_work_on_every_cluster_member() {
         &["user", "grant-role", "u", "r"],
         &["auth", "enable"],
     ] {
-        ok(until_ok(&servers[0], args, 10), &args.join(" "));
+        // The first waits for the members to elect a leader.
+        ok(until_ok(&servers[0], args, 30), &args.join(" "));
     }
     ok(
         until_ok(&servers[1], &[U, "put", "p/1", "x"], 10),

@@ -261,8 +261,8 @@ impl JwtTokens {
                     .transpose()?;
                 match private {
                     Some(p) => {
-                        let kind = "PKCS#8 EC private";
-                        let der = private_der(p).ok_or(bad("priv-key", kind))?;
+                        let kind = "EC private";
+                        let der = ec_private_pkcs8(p, alg == ES256).ok_or(bad("priv-key", kind))?;
                         let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
                             curve,
                             &der,
@@ -357,6 +357,45 @@ fn private_der(pem: &[u8]) -> Option<Vec<u8>> {
     rustls_pki_types::PrivateKeyDer::from_pem_slice(pem)
         .ok()
         .map(|k| k.secret_der().to_vec())
+}
+
+/// An EC private key as PKCS#8 DER (what the signer takes): PKCS#8 PEM as is, a SEC1 `EC
+/// PRIVATE KEY` (what `openssl ecparam -genkey` writes, and etcd accepts) wrapped in a PKCS#8
+/// PrivateKeyInfo for the method's curve.
+fn ec_private_pkcs8(pem: &[u8], p256: bool) -> Option<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::PrivateKeyDer;
+    match PrivateKeyDer::from_pem_slice(pem).ok()? {
+        PrivateKeyDer::Pkcs8(k) => Some(k.secret_pkcs8_der().to_vec()),
+        PrivateKeyDer::Sec1(k) => {
+            // AlgorithmIdentifier { id-ecPublicKey, the curve's named-curve OID }.
+            const EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+            const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+            const P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+            let curve = if p256 { P256 } else { P384 };
+            let alg_id = der(0x30, &[EC_PUBLIC_KEY, curve].concat());
+            let version = [0x02, 0x01, 0x00];
+            let key = der(0x04, k.secret_sec1_der());
+            Some(der(0x30, &[&version[..], &alg_id, &key].concat()))
+        }
+        _ => None,
+    }
+}
+
+/// One DER element: tag, definite length, contents.
+fn der(tag: u8, contents: &[u8]) -> Vec<u8> {
+    let n = contents.len();
+    let mut out = vec![tag];
+    if n < 0x80 {
+        out.push(n as u8);
+    } else {
+        let bytes = n.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+    out.extend_from_slice(contents);
+    out
 }
 
 #[cfg(test)]
@@ -468,6 +507,15 @@ mod tests {
             .unwrap_err();
             assert!(matches!(e, TokenOptError::Mismatch), "{e}");
         }
+    }
+
+    #[test]
+    fn der_lengths() {
+        assert_eq!(der(0x04, &[1, 2]), vec![0x04, 2, 1, 2]);
+        let long = der(0x30, &[0u8; 200]);
+        assert_eq!(&long[..3], &[0x30, 0x81, 200]);
+        let longer = der(0x30, &[0u8; 300]);
+        assert_eq!(&longer[..4], &[0x30, 0x82, 0x01, 0x2c]);
     }
 
     #[test]
