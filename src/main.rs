@@ -310,7 +310,8 @@ struct ServeArgs {
     /// How often idle watches created with progress_notify hear they are current (Go duration).
     #[arg(long, default_value = "10m")]
     experimental_watch_progress_notify_interval: String,
-    /// Auth token kind (etcd's flag); only `simple` is served.
+    /// Auth token kind (etcd's flag): `simple`, or
+    /// `jwt,sign-method=RS256,priv-key=PATH[,pub-key=PATH][,ttl=5m]`.
     #[arg(long, default_value = "simple")]
     auth_token: String,
     /// Seconds a simple auth token lives after its last use (etcd's flag).
@@ -448,6 +449,23 @@ fn cluster_options(
     }))
 }
 
+/// The JWT signer/verifier `--auth-token jwt,…` asks for (`None` for simple tokens); bad
+/// options or keys refuse the start, naming the option.
+fn jwt_tokens(
+    flag: &str,
+) -> Result<Option<std::sync::Arc<spindle::auth::JwtTokens>>, spindle::Error> {
+    let invalid = |e: spindle::auth::TokenOptError| spindle::Error::InvalidArgument(e.to_string());
+    match spindle::auth::parse_auth_token(flag).map_err(invalid)? {
+        spindle::auth::TokenKind::Simple => Ok(None),
+        spindle::auth::TokenKind::Jwt(opts) => {
+            if !opts.unknown.is_empty() {
+                tracing::warn!(options = ?opts.unknown, "unknown --auth-token jwt options ignored");
+            }
+            Ok(Some(std::sync::Arc::new(opts.load().map_err(invalid)?)))
+        }
+    }
+}
+
 fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
     let invalid = |m: String| spindle::Error::InvalidArgument(m);
     let mut opts = Options::default();
@@ -512,13 +530,8 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
         })?,
         auth_token_ttl: std::time::Duration::from_secs(args.auth_token_ttl.max(1)),
         bcrypt_cost: args.bcrypt_cost,
+        jwt: jwt_tokens(&args.auth_token)?,
     };
-    if args.auth_token != "simple" && !args.auth_token.is_empty() {
-        return Err(invalid(format!(
-            "unsupported --auth-token {:?}: only \"simple\" is served (no JWT yet)",
-            args.auth_token
-        )));
-    }
     if let Some(c) = opts.cluster.as_mut() {
         c.client_urls = cfg.advertise_client_urls.clone();
     }

@@ -3,6 +3,7 @@
 
 /// gRPC status codes etcd uses for auth errors.
 pub mod code {
+    pub const UNKNOWN: u32 = 2;
     pub const INVALID_ARGUMENT: u32 = 3;
     pub const PERMISSION_DENIED: u32 = 7;
     pub const FAILED_PRECONDITION: u32 = 9;
@@ -53,6 +54,10 @@ pub enum AuthError {
     /// The OS random source failed while minting a token; nothing was issued.
     #[error("etcdserver: failed to generate auth token")]
     TokenGeneration,
+    /// Authenticate on a member started with only a JWT `pub-key`: it verifies tokens but
+    /// cannot sign them (etcd's error, which reaches clients as code Unknown).
+    #[error("auth: token signing attempted with verify-only key")]
+    VerifyOnlyKey,
     /// bcrypt refused the input (cost out of range); nothing was hashed.
     #[error("etcdserver: failed to hash password")]
     Hash,
@@ -77,6 +82,7 @@ impl AuthError {
             | AuthNotEnabled => code::FAILED_PRECONDITION,
             // A server-side failure, not the client's fault.
             TokenGeneration | Hash => code::INTERNAL,
+            VerifyOnlyKey => code::UNKNOWN,
         }
     }
 }

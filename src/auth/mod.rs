@@ -6,10 +6,12 @@
 //! - `snapshot`: the immutable, `Arc`-shared view the request path checks permissions against;
 //! - `password`: bcrypt hashing, done before an op is logged;
 //! - `token`: etcd's simple tokens with their TTL, and the stale-revision rule;
+//! - `jwt`: etcd's JWT tokens (`--auth-token jwt,…`), verifiable on every member;
 //! - `shared`: the node's state shared by every core, and each core's lock-free view of it.
 
 mod codec;
 pub mod error;
+pub mod jwt;
 pub mod password;
 pub mod shared;
 pub mod snapshot;
@@ -22,8 +24,9 @@ mod proptests;
 mod tests;
 
 pub use error::{AuthError, DecodeError};
+pub use jwt::{parse_auth_token, JwtTokens, TokenKind, TokenOptError};
 pub use password::{hash_password, verify_password, PasswordHash, DEFAULT_BCRYPT_COST};
-pub use shared::{AuthView, SharedAuth};
+pub use shared::{AuthView, SharedAuth, TokenInfo};
 pub use snapshot::{AuthSnapshot, Perm};
 pub use store::{
     prefix_end, AuthOp, AuthReply, AuthStore, Grant, PermType, Role, User, ROOT_ROLE, ROOT_USER,

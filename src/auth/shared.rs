@@ -1,6 +1,6 @@
 //! The node's auth state, shared by every core: the store (changed only by applied log records),
 //! the immutable snapshot the request path checks against, a generation counter that moves on
-//! every change, and this member's simple tokens.
+//! every change, and this member's tokens (simple ones in a table, or a JWT signer/verifier).
 //!
 //! The request path never locks: each core keeps an [`AuthView`] (generation + `Arc` of the
 //! snapshot) and refreshes it only when the counter moved, so a request costs one atomic load
@@ -8,10 +8,11 @@
 //! request after a change, and by token checks a core has not cached (see `server::auth`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::error::AuthError;
+use super::jwt::JwtTokens;
 use super::snapshot::AuthSnapshot;
 use super::store::{AuthOp, AuthReply, AuthStore};
 use super::token::SimpleTokens;
@@ -23,6 +24,17 @@ pub struct SharedAuth {
     store: Mutex<AuthStore>,
     snapshot: Mutex<Arc<AuthSnapshot>>,
     tokens: Mutex<SimpleTokens>,
+    /// Set once at start with `--auth-token jwt,…`; then it issues and verifies every token.
+    jwt: OnceLock<Arc<JwtTokens>>,
+}
+
+/// Who a token names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub user: String,
+    /// The auth revision a JWT was issued at; `None` for a simple token, which (as in etcd)
+    /// stands for the store's current revision.
+    pub revision: Option<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -36,7 +48,13 @@ impl SharedAuth {
             snapshot: Mutex::new(store.snapshot()),
             store: Mutex::new(store),
             tokens: Mutex::new(SimpleTokens::default()),
+            jwt: OnceLock::new(),
         }
+    }
+
+    /// Serves JWT tokens instead of simple ones (`--auth-token jwt,…`); the first call wins.
+    pub fn set_jwt(&self, jwt: Arc<JwtTokens>) {
+        let _ = self.jwt.set(jwt);
     }
 
     /// Sets the simple tokens' TTL (`--auth-token-ttl`); existing tokens are dropped if it
@@ -120,22 +138,43 @@ impl SharedAuth {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Issues a simple token for `user`, authenticated at auth `revision`.
+    /// Issues a token for `user`, authenticated at auth `revision`.
     pub fn issue_token(&self, user: &str, revision: u64) -> Result<String, AuthError> {
-        lock(&self.tokens).issue(user, revision, Instant::now())
+        match self.jwt.get() {
+            Some(jwt) => jwt.issue(user, revision, unix_now()),
+            None => lock(&self.tokens).issue(user, revision, Instant::now()),
+        }
     }
 
-    /// The user of a live token (renewing it), or `invalid auth token`.
-    pub fn lookup_token(&self, token: &str) -> Result<String, AuthError> {
-        lock(&self.tokens)
-            .lookup(token, Instant::now())
-            .map(|(user, _)| user)
+    /// Who a live token names (renewing a simple one), or `invalid auth token`.
+    pub fn lookup_token(&self, token: &str) -> Result<TokenInfo, AuthError> {
+        match self.jwt.get() {
+            Some(jwt) => jwt
+                .verify(token, unix_now())
+                .map(|(user, revision)| TokenInfo {
+                    user,
+                    revision: Some(revision),
+                }),
+            None => lock(&self.tokens)
+                .lookup(token, Instant::now())
+                .map(|(user, _)| TokenInfo {
+                    user,
+                    revision: None,
+                }),
+        }
     }
 
     /// Drops expired tokens (called periodically).
     pub fn purge_tokens(&self) -> usize {
         lock(&self.tokens).purge_expired(Instant::now())
     }
+}
+
+/// Wall-clock time since the Unix epoch (JWT `exp` is wall-clock, unlike simple tokens' TTL).
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 /// One core's view of the shared state: refreshed only when the generation moved.
@@ -195,7 +234,7 @@ mod tests {
         assert!(view.refresh(&shared));
         assert!(!view.refresh(&shared));
         let t = shared.issue_token("u", 2).unwrap();
-        assert_eq!(shared.lookup_token(&t).unwrap(), "u");
+        assert_eq!(shared.lookup_token(&t).unwrap().user, "u");
         shared.apply(&AuthOp::UserDelete { name: "u".into() });
         assert_eq!(shared.lookup_token(&t), Err(AuthError::InvalidAuthToken));
         assert!(view.refresh(&shared));

@@ -24,7 +24,10 @@
 //! - **Clusters.** The member a client talks to resolves the token and checks permissions
 //!   against its own applied auth state, then serves or relays the call; relayed calls are not
 //!   checked again (the peer transport carries no metadata). Tokens are per member: a token
-//!   works only on the member that issued it.
+//!   works only on the member that issued it. JWT tokens (`--auth-token jwt,…`) carry their
+//!   user, auth revision and expiry, signed: every member holding the key verifies them, and a
+//!   token issued before the auth state last changed is refused on key access with `revision of
+//!   auth store is old`, as in etcd.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -35,7 +38,7 @@ use bytes::Bytes;
 
 use super::grpc::{Code, Status};
 use super::{enc, one, Ctx};
-use crate::auth::{AuthError, AuthOp, AuthReply, AuthView, Perm, SharedAuth};
+use crate::auth::{AuthError, AuthOp, AuthReply, AuthView, Perm, SharedAuth, TokenInfo};
 use crate::proto::etcdserverpb as pb;
 
 /// How long a core trusts a token it resolved before asking the member's table again (which
@@ -48,7 +51,7 @@ const TOKEN_CACHE_MAX: usize = 4096;
 /// One core's auth state: its view of the node's snapshot and the tokens it resolved.
 pub(super) struct CoreAuth {
     view: RefCell<AuthView>,
-    tokens: RefCell<HashMap<String, (String, Instant)>>,
+    tokens: RefCell<HashMap<String, (TokenInfo, Instant)>>,
     bcrypt_cost: u32,
 }
 
@@ -70,15 +73,19 @@ pub(crate) enum Caller {
     /// No token.
     Anonymous,
     User(String),
+    /// A valid JWT issued at an auth revision older than the store's: key permission checks
+    /// fail with `revision of auth store is old` (the client re-authenticates), admin checks
+    /// still go by the name, as in etcd.
+    Stale(String),
     /// A token this member does not know (expired, from before a restart, from another
-    /// member).
+    /// member), or a JWT that does not verify.
     InvalidToken,
 }
 
 impl Caller {
     fn name(&self) -> &str {
         match self {
-            Caller::User(u) => u,
+            Caller::User(u) | Caller::Stale(u) => u,
             _ => "",
         }
     }
@@ -92,6 +99,21 @@ fn status(e: AuthError) -> Status {
 /// the Common Name of the client's verified TLS certificate: with `--client-cert-auth` it names
 /// the user when the call carries no token, as in etcd 3.4.
 pub(crate) fn identify(ctx: &Ctx, headers: &http::HeaderMap, cert_user: Option<&str>) -> Caller {
+    let token = headers
+        .get("token")
+        .or_else(|| headers.get("authorization"))
+        .and_then(|v| v.to_str().ok());
+    identify_token(ctx, token, cert_user)
+}
+
+/// The caller of a JSON gateway request: etcd's gateway passes on only the `Authorization`
+/// header (the bare token, no `Bearer`), never a `token` header.
+pub(crate) fn identify_gateway(ctx: &Ctx, headers: &http::HeaderMap) -> Caller {
+    let token = headers.get("authorization").and_then(|v| v.to_str().ok());
+    identify_token(ctx, token, None)
+}
+
+fn identify_token(ctx: &Ctx, token: Option<&str>, cert_user: Option<&str>) -> Caller {
     let shared = ctx.db.auth();
     let enabled = {
         let mut view = ctx.auth.view.borrow_mut();
@@ -103,24 +125,20 @@ pub(crate) fn identify(ctx: &Ctx, headers: &http::HeaderMap, cert_user: Option<&
     if !enabled {
         return Caller::Unchecked;
     }
-    let Some(token) = headers
-        .get("token")
-        .or_else(|| headers.get("authorization"))
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(token) = token else {
         return match cert_user {
             Some(cn) if ctx.cfg.client_cert_auth => Caller::User(cn.to_string()),
             _ => Caller::Anonymous,
         };
     };
     let now = Instant::now();
-    if let Some((user, at)) = ctx.auth.tokens.borrow().get(token) {
+    if let Some((info, at)) = ctx.auth.tokens.borrow().get(token) {
         if now.duration_since(*at) < TOKEN_RECHECK {
-            return Caller::User(user.clone());
+            return caller_of(ctx, info);
         }
     }
     match shared.lookup_token(token) {
-        Ok(user) => {
+        Ok(info) => {
             let mut cache = ctx.auth.tokens.borrow_mut();
             if cache.len() >= TOKEN_CACHE_MAX {
                 // Entries past their recheck time would be looked up again anyway.
@@ -129,8 +147,9 @@ pub(crate) fn identify(ctx: &Ctx, headers: &http::HeaderMap, cert_user: Option<&
                     cache.clear();
                 }
             }
-            cache.insert(token.to_string(), (user.clone(), now));
-            Caller::User(user)
+            let caller = caller_of(ctx, &info);
+            cache.insert(token.to_string(), (info, now));
+            caller
         }
         Err(_) => {
             ctx.auth.tokens.borrow_mut().remove(token);
@@ -139,8 +158,21 @@ pub(crate) fn identify(ctx: &Ctx, headers: &http::HeaderMap, cert_user: Option<&
     }
 }
 
+/// The caller a resolved token names: a JWT from an older auth revision is stale (etcd's
+/// `revision of auth store is old` on key access).
+fn caller_of(ctx: &Ctx, info: &TokenInfo) -> Caller {
+    let current = ctx.auth.view.borrow().snapshot().revision();
+    match info.revision {
+        Some(rev) if rev < current => Caller::Stale(info.user.clone()),
+        _ => Caller::User(info.user.clone()),
+    }
+}
+
 /// A permission check against this core's current view.
 fn perm(ctx: &Ctx, caller: &Caller, key: &[u8], range_end: &[u8], p: Perm) -> Result<(), Status> {
+    if matches!(caller, Caller::Stale(_)) {
+        return Err(status(AuthError::AuthOldRevision));
+    }
     ctx.auth
         .view
         .borrow()
@@ -182,7 +214,7 @@ fn decode<M: prost::Message + Default>(msgs: &[Bytes]) -> Option<M> {
 
 /// Write permission on every key attached to `lease` (etcd's `checkLeasePuts`).
 async fn lease_keys(ctx: &Ctx, caller: &Caller, lease: i64, p: Perm) -> Result<(), Status> {
-    if lease == 0 || is_root(ctx, caller) {
+    if lease == 0 || (matches!(caller, Caller::User(_)) && is_root(ctx, caller)) {
         return Ok(());
     }
     let Ok(ttl) = ctx.db.lease_time_to_live(lease, true).await else {

@@ -33,11 +33,7 @@ fn route(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
             "DeleteRangeResponse",
         ),
         "/v3/kv/txn" => ("/etcdserverpb.KV/Txn", "TxnRequest", "TxnResponse"),
-        "/v3/auth/authenticate" => (
-            "/etcdserverpb.Auth/Authenticate",
-            "AuthenticateRequest",
-            "AuthenticateResponse",
-        ),
+        p if p.starts_with("/v3/auth/") => return auth_route(p),
         "/v3/kv/compaction" => (
             "/etcdserverpb.KV/Compact",
             "CompactionRequest",
@@ -108,6 +104,93 @@ fn route(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
             "/v3electionpb.Election/Resign",
             "v3electionpb.ResignRequest",
             "v3electionpb.ResignResponse",
+        ),
+        _ => return None,
+    })
+}
+
+/// etcd 3.4's `/v3/auth/*` routes (its rpc.proto HTTP annotations).
+fn auth_route(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
+    Some(match path {
+        "/v3/auth/enable" => (
+            "/etcdserverpb.Auth/AuthEnable",
+            "AuthEnableRequest",
+            "AuthEnableResponse",
+        ),
+        "/v3/auth/disable" => (
+            "/etcdserverpb.Auth/AuthDisable",
+            "AuthDisableRequest",
+            "AuthDisableResponse",
+        ),
+        "/v3/auth/user/add" => (
+            "/etcdserverpb.Auth/UserAdd",
+            "AuthUserAddRequest",
+            "AuthUserAddResponse",
+        ),
+        "/v3/auth/user/get" => (
+            "/etcdserverpb.Auth/UserGet",
+            "AuthUserGetRequest",
+            "AuthUserGetResponse",
+        ),
+        "/v3/auth/user/list" => (
+            "/etcdserverpb.Auth/UserList",
+            "AuthUserListRequest",
+            "AuthUserListResponse",
+        ),
+        "/v3/auth/user/delete" => (
+            "/etcdserverpb.Auth/UserDelete",
+            "AuthUserDeleteRequest",
+            "AuthUserDeleteResponse",
+        ),
+        "/v3/auth/user/changepw" => (
+            "/etcdserverpb.Auth/UserChangePassword",
+            "AuthUserChangePasswordRequest",
+            "AuthUserChangePasswordResponse",
+        ),
+        "/v3/auth/user/grant" => (
+            "/etcdserverpb.Auth/UserGrantRole",
+            "AuthUserGrantRoleRequest",
+            "AuthUserGrantRoleResponse",
+        ),
+        "/v3/auth/user/revoke" => (
+            "/etcdserverpb.Auth/UserRevokeRole",
+            "AuthUserRevokeRoleRequest",
+            "AuthUserRevokeRoleResponse",
+        ),
+        "/v3/auth/role/add" => (
+            "/etcdserverpb.Auth/RoleAdd",
+            "AuthRoleAddRequest",
+            "AuthRoleAddResponse",
+        ),
+        "/v3/auth/role/get" => (
+            "/etcdserverpb.Auth/RoleGet",
+            "AuthRoleGetRequest",
+            "AuthRoleGetResponse",
+        ),
+        "/v3/auth/role/list" => (
+            "/etcdserverpb.Auth/RoleList",
+            "AuthRoleListRequest",
+            "AuthRoleListResponse",
+        ),
+        "/v3/auth/role/delete" => (
+            "/etcdserverpb.Auth/RoleDelete",
+            "AuthRoleDeleteRequest",
+            "AuthRoleDeleteResponse",
+        ),
+        "/v3/auth/role/grant" => (
+            "/etcdserverpb.Auth/RoleGrantPermission",
+            "AuthRoleGrantPermissionRequest",
+            "AuthRoleGrantPermissionResponse",
+        ),
+        "/v3/auth/role/revoke" => (
+            "/etcdserverpb.Auth/RoleRevokePermission",
+            "AuthRoleRevokePermissionRequest",
+            "AuthRoleRevokePermissionResponse",
+        ),
+        "/v3/auth/authenticate" => (
+            "/etcdserverpb.Auth/Authenticate",
+            "AuthenticateRequest",
+            "AuthenticateResponse",
         ),
         _ => return None,
     })

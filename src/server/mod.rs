@@ -72,6 +72,8 @@ pub struct ServerConfig {
     pub auth_token_ttl: Duration,
     /// etcd's `--bcrypt-cost` for hashing new passwords.
     pub bcrypt_cost: u32,
+    /// `--auth-token jwt,…`: tokens are signed JWTs instead of simple ones.
+    pub jwt: Option<Arc<crate::auth::JwtTokens>>,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +91,7 @@ impl Default for ServerConfig {
             watch_progress_notify_interval: watch::DEFAULT_PROGRESS_NOTIFY_INTERVAL,
             auth_token_ttl: crate::auth::DEFAULT_TOKEN_TTL,
             bcrypt_cost: crate::auth::DEFAULT_BCRYPT_COST,
+            jwt: None,
         }
     }
 }
@@ -212,6 +215,9 @@ pub fn start(
         Arc::new(move |db: LocalDb| {
             let (cluster_id, member_id) = db.identity();
             db.auth().set_token_ttl(cfg.auth_token_ttl);
+            if let Some(jwt) = &cfg.jwt {
+                db.auth().set_jwt(jwt.clone());
+            }
             let core_auth = auth::CoreAuth::new(db.auth(), cfg.bcrypt_cost);
             let first_core = db.core_id() == 0;
             let ctx = Rc::new(Ctx {
@@ -470,7 +476,7 @@ async fn serve_request(
         }
         ("POST", p) if p.starts_with("/v3/") => {
             // A token or nobody: certificates with a name were refused above.
-            let caller = auth::identify(ctx, req.headers(), None);
+            let caller = auth::identify_gateway(ctx, req.headers());
             Box::pin(gateway::handle(ctx, p, req.into_body(), caller)).await
         }
         _ => plain(

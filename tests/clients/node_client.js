@@ -3,6 +3,7 @@
 const { Etcd3 } = require('etcd3');
 
 const endpoint = process.argv[2];
+const authMode = process.argv[3] === 'auth';
 const client = new Etcd3({ hosts: endpoint });
 
 function check(cond, what) {
@@ -68,4 +69,40 @@ async function main() {
   console.log('ok');
 }
 
-main().catch((e) => { console.error(e && e.stack ? e.stack : e); process.exit(1); });
+// Authenticated run (auth enabled by the test: root, user u with readwrite on auth/, user
+// nobody without roles): user/password clients put and get; a refused user stays refused.
+async function mainAuth() {
+  const as = (username) => new Etcd3({ hosts: endpoint, auth: { username, password: 'pw' } });
+  const root = as('root');
+  await root.put('auth/root').value('r');
+  check((await root.get('auth/root').string()) === 'r', 'root get after put');
+  const u = as('u');
+  await u.put('auth/u').value('1');
+  check((await u.get('auth/u').string()) === '1', 'u get after put');
+  let refused = null;
+  try {
+    await u.put('outside').value('x');
+  } catch (e) {
+    refused = e;
+  }
+  check(refused && /permission denied/.test(refused.message), `u outside its range: ${refused}`);
+  const nobody = as('nobody');
+  refused = null;
+  try {
+    await nobody.get('auth/u').string();
+  } catch (e) {
+    refused = e;
+  }
+  check(refused && /permission denied/.test(refused.message), `nobody reads: ${refused}`);
+  refused = null;
+  try {
+    await client.get('auth/u').string();
+  } catch (e) {
+    refused = e;
+  }
+  check(refused && /user name is empty/.test(refused.message), `no credentials: ${refused}`);
+  for (const c of [root, u, nobody, client]) c.close();
+  console.log('ok');
+}
+
+(authMode ? mainAuth() : main()).catch((e) => { console.error(e && e.stack ? e.stack : e); process.exit(1); });

@@ -137,12 +137,59 @@ async fn run(endpoint: &str) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Whether `r` failed with a gRPC status whose message contains `needle`.
+fn refused<T>(r: Result<T, etcd_client::Error>, needle: &str) -> bool {
+    matches!(r, Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains(needle))
+}
+
+/// Authenticated run (auth enabled by the test: root, user u with readwrite on auth/, user
+/// nobody without roles): user/password clients put and get; refusals stay refusals.
+async fn run_auth(endpoint: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let opts = |user: &str| Some(etcd_client::ConnectOptions::new().with_user(user, "pw"));
+    let mut root = Client::connect([endpoint], opts("root")).await?;
+    root.put("auth/root", "r", None).await?;
+    let got = root.get("auth/root", None).await?;
+    check(
+        got.kvs().first().map(|kv| kv.value()) == Some(b"r"),
+        "root get after put",
+    )?;
+    let mut u = Client::connect([endpoint], opts("u")).await?;
+    u.put("auth/u", "1", None).await?;
+    let got = u.get("auth/u", None).await?;
+    check(
+        got.kvs().first().map(|kv| kv.value()) == Some(b"1"),
+        "u get after put",
+    )?;
+    check(
+        refused(u.put("outside", "x", None).await, "permission denied"),
+        "u outside its range",
+    )?;
+    let mut nobody = Client::connect([endpoint], opts("nobody")).await?;
+    check(
+        refused(nobody.get("auth/u", None).await, "permission denied"),
+        "nobody reads",
+    )?;
+    let mut anon = Client::connect([endpoint], None).await?;
+    check(
+        refused(anon.get("auth/u", None).await, "user name is empty"),
+        "no credentials",
+    )?;
+    println!("ok");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() {
-    let endpoint = std::env::args()
-        .nth(1)
-        .expect("usage: spindle-rust-client-check HOST:PORT");
-    if let Err(e) = run(&endpoint).await {
+    let mut args = std::env::args().skip(1);
+    let endpoint = args
+        .next()
+        .expect("usage: spindle-rust-client-check HOST:PORT [auth]");
+    let result = if args.next().as_deref() == Some("auth") {
+        run_auth(&endpoint).await
+    } else {
+        run(&endpoint).await
+    };
+    if let Err(e) = result {
         eprintln!("{e}");
         std::process::exit(1);
     }
