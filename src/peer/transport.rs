@@ -10,6 +10,11 @@
 //! batch frame per destination, one write. Raft tolerates loss, so a broken connection drops what
 //! was queued and is redialed with backoff; nothing here retries a message or a call.
 //!
+//! With `https://` peer URLs the connection is TLS ([`PeerTls`]): the listener runs the handshake
+//! before anything else (refusing plain TCP, a certificate from an unknown CA, or none where one is
+//! required), and a dialer verifies the member it reached with the URL's host as its name. A
+//! failed handshake closes that connection and is logged on both ends; nobody else is affected.
+//!
 //! Both sides check the other's `Hello` ([`check_hello`]): another cluster, another token,
 //! another shard count or protocol version, or a member the cluster does not know is refused with
 //! a message naming both sides' values, logged on both ends. A peer that sends an invalid frame is
@@ -24,7 +29,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_lite::io::{ReadHalf, WriteHalf};
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use super::codec::{
@@ -77,6 +82,47 @@ impl Replies {
 /// Receives everything that arrives on this core.
 pub type Handler = Rc<dyn Fn(Inbound)>;
 
+/// The bytes of one peer connection: the socket, or a TLS session over it.
+trait Duplex: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Duplex for T {}
+type PeerStream = Box<dyn Duplex>;
+
+/// TLS for `https://` peer URLs (`--peer-cert-file` and friends, or `--peer-auto-tls`).
+#[derive(Clone, Debug, Default)]
+pub struct PeerTls {
+    /// Set when this member's peer URL is `https://`: its listener speaks only TLS.
+    pub accept: Option<Arc<rustls::ServerConfig>>,
+    /// How this member dials `https://` peers (it presents its certificate); without it such
+    /// peers cannot be reached.
+    pub dial: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// How long either side has to finish a TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a peer URL (or a bare `host:port`, dialed without TLS) points.
+fn target(url: &str) -> (bool, &str) {
+    if let Some(rest) = url.strip_prefix("https://") {
+        (true, rest.trim_end_matches('/'))
+    } else {
+        (
+            false,
+            url.strip_prefix("http://")
+                .unwrap_or(url)
+                .trim_end_matches('/'),
+        )
+    }
+}
+
+/// An IO error as the transport reports it: a TLS failure (a refused certificate, an alert
+/// from the other side, TLS spoken to a plain port) is a refusal.
+fn describe(e: std::io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(t) => format!("refused: TLS: {t}"),
+        None => e.to_string(),
+    }
+}
+
 /// What a peer announced about itself in its handshake.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerInfo {
@@ -88,14 +134,16 @@ pub struct PeerInfo {
 #[derive(Clone, Debug)]
 pub struct PeerConfig {
     pub local: Hello,
-    /// Member id → `host:port` of its peer listener (this node excluded). Shared with the
-    /// cluster layer, which rewrites it when membership changes.
+    /// Member id → its peer URL (`http://host:port`, `https://host:port`, or a bare
+    /// `host:port`), this node excluded. Shared with the cluster layer, which rewrites it when
+    /// membership changes.
     pub peers: Arc<RwLock<BTreeMap<NodeId, String>>>,
     pub dial_timeout: Duration,
     /// What peers announced in their handshakes, shared with the rest of the node.
     pub peer_info: Arc<RwLock<BTreeMap<NodeId, PeerInfo>>>,
     /// The membership record (JSON) handed to a joining member; empty: joins are refused.
     pub membership: Arc<RwLock<Vec<u8>>>,
+    pub tls: PeerTls,
 }
 
 impl PeerConfig {
@@ -122,6 +170,7 @@ impl PeerConfig {
             dial_timeout: Duration::from_millis(500),
             peer_info: Arc::default(),
             membership: Arc::default(),
+            tls: PeerTls::default(),
         }
     }
 
@@ -172,22 +221,39 @@ impl PeerConfig {
     }
 }
 
-/// Asks the member at `addr` (`host:port`) for the cluster's membership, as a member started
-/// with `--initial-cluster-state existing` does before it opens its data dir. Blocking: it runs
-/// before any executor exists.
-pub fn request_membership(addr: &str, join: &Join, timeout: Duration) -> Result<Bytes, String> {
+/// Asks the member at peer URL `url` for the cluster's membership, as a member started with
+/// `--initial-cluster-state existing` does before it opens its data dir; `https://` URLs are
+/// dialed with `tls`. Blocking: it runs before any executor exists.
+pub fn request_membership(
+    url: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    join: &Join,
+    timeout: Duration,
+) -> Result<Bytes, String> {
     use std::io::{Read, Write};
+    let (secure, addr) = target(url);
     let sock = std::net::ToSocketAddrs::to_socket_addrs(addr)
         .map_err(|e| e.to_string())?
         .next()
         .ok_or_else(|| format!("{addr} resolves to nothing"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(timeout))
+    let tcp = std::net::TcpStream::connect_timeout(&sock, timeout).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout))
+    tcp.set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
+    trait Blocking: Read + Write {}
+    impl<T: Read + Write> Blocking for T {}
+    let mut s: Box<dyn Blocking> = if secure {
+        let cfg = tls.ok_or_else(|| no_dial_tls(url))?;
+        let name = crate::tls::server_name(addr)?;
+        let conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(|e| e.to_string())?;
+        Box::new(rustls::StreamOwned::new(conn, tcp))
+    } else {
+        Box::new(tcp)
+    };
     s.write_all(&codec::encode_join(join))
-        .map_err(|e| e.to_string())?;
+        .and_then(|()| s.flush())
+        .map_err(describe)?;
     let mut reader = FrameReader::default();
     let mut buf = vec![0u8; 64 << 10];
     loop {
@@ -201,9 +267,16 @@ pub fn request_membership(addr: &str, join: &Join, timeout: Duration) -> Result<
         match s.read(&mut buf) {
             Ok(0) => return Err(format!("{addr} closed before answering")),
             Ok(n) => reader.feed(&buf[..n]),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(describe(e)),
         }
     }
+}
+
+fn no_dial_tls(url: &str) -> String {
+    format!(
+        "peer URL {url} needs TLS, and this member has no peer certificate (--peer-cert-file and \
+         --peer-key-file, or --peer-auto-tls)"
+    )
 }
 
 fn who(h: &Hello) -> String {
@@ -416,6 +489,12 @@ impl Transport {
     }
 }
 
+/// Writes `bytes` whole and pushes them out (a TLS session may hold them back otherwise).
+async fn write_flush(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> Result<(), String> {
+    w.write_all(bytes).await.map_err(describe)?;
+    w.flush().await.map_err(describe)
+}
+
 async fn read_frame(
     stream: &mut (impl AsyncRead + Unpin),
     reader: &mut FrameReader,
@@ -428,7 +507,7 @@ async fn read_frame(
         match stream.read(buf).await {
             Ok(0) => return Ok(None),
             Ok(n) => reader.feed(&buf[..n]),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(describe(e)),
         }
     }
 }
@@ -447,6 +526,32 @@ async fn accept_loop(t: Rc<Transport>, listener: TcpListener) {
                         .peer_addr()
                         .map(|a| a.to_string())
                         .unwrap_or_default();
+                    let stream: PeerStream = match t.cfg.tls.accept.clone() {
+                        None => Box::new(stream),
+                        Some(cfg) => {
+                            let acceptor = futures_rustls::TlsAcceptor::from(cfg);
+                            let handshake = async {
+                                Ok::<_, glommio::GlommioError<()>>(acceptor.accept(stream).await)
+                            };
+                            let shook = glommio::timer::timeout(TLS_HANDSHAKE_TIMEOUT, handshake);
+                            let shaken = match t.until_closed(shook).await {
+                                None => return,
+                                Some(Ok(Ok(s))) => Ok(s),
+                                Some(Ok(Err(e))) => Err(describe(e)),
+                                Some(Err(_)) => Err("refused: TLS: handshake timed out".into()),
+                            };
+                            match shaken {
+                                Ok(s) => Box::new(s),
+                                Err(e) => {
+                                    // Plain TCP, an untrusted certificate or none where one is
+                                    // required: this connection closes, nobody else is affected.
+                                    tracing::warn!(peer = %peer, error = %e, "peer TLS handshake refused");
+                                    t.note_error(true, e);
+                                    return;
+                                }
+                            }
+                        }
+                    };
                     if let Some(Err(e)) = t.until_closed(serve_inbound(&t, stream)).await {
                         tracing::warn!(peer = %peer, error = %e, "peer connection closed");
                         t.note_error(e.starts_with("refused"), e);
@@ -463,7 +568,7 @@ async fn accept_loop(t: Rc<Transport>, listener: TcpListener) {
 }
 
 /// One accepted connection: handshake, then Raft batches until the peer goes away.
-async fn serve_inbound(t: &Rc<Transport>, mut stream: TcpStream) -> Result<(), String> {
+async fn serve_inbound(t: &Rc<Transport>, mut stream: PeerStream) -> Result<(), String> {
     let mut reader = FrameReader::default();
     let mut buf = vec![0u8; 64 << 10];
     let Some(first) = read_frame(&mut stream, &mut reader, &mut buf).await? else {
@@ -479,19 +584,16 @@ async fn serve_inbound(t: &Rc<Transport>, mut stream: TcpStream) -> Result<(), S
                     codec::encode_refusal(&reason)
                 }
             };
-            return stream.write_all(&answer).await.map_err(|e| e.to_string());
+            return write_flush(&mut stream, &answer).await;
         }
         other => return Err(format!("expected a hello, got {other:?}")),
     };
     if let Err(reason) = t.cfg.knows(&hello) {
-        let _ = stream.write_all(&codec::encode_refusal(&reason)).await;
+        let _ = write_flush(&mut stream, &codec::encode_refusal(&reason)).await;
         return Err(format!("refused: {reason}"));
     }
     t.note_peer(&hello);
-    stream
-        .write_all(&codec::encode_hello(&t.cfg.local))
-        .await
-        .map_err(|e| e.to_string())?;
+    write_flush(&mut stream, &codec::encode_hello(&t.cfg.local)).await?;
     let (from, to) = (hello.member_id, t.cfg.local.member_id);
     let (mut rd, wr) = futures_lite::io::split(stream);
     let replies = Rc::new(Replies {
@@ -543,7 +645,7 @@ async fn serve_inbound(t: &Rc<Transport>, mut stream: TcpStream) -> Result<(), S
 
 /// Writes the answers to calls that arrived on one accepted connection back on it, those
 /// ready together in one frame, until the connection ends.
-async fn write_replies(t: Rc<Transport>, mut wr: WriteHalf<TcpStream>, replies: Rc<Replies>) {
+async fn write_replies(t: Rc<Transport>, mut wr: WriteHalf<PeerStream>, replies: Rc<Replies>) {
     loop {
         let l = replies.ready.listen();
         if replies.closed.get() || t.closed.get() {
@@ -560,7 +662,7 @@ async fn write_replies(t: Rc<Transport>, mut wr: WriteHalf<TcpStream>, replies: 
             ..Default::default()
         };
         match t
-            .until_closed(wr.write_all(&codec::encode_batch(&batch)))
+            .until_closed(write_flush(&mut wr, &codec::encode_batch(&batch)))
             .await
         {
             Some(Ok(())) => t.stats.frames_sent.set(t.stats.frames_sent.get() + 1),
@@ -579,7 +681,7 @@ async fn write_replies(t: Rc<Transport>, mut wr: WriteHalf<TcpStream>, replies: 
 async fn read_answers(
     t: Rc<Transport>,
     link: Rc<Link>,
-    mut rd: ReadHalf<TcpStream>,
+    mut rd: ReadHalf<PeerStream>,
     broken: Rc<Cell<bool>>,
 ) {
     let mut reader = FrameReader::default();
@@ -615,7 +717,7 @@ async fn read_answers(
 async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
     let mut backoff = Duration::from_millis(50);
     // The write half of the connection, and whether its reader saw it end.
-    let mut conn: Option<(WriteHalf<TcpStream>, Rc<Cell<bool>>)> = None;
+    let mut conn: Option<(WriteHalf<PeerStream>, Rc<Cell<bool>>)> = None;
     while !t.closed.get() {
         if conn.as_ref().is_some_and(|(_, broken)| broken.get()) {
             conn = None;
@@ -672,7 +774,7 @@ async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
             continue;
         };
         link.writing.set(true);
-        let written = t.until_closed(s.write_all(&frame)).await;
+        let written = t.until_closed(write_flush(s, &frame)).await;
         link.writing.set(false);
         link.taken.notify(usize::MAX);
         let Some(written) = written else {
@@ -693,30 +795,51 @@ async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
     }
 }
 
-/// Connects to member `to` and completes the handshake.
-async fn dial(t: &Rc<Transport>, to: NodeId) -> Result<TcpStream, String> {
-    let addr = t
+/// Connects to member `to` (over TLS if its URL is `https://`) and completes the handshake.
+async fn dial(t: &Rc<Transport>, to: NodeId) -> Result<PeerStream, String> {
+    let url = t
         .cfg
         .addr_of(to)
         .ok_or_else(|| format!("no address for member {to:x}"))?;
-    let sock: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+    let (secure, addr) = target(&url);
+    let sock: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr)
         .map_err(|e| e.to_string())?
         .next()
         .ok_or_else(|| format!("{addr} resolves to nothing"))?;
-    let mut s = TcpStream::connect_timeout(sock, t.cfg.dial_timeout)
+    let tcp = TcpStream::connect_timeout(sock, t.cfg.dial_timeout)
         .await
         .map_err(|e| e.to_string())?;
-    let _ = s.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let mut s: PeerStream = if secure {
+        let cfg = t.cfg.tls.dial.clone().ok_or_else(|| no_dial_tls(&url))?;
+        let name = crate::tls::server_name(addr)?;
+        let connector = futures_rustls::TlsConnector::from(cfg);
+        let handshake =
+            async { Ok::<_, glommio::GlommioError<()>>(connector.connect(name, tcp).await) };
+        match glommio::timer::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(s)) => Box::new(s),
+            Ok(Err(e)) => return Err(format!("{} (dialing {url})", describe(e))),
+            Err(_) => return Err(format!("refused: TLS: handshake with {url} timed out")),
+        }
+    } else {
+        Box::new(tcp)
+    };
     let mut hello = t.cfg.local.clone();
     hello.to_member = to;
-    s.write_all(&codec::encode_hello(&hello))
-        .await
-        .map_err(|e| e.to_string())?;
+    write_flush(&mut s, &codec::encode_hello(&hello)).await?;
     let mut reader = FrameReader::default();
     let mut buf = vec![0u8; 4096];
     let reply = read_frame(&mut s, &mut reader, &mut buf)
-        .await?
-        .ok_or_else(|| format!("{addr} closed during the handshake"))?;
+        .await
+        .map_err(|e| format!("{e} (dialing {url})"))?
+        .ok_or_else(|| {
+            if secure {
+                format!("{addr} closed during the handshake")
+            } else {
+                // A TLS listener answers a plain hello with an alert and hangs up.
+                format!("{addr} closed during the handshake (is it a TLS peer port?)")
+            }
+        })?;
     match codec::decode(&reply, 0, 0).map_err(|e| e.to_string())? {
         PeerMsg::Hello(h) => {
             let mut expect = h.clone();
