@@ -489,6 +489,30 @@ impl Transport {
     }
 }
 
+/// The first frame on a plain peer port, refusing a TLS client at once.
+async fn read_first_plain(
+    stream: &mut (impl AsyncRead + Unpin),
+    reader: &mut FrameReader,
+    buf: &mut [u8],
+) -> Result<Option<bytes::Bytes>, String> {
+    loop {
+        if reader.starts_like_tls() {
+            return Err(
+                "refused: TLS spoken to a plain peer port (this member's peer URL is http://)"
+                    .to_string(),
+            );
+        }
+        if let Some(f) = reader.next_frame().map_err(|e| e.to_string())? {
+            return Ok(Some(f));
+        }
+        match stream.read(buf).await {
+            Ok(0) => return Ok(None),
+            Ok(n) => reader.feed(&buf[..n]),
+            Err(e) => return Err(describe(e)),
+        }
+    }
+}
+
 /// Writes `bytes` whole and pushes them out (a TLS session may hold them back otherwise).
 async fn write_flush(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> Result<(), String> {
     w.write_all(bytes).await.map_err(describe)?;
@@ -571,7 +595,12 @@ async fn accept_loop(t: Rc<Transport>, listener: TcpListener) {
 async fn serve_inbound(t: &Rc<Transport>, mut stream: PeerStream) -> Result<(), String> {
     let mut reader = FrameReader::default();
     let mut buf = vec![0u8; 64 << 10];
-    let Some(first) = read_frame(&mut stream, &mut reader, &mut buf).await? else {
+    let first = if t.cfg.tls.accept.is_some() {
+        read_frame(&mut stream, &mut reader, &mut buf).await?
+    } else {
+        read_first_plain(&mut stream, &mut reader, &mut buf).await?
+    };
+    let Some(first) = first else {
         return Ok(());
     };
     let hello = match codec::decode(&first, 0, 0).map_err(|e| e.to_string())? {
@@ -818,7 +847,13 @@ async fn dial(t: &Rc<Transport>, to: NodeId) -> Result<PeerStream, String> {
             async { Ok::<_, glommio::GlommioError<()>>(connector.connect(name, tcp).await) };
         match glommio::timer::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
             Ok(Ok(s)) => Box::new(s),
-            Ok(Err(e)) => return Err(format!("{} (dialing {url})", describe(e))),
+            Ok(Err(e)) => {
+                // Whatever ends a TLS handshake (an untrusted certificate, a plain port that
+                // hangs up) is a refusal.
+                let e = describe(e);
+                let e = e.strip_prefix("refused: TLS: ").unwrap_or(&e);
+                return Err(format!("refused: TLS handshake with {url}: {e}"));
+            }
             Err(_) => return Err(format!("refused: TLS: handshake with {url} timed out")),
         }
     } else {
@@ -1058,6 +1093,131 @@ mod tests {
             );
             assert_eq!(got.borrow()[3], "unsent 2 [3]");
             a.close();
+        });
+    }
+
+    /// Peer TLS for a member with certificate `name` (signed by `issuer`, for 127.0.0.1), which
+    /// trusts `ca_pem` and requires the same of members that dial it.
+    fn member_tls(
+        dir: &std::path::Path,
+        name: &str,
+        issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+        ca_pem: &str,
+    ) -> PeerTls {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, issuer).unwrap();
+        let path = |f: &str| dir.join(format!("{name}-{f}"));
+        std::fs::write(path("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(path("ca.pem"), ca_pem).unwrap();
+        let files = crate::tls::TlsFiles {
+            side: crate::tls::Side::Peer,
+            cert_file: Some(path("cert.pem")),
+            key_file: Some(path("key.pem")),
+            trusted_ca_file: Some(path("ca.pem")),
+            client_cert_auth: true,
+            self_signed: false,
+        };
+        PeerTls {
+            accept: Some(Arc::new(crate::tls::server_config(&files).unwrap())),
+            dial: Some(Arc::new(crate::tls::client_config(&files).unwrap())),
+        }
+    }
+
+    fn ca(cn: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = p.self_signed(&key).unwrap();
+        (cert.pem(), rcgen::Issuer::new(p, key))
+    }
+
+    #[test]
+    fn tls_links_carry_batches_and_refuse_strangers_and_the_wrong_protocol() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca_pem, issuer) = ca("peer CA");
+        let (_, other) = ca("another CA");
+        let tls1 = member_tls(dir.path(), "m1", &issuer, &ca_pem);
+        let tls2 = member_tls(dir.path(), "m2", &issuer, &ca_pem);
+        // Trusts the cluster's CA, but its own certificate comes from another.
+        let tls3 = member_tls(dir.path(), "m3", &other, &ca_pem);
+        run_local(|| async move {
+            let ports: BTreeMap<u64, u16> = (1..=4).map(|id| (id, free_port())).collect();
+            // Members 1-3 listen with TLS, member 4 without; each dials with the scheme it
+            // believes in.
+            let table = |me: u64, schemes: [&str; 4]| -> PeerConfig {
+                let peers = ports
+                    .iter()
+                    .filter(|(&id, _)| id != me)
+                    .map(|(&id, p)| (id, format!("{}://127.0.0.1:{p}", schemes[id as usize - 1])))
+                    .collect();
+                PeerConfig::new(77, me, 1, &format!("n{me}"), "tok", peers)
+            };
+            let tls = ["https", "https", "https", "http"];
+            let with = |mut c: PeerConfig, t: &PeerTls| {
+                c.tls = t.clone();
+                c
+            };
+            // Member 1 also believes member 4 speaks TLS.
+            let (a, _) = start(with(table(1, ["https"; 4]), &tls1), ports[&1]);
+            let (b, got_b) = start(with(table(2, tls), &tls2), ports[&2]);
+            let (c, _) = start(with(table(3, tls), &tls3), ports[&3]);
+            // Member 4 dials member 2 in plain TCP.
+            let (d, _) = start(table(4, ["http"; 4]), ports[&4]);
+
+            a.send(2, 0, Message::new(MessageKind::Heartbeat, 1, 2, 3));
+            a.flush();
+            assert!(
+                wait_for(|| got_b.borrow().len() == 1).await,
+                "mTLS link carries batches"
+            );
+
+            // Another CA's certificate: refused at the handshake, logged on both ends.
+            c.send(2, 0, Message::new(MessageKind::Heartbeat, 3, 2, 3));
+            c.flush();
+            assert!(wait_for(|| b.stats.refused.get() > 0 && c.stats.refused.get() > 0).await);
+            let err = b.stats.last_error.borrow().clone().unwrap();
+            assert!(err.starts_with("refused: TLS"), "{err}");
+            let err = c.stats.last_error.borrow().clone().unwrap();
+            assert!(
+                err.starts_with("refused: TLS") && err.contains("alert"),
+                "{err}"
+            );
+
+            // Plain TCP on a TLS port is refused by the TLS side.
+            let before = b.stats.refused.get();
+            d.send(2, 0, Message::new(MessageKind::Heartbeat, 4, 2, 3));
+            d.flush();
+            assert!(wait_for(|| b.stats.refused.get() > before).await);
+            assert!(d.stats.frames_sent.get() == 0 && got_b.borrow().len() == 1);
+
+            // TLS on a plain port is refused at once by the plain side, and the dialer says so.
+            a.send(4, 0, Message::new(MessageKind::Heartbeat, 1, 4, 3));
+            a.flush();
+            assert!(wait_for(|| d.stats.refused.get() > 0 && a.stats.refused.get() > 0).await);
+            let err = d.stats.last_error.borrow().clone().unwrap();
+            assert!(err.contains("TLS spoken to a plain peer port"), "{err}");
+            let err = a.stats.last_error.borrow().clone().unwrap();
+            assert!(
+                err.starts_with("refused: TLS handshake with https://"),
+                "{err}"
+            );
+
+            // The good link still works.
+            a.send(2, 0, Message::new(MessageKind::Heartbeat, 1, 2, 4));
+            a.flush();
+            assert!(wait_for(|| got_b.borrow().len() == 2).await);
+            for t in [a, b, c, d] {
+                t.close();
+            }
         });
     }
 
