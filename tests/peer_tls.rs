@@ -3,7 +3,8 @@
 //! `--peer-trusted-ca-file`, `--peer-client-cert-auth`) serving writes through every member and a
 //! killed member catching up; a member added with an `https://` peer URL whose process presents a
 //! certificate from another CA, refused at the handshake (both logs say so) while the cluster
-//! keeps serving, and plain TCP on a TLS peer port refused; and `--auto-tls` + `--peer-auto-tls`
+//! keeps serving, and plain TCP on a TLS peer port refused, then the member joining with a good
+//! certificate; and `--auto-tls` + `--peer-auto-tls`
 //! clusters of spindle and of etcd 3.4 driven by the same etcdctl commands
 //! (`--insecure-skip-tls-verify`), their outputs and self-signed certificates compared.
 //!
@@ -292,6 +293,19 @@ fn a_member_with_a_certificate_from_another_ca_is_refused_and_the_cluster_keeps_
         "{}",
         list.stdout
     );
+    drop(stranger);
+
+    // With a certificate from the cluster's CA the added member joins over TLS and catches up.
+    let mut m3 = Server::spawn_on(
+        Kind::Spindle,
+        ports[3],
+        &mtls_member(&pki, "m3", "m3", &ports[3], &initial, "existing"),
+    );
+    m3.wait_ready();
+    let e3 = m3.endpoint();
+    wait_for("m3 to catch up", 20, || local_value(&e3, "after2") == "ok");
+    let list = servers[1].etcdctl(&["member", "list"]);
+    assert!(!list.stdout.contains("unstarted"), "{}", list.stdout);
 }
 
 /// A server of `kind` with `https://` client and peer URLs and auto TLS on both.
