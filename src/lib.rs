@@ -18,6 +18,7 @@ pub mod restore;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;
+pub mod tls;
 pub mod wal;
 
 pub use db::{

@@ -266,6 +266,30 @@ struct ServeArgs {
     /// trusted CA, and with auth enabled its Common Name is the user of calls without a token.
     #[arg(long)]
     client_cert_auth: bool,
+    /// Client TLS using a self-signed certificate made at start (under DATA_DIR/fixtures/client)
+    /// when https:// client URLs are listed without --cert-file and --key-file.
+    #[arg(long)]
+    auto_tls: bool,
+    /// Path to the peer TLS cert file (PEM), for https:// peer URLs: served to members that dial
+    /// this one and presented when dialing them.
+    #[arg(long)]
+    peer_cert_file: Option<PathBuf>,
+    /// Path to the peer TLS key file (PEM).
+    #[arg(long)]
+    peer_key_file: Option<PathBuf>,
+    /// Path to the peer TLS trusted CA file (PEM): the certificates of the members this one
+    /// dials, and of those dialing it under --peer-client-cert-auth, must be signed by its CAs.
+    #[arg(long)]
+    peer_trusted_ca_file: Option<PathBuf>,
+    /// Enable peer client cert authentication: members dialing this one must present a
+    /// certificate signed by a CA of --peer-trusted-ca-file.
+    #[arg(long)]
+    peer_client_cert_auth: bool,
+    /// Peer TLS using self-signed certificates made at start (under DATA_DIR/fixtures/peer)
+    /// when https:// peer URLs are listed without --peer-cert-file and --peer-key-file; peer
+    /// certificates are then not verified.
+    #[arg(long)]
+    peer_auto_tls: bool,
     /// Client URLs advertised to clients (member list); default: the listen URLs.
     #[arg(long)]
     advertise_client_urls: Option<String>,
@@ -282,7 +306,8 @@ struct ServeArgs {
     /// Cluster token: member and cluster ids derive from it and the peer URLs.
     #[arg(long, default_value = "etcd-cluster")]
     initial_cluster_token: String,
-    /// URLs to listen on for peer traffic (http only; one is used).
+    /// URLs to listen on for peer traffic (one is used; https:// ones speak TLS with the --peer-*
+    /// TLS flags).
     #[arg(long, default_value = "http://localhost:2380")]
     listen_peer_urls: String,
     /// Time between heartbeats, in milliseconds (also the Raft tick).
@@ -436,6 +461,28 @@ fn cluster_options(
             args.election_timeout, args.heartbeat_interval
         )));
     }
+    let split = |s: &str| {
+        s.split(',')
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect::<Vec<String>>()
+    };
+    let mut others: Vec<String> = members.values().flatten().cloned().collect();
+    others.extend(advertised.iter().cloned());
+    let peer_tls = spindle::tls::peer_tls(
+        spindle::tls::TlsFiles {
+            side: spindle::tls::Side::Peer,
+            cert_file: args.peer_cert_file.clone(),
+            key_file: args.peer_key_file.clone(),
+            trusted_ca_file: args.peer_trusted_ca_file.clone(),
+            client_cert_auth: args.peer_client_cert_auth,
+            self_signed: false,
+        },
+        args.peer_auto_tls,
+        &args.data_dir.join("fixtures").join("peer"),
+        &split(&args.listen_peer_urls),
+        &others,
+    )?;
     Ok(Some(spindle::db::ClusterOptions {
         name: args.name.clone(),
         initial_cluster: initial.to_string(),
@@ -446,6 +493,7 @@ fn cluster_options(
         heartbeat: std::time::Duration::from_millis(args.heartbeat_interval),
         election: std::time::Duration::from_millis(args.election_timeout),
         client_urls: Vec::new(),
+        peer_tls,
     }))
 }
 
@@ -482,11 +530,12 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
         &args.auto_compaction_retention,
     )?;
     let listen = spindle::server::parse_listen_urls(&args.listen_client_urls)?;
-    let tls_files = spindle::server::tls::TlsFiles {
+    let mut tls_files = spindle::server::tls::TlsFiles {
         cert_file: args.cert_file.clone(),
         key_file: args.key_file.clone(),
         trusted_ca_file: args.trusted_ca_file.clone(),
         client_cert_auth: args.client_cert_auth,
+        ..Default::default()
     };
     // As etcd: the files are read at start, and a bad one stops the server there.
     let tls = if listen.https.is_empty() {
@@ -495,6 +544,15 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
         }
         None
     } else {
+        if args.auto_tls {
+            let listen_urls: Vec<String> = args
+                .listen_client_urls
+                .split(',')
+                .map(|u| u.trim().to_string())
+                .collect();
+            let fixtures = args.data_dir.join("fixtures").join("client");
+            spindle::tls::client_auto_tls(&mut tls_files, &fixtures, &listen_urls)?;
+        }
         Some(spindle::server::tls::server_config(&tls_files)?)
     };
     let split = |s: &str| {

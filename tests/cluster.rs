@@ -61,6 +61,7 @@ fn members_advertising(listen: &[u16], advertise: &[u16]) -> Vec<Member> {
                     heartbeat: Duration::from_millis(20),
                     election: Duration::from_millis(200),
                     client_urls: Vec::new(),
+                    ..ClusterOptions::default()
                 }),
                 ..common::db::opts(1, 2)
             };

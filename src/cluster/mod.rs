@@ -22,7 +22,7 @@ pub const DEFAULT_TOKEN: &str = "etcd-cluster";
 pub enum ClusterError {
     #[error("--initial-cluster: {entry:?} is not NAME=URL")]
     MalformedEntry { entry: String },
-    #[error("--initial-cluster: URL {url:?} is not http://host:port")]
+    #[error("--initial-cluster: URL {url:?} is not http://host:port or https://host:port")]
     BadUrl { url: String },
     #[error("--initial-cluster has no member named {name:?} (it names {names})")]
     NotInCluster { name: String, names: String },
@@ -112,18 +112,26 @@ fn first_u64(digest: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// Checks that `url` is `http://host:port` and returns `host:port`.
+/// Checks that `url` is `http://host:port` or `https://host:port` and returns `host:port`.
 pub fn url_authority(url: &str) -> Result<&str, ClusterError> {
     let bad = || ClusterError::BadUrl {
         url: url.to_string(),
     };
-    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(bad)?;
     let rest = rest.trim_end_matches('/');
     let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
     if host.is_empty() || rest.contains('/') || port.parse::<u16>().is_err() {
         return Err(bad());
     }
     Ok(rest)
+}
+
+/// Whether peers reach `url` over TLS (`https://`).
+pub fn is_tls_url(url: &str) -> bool {
+    url.starts_with("https://")
 }
 
 /// `--initial-cluster`: `name=url[,name=url...]`, a name listed once per peer URL.
@@ -268,7 +276,7 @@ impl Membership {
     }
 
     /// Checks peer URLs for a new member (`except` = None) or for member `except` changing
-    /// its own: each must be `http://host:port`, and none may belong to another member.
+    /// its own: each must be `http://host:port` or `https://host:port`, and none may belong to another member.
     pub fn check_peer_urls(
         &self,
         urls: &[String],
@@ -290,8 +298,16 @@ impl Membership {
 
     /// The first peer URL's `host:port` of member `id`.
     pub fn peer_addr(&self, id: u64) -> Option<&str> {
+        self.peer_url(id).and_then(|u| url_authority(u).ok())
+    }
+
+    /// The first well-formed peer URL of member `id`: what its peers dial (TLS for `https://`).
+    pub fn peer_url(&self, id: u64) -> Option<&str> {
         let m = self.members.get(&id)?;
-        m.peer_urls.iter().find_map(|u| url_authority(u).ok())
+        m.peer_urls
+            .iter()
+            .find(|u| url_authority(u).is_ok())
+            .map(String::as_str)
     }
 }
 
@@ -415,9 +431,11 @@ mod tests {
             Err(ClusterError::MalformedEntry { .. })
         ));
         assert!(matches!(
-            parse_initial_cluster("n1=https://x:1"),
+            parse_initial_cluster("n1=ftp://x:1"),
             Err(ClusterError::BadUrl { .. })
         ));
+        assert_eq!(url_authority("https://x:1"), Ok("x:1"));
+        assert!(is_tls_url("https://x:1") && !is_tls_url("http://x:1"));
         assert!(matches!(
             parse_initial_cluster("n1=http://x:1,n2=http://x:1"),
             Err(ClusterError::DuplicateUrl { .. })

@@ -20,7 +20,8 @@ use crate::engine::replica::{Group, NodeGate};
 use crate::engine::revision::RevisionClock;
 use crate::error::{Error, Result};
 use crate::peer::{
-    request_membership, Inbound, Join, PeerConfig, PeerInfo, ReadStamp, Transport, PROTOCOL_VERSION,
+    request_membership, Inbound, Join, PeerConfig, PeerInfo, PeerTls, ReadStamp, Transport,
+    PROTOCOL_VERSION,
 };
 use crate::raft::{ConfChange, ConfState, EntryKind, Message, MessageKind, Role};
 
@@ -46,6 +47,8 @@ pub struct ClusterOptions {
     /// `--advertise-client-urls`, announced to peers (they forward writes here when this
     /// member leads).
     pub client_urls: Vec<String>,
+    /// TLS for `https://` peer URLs: accepting on this member's, dialing others'.
+    pub peer_tls: PeerTls,
 }
 
 impl Default for ClusterOptions {
@@ -60,6 +63,7 @@ impl Default for ClusterOptions {
             heartbeat: Duration::from_millis(100),
             election: Duration::from_millis(1000),
             client_urls: Vec::new(),
+            peer_tls: PeerTls::default(),
         }
     }
 }
@@ -81,7 +85,8 @@ pub(super) struct ClusterState {
     /// The leader of shard 0 as this node last saw it (0: none): the node every shard follows.
     leader_node: AtomicU64,
     pub(super) client_urls: Vec<String>,
-    /// What the transports dial (member id → peer address), rewritten on membership changes.
+    peer_tls: PeerTls,
+    /// What the transports dial (member id → peer URL), rewritten on membership changes.
     peers: Arc<RwLock<BTreeMap<u64, String>>>,
     /// The membership handed to joining members.
     membership_json: Arc<RwLock<Vec<u8>>>,
@@ -168,6 +173,7 @@ impl ClusterState {
             gate: NodeGate::new(nshards),
             leader_node: AtomicU64::new(0),
             client_urls: opts.client_urls.clone(),
+            peer_tls: opts.peer_tls.clone(),
             peers: Arc::default(),
             membership_json: Arc::default(),
             peer_info: Arc::default(),
@@ -245,7 +251,7 @@ impl ClusterState {
             .members
             .keys()
             .filter(|&&id| id != self.member_id)
-            .filter_map(|&id| Some((id, m.peer_addr(id)?.to_string())))
+            .filter_map(|&id| Some((id, m.peer_url(id)?.to_string())))
             .collect();
         if let Ok(mut p) = self.peers.write() {
             *p = peers;
@@ -288,6 +294,7 @@ impl ClusterState {
         cfg.peers = self.peers.clone();
         cfg.peer_info = self.peer_info.clone();
         cfg.membership = self.membership_json.clone();
+        cfg.tls = self.peer_tls.clone();
         cfg
     }
 
@@ -321,10 +328,11 @@ fn join(opts: &ClusterOptions, nshards: u32) -> Result<(Membership, u64)> {
         .flatten()
         .filter(|u| !opts.advertise_peer_urls.contains(u))
     {
-        let Ok(addr) = url_authority(url) else {
+        if url_authority(url).is_err() {
             continue;
-        };
-        match request_membership(addr, &request, Duration::from_secs(2)) {
+        }
+        let tls = opts.peer_tls.dial.as_ref();
+        match request_membership(url, tls, &request, Duration::from_secs(2)) {
             Ok(bytes) => match Membership::decode(&bytes) {
                 Ok(m) => {
                     found = Some(m);

@@ -412,6 +412,13 @@ impl FrameReader {
         self.buf.extend_from_slice(data);
     }
 
+    /// Whether the stream opens with a TLS handshake record (type 22, version 3.x), which a
+    /// plain peer port must refuse at once: read as a frame header it announces a frame of over
+    /// 64 KiB, far more than any hello, and both ends would wait for bytes that never come.
+    pub fn starts_like_tls(&self) -> bool {
+        self.buf.len() >= 3 && self.buf[0] == 0x16 && self.buf[1] == 0x03 && self.buf[2] <= 0x04
+    }
+
     /// The next whole frame's payload, `None` if more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Bytes>, CodecError> {
         if self.buf.len() < HEADER_LEN {

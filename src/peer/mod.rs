@@ -10,5 +10,5 @@ pub mod transport;
 
 pub use codec::{CodecError, Hello, Join, PeerMsg, ReadStamp, PROTOCOL_VERSION};
 pub use transport::{
-    check_hello, request_membership, Handler, Inbound, PeerConfig, PeerInfo, Transport,
+    check_hello, request_membership, Handler, Inbound, PeerConfig, PeerInfo, PeerTls, Transport,
 };

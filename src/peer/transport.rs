@@ -10,6 +10,11 @@
 //! batch frame per destination, one write. Raft tolerates loss, so a broken connection drops what
 //! was queued and is redialed with backoff; nothing here retries a message or a call.
 //!
+//! With `https://` peer URLs the connection is TLS ([`PeerTls`]): the listener runs the handshake
+//! before anything else (refusing plain TCP, a certificate from an unknown CA, or none where one is
+//! required), and a dialer verifies the member it reached with the URL's host as its name. A
+//! failed handshake closes that connection and is logged on both ends; nobody else is affected.
+//!
 //! Both sides check the other's `Hello` ([`check_hello`]): another cluster, another token,
 //! another shard count or protocol version, or a member the cluster does not know is refused with
 //! a message naming both sides' values, logged on both ends. A peer that sends an invalid frame is
@@ -24,7 +29,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_lite::io::{ReadHalf, WriteHalf};
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use super::codec::{
@@ -77,6 +82,47 @@ impl Replies {
 /// Receives everything that arrives on this core.
 pub type Handler = Rc<dyn Fn(Inbound)>;
 
+/// The bytes of one peer connection: the socket, or a TLS session over it.
+trait Duplex: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Duplex for T {}
+type PeerStream = Box<dyn Duplex>;
+
+/// TLS for `https://` peer URLs (`--peer-cert-file` and friends, or `--peer-auto-tls`).
+#[derive(Clone, Debug, Default)]
+pub struct PeerTls {
+    /// Set when this member's peer URL is `https://`: its listener speaks only TLS.
+    pub accept: Option<Arc<rustls::ServerConfig>>,
+    /// How this member dials `https://` peers (it presents its certificate); without it such
+    /// peers cannot be reached.
+    pub dial: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// How long either side has to finish a TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a peer URL (or a bare `host:port`, dialed without TLS) points.
+fn target(url: &str) -> (bool, &str) {
+    if let Some(rest) = url.strip_prefix("https://") {
+        (true, rest.trim_end_matches('/'))
+    } else {
+        (
+            false,
+            url.strip_prefix("http://")
+                .unwrap_or(url)
+                .trim_end_matches('/'),
+        )
+    }
+}
+
+/// An IO error as the transport reports it: a TLS failure (a refused certificate, an alert
+/// from the other side, TLS spoken to a plain port) is a refusal.
+fn describe(e: std::io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(t) => format!("refused: TLS: {t}"),
+        None => e.to_string(),
+    }
+}
+
 /// What a peer announced about itself in its handshake.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerInfo {
@@ -88,14 +134,16 @@ pub struct PeerInfo {
 #[derive(Clone, Debug)]
 pub struct PeerConfig {
     pub local: Hello,
-    /// Member id → `host:port` of its peer listener (this node excluded). Shared with the
-    /// cluster layer, which rewrites it when membership changes.
+    /// Member id → its peer URL (`http://host:port`, `https://host:port`, or a bare
+    /// `host:port`), this node excluded. Shared with the cluster layer, which rewrites it when
+    /// membership changes.
     pub peers: Arc<RwLock<BTreeMap<NodeId, String>>>,
     pub dial_timeout: Duration,
     /// What peers announced in their handshakes, shared with the rest of the node.
     pub peer_info: Arc<RwLock<BTreeMap<NodeId, PeerInfo>>>,
     /// The membership record (JSON) handed to a joining member; empty: joins are refused.
     pub membership: Arc<RwLock<Vec<u8>>>,
+    pub tls: PeerTls,
 }
 
 impl PeerConfig {
@@ -122,6 +170,7 @@ impl PeerConfig {
             dial_timeout: Duration::from_millis(500),
             peer_info: Arc::default(),
             membership: Arc::default(),
+            tls: PeerTls::default(),
         }
     }
 
@@ -172,22 +221,39 @@ impl PeerConfig {
     }
 }
 
-/// Asks the member at `addr` (`host:port`) for the cluster's membership, as a member started
-/// with `--initial-cluster-state existing` does before it opens its data dir. Blocking: it runs
-/// before any executor exists.
-pub fn request_membership(addr: &str, join: &Join, timeout: Duration) -> Result<Bytes, String> {
+/// Asks the member at peer URL `url` for the cluster's membership, as a member started with
+/// `--initial-cluster-state existing` does before it opens its data dir; `https://` URLs are
+/// dialed with `tls`. Blocking: it runs before any executor exists.
+pub fn request_membership(
+    url: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    join: &Join,
+    timeout: Duration,
+) -> Result<Bytes, String> {
     use std::io::{Read, Write};
+    let (secure, addr) = target(url);
     let sock = std::net::ToSocketAddrs::to_socket_addrs(addr)
         .map_err(|e| e.to_string())?
         .next()
         .ok_or_else(|| format!("{addr} resolves to nothing"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(timeout))
+    let tcp = std::net::TcpStream::connect_timeout(&sock, timeout).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout))
+    tcp.set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
+    trait Blocking: Read + Write {}
+    impl<T: Read + Write> Blocking for T {}
+    let mut s: Box<dyn Blocking> = if secure {
+        let cfg = tls.ok_or_else(|| no_dial_tls(url))?;
+        let name = crate::tls::server_name(addr)?;
+        let conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(|e| e.to_string())?;
+        Box::new(rustls::StreamOwned::new(conn, tcp))
+    } else {
+        Box::new(tcp)
+    };
     s.write_all(&codec::encode_join(join))
-        .map_err(|e| e.to_string())?;
+        .and_then(|()| s.flush())
+        .map_err(describe)?;
     let mut reader = FrameReader::default();
     let mut buf = vec![0u8; 64 << 10];
     loop {
@@ -201,9 +267,16 @@ pub fn request_membership(addr: &str, join: &Join, timeout: Duration) -> Result<
         match s.read(&mut buf) {
             Ok(0) => return Err(format!("{addr} closed before answering")),
             Ok(n) => reader.feed(&buf[..n]),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(describe(e)),
         }
     }
+}
+
+fn no_dial_tls(url: &str) -> String {
+    format!(
+        "peer URL {url} needs TLS, and this member has no peer certificate (--peer-cert-file and \
+         --peer-key-file, or --peer-auto-tls)"
+    )
 }
 
 fn who(h: &Hello) -> String {
@@ -416,6 +489,36 @@ impl Transport {
     }
 }
 
+/// The first frame on a plain peer port, refusing a TLS client at once.
+async fn read_first_plain(
+    stream: &mut (impl AsyncRead + Unpin),
+    reader: &mut FrameReader,
+    buf: &mut [u8],
+) -> Result<Option<bytes::Bytes>, String> {
+    loop {
+        if reader.starts_like_tls() {
+            return Err(
+                "refused: TLS spoken to a plain peer port (this member's peer URL is http://)"
+                    .to_string(),
+            );
+        }
+        if let Some(f) = reader.next_frame().map_err(|e| e.to_string())? {
+            return Ok(Some(f));
+        }
+        match stream.read(buf).await {
+            Ok(0) => return Ok(None),
+            Ok(n) => reader.feed(&buf[..n]),
+            Err(e) => return Err(describe(e)),
+        }
+    }
+}
+
+/// Writes `bytes` whole and pushes them out (a TLS session may hold them back otherwise).
+async fn write_flush(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> Result<(), String> {
+    w.write_all(bytes).await.map_err(describe)?;
+    w.flush().await.map_err(describe)
+}
+
 async fn read_frame(
     stream: &mut (impl AsyncRead + Unpin),
     reader: &mut FrameReader,
@@ -428,7 +531,7 @@ async fn read_frame(
         match stream.read(buf).await {
             Ok(0) => return Ok(None),
             Ok(n) => reader.feed(&buf[..n]),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(describe(e)),
         }
     }
 }
@@ -447,6 +550,32 @@ async fn accept_loop(t: Rc<Transport>, listener: TcpListener) {
                         .peer_addr()
                         .map(|a| a.to_string())
                         .unwrap_or_default();
+                    let stream: PeerStream = match t.cfg.tls.accept.clone() {
+                        None => Box::new(stream),
+                        Some(cfg) => {
+                            let acceptor = futures_rustls::TlsAcceptor::from(cfg);
+                            let handshake = async {
+                                Ok::<_, glommio::GlommioError<()>>(acceptor.accept(stream).await)
+                            };
+                            let shook = glommio::timer::timeout(TLS_HANDSHAKE_TIMEOUT, handshake);
+                            let shaken = match t.until_closed(shook).await {
+                                None => return,
+                                Some(Ok(Ok(s))) => Ok(s),
+                                Some(Ok(Err(e))) => Err(describe(e)),
+                                Some(Err(_)) => Err("refused: TLS: handshake timed out".into()),
+                            };
+                            match shaken {
+                                Ok(s) => Box::new(s),
+                                Err(e) => {
+                                    // Plain TCP, an untrusted certificate or none where one is
+                                    // required: this connection closes, nobody else is affected.
+                                    tracing::warn!(peer = %peer, error = %e, "peer TLS handshake refused");
+                                    t.note_error(true, e);
+                                    return;
+                                }
+                            }
+                        }
+                    };
                     if let Some(Err(e)) = t.until_closed(serve_inbound(&t, stream)).await {
                         tracing::warn!(peer = %peer, error = %e, "peer connection closed");
                         t.note_error(e.starts_with("refused"), e);
@@ -463,10 +592,15 @@ async fn accept_loop(t: Rc<Transport>, listener: TcpListener) {
 }
 
 /// One accepted connection: handshake, then Raft batches until the peer goes away.
-async fn serve_inbound(t: &Rc<Transport>, mut stream: TcpStream) -> Result<(), String> {
+async fn serve_inbound(t: &Rc<Transport>, mut stream: PeerStream) -> Result<(), String> {
     let mut reader = FrameReader::default();
     let mut buf = vec![0u8; 64 << 10];
-    let Some(first) = read_frame(&mut stream, &mut reader, &mut buf).await? else {
+    let first = if t.cfg.tls.accept.is_some() {
+        read_frame(&mut stream, &mut reader, &mut buf).await?
+    } else {
+        read_first_plain(&mut stream, &mut reader, &mut buf).await?
+    };
+    let Some(first) = first else {
         return Ok(());
     };
     let hello = match codec::decode(&first, 0, 0).map_err(|e| e.to_string())? {
@@ -479,19 +613,16 @@ async fn serve_inbound(t: &Rc<Transport>, mut stream: TcpStream) -> Result<(), S
                     codec::encode_refusal(&reason)
                 }
             };
-            return stream.write_all(&answer).await.map_err(|e| e.to_string());
+            return write_flush(&mut stream, &answer).await;
         }
         other => return Err(format!("expected a hello, got {other:?}")),
     };
     if let Err(reason) = t.cfg.knows(&hello) {
-        let _ = stream.write_all(&codec::encode_refusal(&reason)).await;
+        let _ = write_flush(&mut stream, &codec::encode_refusal(&reason)).await;
         return Err(format!("refused: {reason}"));
     }
     t.note_peer(&hello);
-    stream
-        .write_all(&codec::encode_hello(&t.cfg.local))
-        .await
-        .map_err(|e| e.to_string())?;
+    write_flush(&mut stream, &codec::encode_hello(&t.cfg.local)).await?;
     let (from, to) = (hello.member_id, t.cfg.local.member_id);
     let (mut rd, wr) = futures_lite::io::split(stream);
     let replies = Rc::new(Replies {
@@ -543,7 +674,7 @@ async fn serve_inbound(t: &Rc<Transport>, mut stream: TcpStream) -> Result<(), S
 
 /// Writes the answers to calls that arrived on one accepted connection back on it, those
 /// ready together in one frame, until the connection ends.
-async fn write_replies(t: Rc<Transport>, mut wr: WriteHalf<TcpStream>, replies: Rc<Replies>) {
+async fn write_replies(t: Rc<Transport>, mut wr: WriteHalf<PeerStream>, replies: Rc<Replies>) {
     loop {
         let l = replies.ready.listen();
         if replies.closed.get() || t.closed.get() {
@@ -560,7 +691,7 @@ async fn write_replies(t: Rc<Transport>, mut wr: WriteHalf<TcpStream>, replies: 
             ..Default::default()
         };
         match t
-            .until_closed(wr.write_all(&codec::encode_batch(&batch)))
+            .until_closed(write_flush(&mut wr, &codec::encode_batch(&batch)))
             .await
         {
             Some(Ok(())) => t.stats.frames_sent.set(t.stats.frames_sent.get() + 1),
@@ -579,7 +710,7 @@ async fn write_replies(t: Rc<Transport>, mut wr: WriteHalf<TcpStream>, replies: 
 async fn read_answers(
     t: Rc<Transport>,
     link: Rc<Link>,
-    mut rd: ReadHalf<TcpStream>,
+    mut rd: ReadHalf<PeerStream>,
     broken: Rc<Cell<bool>>,
 ) {
     let mut reader = FrameReader::default();
@@ -615,7 +746,7 @@ async fn read_answers(
 async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
     let mut backoff = Duration::from_millis(50);
     // The write half of the connection, and whether its reader saw it end.
-    let mut conn: Option<(WriteHalf<TcpStream>, Rc<Cell<bool>>)> = None;
+    let mut conn: Option<(WriteHalf<PeerStream>, Rc<Cell<bool>>)> = None;
     while !t.closed.get() {
         if conn.as_ref().is_some_and(|(_, broken)| broken.get()) {
             conn = None;
@@ -672,7 +803,7 @@ async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
             continue;
         };
         link.writing.set(true);
-        let written = t.until_closed(s.write_all(&frame)).await;
+        let written = t.until_closed(write_flush(s, &frame)).await;
         link.writing.set(false);
         link.taken.notify(usize::MAX);
         let Some(written) = written else {
@@ -693,30 +824,57 @@ async fn dial_loop(t: Rc<Transport>, link: Rc<Link>) {
     }
 }
 
-/// Connects to member `to` and completes the handshake.
-async fn dial(t: &Rc<Transport>, to: NodeId) -> Result<TcpStream, String> {
-    let addr = t
+/// Connects to member `to` (over TLS if its URL is `https://`) and completes the handshake.
+async fn dial(t: &Rc<Transport>, to: NodeId) -> Result<PeerStream, String> {
+    let url = t
         .cfg
         .addr_of(to)
         .ok_or_else(|| format!("no address for member {to:x}"))?;
-    let sock: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+    let (secure, addr) = target(&url);
+    let sock: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr)
         .map_err(|e| e.to_string())?
         .next()
         .ok_or_else(|| format!("{addr} resolves to nothing"))?;
-    let mut s = TcpStream::connect_timeout(sock, t.cfg.dial_timeout)
+    let tcp = TcpStream::connect_timeout(sock, t.cfg.dial_timeout)
         .await
         .map_err(|e| e.to_string())?;
-    let _ = s.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let mut s: PeerStream = if secure {
+        let cfg = t.cfg.tls.dial.clone().ok_or_else(|| no_dial_tls(&url))?;
+        let name = crate::tls::server_name(addr)?;
+        let connector = futures_rustls::TlsConnector::from(cfg);
+        let handshake =
+            async { Ok::<_, glommio::GlommioError<()>>(connector.connect(name, tcp).await) };
+        match glommio::timer::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(s)) => Box::new(s),
+            Ok(Err(e)) => {
+                // Whatever ends a TLS handshake (an untrusted certificate, a plain port that
+                // hangs up) is a refusal.
+                let e = describe(e);
+                let e = e.strip_prefix("refused: TLS: ").unwrap_or(&e);
+                return Err(format!("refused: TLS handshake with {url}: {e}"));
+            }
+            Err(_) => return Err(format!("refused: TLS: handshake with {url} timed out")),
+        }
+    } else {
+        Box::new(tcp)
+    };
     let mut hello = t.cfg.local.clone();
     hello.to_member = to;
-    s.write_all(&codec::encode_hello(&hello))
-        .await
-        .map_err(|e| e.to_string())?;
+    write_flush(&mut s, &codec::encode_hello(&hello)).await?;
     let mut reader = FrameReader::default();
     let mut buf = vec![0u8; 4096];
     let reply = read_frame(&mut s, &mut reader, &mut buf)
-        .await?
-        .ok_or_else(|| format!("{addr} closed during the handshake"))?;
+        .await
+        .map_err(|e| format!("{e} (dialing {url})"))?
+        .ok_or_else(|| {
+            if secure {
+                format!("{addr} closed during the handshake")
+            } else {
+                // A TLS listener answers a plain hello with an alert and hangs up.
+                format!("{addr} closed during the handshake (is it a TLS peer port?)")
+            }
+        })?;
     match codec::decode(&reply, 0, 0).map_err(|e| e.to_string())? {
         PeerMsg::Hello(h) => {
             let mut expect = h.clone();
@@ -935,6 +1093,131 @@ mod tests {
             );
             assert_eq!(got.borrow()[3], "unsent 2 [3]");
             a.close();
+        });
+    }
+
+    /// Peer TLS for a member with certificate `name` (signed by `issuer`, for 127.0.0.1), which
+    /// trusts `ca_pem` and requires the same of members that dial it.
+    fn member_tls(
+        dir: &std::path::Path,
+        name: &str,
+        issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+        ca_pem: &str,
+    ) -> PeerTls {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, issuer).unwrap();
+        let path = |f: &str| dir.join(format!("{name}-{f}"));
+        std::fs::write(path("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(path("ca.pem"), ca_pem).unwrap();
+        let files = crate::tls::TlsFiles {
+            side: crate::tls::Side::Peer,
+            cert_file: Some(path("cert.pem")),
+            key_file: Some(path("key.pem")),
+            trusted_ca_file: Some(path("ca.pem")),
+            client_cert_auth: true,
+            self_signed: false,
+        };
+        PeerTls {
+            accept: Some(Arc::new(crate::tls::server_config(&files).unwrap())),
+            dial: Some(Arc::new(crate::tls::client_config(&files).unwrap())),
+        }
+    }
+
+    fn ca(cn: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = p.self_signed(&key).unwrap();
+        (cert.pem(), rcgen::Issuer::new(p, key))
+    }
+
+    #[test]
+    fn tls_links_carry_batches_and_refuse_strangers_and_the_wrong_protocol() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca_pem, issuer) = ca("peer CA");
+        let (_, other) = ca("another CA");
+        let tls1 = member_tls(dir.path(), "m1", &issuer, &ca_pem);
+        let tls2 = member_tls(dir.path(), "m2", &issuer, &ca_pem);
+        // Trusts the cluster's CA, but its own certificate comes from another.
+        let tls3 = member_tls(dir.path(), "m3", &other, &ca_pem);
+        run_local(|| async move {
+            let ports: BTreeMap<u64, u16> = (1..=4).map(|id| (id, free_port())).collect();
+            // Members 1-3 listen with TLS, member 4 without; each dials with the scheme it
+            // believes in.
+            let table = |me: u64, schemes: [&str; 4]| -> PeerConfig {
+                let peers = ports
+                    .iter()
+                    .filter(|(&id, _)| id != me)
+                    .map(|(&id, p)| (id, format!("{}://127.0.0.1:{p}", schemes[id as usize - 1])))
+                    .collect();
+                PeerConfig::new(77, me, 1, &format!("n{me}"), "tok", peers)
+            };
+            let tls = ["https", "https", "https", "http"];
+            let with = |mut c: PeerConfig, t: &PeerTls| {
+                c.tls = t.clone();
+                c
+            };
+            // Member 1 also believes member 4 speaks TLS.
+            let (a, _) = start(with(table(1, ["https"; 4]), &tls1), ports[&1]);
+            let (b, got_b) = start(with(table(2, tls), &tls2), ports[&2]);
+            let (c, _) = start(with(table(3, tls), &tls3), ports[&3]);
+            // Member 4 dials member 2 in plain TCP.
+            let (d, _) = start(table(4, ["http"; 4]), ports[&4]);
+
+            a.send(2, 0, Message::new(MessageKind::Heartbeat, 1, 2, 3));
+            a.flush();
+            assert!(
+                wait_for(|| got_b.borrow().len() == 1).await,
+                "mTLS link carries batches"
+            );
+
+            // Another CA's certificate: refused at the handshake, logged on both ends.
+            c.send(2, 0, Message::new(MessageKind::Heartbeat, 3, 2, 3));
+            c.flush();
+            assert!(wait_for(|| b.stats.refused.get() > 0 && c.stats.refused.get() > 0).await);
+            let err = b.stats.last_error.borrow().clone().unwrap();
+            assert!(err.starts_with("refused: TLS"), "{err}");
+            let err = c.stats.last_error.borrow().clone().unwrap();
+            assert!(
+                err.starts_with("refused: TLS") && err.contains("alert"),
+                "{err}"
+            );
+
+            // Plain TCP on a TLS port is refused by the TLS side.
+            let before = b.stats.refused.get();
+            d.send(2, 0, Message::new(MessageKind::Heartbeat, 4, 2, 3));
+            d.flush();
+            assert!(wait_for(|| b.stats.refused.get() > before).await);
+            assert!(d.stats.frames_sent.get() == 0 && got_b.borrow().len() == 1);
+
+            // TLS on a plain port is refused at once by the plain side, and the dialer says so.
+            a.send(4, 0, Message::new(MessageKind::Heartbeat, 1, 4, 3));
+            a.flush();
+            assert!(wait_for(|| d.stats.refused.get() > 0 && a.stats.refused.get() > 0).await);
+            let err = d.stats.last_error.borrow().clone().unwrap();
+            assert!(err.contains("TLS spoken to a plain peer port"), "{err}");
+            let err = a.stats.last_error.borrow().clone().unwrap();
+            assert!(
+                err.starts_with("refused: TLS handshake with https://"),
+                "{err}"
+            );
+
+            // The good link still works.
+            a.send(2, 0, Message::new(MessageKind::Heartbeat, 1, 2, 4));
+            a.flush();
+            assert!(wait_for(|| got_b.borrow().len() == 2).await);
+            for t in [a, b, c, d] {
+                t.close();
+            }
         });
     }
 
