@@ -198,6 +198,18 @@ struct BenchArgs {
     /// server with auth enabled.
     #[arg(long, global = true)]
     user: Option<String>,
+    /// CA certificate (PEM) that `https://` endpoints' certificates are verified against.
+    #[arg(long, global = true)]
+    cacert: Option<PathBuf>,
+    /// Client certificate (PEM) to present to `https://` endpoints, with --key.
+    #[arg(long, global = true, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Accept any server certificate on `https://` endpoints (e.g. --auto-tls servers).
+    #[arg(long, global = true)]
+    insecure_skip_tls_verify: bool,
 }
 
 #[derive(Subcommand, Clone, Copy)]
@@ -708,6 +720,18 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         warmup: std::time::Duration::from_secs_f64(a.warmup.max(0.0)),
         cores: a.cores.max(1),
         data_dir: None,
+        tls: if a.endpoints.contains("https://") {
+            let cert_key = a.cert.as_deref().zip(a.key.as_deref());
+            let cfg = spindle::tls::dial_config(
+                a.cacert.as_deref(),
+                cert_key,
+                a.insecure_skip_tls_verify,
+            )
+            .map_err(|e| e.to_string())?;
+            Some(std::sync::Arc::new(cfg))
+        } else {
+            None
+        },
         user: match &a.user {
             None => None,
             Some(u) => match u.split_once(':') {

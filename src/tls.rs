@@ -225,6 +225,39 @@ pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, Error> {
         .map_err(|e| pair_error(files, e))
 }
 
+/// What a gRPC client (the load generator) dials `https://` endpoints with, from etcdctl's
+/// flags: `--cacert` verifies the server (or `--insecure-skip-tls-verify` verifies nothing but
+/// the handshake's signatures), `--cert` and `--key` are presented if given. ALPN offers `h2`.
+pub fn dial_config(
+    cacert: Option<&Path>,
+    cert_key: Option<(&Path, &Path)>,
+    skip_verify: bool,
+) -> Result<rustls::ClientConfig, Error> {
+    let provider = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(format!("TLS: {e}")))?;
+    let builder = match (skip_verify, cacert) {
+        (true, _) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider))),
+        (false, Some(ca)) => builder.with_root_certificates(roots("--cacert", ca)?),
+        (false, None) => {
+            return Err(invalid(
+                "https:// endpoints need --cacert (or --insecure-skip-tls-verify)".into(),
+            ))
+        }
+    };
+    let mut cfg = match cert_key {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(read_certs("--cert", cert)?, read_key("--key", key)?)
+            .map_err(|e| invalid(format!("--cert and --key: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
 /// The name a dialer checks the certificate of `host:port` against: its host, an IP address
 /// or a DNS name.
 pub fn server_name(authority: &str) -> Result<ServerName<'static>, String> {

@@ -35,19 +35,43 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects to `host:port` or `http://host:port`.
     pub async fn connect(endpoint: &str) -> Result<Client, String> {
+        Client::connect_with(endpoint, None).await
+    }
+
+    /// Also `https://host:port`, given `tls` (the dialer configuration,
+    /// [`crate::tls::dial_config`]).
+    pub async fn connect_with(
+        endpoint: &str,
+        tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Result<Client, String> {
+        let secure = endpoint.starts_with("https://");
         let authority = endpoint
             .trim_start_matches("http://")
+            .trim_start_matches("https://")
             .trim_end_matches('/')
             .to_string();
         let stream = glommio::net::TcpStream::connect(authority.as_str())
             .await
             .map_err(|e| format!("connect {authority}: {e}"))?;
         let _ = stream.set_nodelay(true);
+        let io = match (secure, tls) {
+            (false, _) => Conn::new(stream),
+            (true, None) => return Err(format!("{endpoint}: https:// needs TLS settings")),
+            (true, Some(cfg)) => {
+                let name = crate::tls::server_name(&authority)?;
+                let tls = futures_rustls::TlsConnector::from(cfg.clone())
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("TLS handshake with {authority}: {e}"))?;
+                Conn::client_tls(tls)
+            }
+        };
         let (send, conn) = hyper::client::conn::http2::Builder::new(LocalExec)
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(8 << 20)
-            .handshake(Conn::new(stream))
+            .handshake(io)
             .await
             .map_err(|e| format!("HTTP/2 handshake with {authority}: {e}"))?;
         glommio::spawn_local(async move {

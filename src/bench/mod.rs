@@ -71,6 +71,8 @@ pub struct BenchConfig {
     pub data_dir: Option<std::path::PathBuf>,
     /// `(user, password)`: every connection authenticates first (a server with auth enabled).
     pub user: Option<(String, String)>,
+    /// How `https://` endpoints are dialed (`crate::tls::dial_config`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Debug)]
@@ -338,7 +340,7 @@ async fn run_core(core: usize, shared: Arc<Shared>) -> Result<(), String> {
     let mut conns = Vec::new();
     for i in 0..my_conns {
         let ep = &cfg.endpoints[(core + i * cores) % cfg.endpoints.len()];
-        let mut c = client::Client::connect(ep).await?;
+        let mut c = client::Client::connect_with(ep, cfg.tls.as_ref()).await?;
         if let Some((user, password)) = &cfg.user {
             c.login(user, password)
                 .await

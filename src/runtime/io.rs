@@ -12,11 +12,14 @@ use glommio::net::TcpStream;
 
 /// A server-side TLS session over a glommio socket.
 pub type TlsStream = futures_rustls::server::TlsStream<TcpStream>;
+/// A client-side one (the load generator dialing `https://`).
+pub type ClientTlsStream = futures_rustls::client::TlsStream<TcpStream>;
 
 /// The byte stream under a connection: the socket itself, or a TLS session over it.
 enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream>),
+    ClientTls(Box<ClientTlsStream>),
 }
 
 impl AsyncRead for Stream {
@@ -28,6 +31,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -41,6 +45,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -48,6 +53,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -55,6 +61,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_close(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+            Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_close(cx),
         }
     }
 }
@@ -87,6 +94,11 @@ impl Conn {
     /// A connection over an established TLS session.
     pub fn tls(stream: TlsStream) -> Conn {
         Conn::over(Stream::Tls(Box::new(stream)))
+    }
+
+    /// A client connection over an established TLS session.
+    pub fn client_tls(stream: ClientTlsStream) -> Conn {
+        Conn::over(Stream::ClientTls(Box::new(stream)))
     }
 
     fn over(stream: Stream) -> Conn {
