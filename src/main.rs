@@ -32,7 +32,7 @@ enum Command {
     /// Open (or create) a data dir and run the node.
     Serve(Box<ServeArgs>),
     /// Load generator for any etcd v3 endpoint (spindle or etcd).
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// etcd 3.4 snapshot files (what `etcdctl snapshot save` writes from spindle or etcd).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -402,7 +402,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Bench(args) => match bench(args) {
+        Command::Bench(args) => match bench(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("spindle bench: {e}");
