@@ -187,6 +187,25 @@ fn etcdctl_auth_session_matches_etcd() {
 /// Leases with keys: revoking one, or putting with it, needs write permission on every key it
 /// holds; TimeToLive shows the keys to anyone (etcd 3.4). Lease ids differ between the servers,
 /// so each server's id is replaced in the outputs.
+/// etcdctl commands that make `root` and a user `u` who may read and write `p/...`, then
+/// enable auth.
+const PREFIX_USER_SETUP: &[&[&str]] = &[
+    &["user", "add", "root:pw"],
+    &["user", "grant-role", "root", "root"],
+    &["role", "add", "r"],
+    &[
+        "role",
+        "grant-permission",
+        "r",
+        "--prefix=true",
+        "readwrite",
+        "p/",
+    ],
+    &["user", "add", "u:pw"],
+    &["user", "grant-role", "u", "r"],
+    &["auth", "enable"],
+];
+
 #[test]
 fn lease_key_permissions_match_etcd() {
     let mut etcd = Server::spawn(Kind::Etcd, FAST_BCRYPT);
@@ -195,22 +214,7 @@ fn lease_key_permissions_match_etcd() {
     etcd.wait_ready();
     let mut outcomes = Vec::new();
     for s in [&etcd, &spindle] {
-        for args in [
-            &["user", "add", "root:pw"][..],
-            &["user", "grant-role", "root", "root"],
-            &["role", "add", "r"],
-            &[
-                "role",
-                "grant-permission",
-                "r",
-                "--prefix=true",
-                "readwrite",
-                "p/",
-            ],
-            &["user", "add", "u:pw"],
-            &["user", "grant-role", "u", "r"],
-            &["auth", "enable"],
-        ] {
+        for args in PREFIX_USER_SETUP {
             ok(run(s, args, None), &args.join(" "));
         }
         let granted = ok(
@@ -460,22 +464,7 @@ fn cluster_members_share_the_auth_state() {
     };
     let f1 = (leader + 1) % 3;
     let f2 = (leader + 2) % 3;
-    for args in [
-        &["user", "add", "root:pw"][..],
-        &["user", "grant-role", "root", "root"],
-        &["role", "add", "r"],
-        &[
-            "role",
-            "grant-permission",
-            "r",
-            "--prefix=true",
-            "readwrite",
-            "p/",
-        ],
-        &["user", "add", "u:pw"],
-        &["user", "grant-role", "u", "r"],
-        &["auth", "enable"],
-    ] {
+    for args in PREFIX_USER_SETUP {
         ok(until_ok(&servers[f1], args, 10), &args.join(" "));
     }
     // The other follower applied it all: its clients are checked against it.
@@ -744,22 +733,7 @@ fn jwt_tokens_work_on_every_cluster_member() {
     for s in &mut servers {
         s.wait_ready();
     }
-    for args in [
-        &["user", "add", "root:pw"][..],
-        &["user", "grant-role", "root", "root"],
-        &["role", "add", "r"],
-        &[
-            "role",
-            "grant-permission",
-            "r",
-            "--prefix=true",
-            "readwrite",
-            "p/",
-        ],
-        &["user", "add", "u:pw"],
-        &["user", "grant-role", "u", "r"],
-        &["auth", "enable"],
-    ] {
+    for args in PREFIX_USER_SETUP {
         // The first waits for the members to elect a leader.
         ok(until_ok(&servers[0], args, 30), &args.join(" "));
     }

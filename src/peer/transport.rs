@@ -495,22 +495,7 @@ async fn read_first_plain(
     reader: &mut FrameReader,
     buf: &mut [u8],
 ) -> Result<Option<bytes::Bytes>, String> {
-    loop {
-        if reader.starts_like_tls() {
-            return Err(
-                "refused: TLS spoken to a plain peer port (this member's peer URL is http://)"
-                    .to_string(),
-            );
-        }
-        if let Some(f) = reader.next_frame().map_err(|e| e.to_string())? {
-            return Ok(Some(f));
-        }
-        match stream.read(buf).await {
-            Ok(0) => return Ok(None),
-            Ok(n) => reader.feed(&buf[..n]),
-            Err(e) => return Err(describe(e)),
-        }
-    }
+    read_frame_checked(stream, reader, buf, true).await
 }
 
 /// Writes `bytes` whole and pushes them out (a TLS session may hold them back otherwise).
@@ -524,7 +509,24 @@ async fn read_frame(
     reader: &mut FrameReader,
     buf: &mut [u8],
 ) -> Result<Option<bytes::Bytes>, String> {
+    read_frame_checked(stream, reader, buf, false).await
+}
+
+/// The next frame; with `refuse_tls`, bytes that open a TLS handshake are refused first (a
+/// plain port would otherwise read a ClientHello as a frame header announcing over 64 KiB).
+async fn read_frame_checked(
+    stream: &mut (impl AsyncRead + Unpin),
+    reader: &mut FrameReader,
+    buf: &mut [u8],
+    refuse_tls: bool,
+) -> Result<Option<bytes::Bytes>, String> {
     loop {
+        if refuse_tls && reader.starts_like_tls() {
+            return Err(
+                "refused: TLS spoken to a plain peer port (this member's peer URL is http://)"
+                    .to_string(),
+            );
+        }
         if let Some(f) = reader.next_frame().map_err(|e| e.to_string())? {
             return Ok(Some(f));
         }
