@@ -222,11 +222,10 @@ pub fn run(cfg: ProxyConfig) -> Result<(), ProxyError> {
         .make()
         .map_err(|e| ProxyError::Executor(e.to_string()))?;
     ex.run(async move {
-        let listener =
-            glommio::net::TcpListener::bind(addr).map_err(|e| ProxyError::Listen {
-                addr: addr.to_string(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+        let listener = glommio::net::TcpListener::bind(addr).map_err(|e| ProxyError::Listen {
+            addr: addr.to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         let upstream = Rc::new(Upstream::new(endpoints, tls));
         let prefix = Bytes::from(cfg.namespace.clone().into_bytes());
         let ctx = Rc::new(Ctx {
@@ -375,12 +374,7 @@ async fn read_body(body: Incoming) -> Result<Bytes, Status> {
     next_message(&mut buf)?.ok_or_else(|| Status::new(Code::Internal, "grpc: no request message"))
 }
 
-async fn unary(
-    ctx: &Ctx,
-    path: &str,
-    body: Incoming,
-    headers: &Headers,
-) -> Result<Bytes, Status> {
+async fn unary(ctx: &Ctx, path: &str, body: Incoming, headers: &Headers) -> Result<Bytes, Status> {
     let msg = read_body(body).await?;
     let msg = rewrite_request(&ctx.prefix, path, msg)?;
     let resp = ctx.upstream.unary(path, msg, headers).await?;

@@ -97,7 +97,10 @@ fn host_port(e: &str) -> Result<String, GatewayError> {
         .trim_start_matches("http://")
         .trim_start_matches("https://")
         .trim_end_matches('/');
-    if hp.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+    if hp
+        .rsplit_once(':')
+        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
         return Err(GatewayError::BadEndpoint(e.to_string()));
     }
     Ok(hp.to_string())
@@ -224,7 +227,10 @@ mod tests {
 
     #[test]
     fn endpoints_are_host_and_port() {
-        assert_eq!(host_port("http://127.0.0.1:2379/").unwrap(), "127.0.0.1:2379");
+        assert_eq!(
+            host_port("http://127.0.0.1:2379/").unwrap(),
+            "127.0.0.1:2379"
+        );
         assert_eq!(host_port("h:1").unwrap(), "h:1");
         assert!(host_port("h").is_err());
         assert!(host_port(":1").is_err());

@@ -563,7 +563,10 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&frame(b"abc"));
         buf.extend_from_slice(&frame(b"")[..3]);
-        assert_eq!(next_message(&mut buf).unwrap(), Some(Bytes::from_static(b"abc")));
+        assert_eq!(
+            next_message(&mut buf).unwrap(),
+            Some(Bytes::from_static(b"abc"))
+        );
         assert_eq!(next_message(&mut buf).unwrap(), None);
         buf.extend_from_slice(&[0, 0]);
         assert_eq!(next_message(&mut buf).unwrap(), Some(Bytes::new()));

@@ -234,7 +234,9 @@ impl Broadcast {
             *self.created.borrow_mut() = Some(resp.header.clone().unwrap_or_default());
         } else if !resp.canceled {
             match resp.events.last().and_then(|e| e.kv.as_ref()) {
-                Some(kv) => self.next_rev.set(self.next_rev.get().max(kv.mod_revision + 1)),
+                Some(kv) => self
+                    .next_rev
+                    .set(self.next_rev.get().max(kv.mod_revision + 1)),
                 None if !resp.fragment => self.next_rev.set(self.next_rev.get().max(rev + 1)),
                 None => {}
             }
@@ -333,8 +335,16 @@ pub fn serve(hub: Rc<Hub>, body: Incoming, headers: Headers) -> flume::Receiver<
         let client = hub.id();
         let mut mine: Vec<(i64, u64)> = Vec::new();
         let mut next_watch_id = 0i64;
-        let end = read_requests(&hub, body, &headers, &tx, client, &mut mine, &mut next_watch_id)
-            .await;
+        let end = read_requests(
+            &hub,
+            body,
+            &headers,
+            &tx,
+            client,
+            &mut mine,
+            &mut next_watch_id,
+        )
+        .await;
         for (watch_id, id) in mine {
             hub.unsubscribe(id, client, watch_id);
         }
