@@ -405,7 +405,15 @@ fn decode<M: Message + Default>(b: Bytes) -> Result<M, Status> {
 }
 
 /// Decodes `msg` as an `M`, applies `f`, encodes it again.
-fn with<M: Message + Default>(
+fn with<M: Message + Default>(msg: Bytes, f: impl FnOnce(&mut M)) -> Result<Bytes, Status> {
+    try_with(msg, |m| {
+        f(m);
+        Ok(())
+    })
+}
+
+/// [`with`] for a rewrite that may refuse the message.
+fn try_with<M: Message + Default>(
     msg: Bytes,
     f: impl FnOnce(&mut M) -> Result<(), Status>,
 ) -> Result<Bytes, Status> {
@@ -423,20 +431,17 @@ pub fn rewrite_request(prefix: &[u8], path: &str, msg: Bytes) -> Result<Bytes, S
     if prefix.is_empty() {
         return Ok(msg);
     }
-    let ok = |()| Ok(());
     match path {
-        "/etcdserverpb.KV/Range" => with(msg, |r| ns::range_request(prefix, r)),
-        "/etcdserverpb.KV/Put" => with(msg, |r| ns::put_request(prefix, r)),
-        "/etcdserverpb.KV/DeleteRange" => with(msg, |r| ns::delete_request(prefix, r)),
-        "/etcdserverpb.KV/Txn" => with(msg, |r| ok(ns::txn_request(prefix, r))),
-        "/v3lockpb.Lock/Lock" => with(msg, |r| ok(ns::lock_request(prefix, r))),
-        "/v3lockpb.Lock/Unlock" => with(msg, |r| ok(ns::unlock_request(prefix, r))),
-        "/v3electionpb.Election/Campaign" => with(msg, |r| ok(ns::campaign_request(prefix, r))),
-        "/v3electionpb.Election/Proclaim" => with(msg, |r| ok(ns::proclaim_request(prefix, r))),
-        "/v3electionpb.Election/Resign" => with(msg, |r| ok(ns::resign_request(prefix, r))),
-        "/v3electionpb.Election/Leader" | OBSERVE => {
-            with(msg, |r| ok(ns::leader_request(prefix, r)))
-        }
+        "/etcdserverpb.KV/Range" => try_with(msg, |r| ns::range_request(prefix, r)),
+        "/etcdserverpb.KV/Put" => try_with(msg, |r| ns::put_request(prefix, r)),
+        "/etcdserverpb.KV/DeleteRange" => try_with(msg, |r| ns::delete_request(prefix, r)),
+        "/etcdserverpb.KV/Txn" => with(msg, |r| ns::txn_request(prefix, r)),
+        "/v3lockpb.Lock/Lock" => with(msg, |r| ns::lock_request(prefix, r)),
+        "/v3lockpb.Lock/Unlock" => with(msg, |r| ns::unlock_request(prefix, r)),
+        "/v3electionpb.Election/Campaign" => with(msg, |r| ns::campaign_request(prefix, r)),
+        "/v3electionpb.Election/Proclaim" => with(msg, |r| ns::proclaim_request(prefix, r)),
+        "/v3electionpb.Election/Resign" => with(msg, |r| ns::resign_request(prefix, r)),
+        "/v3electionpb.Election/Leader" | OBSERVE => with(msg, |r| ns::leader_request(prefix, r)),
         _ => Ok(msg),
     }
 }
@@ -447,24 +452,17 @@ pub fn rewrite_response(prefix: &[u8], path: &str, msg: Bytes) -> Result<Bytes, 
     if prefix.is_empty() {
         return Ok(msg);
     }
-    let ok = |()| Ok(());
     match path {
-        "/etcdserverpb.KV/Range" => with(msg, |r| ok(ns::range_response(prefix, r))),
-        "/etcdserverpb.KV/Put" => with(msg, |r| ok(ns::put_response(prefix, r))),
-        "/etcdserverpb.KV/DeleteRange" => with(msg, |r| ok(ns::delete_response(prefix, r))),
-        "/etcdserverpb.KV/Txn" => with(msg, |r| ok(ns::txn_response(prefix, r))),
-        "/etcdserverpb.Lease/LeaseTimeToLive" => {
-            with(msg, |r| ok(ns::lease_ttl_response(prefix, r)))
-        }
-        "/v3lockpb.Lock/Lock" => with(msg, |r: &mut lk::LockResponse| {
-            ok(ns::lock_response(prefix, r))
-        }),
+        "/etcdserverpb.KV/Range" => with(msg, |r| ns::range_response(prefix, r)),
+        "/etcdserverpb.KV/Put" => with(msg, |r| ns::put_response(prefix, r)),
+        "/etcdserverpb.KV/DeleteRange" => with(msg, |r| ns::delete_response(prefix, r)),
+        "/etcdserverpb.KV/Txn" => with(msg, |r| ns::txn_response(prefix, r)),
+        "/etcdserverpb.Lease/LeaseTimeToLive" => with(msg, |r| ns::lease_ttl_response(prefix, r)),
+        "/v3lockpb.Lock/Lock" => with(msg, |r: &mut lk::LockResponse| ns::lock_response(prefix, r)),
         "/v3electionpb.Election/Campaign" => with(msg, |r: &mut el::CampaignResponse| {
-            ok(ns::campaign_response(prefix, r))
+            ns::campaign_response(prefix, r)
         }),
-        "/v3electionpb.Election/Leader" | OBSERVE => {
-            with(msg, |r| ok(ns::leader_response(prefix, r)))
-        }
+        "/v3electionpb.Election/Leader" | OBSERVE => with(msg, |r| ns::leader_response(prefix, r)),
         _ => Ok(msg),
     }
 }

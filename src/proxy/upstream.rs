@@ -323,7 +323,7 @@ pub fn frame(msg: &[u8]) -> Bytes {
 
 /// The next whole message at the front of `buf`, if all of it is there.
 pub fn next_message(buf: &mut impl MessageBuf) -> Result<Option<Bytes>, Status> {
-    if buf.len() < 5 {
+    if buf.available() < 5 {
         return Ok(None);
     }
     let head = buf.head();
@@ -334,7 +334,7 @@ pub fn next_message(buf: &mut impl MessageBuf) -> Result<Option<Bytes>, Status> 
         ));
     }
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if buf.len() < 5 + len {
+    if buf.available() < 5 + len {
         return Ok(None);
     }
     Ok(Some(buf.take(len)))
@@ -342,14 +342,15 @@ pub fn next_message(buf: &mut impl MessageBuf) -> Result<Option<Bytes>, Status> 
 
 /// What [`next_message`] reads from.
 pub trait MessageBuf {
-    fn len(&self) -> usize;
+    /// Bytes held.
+    fn available(&self) -> usize;
     fn head(&self) -> [u8; 5];
     /// Drops the prefix and takes the `len` message bytes after it.
     fn take(&mut self, len: usize) -> Bytes;
 }
 
 impl MessageBuf for Bytes {
-    fn len(&self) -> usize {
+    fn available(&self) -> usize {
         Bytes::len(self)
     }
     fn head(&self) -> [u8; 5] {
@@ -362,7 +363,7 @@ impl MessageBuf for Bytes {
 }
 
 impl MessageBuf for BytesMut {
-    fn len(&self) -> usize {
+    fn available(&self) -> usize {
         BytesMut::len(self)
     }
     fn head(&self) -> [u8; 5] {

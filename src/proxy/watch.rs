@@ -135,7 +135,7 @@ impl Hub {
             if let Some(id) = existing {
                 if let Some(e) = self.entries.borrow().get(&id) {
                     if let Some(h) = e.bc.created.borrow().as_ref() {
-                        let _ = send(&sub.tx, &created(sub.watch_id, h.clone()));
+                        let _ = send(&sub.tx, &created(sub.watch_id, *h));
                     }
                     e.bc.subs.borrow_mut().push(sub);
                     return id;
@@ -174,7 +174,7 @@ impl Hub {
             let e = entries.get(&id)?;
             let mut subs = e.bc.subs.borrow_mut();
             subs.retain(|s| !(s.client == client && s.watch_id == watch_id));
-            let header = e.bc.created.borrow().clone();
+            let header = *e.bc.created.borrow();
             (subs.is_empty(), header)
         };
         if empty {
@@ -231,7 +231,7 @@ impl Broadcast {
                 // Created again after a failover: the clients' watches never ended.
                 return false;
             }
-            *self.created.borrow_mut() = Some(resp.header.clone().unwrap_or_default());
+            *self.created.borrow_mut() = Some(resp.header.unwrap_or_default());
         } else if !resp.canceled {
             match resp.events.last().and_then(|e| e.kv.as_ref()) {
                 Some(kv) => self
@@ -252,7 +252,7 @@ impl Broadcast {
     /// Ends every client watch with `status` as the cancel reason.
     fn cancel_all(&self, status: &Status) {
         let resp = pb::WatchResponse {
-            header: self.created.borrow().clone(),
+            header: *self.created.borrow(),
             canceled: true,
             cancel_reason: status.message.clone(),
             ..Default::default()
