@@ -417,3 +417,82 @@ fn gateway_splices_to_a_live_endpoint() {
     let r = g.ctl(&["--command-timeout=2s", "get", "through"]);
     assert!(!r.ok);
 }
+
+/// A CA (`ca.pem`) and a certificate for 127.0.0.1 good for server and client use
+/// (`node.pem`, `node-key.pem`) in a fresh temp dir.
+fn pki() -> tempfile::TempDir {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    std::fs::write(
+        dir.path().join("ca.pem"),
+        ca.self_signed(&ca_key).unwrap().pem(),
+    )
+    .unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.path().join("node.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("node-key.pem"), key.serialize_pem()).unwrap();
+    dir
+}
+
+#[test]
+fn proxy_talks_tls_to_the_cluster() {
+    let pki = pki();
+    let path = |n: &str| pki.path().join(n).to_str().unwrap().to_string();
+    let port = free_ports(1)[0];
+    let data = tempfile::tempdir().unwrap();
+    let url = format!("https://127.0.0.1:{port}");
+    let mut serve = Command::new(SPINDLE);
+    serve
+        .args(["serve", "--cores", "1", "--client-cert-auth"])
+        .args(["--data-dir", data.path().to_str().unwrap()])
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--cert-file",
+            &path("node.pem"),
+            "--key-file",
+            &path("node-key.pem"),
+        ])
+        .args(["--trusted-ca-file", &path("ca.pem")]);
+    let _server = start_front(serve, port);
+    let proxy = |extra: &[String]| {
+        let p = free_ports(1)[0];
+        let mut cmd = Command::new(SPINDLE);
+        cmd.args(["grpc-proxy", "start", "--namespace=/t/"])
+            .arg(format!("--endpoints={url}"))
+            .arg(format!("--listen-addr=127.0.0.1:{p}"))
+            .args(["--cert", &path("node.pem"), "--key", &path("node-key.pem")])
+            .args(extra);
+        start_front(cmd, p)
+    };
+    let verified = proxy(&[format!("--cacert={}", path("ca.pem"))]);
+    let put = verified.ctl(&["put", "k", "v"]);
+    assert!(put.ok, "{}", put.stderr);
+    assert_eq!(verified.ctl(&["get", "k"]).stdout, "k\nv\n");
+    let skipping = proxy(&["--insecure-skip-tls-verify".to_string()]);
+    assert_eq!(skipping.ctl(&["get", "k"]).stdout, "k\nv\n");
+    // Without the CA the cluster's certificate is not trusted: nothing gets through.
+    let untrusting = proxy(&[]);
+    assert!(!untrusting.ctl(&["--command-timeout=3s", "get", "k"]).ok);
+}
