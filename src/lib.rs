@@ -13,6 +13,7 @@ pub mod lincheck;
 pub mod mvcc;
 pub mod peer;
 pub mod proto;
+pub mod proxy;
 pub mod raft;
 pub mod restore;
 pub mod runtime;

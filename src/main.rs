@@ -36,6 +36,86 @@ enum Command {
     /// etcd 3.4 snapshot files (what `etcdctl snapshot save` writes from spindle or etcd).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// etcd's gRPC proxy (`start`), optionally confining clients to a key prefix.
+    #[command(name = "grpc-proxy", subcommand)]
+    GrpcProxy(GrpcProxyCommand),
+    /// etcd's L4 TCP gateway (`start`).
+    #[command(subcommand)]
+    Gateway(GatewayCommand),
+}
+
+#[derive(Subcommand)]
+enum GrpcProxyCommand {
+    /// Serve the etcd v3 gRPC API in front of a cluster.
+    Start(GrpcProxyArgs),
+}
+
+#[derive(clap::Args)]
+struct GrpcProxyArgs {
+    /// Cluster endpoints (host:port or URLs), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:2379")]
+    endpoints: Vec<String>,
+    /// Where the proxy listens (host:port).
+    #[arg(long, default_value = "127.0.0.1:23790")]
+    listen_addr: String,
+    /// Key prefix every client key is confined to.
+    #[arg(long, default_value = "")]
+    namespace: String,
+    /// The proxy's client URL, reported by MemberList as the only member.
+    #[arg(long)]
+    advertise_client_url: Option<String>,
+    /// Client certificate toward the cluster.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Client key toward the cluster.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// CA bundle that signed the cluster's certificates.
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    /// Accept any certificate from the cluster.
+    #[arg(long)]
+    insecure_skip_tls_verify: bool,
+}
+
+#[derive(Subcommand)]
+enum GatewayCommand {
+    /// Splice TCP connections to a live endpoint.
+    Start {
+        /// Cluster endpoints (host:port), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:2379")]
+        endpoints: Vec<String>,
+        /// Where the gateway listens (host:port).
+        #[arg(long, default_value = "127.0.0.1:23790")]
+        listen_addr: String,
+        /// How long an endpoint that refused a connection is left out.
+        #[arg(long, default_value = "1m0s", value_parser = spindle::proxy::tcp::parse_duration)]
+        retry_delay: std::time::Duration,
+    },
+}
+
+fn grpc_proxy(cmd: GrpcProxyCommand) -> Result<(), String> {
+    let GrpcProxyCommand::Start(a) = cmd;
+    spindle::proxy::run(spindle::proxy::ProxyConfig {
+        endpoints: a.endpoints,
+        listen_addr: a.listen_addr,
+        namespace: a.namespace,
+        advertise_client_url: a.advertise_client_url,
+        cert: a.cert,
+        key: a.key,
+        cacert: a.cacert,
+        insecure_skip_tls_verify: a.insecure_skip_tls_verify,
+    })
+    .map_err(|e| e.to_string())
+}
+
+fn gateway(cmd: GatewayCommand) -> Result<(), String> {
+    let GatewayCommand::Start {
+        endpoints,
+        listen_addr,
+        retry_delay,
+    } = cmd;
+    spindle::proxy::tcp::run(&endpoints, &listen_addr, retry_delay).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -399,6 +479,20 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("spindle snapshot: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::GrpcProxy(cmd) => match grpc_proxy(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("spindle grpc-proxy: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Gateway(cmd) => match gateway(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("spindle gateway: {e}");
                 ExitCode::FAILURE
             }
         },

@@ -39,6 +39,9 @@ use crate::proto::etcdserverpb as pb;
 use crate::runtime::stages::Stage;
 use grpc::{Code, GrpcBody, Status};
 
+/// The `:authority` repair every HTTP/2 server of ours applies (the gRPC proxy too).
+pub use authority::AuthorityFix;
+
 /// Room gRPC allows on top of `--max-request-bytes` before refusing to read a message (etcd's
 /// `grpcOverheadBytes`), so slightly larger requests still get etcd's "request is too large".
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
