@@ -38,12 +38,6 @@ pub enum ProxyError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("{flag} {path}: {reason}")]
-    Tls {
-        flag: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
     #[error("TLS setup: {0}")]
     TlsSetup(String),
     #[error("executor: {0}")]
@@ -75,125 +69,23 @@ impl ProxyConfig {
     }
 }
 
-fn read_pem(flag: &'static str, path: &PathBuf) -> Result<Vec<u8>, ProxyError> {
-    std::fs::read(path).map_err(|e| ProxyError::Tls {
-        flag,
-        path: path.clone(),
-        reason: e.to_string(),
-    })
-}
-
 fn tls_config(cfg: &ProxyConfig) -> Result<Arc<rustls::ClientConfig>, ProxyError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    // ring, as the server's TLS (see `server::tls`).
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ProxyError::TlsSetup(e.to_string()))?;
-    let builder = if cfg.insecure_skip_tls_verify {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-    } else {
-        let mut roots = rustls::RootCertStore::empty();
-        if let Some(ca) = &cfg.cacert {
-            let pem = read_pem("--cacert", ca)?;
-            for c in CertificateDer::pem_slice_iter(&pem) {
-                let c = c.map_err(|e| ProxyError::Tls {
-                    flag: "--cacert",
-                    path: ca.clone(),
-                    reason: e.to_string(),
-                })?;
-                roots.add(c).map_err(|e| ProxyError::Tls {
-                    flag: "--cacert",
-                    path: ca.clone(),
-                    reason: e.to_string(),
-                })?;
-            }
-        }
-        builder.with_root_certificates(roots)
-    };
-    let mut config = match (&cfg.cert, &cfg.key) {
-        (Some(cert), Some(key)) => {
-            let pem = read_pem("--cert", cert)?;
-            let chain = CertificateDer::pem_slice_iter(&pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| ProxyError::Tls {
-                    flag: "--cert",
-                    path: cert.clone(),
-                    reason: e.to_string(),
-                })?;
-            let kpem = read_pem("--key", key)?;
-            let k = PrivateKeyDer::from_pem_slice(&kpem).map_err(|e| ProxyError::Tls {
-                flag: "--key",
-                path: key.clone(),
-                reason: e.to_string(),
-            })?;
-            builder
-                .with_client_auth_cert(chain, k)
-                .map_err(|e| ProxyError::TlsSetup(e.to_string()))?
-        }
-        (None, None) => builder.with_no_client_auth(),
+    let cert_key = match (&cfg.cert, &cfg.key) {
+        (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+        (None, None) => None,
         _ => {
             return Err(ProxyError::TlsSetup(
                 "--cert and --key go together".to_string(),
             ))
         }
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// `--insecure-skip-tls-verify`: any server certificate is accepted (signatures are still
-/// checked, so the session is encrypted, just not authenticated).
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    crate::tls::dial_config(
+        cfg.cacert.as_deref(),
+        cert_key,
+        cfg.insecure_skip_tls_verify,
+    )
+    .map(Arc::new)
+    .map_err(|e| ProxyError::TlsSetup(e.to_string()))
 }
 
 /// What every request handler shares.

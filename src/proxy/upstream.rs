@@ -10,14 +10,11 @@
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use http::{Request, Uri};
 use http_body::Frame;
@@ -25,7 +22,7 @@ use http_body_util::{BodyExt, Either, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 
-use crate::runtime::io::LocalExec;
+use crate::runtime::io::{Conn, LocalExec};
 use crate::server::grpc::{status_of, Code, Status};
 
 /// How long connecting to one endpoint may take before the next is tried.
@@ -167,14 +164,14 @@ impl Upstream {
                 .connect(name, stream)
                 .await
                 .map_err(|e| format!("TLS handshake with {}: {e}", ep.addr))?;
-            Io::Tls(Box::new(tls))
+            Conn::client_tls(tls)
         } else {
-            Io::Plain(stream)
+            Conn::new(stream)
         };
         let (send, conn) = hyper::client::conn::http2::Builder::new(LocalExec)
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(8 << 20)
-            .handshake(HyperIo::new(io))
+            .handshake(io)
             .await
             .map_err(|e| format!("HTTP/2 handshake with {}: {e}", ep.addr))?;
         glommio::spawn_local(async move {
@@ -439,104 +436,6 @@ impl RawStream {
                 },
             }
         }
-    }
-}
-
-/// The byte stream under an upstream connection.
-enum Io {
-    Plain(TcpStream),
-    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_close(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
-        }
-    }
-}
-
-/// hyper's I/O traits over [`Io`], reading through an owned buffer.
-struct HyperIo {
-    io: Io,
-    buf: Box<[u8]>,
-}
-
-impl HyperIo {
-    fn new(io: Io) -> HyperIo {
-        HyperIo {
-            io,
-            buf: vec![0u8; 16 << 10].into_boxed_slice(),
-        }
-    }
-}
-
-impl hyper::rt::Read for HyperIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        mut out: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let want = out.remaining().min(this.buf.len());
-        match Pin::new(&mut this.io).poll_read(cx, &mut this.buf[..want]) {
-            Poll::Ready(Ok(n)) => {
-                out.put_slice(&this.buf[..n]);
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl hyper::rt::Write for HyperIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_close(cx)
     }
 }
 
