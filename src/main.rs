@@ -299,10 +299,10 @@ struct ServeArgs {
     /// Largest request the server accepts, as etcd's flag.
     #[arg(long, default_value_t = 1536 * 1024)]
     max_request_bytes: usize,
-    /// Raise the NOSPACE alarm (refusing writes that add data) above this many bytes on disk;
-    /// 0 = no quota.
-    #[arg(long, default_value_t = 0)]
-    quota_backend_bytes: u64,
+    /// Refuse writes that would take the store (Status' dbSize) past this many bytes and raise
+    /// the NOSPACE alarm, as etcd's flag: 0 = etcd's default of 2 GiB, negative = no quota.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    quota_backend_bytes: i64,
     /// How often idle watches created with progress_notify hear they are current (Go duration).
     #[arg(long, default_value = "10m")]
     experimental_watch_progress_notify_interval: String,

@@ -57,6 +57,9 @@ pub struct Extras {
     /// Shard 0's checkpoint: the auth store (`AuthStore::encode`) as of its index; empty when
     /// auth was never used.
     pub auth: Bytes,
+    /// Shard 0's checkpoint: the raised alarms (`Alarms::encode`) as of its index; empty when
+    /// none is raised.
+    pub alarms: Bytes,
 }
 
 impl Extras {
@@ -75,9 +78,13 @@ impl Extras {
             b.extend_from_slice(&rev.to_le_bytes());
             b.push(u8::from(*committed));
         }
-        if !self.auth.is_empty() {
+        if !self.auth.is_empty() || !self.alarms.is_empty() {
             b.extend_from_slice(&(self.auth.len() as u32).to_le_bytes());
             b.extend_from_slice(&self.auth);
+        }
+        if !self.alarms.is_empty() {
+            b.extend_from_slice(&(self.alarms.len() as u32).to_le_bytes());
+            b.extend_from_slice(&self.alarms);
         }
         let len = (b.len() - 4) as u32;
         b[..4].copy_from_slice(&len.to_le_bytes());
@@ -116,7 +123,16 @@ impl Extras {
             let apos = r.take(alen)?;
             owner.slice(apos..apos + alen)
         };
+        // Extras written before alarms were persisted (or with none raised) end here.
+        let alarms = if r.pos == end {
+            Bytes::new()
+        } else {
+            let alen = r.u32()? as usize;
+            let apos = r.take(alen)?;
+            owner.slice(apos..apos + alen)
+        };
         (r.pos == end).then(|| Extras {
+            alarms,
             decisions,
             leases,
             membership: owner.slice(mpos..mpos + mlen),
@@ -755,8 +771,21 @@ mod tests {
             membership: Bytes::from_static(b"{}"),
             decisions: vec![(9, true)],
             auth: Bytes::from_static(b"auth-bytes"),
+            alarms: Bytes::new(),
         };
         assert_eq!(extras_roundtrip(&full.encode()), Some(full.clone()));
+        // Alarms with and without an auth section before them.
+        for auth in [Bytes::new(), Bytes::from_static(b"auth-bytes")] {
+            let with_alarms = Extras {
+                auth,
+                alarms: Bytes::from_static(b"alarm-bytes"),
+                ..full.clone()
+            };
+            assert_eq!(
+                extras_roundtrip(&with_alarms.encode()),
+                Some(with_alarms.clone())
+            );
+        }
         // Written before auth was persisted (or with no auth state): no auth section.
         let without = Extras {
             auth: Bytes::new(),
