@@ -142,6 +142,8 @@ impl Db {
         if opts.cores == 0 {
             return Err(Error::InvalidArgument("cores must be at least 1".into()));
         }
+        // Before the lock creates anything: a newer spindle's dir is left as it is.
+        meta::check_version(&path)?;
         let lock = meta::lock(&path)?;
         let wanted_shards = opts.shards.unwrap_or(opts.cores as u32);
         let cluster = match &opts.cluster {

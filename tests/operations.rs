@@ -1,8 +1,9 @@
-//! The backend quota and alarms, side by side with etcd 3.4: a small `--quota-backend-bytes`
-//! filled until NOSPACE, the refusal (message and gRPC code), `alarm list`, what is still served,
-//! compact + defrag shrinking `dbSize`, `alarm disarm`, writes accepted again; and in a
-//! three-member spindle cluster, an alarm raised through one member refusing writes on every
-//! member and surviving a restart.
+//! Operating a server: the backend quota and alarms, side by side with etcd 3.4 (a small
+//! `--quota-backend-bytes` filled until NOSPACE, the refusal (message and gRPC code), `alarm
+//! list`, what is still served, compact + defrag shrinking `dbSize`, `alarm disarm`, writes
+//! accepted again); in a three-member spindle cluster, an alarm raised through one member
+//! refusing writes on every member and surviving a restart; and a data dir of a newer format
+//! refused untouched.
 
 mod common;
 
@@ -40,11 +41,20 @@ fn normalized(text: &str, id: u64) -> String {
 }
 
 /// Puts `VALUE_BYTES` values until one is refused; returns how many fit and the refusal.
+/// Other failures (a cluster still electing its leader) are retried for a while.
 fn fill(s: &Server, value: &str) -> (usize, etcdctl::Ctl) {
-    for i in 0..400 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    while i < 400 {
         let r = etcdctl::run_with_input(&s.endpoint(), &["put", &format!("k{i:04}")], value);
-        if !r.ok {
+        if r.stderr.contains("database space exceeded") {
             return (i, r);
+        }
+        if r.ok {
+            i += 1;
+        } else {
+            assert!(Instant::now() < deadline, "{}: {r:?}", s.name());
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
     panic!("{}: the quota was never reached", s.name());
@@ -248,4 +258,54 @@ fn nospace_raised_through_one_member_holds_on_every_member_and_after_restart() {
     assert!(disarm.ok, "{disarm:?}");
     assert_eq!(disarm.stdout, listed);
     wait_alarms(&servers, "");
+}
+
+/// Every file under `dir` with its bytes, sorted by path.
+fn tree(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p.clone());
+                out.push((p, Vec::new()));
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_data_dir_of_a_newer_format_is_refused_and_left_as_it_was() {
+    let mut before = Vec::new();
+    let mut s = Server::spawn_prepared(Kind::Spindle, Ports::free(1)[0], &[], |data| {
+        std::fs::create_dir_all(data.join("shard-000/wal")).unwrap();
+        std::fs::write(
+            data.join("spindle.meta"),
+            "format=99\nshards=1\npartitioner=directory-crc32\ncluster_id=1\nmember_id=2\n\
+             a_later_key=yes\n",
+        )
+        .unwrap();
+        std::fs::write(
+            data.join("shard-000/wal/00000000000000000001.wal"),
+            [7u8; 100],
+        )
+        .unwrap();
+        before = tree(data);
+    });
+    let status = s.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "{status:?}");
+    let log = s.log();
+    let meta = s.data_dir().join("spindle.meta");
+    assert!(
+        log.contains(&meta.display().to_string())
+            && log.contains("format version 99")
+            && log.contains("versions up to 2"),
+        "{log}"
+    );
+    assert_eq!(tree(&s.data_dir()), before);
 }
