@@ -303,6 +303,10 @@ struct ServeArgs {
     /// the NOSPACE alarm, as etcd's flag: 0 = etcd's default of 2 GiB, negative = no quota.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     quota_backend_bytes: i64,
+    /// How often the leader checks that every member's data hashes as its own (Go duration,
+    /// etcd's flag); 0 = never. A mismatch raises the CORRUPT alarm, which stops all writes.
+    #[arg(long, default_value = "0s")]
+    experimental_corrupt_check_time: String,
     /// How often idle watches created with progress_notify hear they are current (Go duration).
     #[arg(long, default_value = "10m")]
     experimental_watch_progress_notify_interval: String,
@@ -496,6 +500,16 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
         advertise_peer_urls: split(&args.initial_advertise_peer_urls),
         max_request_bytes: args.max_request_bytes,
         quota_backend_bytes: args.quota_backend_bytes,
+        corrupt_check_time: spindle::server::compaction::parse_go_duration(
+            &args.experimental_corrupt_check_time,
+        )
+        .ok_or_else(|| {
+            invalid(format!(
+                "bad --experimental-corrupt-check-time {:?}",
+                args.experimental_corrupt_check_time
+            ))
+        })
+        .map(|d| (!d.is_zero()).then_some(d))?,
         watch_progress_notify_interval: spindle::server::compaction::parse_go_duration(
             &args.experimental_watch_progress_notify_interval,
         )

@@ -309,3 +309,112 @@ fn a_data_dir_of_a_newer_format_is_refused_and_left_as_it_was() {
     );
     assert_eq!(tree(&s.data_dir()), before);
 }
+
+/// `etcdctl endpoint hashkv --rev REV` on `s`: (hash, compact revision), once it answers.
+fn hashkv(s: &Server, rev: u64) -> (u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = s.etcdctl(&[
+            "endpoint",
+            "hashkv",
+            "--rev",
+            &rev.to_string(),
+            "-w",
+            "json",
+        ]);
+        if r.ok {
+            let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+            let h = &v[0]["HashKV"];
+            return (
+                h["hash"].as_u64().unwrap_or(0),
+                h["compact_revision"].as_u64().unwrap_or(0),
+            );
+        }
+        assert!(Instant::now() < deadline, "{r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Rewrites `from` as `to` (same length) inside the stopped member's checkpoints and fixes each
+/// file's checksum, so only a comparison of contents can tell. Returns how many files changed.
+fn tamper_checkpoints(data: &std::path::Path, from: &[u8], to: &[u8]) -> usize {
+    assert_eq!(from.len(), to.len());
+    let mut changed = 0;
+    for (path, mut bytes) in tree(data) {
+        if path.extension().and_then(|e| e.to_str()) != Some("ckpt") {
+            continue;
+        }
+        let Some(at) = bytes.windows(from.len()).position(|w| w == from) else {
+            continue;
+        };
+        bytes[at..at + to.len()].copy_from_slice(to);
+        // Footer: crc32 of everything before it, then the end marker.
+        let body_end = bytes.len() - 12;
+        let crc = crc32fast::hash(&bytes[..body_end]);
+        bytes[body_end..body_end + 4].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        changed += 1;
+    }
+    changed
+}
+
+#[test]
+fn hashkv_agrees_on_every_member_and_a_tampered_member_gets_the_corrupt_alarm() {
+    let ports = Ports::free(3);
+    let mut servers = cluster::start_spindle(
+        "c",
+        "corrupt-test",
+        &ports,
+        &["--experimental-corrupt-check-time", "300ms"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..20 {
+        let (k, v) = (format!("c{i:02}"), format!("pristine-value-{i:02}"));
+        while !servers[0].etcdctl(&["put", &k, &v]).ok {
+            assert!(Instant::now() < deadline, "the cluster takes no writes");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // Every member hashes the same at the same revision.
+    let rev = revision(&servers[0]);
+    let hashes: Vec<(u64, u64)> = servers.iter().map(|s| hashkv(s, rev)).collect();
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+    // A follower's checkpoint is tampered with while it is stopped.
+    let leader = status(&servers[0])["leader"].as_u64().unwrap();
+    let victim = servers.iter().position(|s| member_id(s) != leader).unwrap();
+    let victim_id = member_id(&servers[victim]);
+    assert!(servers[victim].etcdctl(&["defrag"]).ok);
+    assert!(servers[victim].terminate().success());
+    let changed = tamper_checkpoints(
+        &servers[victim].data_dir(),
+        b"pristine-value-07",
+        b"tampered-value-07",
+    );
+    assert_eq!(changed, 1);
+    servers[victim].restart();
+    let got = servers[victim].etcdctl(&["get", "c07", "--print-value-only", "--consistency=s"]);
+    assert_eq!(got.stdout.trim(), "tampered-value-07", "{got:?}");
+    // The leader's next check finds it and raises CORRUPT for that member, on every member.
+    let expected = format!("memberID:{victim_id} alarm:CORRUPT \n");
+    wait_alarms(&servers, &expected);
+    for s in &servers {
+        let r = s.etcdctl(&["put", "after", "v"]);
+        assert!(
+            !r.ok
+                && r.stderr.contains("Error: etcdserver: corrupt cluster")
+                && r.stderr.contains("code = DataLoss"),
+            "{}: {r:?}",
+            s.port
+        );
+        let del = s.etcdctl(&["del", "c00"]);
+        assert!(
+            del.stderr.contains("etcdserver: corrupt cluster"),
+            "{del:?}"
+        );
+        let g = s.etcdctl(&["get", "c01", "--print-value-only", "--consistency=s"]);
+        assert_eq!(g.stdout.trim(), "pristine-value-01", "{g:?}");
+    }
+    // etcd 3.4 answers with gRPC code DataLoss.
+    let g = gateway_put(&servers[0]);
+    assert_eq!(g["code"], 15, "{g}");
+}

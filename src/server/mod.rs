@@ -10,6 +10,7 @@ mod auth;
 mod authority;
 pub mod compaction;
 mod convert;
+mod corrupt;
 mod election;
 mod forward;
 mod gateway;
@@ -66,6 +67,9 @@ pub struct ServerConfig {
     /// etcd's `--quota-backend-bytes`: a write that would take the store past it is refused and
     /// raises the NOSPACE alarm (see [`quota`]). 0 = etcd's default (2 GiB), negative = none.
     pub quota_backend_bytes: i64,
+    /// etcd's `--experimental-corrupt-check-time`: how often the leader compares every member's
+    /// hash with its own (`None`: never).
+    pub corrupt_check_time: Option<Duration>,
     /// etcd's `--experimental-watch-progress-notify-interval`: how often idle watches created
     /// with `progress_notify` are told they are current.
     pub watch_progress_notify_interval: Duration,
@@ -87,6 +91,7 @@ impl Default for ServerConfig {
             advertise_peer_urls: vec!["http://localhost:2380".into()],
             max_request_bytes: 1536 * 1024,
             quota_backend_bytes: 0,
+            corrupt_check_time: None,
             watch_progress_notify_interval: watch::DEFAULT_PROGRESS_NOTIFY_INTERVAL,
             auth_token_ttl: crate::auth::DEFAULT_TOKEN_TTL,
             bcrypt_cost: crate::auth::DEFAULT_BCRYPT_COST,
@@ -228,6 +233,9 @@ pub fn start(
                 let every = cfg.auth_token_ttl.max(Duration::from_secs(1));
                 glommio::spawn_local(auth::purge_loop(ctx.clone(), every)).detach();
                 glommio::spawn_local(quota::watch(ctx.clone())).detach();
+                if let Some(every) = cfg.corrupt_check_time {
+                    glommio::spawn_local(corrupt::periodic(ctx.clone(), every)).detach();
+                }
             }
             ctx.db.serve_relayed_calls(forward::relayed_calls(&ctx));
             let plain = cfg.listen.iter().map(|a| (a, None));

@@ -178,25 +178,25 @@ pub(super) async fn watch(ctx: Rc<Ctx>) {
                 alarm: NOSPACE,
             };
             if !ctx.db.alarms().get().list(NOSPACE).contains(&mine) {
-                raise(&ctx, NOSPACE).await;
+                raise(&ctx, ctx.member_id, NOSPACE).await;
             }
         }
         glommio::timer::sleep(TICK).await;
     }
 }
 
-/// Raises this member's alarm through the cluster's leader; on failure the next refused write
+/// Raises `member`'s alarm through the cluster's leader; on failure the next refused write
 /// (or the next corruption check) tries again.
-pub(super) async fn raise(ctx: &Rc<Ctx>, alarm: i32) {
+pub(super) async fn raise(ctx: &Rc<Ctx>, member: u64, alarm: i32) {
     let req = pb::AlarmRequest {
         action: pb::alarm_request::AlarmAction::Activate as i32,
-        member_id: ctx.member_id,
+        member_id: member,
         alarm,
     };
     let msg = Bytes::from(prost::Message::encode_to_vec(&req));
     match super::call_anywhere(ctx, ALARM, vec![msg], None, Hop::Client).await {
         Ok(_) => tracing::warn!(
-            member = %format_args!("{:x}", ctx.member_id),
+            member = %format_args!("{:x}", member),
             alarm = alarm::name(alarm),
             "alarm raised"
         ),
@@ -236,9 +236,14 @@ mod tests {
         };
         let t = pb::TxnRequest {
             success: vec![put(10), put(10)],
-            failure: vec![put(100)],
+            failure: vec![put(1000)],
             ..Default::default()
         };
-        assert_eq!(txn_cost(&t), 100 + 1 + KV_OVERHEAD);
+        assert_eq!(txn_cost(&t), 1000 + 1 + KV_OVERHEAD);
+        let small = pb::TxnRequest {
+            failure: vec![put(1)],
+            ..t
+        };
+        assert_eq!(txn_cost(&small), 2 * (10 + 1 + KV_OVERHEAD));
     }
 }
