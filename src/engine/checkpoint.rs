@@ -10,9 +10,10 @@
 //! before | magic). Extras (version 2; version 1 files have none) carry what a cluster member
 //! cannot re-log after the checkpoint, since a follower proposes nothing: `len:u32` then
 //! `lease_count:u32 { id:i64 ttl:i64 } meta_len:u32 meta decision_count:u32 { rev:i64
-//! committed:u8 } [auth_len:u32 auth]` (the shard's live leases, for shard 0 the cluster
-//! membership, the outcomes of the newest multi-shard writes, and for shard 0 the auth store,
-//! absent in files written before auth was persisted and when auth was never used).
+//! committed:u8 } [auth_len:u32 auth [alarms_len:u32 alarms]]` (the shard's live leases, for
+//! shard 0 the cluster membership, the outcomes of the newest multi-shard writes, and for shard 0
+//! the auth store, absent in files written before auth was persisted and when auth was never
+//! used unless alarms follow, and the raised alarms, absent when none is).
 //! A key record: `key_len:u32 key gen_count:u32 { create:i64 first_version:i64 tombstone:i64(0 = live)
 //! put_count:u32 { rev:i64 lease:i64 value_len:u32 value } }`.
 
