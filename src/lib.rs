@@ -1,5 +1,6 @@
 //! spindle: an etcd-compatible key-value store built thread-per-core on glommio.
 
+pub mod alarm;
 pub mod auth;
 pub mod bbolt;
 pub mod bench;

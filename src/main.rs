@@ -420,10 +420,14 @@ struct ServeArgs {
     /// Largest request the server accepts, as etcd's flag.
     #[arg(long, default_value_t = 1536 * 1024)]
     max_request_bytes: usize,
-    /// Raise the NOSPACE alarm (refusing writes that add data) above this many bytes on disk;
-    /// 0 = no quota.
-    #[arg(long, default_value_t = 0)]
-    quota_backend_bytes: u64,
+    /// Refuse writes that would take the store (Status' dbSize) past this many bytes and raise
+    /// the NOSPACE alarm, as etcd's flag: 0 = etcd's default of 2 GiB, negative = no quota.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    quota_backend_bytes: i64,
+    /// How often the leader checks that every member's data hashes as its own (Go duration,
+    /// etcd's flag); 0 = never. A mismatch raises the CORRUPT alarm, which stops all writes.
+    #[arg(long, default_value = "0s")]
+    experimental_corrupt_check_time: String,
     /// How often idle watches created with progress_notify hear they are current (Go duration).
     #[arg(long, default_value = "10m")]
     experimental_watch_progress_notify_interval: String,
@@ -682,6 +686,16 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
         advertise_peer_urls: split(&args.initial_advertise_peer_urls),
         max_request_bytes: args.max_request_bytes,
         quota_backend_bytes: args.quota_backend_bytes,
+        corrupt_check_time: spindle::server::compaction::parse_go_duration(
+            &args.experimental_corrupt_check_time,
+        )
+        .ok_or_else(|| {
+            invalid(format!(
+                "bad --experimental-corrupt-check-time {:?}",
+                args.experimental_corrupt_check_time
+            ))
+        })
+        .map(|d| (!d.is_zero()).then_some(d))?,
         watch_progress_notify_interval: spindle::server::compaction::parse_go_duration(
             &args.experimental_watch_progress_notify_interval,
         )

@@ -179,6 +179,8 @@ fn write_dir(
             } else {
                 Bytes::new()
             },
+            // A restored snapshot starts without alarms, as etcd's restore does.
+            alarms: Bytes::new(),
         };
         let info = CheckpointInfo {
             shard: shard as u32,

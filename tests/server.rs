@@ -133,8 +133,15 @@ fn quota_raises_nospace_and_refuses_writes_that_add_data() {
         err.contains("etcdserver: mvcc: database space exceeded"),
         "{err}"
     );
-    let r = s.etcdctl(&["alarm", "list"]);
-    assert!(r.ok && r.stdout.contains("NOSPACE"), "{}", r.stdout);
+    // The refusal raises the alarm through the log, right after answering.
+    let r = loop {
+        let r = s.etcdctl(&["alarm", "list"]);
+        if r.stdout.contains("NOSPACE") || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(r.ok && r.stdout.contains("alarm:NOSPACE"), "{}", r.stdout);
     // Deletes and reads still work, as in etcd.
     assert!(s.etcdctl(&["del", "k"]).ok);
     assert!(s.etcdctl(&["get", "k"]).ok);

@@ -387,6 +387,7 @@ fn join(opts: &ClusterOptions, nshards: u32) -> Result<(Membership, u64)> {
 pub(super) fn start(core: &Rc<Core>) -> Result<()> {
     for shard in core.shards.values() {
         shard.attach_auth(core.shared.auth.clone());
+        shard.attach_alarms(core.shared.alarms.clone());
     }
     let Some(cl) = core.shared.cluster.as_ref() else {
         return Ok(());

@@ -415,7 +415,12 @@ impl Core {
             }
             ShardOp::Stats(r) => {
                 let keys = shard.store.borrow().key_count() as u64;
-                let bytes = dir_bytes(&shard.dir);
+                // The shard's data: its checkpoint files and the log's records after the newest
+                // checkpoint (not the log's preallocated segments, nor records a checkpoint
+                // replaced, whose space the log reuses as it retires segments).
+                let wal_dir = shard.dir.join("wal");
+                let bytes = dir_bytes(&shard.dir).saturating_sub(dir_bytes(&wal_dir))
+                    + shard.live_log_bytes();
                 let _ = r.send(Ok((
                     keys,
                     bytes,

@@ -30,6 +30,8 @@ pub(super) enum LeaseOp {
         crate::auth::AuthOp,
         Reply<std::result::Result<crate::auth::AuthReply, crate::auth::AuthError>>,
     ),
+    /// Shard 0 only: log and install an alarm change (`Shard::log_alarm`), for the same reason.
+    Alarm(crate::alarm::AlarmOp, Reply<Option<crate::alarm::Alarm>>),
 }
 
 impl LeaseOp {
@@ -38,6 +40,7 @@ impl LeaseOp {
             LeaseOp::Log(_, _, r) => drop(r.send(Err(err))),
             LeaseOp::Keys(_, r) => drop(r.send(Err(err))),
             LeaseOp::Auth(_, r) => drop(r.send(Err(err))),
+            LeaseOp::Alarm(_, r) => drop(r.send(Err(err))),
         }
     }
 
@@ -46,6 +49,7 @@ impl LeaseOp {
             LeaseOp::Log(id, grant, r) => drop(r.send(shard.log_lease(id, grant).await)),
             LeaseOp::Keys(id, r) => drop(r.send(shard.lease_keys(id).await)),
             LeaseOp::Auth(op, r) => drop(r.send(shard.log_auth(op).await)),
+            LeaseOp::Alarm(op, r) => drop(r.send(shard.log_alarm(op).await)),
         }
     }
 }
@@ -298,6 +302,23 @@ impl LocalDb {
         self.core.wait_writable().await?;
         self.core
             .call(0, |r| ShardOp::Lease(LeaseOp::Auth(op, r)))
+            .await
+    }
+
+    /// The node's alarms, shared by every core.
+    pub fn alarms(&self) -> &std::sync::Arc<crate::alarm::SharedAlarms> {
+        &self.core.shared.alarms
+    }
+
+    /// Raises or disarms an alarm through shard 0's log (etcd's Alarm call, and the quota and
+    /// corruption checks); `None` when the set already was that way.
+    pub async fn alarm_change(
+        &self,
+        op: crate::alarm::AlarmOp,
+    ) -> Result<Option<crate::alarm::Alarm>> {
+        self.core.wait_writable().await?;
+        self.core
+            .call(0, |r| ShardOp::Lease(LeaseOp::Alarm(op, r)))
             .await
     }
 

@@ -100,7 +100,9 @@ pub struct Status {
     pub shards: u32,
     pub cores: usize,
     pub keys: u64,
-    /// Bytes in WAL segments and checkpoints.
+    /// Bytes of live data on disk: checkpoint files and the WAL's records after the newest
+    /// checkpoint (not preallocated segment space, nor records a checkpoint replaced). Status
+    /// reports it as `dbSize`; the quota is checked against it.
     pub disk_bytes: u64,
     /// Highest WAL index over shards (a stand-in for etcd's raft index on a single node).
     pub log_index: u64,
@@ -140,6 +142,8 @@ impl Db {
         if opts.cores == 0 {
             return Err(Error::InvalidArgument("cores must be at least 1".into()));
         }
+        // Before the lock creates anything: a newer spindle's dir is left as it is.
+        meta::check_version(&path)?;
         let lock = meta::lock(&path)?;
         let wanted_shards = opts.shards.unwrap_or(opts.cores as u32);
         let cluster = match &opts.cluster {
@@ -180,6 +184,13 @@ impl Db {
                 .map(|s| s.auth.clone())
                 .unwrap_or_default(),
         ));
+        let alarms = Arc::new(crate::alarm::SharedAlarms::new(
+            shards
+                .iter()
+                .find(|s| s.id == 0)
+                .map(|s| s.alarms.clone())
+                .unwrap_or_default(),
+        ));
 
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
@@ -198,6 +209,7 @@ impl Db {
             member_id: meta.member_id,
             leases,
             auth,
+            alarms,
             raft_term: std::sync::atomic::AtomicU64::new(0),
             cluster,
             closing: AtomicBool::new(false),

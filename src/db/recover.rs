@@ -36,6 +36,9 @@ pub(super) struct RecoveredShard {
     /// Shard 0: the auth store of its checkpoint, with (on a single node) the `Auth` records
     /// of its log tail applied. A cluster member applies those as its group commits them.
     pub(super) auth: crate::auth::AuthStore,
+    /// Shard 0: the alarms of its checkpoint, with (on a single node) its log's `Alarm`
+    /// records applied.
+    pub(super) alarms: crate::alarm::Alarms,
 }
 
 /// Loads every shard and settles multi-shard revisions: one is committed iff every participant
@@ -58,6 +61,7 @@ pub(super) fn recover_all(
         Option<(u64, u64)>,
         BTreeMap<i64, bool>,
         crate::auth::AuthStore,
+        crate::alarm::Alarms,
     );
     // Shards recover independently (checkpoint load + WAL scan), in parallel.
     let loaded: Vec<Result<Loaded>> = std::thread::scope(|s| {
@@ -102,6 +106,14 @@ pub(super) fn recover_all(
                             )
                         })?
                     };
+                    let alarms =
+                        crate::alarm::Alarms::decode(&newest.extras.alarms).map_err(|e| {
+                            Error::corrupt(
+                                &dir,
+                                0,
+                                format!("the newest checkpoint's alarm set: {e:?}"),
+                            )
+                        })?;
                     Ok((
                         newest.store,
                         wal,
@@ -112,6 +124,7 @@ pub(super) fn recover_all(
                         anchor,
                         decisions,
                         auth,
+                        alarms,
                     ))
                 })
             })
@@ -123,7 +136,8 @@ pub(super) fn recover_all(
     });
     let mut shards = Vec::new();
     for (id, r) in loaded.into_iter().enumerate() {
-        let (store, wal, replica, checkpoint_index, dir, leases, anchor, decisions, auth) = r?;
+        let (store, wal, replica, checkpoint_index, dir, leases, anchor, decisions, auth, alarms) =
+            r?;
         let checkpoint_revision = store.last_revision();
         if let Some((file, offset)) = &wal.truncated {
             tracing::warn!(file = %file.display(), offset, "truncated a torn WAL tail (unacknowledged writes)");
@@ -141,6 +155,7 @@ pub(super) fn recover_all(
             anchor,
             decisions,
             auth,
+            alarms,
         });
     }
 
@@ -206,6 +221,16 @@ pub(super) fn recover_all(
                 }
                 EntryKind::LeaseRevoke => {
                     s.leases.remove(&e.lease.id);
+                }
+                EntryKind::Alarm => {
+                    let op = crate::alarm::AlarmOp::decode(&e.data).map_err(|err| {
+                        Error::corrupt(
+                            &s.dir,
+                            e.index,
+                            format!("alarm record {} does not decode: {err:?}", e.index),
+                        )
+                    })?;
+                    s.alarms.apply(&op);
                 }
                 EntryKind::Auth => {
                     let op = crate::auth::AuthOp::decode(&e.data).map_err(|err| {

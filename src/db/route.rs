@@ -31,6 +31,8 @@ pub(super) struct Shared {
     pub(super) leases: crate::mvcc::lease::SharedLeases,
     /// The node's auth state (shard 0's log and checkpoints persist it).
     pub(super) auth: Arc<crate::auth::SharedAuth>,
+    /// The node's alarms (shard 0's log and checkpoints persist them).
+    pub(super) alarms: Arc<crate::alarm::SharedAlarms>,
     /// Highest Raft term of any shard group (response headers carry it).
     pub(super) raft_term: std::sync::atomic::AtomicU64,
     /// Set for a cluster member.

@@ -10,9 +10,10 @@
 //! before | magic). Extras (version 2; version 1 files have none) carry what a cluster member
 //! cannot re-log after the checkpoint, since a follower proposes nothing: `len:u32` then
 //! `lease_count:u32 { id:i64 ttl:i64 } meta_len:u32 meta decision_count:u32 { rev:i64
-//! committed:u8 } [auth_len:u32 auth]` (the shard's live leases, for shard 0 the cluster
-//! membership, the outcomes of the newest multi-shard writes, and for shard 0 the auth store,
-//! absent in files written before auth was persisted and when auth was never used).
+//! committed:u8 } [auth_len:u32 auth [alarms_len:u32 alarms]]` (the shard's live leases, for
+//! shard 0 the cluster membership, the outcomes of the newest multi-shard writes, and for shard 0
+//! the auth store, absent in files written before auth was persisted and when auth was never
+//! used unless alarms follow, and the raised alarms, absent when none is).
 //! A key record: `key_len:u32 key gen_count:u32 { create:i64 first_version:i64 tombstone:i64(0 = live)
 //! put_count:u32 { rev:i64 lease:i64 value_len:u32 value } }`.
 
@@ -57,6 +58,9 @@ pub struct Extras {
     /// Shard 0's checkpoint: the auth store (`AuthStore::encode`) as of its index; empty when
     /// auth was never used.
     pub auth: Bytes,
+    /// Shard 0's checkpoint: the raised alarms (`Alarms::encode`) as of its index; empty when
+    /// none is raised.
+    pub alarms: Bytes,
 }
 
 impl Extras {
@@ -75,9 +79,13 @@ impl Extras {
             b.extend_from_slice(&rev.to_le_bytes());
             b.push(u8::from(*committed));
         }
-        if !self.auth.is_empty() {
+        if !self.auth.is_empty() || !self.alarms.is_empty() {
             b.extend_from_slice(&(self.auth.len() as u32).to_le_bytes());
             b.extend_from_slice(&self.auth);
+        }
+        if !self.alarms.is_empty() {
+            b.extend_from_slice(&(self.alarms.len() as u32).to_le_bytes());
+            b.extend_from_slice(&self.alarms);
         }
         let len = (b.len() - 4) as u32;
         b[..4].copy_from_slice(&len.to_le_bytes());
@@ -116,7 +124,16 @@ impl Extras {
             let apos = r.take(alen)?;
             owner.slice(apos..apos + alen)
         };
+        // Extras written before alarms were persisted (or with none raised) end here.
+        let alarms = if r.pos == end {
+            Bytes::new()
+        } else {
+            let alen = r.u32()? as usize;
+            let apos = r.take(alen)?;
+            owner.slice(apos..apos + alen)
+        };
         (r.pos == end).then(|| Extras {
+            alarms,
             decisions,
             leases,
             membership: owner.slice(mpos..mpos + mlen),
@@ -755,8 +772,21 @@ mod tests {
             membership: Bytes::from_static(b"{}"),
             decisions: vec![(9, true)],
             auth: Bytes::from_static(b"auth-bytes"),
+            alarms: Bytes::new(),
         };
         assert_eq!(extras_roundtrip(&full.encode()), Some(full.clone()));
+        // Alarms with and without an auth section before them.
+        for auth in [Bytes::new(), Bytes::from_static(b"auth-bytes")] {
+            let with_alarms = Extras {
+                auth,
+                alarms: Bytes::from_static(b"alarm-bytes"),
+                ..full.clone()
+            };
+            assert_eq!(
+                extras_roundtrip(&with_alarms.encode()),
+                Some(with_alarms.clone())
+            );
+        }
         // Written before auth was persisted (or with no auth state): no auth section.
         let without = Extras {
             auth: Bytes::new(),

@@ -9,7 +9,15 @@ use crate::engine::partition::Partitioner;
 use crate::error::{Error, Result};
 
 const META_FILE: &str = "spindle.meta";
-const FORMAT: u32 = 1;
+
+/// The data dir's format version, recorded as `format=` in `spindle.meta`:
+/// 1. the first format (also what a meta file without the line is);
+/// 2. shard 0's WAL and checkpoints may carry alarms (`EntryKind::Alarm`, checkpoint extras),
+///    which builds of format 1 cannot read.
+///
+/// A build opens every older version (upgrading the record in place, so an older build then
+/// refuses the dir instead of misreading it) and refuses a newer one without touching it.
+pub const FORMAT: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Meta {
@@ -67,12 +75,76 @@ pub fn shard_dir(dir: &Path, shard: u32) -> PathBuf {
 
 /// Reads the metadata of an existing data dir (`None` for a new one).
 pub fn load(dir: &Path) -> Result<Option<Meta>> {
+    Ok(load_versioned(dir)?.map(|(meta, _)| meta))
+}
+
+fn load_versioned(dir: &Path) -> Result<Option<(Meta, u32)>> {
     let path = dir.join(META_FILE);
     match fs::read_to_string(&path) {
         Ok(text) => parse(&path, &text).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(&path, e)),
     }
+}
+
+/// Refuses a data dir written by a newer spindle (its format version above [`FORMAT`]),
+/// before anything in it is opened for writing, so such a dir is left exactly as it was.
+pub fn check_version(dir: &Path) -> Result<()> {
+    let path = dir.join(META_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => version_of(&path, &text).map(|_| ()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
+/// The format version `text` records (1 without a `format=` line); an error for a version
+/// newer than this build's.
+fn version_of(path: &Path, text: &str) -> Result<u32> {
+    let line = text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == "format");
+    let version = match line {
+        None => 1,
+        Some((_, v)) => v.trim().parse::<u32>().map_err(|_| Error::DataDir {
+            path: path.to_path_buf(),
+            reason: format!("malformed format version {:?}", v.trim()),
+        })?,
+    };
+    if version > FORMAT {
+        return Err(Error::DataDir {
+            path: path.to_path_buf(),
+            reason: format!(
+                "format version {version} was written by a newer spindle; this spindle reads \
+                 versions up to {FORMAT}. Refusing to open it (nothing was changed): run the \
+                 newer spindle, or restore a snapshot of it into a new data dir"
+            ),
+        });
+    }
+    Ok(version)
+}
+
+/// Writes `spindle.meta` durably at this build's format version (temp file, fsync, rename,
+/// directory fsync).
+fn write_meta(dir: &Path, meta: &Meta) -> Result<()> {
+    let path = dir.join(META_FILE);
+    let text = format!(
+        "format={FORMAT}\nshards={}\npartitioner={}\ncluster_id={:x}\nmember_id={:x}\n",
+        meta.shards,
+        meta.partitioner.name(),
+        meta.cluster_id,
+        meta.member_id
+    );
+    let tmp = dir.join(format!("{META_FILE}.tmp"));
+    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
 }
 
 /// Reads the metadata, or writes it from the given defaults for a new data dir. `identity`
@@ -85,8 +157,8 @@ pub fn load_or_create(
     identity: Option<(u64, u64)>,
 ) -> Result<Meta> {
     let path = dir.join(META_FILE);
-    match load(dir)? {
-        Some(meta) => match identity {
+    match load_versioned(dir)? {
+        Some((meta, version)) => match identity {
             Some((c, m)) if (c, m) != (meta.cluster_id, meta.member_id) => Err(Error::DataDir {
                 path,
                 reason: format!(
@@ -95,7 +167,18 @@ pub fn load_or_create(
                     meta.cluster_id, meta.member_id
                 ),
             }),
-            _ => Ok(meta),
+            _ => {
+                if version < FORMAT {
+                    write_meta(dir, &meta)?;
+                    tracing::info!(
+                        path = %path.display(),
+                        from = version,
+                        to = FORMAT,
+                        "data dir format upgraded"
+                    );
+                }
+                Ok(meta)
+            }
         },
         None => {
             if shards == 0 {
@@ -109,34 +192,21 @@ pub fn load_or_create(
                 cluster_id: identity.map_or_else(random_id, |i| i.0),
                 member_id: identity.map_or_else(random_id, |i| i.1),
             };
-            let text = format!(
-                "format={FORMAT}\nshards={shards}\npartitioner={}\ncluster_id={:x}\nmember_id={:x}\n",
-                partitioner.name(),
-                meta.cluster_id,
-                meta.member_id
-            );
-            let tmp = dir.join(format!("{META_FILE}.tmp"));
-            let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            f.write_all(text.as_bytes())
-                .and_then(|_| f.sync_all())
-                .map_err(|e| Error::io(&tmp, e))?;
-            fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-            fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io(dir, e))?;
+            write_meta(dir, &meta)?;
             Ok(meta)
         }
     }
 }
 
-fn parse(path: &Path, text: &str) -> Result<Meta> {
+fn parse(path: &Path, text: &str) -> Result<(Meta, u32)> {
+    // Checked first: a newer version may hold lines this build does not know.
+    let version = version_of(path, text)?;
     let bad = |reason: String| Error::DataDir {
         path: path.to_path_buf(),
         reason,
     };
     let mut shards = None;
     let mut partitioner = None;
-    let mut format = None;
     let mut cluster_id = None;
     let mut member_id = None;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
@@ -144,7 +214,7 @@ fn parse(path: &Path, text: &str) -> Result<Meta> {
             .split_once('=')
             .ok_or_else(|| bad(format!("malformed line {line:?}")))?;
         match k.trim() {
-            "format" => format = v.trim().parse::<u32>().ok(),
+            "format" => {}
             "shards" => shards = v.trim().parse::<u32>().ok().filter(|&n| n > 0),
             "partitioner" => partitioner = Partitioner::from_name(v.trim()),
             "cluster_id" => cluster_id = u64::from_str_radix(v.trim(), 16).ok(),
@@ -152,17 +222,13 @@ fn parse(path: &Path, text: &str) -> Result<Meta> {
             other => return Err(bad(format!("unknown key {other:?}"))),
         }
     }
-    if format != Some(FORMAT) {
-        return Err(bad(format!(
-            "unsupported format {format:?}, expected {FORMAT}"
-        )));
-    }
-    Ok(Meta {
+    let meta = Meta {
         shards: shards.ok_or_else(|| bad("missing or invalid shards".into()))?,
         partitioner: partitioner.ok_or_else(|| bad("missing or unknown partitioner".into()))?,
         cluster_id: cluster_id.ok_or_else(|| bad("missing or invalid cluster_id".into()))?,
         member_id: member_id.ok_or_else(|| bad("missing or invalid member_id".into()))?,
-    })
+    };
+    Ok((meta, version))
 }
 
 const MEMBERSHIP_FILE: &str = "cluster.json";
@@ -249,6 +315,44 @@ mod tests {
         fs::write(dir.path().join(MEMBERSHIP_FILE), b"{").unwrap();
         let err = load_membership(dir.path()).unwrap_err().to_string();
         assert!(err.contains(MEMBERSHIP_FILE), "{err}");
+    }
+
+    #[test]
+    fn older_versions_open_and_are_upgraded_newer_ones_are_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = load_or_create(dir.path(), 2, Partitioner::Directory, None).unwrap();
+        let path = dir.path().join(META_FILE);
+        let written = fs::read_to_string(&path).unwrap();
+        assert!(
+            written.starts_with(&format!("format={FORMAT}\n")),
+            "{written}"
+        );
+        // Version 1, and a meta file without a version line (the first version).
+        for old in ["format=1\n", ""] {
+            let text = written.replacen(&format!("format={FORMAT}\n"), old, 1);
+            fs::write(&path, &text).unwrap();
+            check_version(dir.path()).unwrap();
+            assert_eq!(
+                load_or_create(dir.path(), 2, Partitioner::Directory, None).unwrap(),
+                m
+            );
+            assert_eq!(fs::read_to_string(&path).unwrap(), written);
+        }
+        let newer = format!("format={}\nshards=2\nsomething_new=1\n", FORMAT + 1);
+        fs::write(&path, &newer).unwrap();
+        for err in [
+            check_version(dir.path()).unwrap_err(),
+            load_or_create(dir.path(), 2, Partitioner::Directory, None).unwrap_err(),
+        ] {
+            let err = err.to_string();
+            assert!(
+                err.contains(META_FILE)
+                    && err.contains(&format!("format version {}", FORMAT + 1))
+                    && err.contains(&format!("versions up to {FORMAT}")),
+                "{err}"
+            );
+        }
+        assert_eq!(fs::read_to_string(&path).unwrap(), newer);
     }
 
     #[test]

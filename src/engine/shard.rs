@@ -19,6 +19,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use glommio::sync::Semaphore;
 
+use crate::alarm::{Alarm, AlarmOp, Alarms, SharedAlarms};
 use crate::auth::{AuthError, AuthOp, AuthReply, AuthStore, SharedAuth};
 use crate::engine::checkpoint::{self, CheckpointInfo};
 use crate::engine::partition::Partitioner;
@@ -104,6 +105,11 @@ pub struct Shard {
     /// The node's auth state (every shard gets it when its core starts; shard 0's log carries
     /// the `Auth` records, its checkpoints the whole store).
     auth: RefCell<Option<Arc<SharedAuth>>>,
+    /// Shard 0: the node's alarms, which its log records.
+    alarms: RefCell<Option<Arc<SharedAlarms>>>,
+    /// `Wal::appended_bytes` when the newest checkpoint was cut: the log's records before it
+    /// are garbage the checkpoint replaced.
+    wal_dead: Cell<u64>,
 }
 
 /// Fault injection for tests, in every build: `SPINDLE_FAULT=<point>` in a member's
@@ -202,6 +208,8 @@ impl Shard {
             pending_records: RefCell::default(),
             locked_term: Cell::new(0),
             auth: RefCell::new(None),
+            alarms: RefCell::new(None),
+            wal_dead: Cell::new(0),
         })
     }
 
@@ -212,6 +220,76 @@ impl Shard {
 
     fn shared_auth(&self) -> Option<Arc<SharedAuth>> {
         self.auth.borrow().clone()
+    }
+
+    /// Bytes of the log's live records: those after the newest checkpoint (what a restart
+    /// replays). Status' `dbSize` counts these plus the checkpoint files.
+    pub fn live_log_bytes(&self) -> u64 {
+        self.wal
+            .appended_bytes()
+            .saturating_sub(self.wal_dead.get())
+    }
+
+    /// Gives the shard the node's alarm set (called with [`Shard::attach_auth`]).
+    pub fn attach_alarms(&self, alarms: Arc<SharedAlarms>) {
+        *self.alarms.borrow_mut() = Some(alarms);
+    }
+
+    fn shared_alarms(&self) -> Option<Arc<SharedAlarms>> {
+        self.alarms.borrow().clone()
+    }
+
+    /// Shard 0: raises or disarms an alarm through the log (`EntryKind::Alarm`), installing the
+    /// change in the same step as the proposal (as [`Shard::log_auth`] does), then waits until
+    /// it is committed. An op that changes nothing logs nothing and returns `None`.
+    pub async fn log_alarm(&self, op: AlarmOp) -> Result<Option<Alarm>> {
+        self.ensure_healthy()?;
+        let alarms = self
+            .shared_alarms()
+            .ok_or_else(|| Error::InvalidArgument("alarm state not attached".into()))?;
+        if self.id != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "alarm records belong in shard 0's log, not shard {}",
+                self.id
+            )));
+        }
+        let data = Bytes::from(op.encode());
+        let changes = Cell::new(false);
+        let proposed = self
+            .propose_record(|| {
+                let mut probe = alarms.get();
+                let changed = probe.apply(&op).is_some();
+                changes.set(changed);
+                changed.then(|| WalEntry {
+                    kind: EntryKind::Alarm,
+                    data: data.clone(),
+                    ..Default::default()
+                })
+            })
+            .await?;
+        if !changes.get() {
+            return Ok(None);
+        }
+        // Same step as the proposal: nothing ran in between.
+        let changed = alarms.apply(&op);
+        if let Some((index, term)) = proposed {
+            self.replica.wait_committed(&self.wal, index, term).await?;
+        }
+        Ok(changed)
+    }
+
+    /// Reloads the alarm set from a checkpoint's extras (shard 0; a rebuild or an install).
+    fn reload_alarms(&self, bytes: &[u8]) {
+        if self.id != 0 {
+            return;
+        }
+        let Some(alarms) = self.shared_alarms() else {
+            return;
+        };
+        match Alarms::decode(bytes) {
+            Ok(set) => alarms.reset(set),
+            Err(e) => tracing::error!(error = ?e, "checkpoint holds an undecodable alarm set"),
+        }
     }
 
     /// Shard 0: validates an auth op against the current state and, if it applies, logs it
@@ -941,6 +1019,21 @@ impl Shard {
                         }
                         self.lease_log.borrow_mut().remove(&rec.lease.id);
                     }
+                    EntryKind::Alarm => match (self.shared_alarms(), AlarmOp::decode(&rec.data)) {
+                        (Some(alarms), Ok(op)) => {
+                            alarms.apply(&op);
+                        }
+                        (_, Err(err)) => {
+                            return Err(Error::ShardFailed {
+                                shard: self.id,
+                                reason: format!(
+                                    "committed alarm record {} does not decode: {err:?}",
+                                    e.index
+                                ),
+                            })
+                        }
+                        (None, _) => {}
+                    },
                     EntryKind::Auth => match (self.shared_auth(), AuthOp::decode(&rec.data)) {
                         (Some(auth), Ok(op)) => auth.apply(&op),
                         (_, Err(err)) => {
@@ -1089,6 +1182,7 @@ impl Shard {
         *self.store.borrow_mut() = newest.store;
         // The committed log after the checkpoint is applied again, auth records included.
         self.reload_auth(&newest.extras.auth);
+        self.reload_alarms(&newest.extras.alarms);
         self.deferred.borrow_mut().clear();
         self.stamps.borrow_mut().clear();
         let target = self.replica.reset_applied(index)?;
@@ -1179,6 +1273,7 @@ impl Shard {
         }
         *self.lease_log.borrow_mut() = leases;
         self.reload_auth(&loaded.extras.auth);
+        self.reload_alarms(&loaded.extras.alarms);
         self.checkpoint_index.set(index);
         self.last_write_index.set(index);
         self.deferred.borrow_mut().retain(|e| e.index > index);
@@ -1296,7 +1391,7 @@ impl Shard {
         // final. A follower's store holds exactly what it applied, all of it committed; a
         // leader's holds what it executed, which must commit before the checkpoint may stand
         // for it.
-        let (index, upto, leases, auth) = {
+        let (index, upto, leases, auth, alarms, appended) = {
             let _guard = self.acquire().await?;
             self.ensure_healthy()?;
             if self.replica.pending_install().is_some() {
@@ -1339,7 +1434,25 @@ impl Shard {
                 (0, Some(a)) if a.read(|s| *s != AuthStore::new()) => Bytes::from(a.encode()),
                 _ => Bytes::new(),
             };
-            (index, self.store.borrow().last_revision(), leases, auth)
+            // The alarm set mirrors the log the same way.
+            let alarms = match (self.id, self.shared_alarms()) {
+                (0, Some(a)) => a.get(),
+                _ => Alarms::default(),
+            };
+            let alarms = if alarms.is_empty() {
+                Bytes::new()
+            } else {
+                Bytes::from(alarms.encode())
+            };
+            let appended = self.wal.appended_bytes();
+            (
+                index,
+                self.store.borrow().last_revision(),
+                leases,
+                auth,
+                alarms,
+                appended,
+            )
         };
         let term = self
             .replica
@@ -1375,6 +1488,7 @@ impl Shard {
                 .collect(),
             leases,
             auth,
+            alarms,
             membership: if member && self.id == 0 {
                 membership()
             } else {
@@ -1432,6 +1546,7 @@ impl Shard {
             }
         }
         tracing::debug!(shard = self.id, index, revision = upto, path = %path.display(), "checkpoint written");
+        self.wal_dead.set(appended);
         self.adopt_values(&path, upto).await;
         // The export read the values still served from the log segment.
         self.wal.release_pages();

@@ -107,7 +107,7 @@ async fn campaign(
     req: epb::CampaignRequest,
 ) -> Result<epb::CampaignResponse, Status> {
     let lease = session_lease(ctx, req.lease).await?;
-    check_space(ctx, true)?;
+    check_space(ctx, super::quota::KV_OVERHEAD)?;
     let prefix = prefix_of(&req.name);
     let key = lease_key(&prefix, lease);
     let txn = TxnRequest {
@@ -161,7 +161,7 @@ async fn proclaim(
     lease: i64,
     value: Bytes,
 ) -> Result<i64, Status> {
-    check_space(ctx, true)?;
+    check_space(ctx, super::quota::KV_OVERHEAD)?;
     let txn = TxnRequest {
         compare: vec![Compare::create_revision(
             key.clone(),

@@ -208,7 +208,7 @@ fn http_status(code: Code) -> StatusCode {
         Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
         Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         Code::Cancelled => StatusCode::REQUEST_TIMEOUT,
-        Code::Unknown | Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

@@ -26,6 +26,7 @@ pub enum Code {
     Unimplemented = 12,
     Internal = 13,
     Unavailable = 14,
+    DataLoss = 15,
     Unauthenticated = 16,
 }
 
@@ -45,6 +46,7 @@ impl Code {
             Code::Unimplemented,
             Code::Internal,
             Code::Unavailable,
+            Code::DataLoss,
             Code::Unauthenticated,
         ]
         .into_iter()
@@ -281,6 +283,7 @@ pub fn status_of(h: &http::HeaderMap) -> Option<Status> {
         12 => Code::Unimplemented,
         14 => Code::Unavailable,
         13 => Code::Internal,
+        15 => Code::DataLoss,
         _ => Code::Unknown,
     };
     Some(Status::new(code, message))

@@ -24,7 +24,7 @@ pub(super) async fn call(ctx: &Rc<Ctx>, path: &str, msgs: Vec<Bytes>) -> Result<
         "/etcdserverpb.Lease/LeaseGrant" => {
             let req: pb::LeaseGrantRequest = one(msgs)?;
             // etcd refuses new leases while the NOSPACE alarm is raised.
-            super::check_space(ctx, true)?;
+            super::check_space(ctx, super::quota::LEASE_OVERHEAD)?;
             let resp = db.lease_grant(req.id, req.ttl).await?;
             Ok(enc(&pb::LeaseGrantResponse {
                 header: Some(ctx.header(resp.header.revision)),

@@ -62,7 +62,7 @@ pub(super) async fn session_lease(ctx: &Ctx, lease: i64) -> Result<i64, Status> 
     if lease != 0 {
         return Ok(lease);
     }
-    check_space(ctx, true)?;
+    check_space(ctx, super::quota::KV_OVERHEAD)?;
     Ok(ctx.db.lease_grant(0, DEFAULT_SESSION_TTL).await?.id)
 }
 
@@ -163,7 +163,7 @@ impl Drop for AbandonGuard {
 /// etcd's `Mutex.Lock` run by the server: returns the lock key and the revision of the header.
 async fn lock(ctx: &Rc<Ctx>, name: &[u8], lease: i64) -> Result<(Bytes, i64), Status> {
     let lease = session_lease(ctx, lease).await?;
-    check_space(ctx, true)?;
+    check_space(ctx, super::quota::KV_OVERHEAD)?;
     let prefix = prefix_of(name);
     let key = lease_key(&prefix, lease);
     let txn = TxnRequest {

@@ -10,6 +10,7 @@ mod auth;
 mod authority;
 pub mod compaction;
 mod convert;
+mod corrupt;
 mod election;
 mod forward;
 mod gateway;
@@ -18,6 +19,7 @@ pub mod grpc;
 mod lease;
 mod lock;
 pub mod metrics;
+pub mod quota;
 mod snapshot;
 pub mod tls;
 mod watch;
@@ -65,9 +67,12 @@ pub struct ServerConfig {
     pub advertise_peer_urls: Vec<String>,
     /// etcd's `--max-request-bytes`.
     pub max_request_bytes: usize,
-    /// etcd's `--quota-backend-bytes`: above it the NOSPACE alarm is raised and writes that add
-    /// data are refused until it is disarmed. 0 = no quota.
-    pub quota_backend_bytes: u64,
+    /// etcd's `--quota-backend-bytes`: a write that would take the store past it is refused and
+    /// raises the NOSPACE alarm (see [`quota`]). 0 = etcd's default (2 GiB), negative = none.
+    pub quota_backend_bytes: i64,
+    /// etcd's `--experimental-corrupt-check-time`: how often the leader compares every member's
+    /// hash with its own (`None`: never).
+    pub corrupt_check_time: Option<Duration>,
     /// etcd's `--experimental-watch-progress-notify-interval`: how often idle watches created
     /// with `progress_notify` are told they are current.
     pub watch_progress_notify_interval: Duration,
@@ -91,6 +96,7 @@ impl Default for ServerConfig {
             advertise_peer_urls: vec!["http://localhost:2380".into()],
             max_request_bytes: 1536 * 1024,
             quota_backend_bytes: 0,
+            corrupt_check_time: None,
             watch_progress_notify_interval: watch::DEFAULT_PROGRESS_NOTIFY_INTERVAL,
             auth_token_ttl: crate::auth::DEFAULT_TOKEN_TTL,
             bcrypt_cost: crate::auth::DEFAULT_BCRYPT_COST,
@@ -141,8 +147,8 @@ struct Ctx {
     db: LocalDb,
     cfg: Arc<ServerConfig>,
     metrics: Arc<metrics::Metrics>,
-    /// The NOSPACE alarm, shared by every core.
-    nospace: Arc<AtomicBool>,
+    /// The quota and the store's sampled size, shared by every core.
+    quota: Arc<quota::Quota>,
     drain: Arc<Drain>,
     cluster_id: u64,
     member_id: u64,
@@ -209,11 +215,10 @@ pub fn start(
     let drain = Arc::new(Drain::default());
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(metrics::Metrics::default());
-    let nospace = Arc::new(AtomicBool::new(false));
+    let quota = Arc::new(quota::Quota::new(quota::effective(cfg.quota_backend_bytes)));
     let (bound_tx, bound_rx) = flume::unbounded::<Result<(), String>>();
     let hook: CoreHook = {
         let cfg = cfg.clone();
-        let nospace = nospace.clone();
         let drain = drain.clone();
         Arc::new(move |db: LocalDb| {
             let (cluster_id, member_id) = db.identity();
@@ -227,7 +232,7 @@ pub fn start(
                 db,
                 cfg: cfg.clone(),
                 metrics: metrics.clone(),
-                nospace: nospace.clone(),
+                quota: quota.clone(),
                 drain: drain.clone(),
                 cluster_id,
                 member_id,
@@ -236,6 +241,10 @@ pub fn start(
             if first_core {
                 let every = cfg.auth_token_ttl.max(Duration::from_secs(1));
                 glommio::spawn_local(auth::purge_loop(ctx.clone(), every)).detach();
+                glommio::spawn_local(quota::watch(ctx.clone())).detach();
+                if let Some(every) = cfg.corrupt_check_time {
+                    glommio::spawn_local(corrupt::periodic(ctx.clone(), every)).detach();
+                }
             }
             ctx.db.serve_relayed_calls(forward::relayed_calls(&ctx));
             let plain = cfg.listen.iter().map(|a| (a, None));
@@ -273,50 +282,12 @@ pub fn start(
             Err(_) => return Err(Error::Closed),
         }
     }
-    if cfg.quota_backend_bytes > 0 {
-        let (db, quota) = (db.clone(), cfg.quota_backend_bytes);
-        std::thread::spawn(move || watch_quota(db, quota, &nospace));
-    }
     Ok(Running { db, drain })
 }
 
-/// Raises the NOSPACE alarm when the store outgrows its quota (checked every second); it stays
-/// raised until a client disarms it, as in etcd. Ends when the store closes.
-fn watch_quota(db: Db, quota: u64, nospace: &AtomicBool) {
-    while let Ok(st) = db.status() {
-        if st.disk_bytes > quota && !nospace.swap(true, Ordering::AcqRel) {
-            tracing::warn!(
-                bytes = st.disk_bytes,
-                quota,
-                "database space exceeded: NOSPACE alarm raised"
-            );
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
-/// etcd refuses writes that add data while NOSPACE is raised; deletes and reads still work.
-fn check_space(ctx: &Ctx, adds_data: bool) -> Result<(), Status> {
-    if adds_data && ctx.nospace.load(Ordering::Acquire) {
-        return Err(Error::DiskFull {
-            path: Default::default(),
-            source: std::io::ErrorKind::StorageFull.into(),
-        }
-        .into());
-    }
-    Ok(())
-}
-
-fn txn_has_puts(t: &pb::TxnRequest) -> bool {
-    use pb::request_op::Request as R;
-    t.success
-        .iter()
-        .chain(&t.failure)
-        .any(|op| match &op.request {
-            Some(R::RequestPut(_)) => true,
-            Some(R::RequestTxn(n)) => txn_has_puts(n),
-            _ => false,
-        })
+/// See [`quota::check`]: `cost` is how many bytes the write adds (0 for one that adds none).
+fn check_space(ctx: &Ctx, cost: u64) -> Result<(), Status> {
+    quota::check(ctx, cost)
 }
 
 /// How long a client has to finish its TLS handshake.
@@ -789,8 +760,9 @@ async fn call(
         RANGE => range(ctx, one(msgs)?).await,
         "/etcdserverpb.KV/Put" => {
             check_size(ctx, &msgs)?;
-            check_space(ctx, true)?;
-            let req = convert::put_request(one(msgs)?);
+            let req: pb::PutRequest = one(msgs)?;
+            check_space(ctx, quota::put_cost(&req))?;
+            let req = convert::put_request(req);
             let Some(started) = started else {
                 let resp = db.put(req).await?;
                 let h = ctx.header(resp.header.revision);
@@ -806,6 +778,7 @@ async fn call(
         }
         "/etcdserverpb.KV/DeleteRange" => {
             check_size(ctx, &msgs)?;
+            check_space(ctx, 0)?;
             let resp = db.delete_range(convert::delete_request(one(msgs)?)).await?;
             let h = ctx.header(resp.header.revision);
             Ok(enc(&convert::delete_response(resp, h)))
@@ -813,13 +786,16 @@ async fn call(
         "/etcdserverpb.KV/Txn" => {
             check_size(ctx, &msgs)?;
             let req: pb::TxnRequest = one(msgs)?;
-            check_space(ctx, txn_has_puts(&req))?;
+            if quota::txn_writes(&req) {
+                check_space(ctx, quota::txn_cost(&req))?;
+            }
             let resp = db.txn(convert::txn_request(req)?).await?;
             let h = ctx.header(resp.header.revision);
             Ok(enc(&convert::txn_response(resp, h)))
         }
         "/etcdserverpb.KV/Compact" => {
             let req: pb::CompactionRequest = one(msgs)?;
+            check_space(ctx, 0)?;
             let resp = db
                 .compact(crate::kv::CompactionRequest {
                     revision: req.revision,
@@ -833,55 +809,74 @@ async fn call(
         "/etcdserverpb.Maintenance/Status" => {
             let _: pb::StatusRequest = one(msgs)?;
             let st = db.status().await?;
+            ctx.quota.note_size(st.disk_bytes);
+            let leader = ctx.db.leader();
+            let mut errors = Vec::new();
+            if leader == 0 {
+                errors.push(Error::NoLeader.to_string());
+            }
+            // etcd lists the raised alarms among a member's errors.
+            for a in ctx.db.alarms().get().list(0) {
+                errors.push(format!(
+                    "memberID:{} alarm:{} ",
+                    a.member,
+                    crate::alarm::name(a.alarm)
+                ));
+            }
             Ok(enc(&pb::StatusResponse {
                 header: Some(ctx.header(st.revision)),
                 version: ETCD_API_VERSION.into(),
                 db_size: st.disk_bytes as i64,
-                leader: ctx.db.leader(),
+                leader,
                 raft_index: st.log_index,
                 raft_term: ctx.db.raft_term(),
                 raft_applied_index: st.log_index,
-                errors: vec![],
+                errors,
                 db_size_in_use: st.disk_bytes as i64,
                 is_learner: ctx.db.is_learner(),
             }))
         }
-        "/etcdserverpb.Maintenance/Alarm" => {
+        quota::ALARM => {
             use pb::alarm_request::AlarmAction;
             let req: pb::AlarmRequest = one(msgs)?;
-            let nospace = pb::AlarmType::Nospace as i32;
-            let targets_us = req.member_id == 0 || req.member_id == ctx.member_id;
-            match AlarmAction::try_from(req.action) {
-                Ok(AlarmAction::Activate) if req.alarm == nospace && targets_us => {
-                    ctx.nospace.store(true, Ordering::Release)
+            let known = matches!(req.alarm, crate::alarm::NOSPACE | crate::alarm::CORRUPT);
+            let alarms = match AlarmAction::try_from(req.action) {
+                Ok(AlarmAction::Get) => ctx.db.alarms().get().list(req.alarm),
+                Ok(action) if known => {
+                    let op = crate::alarm::AlarmOp {
+                        activate: action == AlarmAction::Activate,
+                        alarm: crate::alarm::Alarm {
+                            member: req.member_id,
+                            alarm: req.alarm,
+                        },
+                    };
+                    db.alarm_change(op).await?.into_iter().collect()
                 }
-                Ok(AlarmAction::Deactivate) if req.alarm == nospace && targets_us => {
-                    ctx.nospace.store(false, Ordering::Release)
-                }
-                Ok(AlarmAction::Get) => {}
                 _ => {
                     return Err(Status::new(
                         Code::InvalidArgument,
                         "etcdserver: unsupported alarm",
                     ))
                 }
-            }
-            let alarms = if ctx.nospace.load(Ordering::Acquire) {
-                vec![pb::AlarmMember {
-                    member_id: ctx.member_id,
-                    alarm: nospace,
-                }]
-            } else {
-                vec![]
             };
             Ok(enc(&pb::AlarmResponse {
                 header: Some(ctx.header(db.revision())),
-                alarms,
+                alarms: alarms
+                    .into_iter()
+                    .map(|a| pb::AlarmMember {
+                        member_id: a.member,
+                        alarm: a.alarm,
+                    })
+                    .collect(),
             }))
         }
         "/etcdserverpb.Maintenance/Defragment" => {
             let _: pb::DefragmentRequest = one(msgs)?;
             db.checkpoint().await?;
+            // The next write sees the smaller store at once.
+            if let Ok(st) = db.status().await {
+                ctx.quota.note_size(st.disk_bytes);
+            }
             Ok(enc(&pb::DefragmentResponse {
                 header: Some(ctx.header(db.revision())),
             }))

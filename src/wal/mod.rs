@@ -132,6 +132,9 @@ struct State {
     spare_creating: bool,
     spare_seq: u64,
     segments: Vec<SegmentFile>,
+    /// Frame bytes appended since open, counting the recovered entries (those after the
+    /// checkpoint recovery started from) as appended: see [`Wal::appended_bytes`].
+    appended: u64,
     /// Where recent entries' payloads went, oldest first, for [`Wal::settled_payload`].
     placed: VecDeque<Placed>,
     /// Whether placements are noted for [`Wal::settled_payload`] (off when nobody asks: a
@@ -260,6 +263,11 @@ impl Wal {
             spare_creating: false,
             spare_seq: 0,
             segments: recovered.segments.clone(),
+            appended: recovered
+                .entries
+                .iter()
+                .map(|e| frame_len(e.payload.len()) as u64)
+                .sum(),
             placed: VecDeque::new(),
             placing: true,
             windows: std::collections::BTreeMap::new(),
@@ -287,6 +295,15 @@ impl Wal {
 
     pub fn next_index(&self) -> u64 {
         self.inner.st.borrow().next_index
+    }
+
+    /// A running count of the frame bytes appended to the log (the entries recovery found after
+    /// the checkpoint count as appended at open). The difference between two readings is what
+    /// the log grew by in between: the shard subtracts its reading at its last checkpoint to
+    /// tell the log's live records (those a restart would replay) from the ones the checkpoint
+    /// made garbage, which stay in their segment until it is retired.
+    pub fn appended_bytes(&self) -> u64 {
+        self.inner.st.borrow().appended
     }
 
     pub fn durable_index(&self) -> u64 {
@@ -396,6 +413,7 @@ impl Wal {
             });
         }
         st.append_pos += len;
+        st.appended += len;
         if index.is_some() {
             st.next_index += 1;
         }

@@ -40,6 +40,8 @@ pub enum EntryKind {
     Commit,
     /// An auth change (`data`: `auth::AuthOp::encode()`), in shard 0's log only.
     Auth,
+    /// An alarm raised or disarmed (`data`: `alarm::AlarmOp::encode()`), in shard 0's log only.
+    Alarm,
 }
 
 /// The lease a `LeaseGrant`/`LeaseRevoke` entry is about (zero for other kinds).
@@ -125,6 +127,7 @@ pub fn encode_payload(entry: &WalEntry) -> Vec<u8> {
         EntryKind::ConfChange => walfb::EntryKind::ConfChange,
         EntryKind::Commit => walfb::EntryKind::Commit,
         EntryKind::Auth => walfb::EntryKind::Auth,
+        EntryKind::Alarm => walfb::EntryKind::Alarm,
     };
     let data = (!entry.data.is_empty()).then(|| fbb.create_vector(entry.data.as_ref()));
     let root = walfb::Entry::create(
@@ -264,6 +267,7 @@ pub fn decode_payload(payload: &Bytes) -> Option<WalEntry> {
         walfb::EntryKind::ConfChange => EntryKind::ConfChange,
         walfb::EntryKind::Commit => EntryKind::Commit,
         walfb::EntryKind::Auth => EntryKind::Auth,
+        walfb::EntryKind::Alarm => EntryKind::Alarm,
         _ => return None,
     };
     let mut ops = Vec::new();

@@ -14,10 +14,10 @@ pub mod walfb {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ENTRY_KIND: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ENTRY_KIND: u8 = 10;
+pub const ENUM_MAX_ENTRY_KIND: u8 = 11;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ENTRY_KIND: [EntryKind; 11] = [
+pub const ENUM_VALUES_ENTRY_KIND: [EntryKind; 12] = [
   EntryKind::Write,
   EntryKind::Part,
   EntryKind::Abort,
@@ -29,6 +29,7 @@ pub const ENUM_VALUES_ENTRY_KIND: [EntryKind; 11] = [
   EntryKind::ConfChange,
   EntryKind::Commit,
   EntryKind::Auth,
+  EntryKind::Alarm,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -47,9 +48,10 @@ impl EntryKind {
   pub const ConfChange: Self = Self(8);
   pub const Commit: Self = Self(9);
   pub const Auth: Self = Self(10);
+  pub const Alarm: Self = Self(11);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 10;
+  pub const ENUM_MAX: u8 = 11;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Write,
     Self::Part,
@@ -62,6 +64,7 @@ impl EntryKind {
     Self::ConfChange,
     Self::Commit,
     Self::Auth,
+    Self::Alarm,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -77,6 +80,7 @@ impl EntryKind {
       Self::ConfChange => Some("ConfChange"),
       Self::Commit => Some("Commit"),
       Self::Auth => Some("Auth"),
+      Self::Alarm => Some("Alarm"),
       _ => None,
     }
   }
