@@ -428,6 +428,10 @@ struct ServeArgs {
     /// etcd's flag); 0 = never. A mismatch raises the CORRUPT alarm, which stops all writes.
     #[arg(long, default_value = "0s")]
     experimental_corrupt_check_time: String,
+    /// Before serving clients, compare this member's data hash with every other member's at
+    /// the same revision, and refuse to run on a mismatch (etcd's flag).
+    #[arg(long)]
+    experimental_initial_corrupt_check: bool,
     /// How often idle watches created with progress_notify hear they are current (Go duration).
     #[arg(long, default_value = "10m")]
     experimental_watch_progress_notify_interval: String,
@@ -686,6 +690,7 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
         advertise_peer_urls: split(&args.initial_advertise_peer_urls),
         max_request_bytes: args.max_request_bytes,
         quota_backend_bytes: args.quota_backend_bytes,
+        initial_corrupt_check: args.experimental_initial_corrupt_check,
         corrupt_check_time: spindle::server::compaction::parse_go_duration(
             &args.experimental_corrupt_check_time,
         )

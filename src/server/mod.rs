@@ -73,6 +73,9 @@ pub struct ServerConfig {
     /// etcd's `--experimental-corrupt-check-time`: how often the leader compares every member's
     /// hash with its own (`None`: never).
     pub corrupt_check_time: Option<Duration>,
+    /// etcd's `--experimental-initial-corrupt-check`: compare hashes with the other members
+    /// before serving clients, and refuse to run on a mismatch.
+    pub initial_corrupt_check: bool,
     /// etcd's `--experimental-watch-progress-notify-interval`: how often idle watches created
     /// with `progress_notify` are told they are current.
     pub watch_progress_notify_interval: Duration,
@@ -97,6 +100,7 @@ impl Default for ServerConfig {
             max_request_bytes: 1536 * 1024,
             quota_backend_bytes: 0,
             corrupt_check_time: None,
+            initial_corrupt_check: false,
             watch_progress_notify_interval: watch::DEFAULT_PROGRESS_NOTIFY_INTERVAL,
             auth_token_ttl: crate::auth::DEFAULT_TOKEN_TTL,
             bcrypt_cost: crate::auth::DEFAULT_BCRYPT_COST,
@@ -154,6 +158,8 @@ struct Ctx {
     member_id: u64,
     /// This core's view of the node's auth state and the tokens it resolved.
     auth: auth::CoreAuth,
+    /// Open once clients may be served (see `corrupt::initial`).
+    gate: Arc<corrupt::Gate>,
 }
 
 impl Ctx {
@@ -216,6 +222,7 @@ pub fn start(
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(metrics::Metrics::default());
     let quota = Arc::new(quota::Quota::new(quota::effective(cfg.quota_backend_bytes)));
+    let gate = Arc::new(corrupt::Gate::new(!cfg.initial_corrupt_check));
     let (bound_tx, bound_rx) = flume::unbounded::<Result<(), String>>();
     let hook: CoreHook = {
         let cfg = cfg.clone();
@@ -237,11 +244,15 @@ pub fn start(
                 cluster_id,
                 member_id,
                 auth: core_auth,
+                gate: gate.clone(),
             });
             if first_core {
                 let every = cfg.auth_token_ttl.max(Duration::from_secs(1));
                 glommio::spawn_local(auth::purge_loop(ctx.clone(), every)).detach();
                 glommio::spawn_local(quota::watch(ctx.clone())).detach();
+                if cfg.initial_corrupt_check {
+                    glommio::spawn_local(corrupt::initial(ctx.clone(), gate.clone())).detach();
+                }
                 if let Some(every) = cfg.corrupt_check_time {
                     glommio::spawn_local(corrupt::periodic(ctx.clone(), every)).detach();
                 }
@@ -298,6 +309,7 @@ async fn accept_loop(
     ctx: Rc<Ctx>,
     tls: Option<futures_rustls::TlsAcceptor>,
 ) {
+    ctx.gate.wait().await;
     loop {
         let stream = match listener.accept().await {
             Ok(s) => s,

@@ -216,6 +216,13 @@ impl Server {
         self.wait_ready();
     }
 
+    /// Starts the stopped server again with `extra` arguments added (kept for later restarts),
+    /// without waiting for it to serve.
+    pub fn relaunch_with(&mut self, extra: &[&str]) {
+        self.args.extend(extra.iter().map(|a| a.to_string()));
+        self.launch();
+    }
+
     fn launch(&mut self) {
         assert!(self.child.is_none(), "{} is still running", self.name());
         self.starts += 1;
