@@ -373,6 +373,19 @@ fn tamper_checkpoints(data: &std::path::Path, from: &[u8], to: &[u8]) -> usize {
     changed
 }
 
+/// Keys `c00`..`c19` with values `pristine-value-NN`, written through `s` once the cluster
+/// takes writes.
+fn write_pristine(s: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..20 {
+        let (k, v) = (format!("c{i:02}"), format!("pristine-value-{i:02}"));
+        while !s.etcdctl(&["put", &k, &v]).ok {
+            assert!(Instant::now() < deadline, "the cluster takes no writes");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 #[test]
 fn hashkv_agrees_on_every_member_and_a_tampered_member_gets_the_corrupt_alarm() {
     let ports = Ports::free(3);
@@ -382,14 +395,7 @@ fn hashkv_agrees_on_every_member_and_a_tampered_member_gets_the_corrupt_alarm() 
         &ports,
         &["--experimental-corrupt-check-time", "300ms"],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for i in 0..20 {
-        let (k, v) = (format!("c{i:02}"), format!("pristine-value-{i:02}"));
-        while !servers[0].etcdctl(&["put", &k, &v]).ok {
-            assert!(Instant::now() < deadline, "the cluster takes no writes");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    write_pristine(&servers[0]);
     // Every member hashes the same at the same revision.
     let rev = revision(&servers[0]);
     let hashes: Vec<(u64, u64)> = servers.iter().map(|s| hashkv(s, rev)).collect();
@@ -438,14 +444,7 @@ fn hashkv_agrees_on_every_member_and_a_tampered_member_gets_the_corrupt_alarm() 
 fn initial_corrupt_check_refuses_a_tampered_member_and_passes_a_healthy_one() {
     let ports = Ports::free(3);
     let mut servers = cluster::start_spindle("i", "initial-check", &ports, &[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for i in 0..20 {
-        let (k, v) = (format!("c{i:02}"), format!("pristine-value-{i:02}"));
-        while !servers[0].etcdctl(&["put", &k, &v]).ok {
-            assert!(Instant::now() < deadline, "the cluster takes no writes");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    write_pristine(&servers[0]);
     let leader = status(&servers[0])["leader"].as_u64().unwrap();
     let victim = servers.iter().position(|s| member_id(s) != leader).unwrap();
     // Healthy: the check passes and the member serves.
