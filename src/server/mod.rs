@@ -633,14 +633,26 @@ async fn range(ctx: &Ctx, req: pb::RangeRequest) -> Result<Bytes, Status> {
 /// etcd's followers serve them. While no leader can be reached it is forwarded like a write,
 /// which waits for the next leader.
 async fn follower_read(ctx: &Rc<Ctx>, msgs: Vec<Bytes>) -> Result<Bytes, Status> {
-    let Some(leader) = remote_leader(ctx) else {
-        return forward(ctx, None, RANGE, msgs).await;
-    };
-    match ctx.db.read_barrier_from(leader).await {
-        Ok(Ok(())) => {}
-        Ok(Err((code, message))) => return Err(Status::new(Code::from_wire(code), message)),
-        Err(RelayError::NotSent(_)) => return forward(ctx, None, RANGE, msgs).await,
-        Err(RelayError::Lost(e)) => return Err(e.into()),
+    // A leader that does not lead every shard yet (just elected, or handing over) answers the
+    // barrier with "not leader": the read waits for it, as etcd's followers hold reads during
+    // an election, up to the same patience as forwarded calls.
+    let deadline = Instant::now() + ctx.db.leader_patience();
+    loop {
+        let Some(leader) = remote_leader(ctx) else {
+            return forward(ctx, None, RANGE, msgs).await;
+        };
+        match ctx.db.read_barrier_from(leader).await {
+            Ok(Ok(())) => break,
+            Ok(Err((code, message))) => {
+                let status = Status::new(Code::from_wire(code), message);
+                if !is_not_leader(&status) || Instant::now() >= deadline {
+                    return Err(status);
+                }
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+            Err(RelayError::NotSent(_)) => return forward(ctx, None, RANGE, msgs).await,
+            Err(RelayError::Lost(e)) => return Err(e.into()),
+        }
     }
     let mut req: pb::RangeRequest = one(msgs)?;
     // Everything acknowledged before the barrier is now applied here.
