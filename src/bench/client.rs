@@ -2,18 +2,17 @@
 //! the load generator runs thread-per-core too and talks to spindle and etcd alike.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use http::{Request, Uri};
 use http_body::Frame;
 use http_body_util::{BodyExt, Either, Full, StreamBody};
-use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 
 use crate::runtime::io::{Conn, LocalExec};
-use crate::server::grpc::{decode_messages, encode_message, status_of, Code, Status};
+use crate::server::grpc::{
+    decode_messages, encode_message, status_of, Code, ResponseFuture, ResponseReader, Status,
+};
 
 type FrameStream = futures_lite::stream::Map<
     flume::r#async::RecvStream<'static, Bytes>,
@@ -22,8 +21,6 @@ type FrameStream = futures_lite::stream::Map<
 
 /// A request body: one message, or messages as a stream sends them.
 type ReqBody = Either<Full<Bytes>, StreamBody<FrameStream>>;
-
-type ResponseFuture = Pin<Box<dyn Future<Output = hyper::Result<http::Response<Incoming>>>>>;
 
 /// One HTTP/2 connection; cheap to clone, clones multiplex streams over it.
 #[derive(Clone)]
@@ -197,9 +194,7 @@ impl Client {
         let resp: ResponseFuture = Box::pin(self.send.send_request(request));
         Ok(GrpcStream {
             tx: Some(tx),
-            resp: Some(resp),
-            body: None,
-            buf: BytesMut::new(),
+            answers: ResponseReader::new(resp),
             _resp: std::marker::PhantomData,
         })
     }
@@ -208,9 +203,7 @@ impl Client {
 /// An open streaming call.
 pub struct GrpcStream<Resp> {
     tx: Option<flume::Sender<Bytes>>,
-    resp: Option<ResponseFuture>,
-    body: Option<Incoming>,
-    buf: BytesMut,
+    answers: ResponseReader,
     _resp: std::marker::PhantomData<Resp>,
 }
 
@@ -230,44 +223,11 @@ impl<Resp: prost::Message + Default> GrpcStream<Resp> {
 
     /// The next response; `Ok(None)` when the server ended the call with OK.
     pub async fn recv(&mut self) -> Result<Option<Resp>, Status> {
-        if let Some(fut) = self.resp.take() {
-            let resp = fut
-                .await
-                .map_err(|e| Status::new(Code::Unavailable, format!("request: {e}")))?;
-            if let Some(status) = status_of(resp.headers()) {
-                return Err(status);
-            }
-            self.body = Some(resp.into_body());
-        }
-        loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if self.buf.len() >= 5 + len {
-                    self.buf.advance(5);
-                    let msg = self.buf.split_to(len).freeze();
-                    return Resp::decode(msg).map(Some).map_err(|e| {
-                        Status::new(Code::Internal, format!("response decoding: {e}"))
-                    });
-                }
-            }
-            let Some(body) = self.body.as_mut() else {
-                return Ok(None);
-            };
-            match body.frame().await {
-                None => return Ok(None),
-                Some(Err(e)) => {
-                    return Err(Status::new(Code::Unavailable, format!("response: {e}")))
-                }
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(d) => self.buf.extend_from_slice(&d),
-                    Err(frame) => {
-                        if let Some(status) = frame.trailers_ref().and_then(status_of) {
-                            return Err(status);
-                        }
-                    }
-                },
-            }
+        match self.answers.next().await? {
+            None => Ok(None),
+            Some(msg) => Resp::decode(msg)
+                .map(Some)
+                .map_err(|e| Status::new(Code::Internal, format!("response decoding: {e}"))),
         }
     }
 }

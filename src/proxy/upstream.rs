@@ -9,21 +9,19 @@
 
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use glommio::net::TcpStream;
 use http::{Request, Uri};
 use http_body::Frame;
 use http_body_util::{BodyExt, Either, Full, StreamBody};
-use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 
 use crate::runtime::io::{Conn, LocalExec};
-use crate::server::grpc::{status_of, Code, Status};
+pub use crate::server::grpc::{frame, next_message};
+use crate::server::grpc::{status_of, Code, ResponseFuture, ResponseReader, Status};
 
 /// How long connecting to one endpoint may take before the next is tried.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -33,7 +31,6 @@ type FrameStream = futures_lite::stream::Map<
     fn(Bytes) -> Result<Frame<Bytes>, Infallible>,
 >;
 type ReqBody = Either<Full<Bytes>, StreamBody<FrameStream>>;
-type ResponseFuture = Pin<Box<dyn Future<Output = hyper::Result<http::Response<Incoming>>>>>;
 
 /// Request headers passed on from the client (its auth token).
 pub type Headers = Vec<(http::HeaderName, http::HeaderValue)>;
@@ -280,9 +277,7 @@ impl Upstream {
             return Ok(RawStream {
                 endpoint: i,
                 tx: Some(tx),
-                resp: Some(resp),
-                body: None,
-                buf: BytesMut::new(),
+                answers: ResponseReader::new(resp),
             });
         }
         Err(Status::new(Code::Unavailable, last))
@@ -309,76 +304,11 @@ fn repeatable(path: &str) -> bool {
     )
 }
 
-/// A message with its gRPC length prefix.
-pub fn frame(msg: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(5 + msg.len());
-    b.put_u8(0);
-    b.put_u32(msg.len() as u32);
-    b.put_slice(msg);
-    b.freeze()
-}
-
-/// The next whole message at the front of `buf`, if all of it is there.
-pub fn next_message(buf: &mut impl MessageBuf) -> Result<Option<Bytes>, Status> {
-    if buf.available() < 5 {
-        return Ok(None);
-    }
-    let head = buf.head();
-    if head[0] != 0 {
-        return Err(Status::new(
-            Code::Unimplemented,
-            "grpc: compressed messages are not supported",
-        ));
-    }
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if buf.available() < 5 + len {
-        return Ok(None);
-    }
-    Ok(Some(buf.take(len)))
-}
-
-/// What [`next_message`] reads from.
-pub trait MessageBuf {
-    /// Bytes held.
-    fn available(&self) -> usize;
-    fn head(&self) -> [u8; 5];
-    /// Drops the prefix and takes the `len` message bytes after it.
-    fn take(&mut self, len: usize) -> Bytes;
-}
-
-impl MessageBuf for Bytes {
-    fn available(&self) -> usize {
-        Bytes::len(self)
-    }
-    fn head(&self) -> [u8; 5] {
-        [self[0], self[1], self[2], self[3], self[4]]
-    }
-    fn take(&mut self, len: usize) -> Bytes {
-        self.advance(5);
-        self.split_to(len)
-    }
-}
-
-impl MessageBuf for BytesMut {
-    fn available(&self) -> usize {
-        BytesMut::len(self)
-    }
-    fn head(&self) -> [u8; 5] {
-        [self[0], self[1], self[2], self[3], self[4]]
-    }
-    fn take(&mut self, len: usize) -> Bytes {
-        self.advance(5);
-        self.split_to(len).freeze()
-    }
-}
-
 /// An open streaming call toward the cluster.
 pub struct RawStream {
     endpoint: usize,
     tx: Option<flume::Sender<Bytes>>,
-    resp: Option<ResponseFuture>,
-    body: Option<Incoming>,
-    buf: BytesMut,
+    answers: ResponseReader,
 }
 
 impl RawStream {
@@ -405,37 +335,7 @@ impl RawStream {
     /// The next encoded response; `Ok(None)` when the call ended with OK. A broken connection
     /// is `Unavailable`.
     pub async fn recv(&mut self) -> Result<Option<Bytes>, Status> {
-        if let Some(fut) = self.resp.take() {
-            let resp = fut
-                .await
-                .map_err(|e| Status::new(Code::Unavailable, format!("request: {e}")))?;
-            if let Some(status) = status_of(resp.headers()) {
-                return Err(status);
-            }
-            self.body = Some(resp.into_body());
-        }
-        loop {
-            if let Some(m) = next_message(&mut self.buf)? {
-                return Ok(Some(m));
-            }
-            let Some(body) = self.body.as_mut() else {
-                return Ok(None);
-            };
-            match body.frame().await {
-                None => return Ok(None),
-                Some(Err(e)) => {
-                    return Err(Status::new(Code::Unavailable, format!("response: {e}")))
-                }
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(d) => self.buf.extend_from_slice(&d),
-                    Err(frame) => {
-                        if let Some(status) = frame.trailers_ref().and_then(status_of) {
-                            return Err(status);
-                        }
-                    }
-                },
-            }
-        }
+        self.answers.next().await
     }
 }
 
@@ -460,7 +360,7 @@ mod tests {
 
     #[test]
     fn messages_are_cut_at_their_length_prefix() {
-        let mut buf = BytesMut::new();
+        let mut buf = bytes::BytesMut::new();
         buf.extend_from_slice(&frame(b"abc"));
         buf.extend_from_slice(&frame(b"")[..3]);
         assert_eq!(

@@ -289,6 +289,130 @@ pub fn status_of(h: &http::HeaderMap) -> Option<Status> {
     Some(Status::new(code, message))
 }
 
+/// A message with its gRPC length prefix.
+pub fn frame(msg: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + msg.len());
+    b.put_u8(0);
+    b.put_u32(msg.len() as u32);
+    b.put_slice(msg);
+    b.freeze()
+}
+
+/// The next whole message at the front of `buf`, if all of it is there.
+pub fn next_message(buf: &mut impl MessageBuf) -> Result<Option<Bytes>, Status> {
+    if buf.available() < 5 {
+        return Ok(None);
+    }
+    let head = buf.head();
+    if head[0] != 0 {
+        return Err(Status::new(
+            Code::Unimplemented,
+            "grpc: compressed messages are not supported",
+        ));
+    }
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if buf.available() < 5 + len {
+        return Ok(None);
+    }
+    Ok(Some(buf.take(len)))
+}
+
+/// What [`next_message`] reads from.
+pub trait MessageBuf {
+    /// Bytes held.
+    fn available(&self) -> usize;
+    fn head(&self) -> [u8; 5];
+    /// Drops the prefix and takes the `len` message bytes after it.
+    fn take(&mut self, len: usize) -> Bytes;
+}
+
+impl MessageBuf for Bytes {
+    fn available(&self) -> usize {
+        Bytes::len(self)
+    }
+    fn head(&self) -> [u8; 5] {
+        [self[0], self[1], self[2], self[3], self[4]]
+    }
+    fn take(&mut self, len: usize) -> Bytes {
+        self.advance(5);
+        self.split_to(len)
+    }
+}
+
+impl MessageBuf for BytesMut {
+    fn available(&self) -> usize {
+        BytesMut::len(self)
+    }
+    fn head(&self) -> [u8; 5] {
+        [self[0], self[1], self[2], self[3], self[4]]
+    }
+    fn take(&mut self, len: usize) -> Bytes {
+        self.advance(5);
+        self.split_to(len).freeze()
+    }
+}
+
+/// A client call's answers as they arrive: the response head (its status, if it is a
+/// Trailers-Only answer), then length-prefixed messages from the body, then the status in the
+/// trailers. Shared by the load generator's client and the gRPC proxy's upstream calls.
+pub struct ResponseReader {
+    resp: Option<ResponseFuture>,
+    body: Option<hyper::body::Incoming>,
+    buf: BytesMut,
+}
+
+/// A response head still to come (servers may hold it until their first message).
+pub type ResponseFuture = Pin<
+    Box<dyn std::future::Future<Output = hyper::Result<http::Response<hyper::body::Incoming>>>>,
+>;
+
+impl ResponseReader {
+    pub fn new(resp: ResponseFuture) -> ResponseReader {
+        ResponseReader {
+            resp: Some(resp),
+            body: None,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// The next message's bytes; `Ok(None)` when the call ended with OK. A broken connection
+    /// is `Unavailable`.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, Status> {
+        use http_body_util::BodyExt;
+        if let Some(fut) = self.resp.take() {
+            let resp = fut
+                .await
+                .map_err(|e| Status::new(Code::Unavailable, format!("request: {e}")))?;
+            if let Some(status) = status_of(resp.headers()) {
+                return Err(status);
+            }
+            self.body = Some(resp.into_body());
+        }
+        loop {
+            if let Some(m) = next_message(&mut self.buf)? {
+                return Ok(Some(m));
+            }
+            let Some(body) = self.body.as_mut() else {
+                return Ok(None);
+            };
+            match body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => {
+                    return Err(Status::new(Code::Unavailable, format!("response: {e}")))
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(d) => self.buf.extend_from_slice(&d),
+                    Err(frame) => {
+                        if let Some(status) = frame.trailers_ref().and_then(status_of) {
+                            return Err(status);
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
