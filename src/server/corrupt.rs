@@ -35,43 +35,84 @@ pub(super) async fn periodic(ctx: Rc<Ctx>, every: Duration) {
 
 /// Members whose hash at the leader's revision differs from the leader's.
 async fn mismatched(ctx: &Rc<Ctx>) -> Vec<u64> {
-    let mine = match snapshot::hash_kv(ctx, pb::HashKvRequest { revision: 0 }).await {
+    let (mine, ask) = match own_hash(ctx).await {
         Ok(h) => h,
         Err(e) => {
             tracing::debug!(error = %e.message, "corruption check: no local hash");
             return Vec::new();
         }
     };
-    let rev = mine.header.as_ref().map_or(0, |h| h.revision);
-    let ask = Bytes::from(prost::Message::encode_to_vec(&pb::HashKvRequest {
-        revision: rev,
-    }));
+    let rev = revision_of(&mine);
     let mut out = Vec::new();
     let alarmed = ctx.db.alarms().get().list(CORRUPT);
-    for m in ctx.db.members().unwrap_or_default() {
-        if m.id == ctx.member_id || m.is_learner || alarmed.iter().any(|a| a.member == m.id) {
+    for id in voting_peers(ctx) {
+        if alarmed.iter().any(|a| a.member == id) {
             continue;
         }
-        let Ok(resp) = forward::relay(&ctx.db, m.id, HASH_KV, std::slice::from_ref(&ask)).await
-        else {
-            continue;
-        };
-        let Ok(theirs) = <pb::HashKvResponse as prost::Message>::decode(resp) else {
+        let Ok(theirs) = their_hash(ctx, id, &ask, Duration::ZERO).await else {
             continue;
         };
         if theirs.compact_revision == mine.compact_revision && theirs.hash != mine.hash {
             tracing::error!(
-                member = %format_args!("{:x}", m.id),
+                member = %format_args!("{id:x}"),
                 revision = rev,
                 hash = theirs.hash,
                 expected = mine.hash,
                 leader = %format_args!("{:x}", ctx.member_id),
                 "corruption check: member's hash differs from the leader's at the same revision"
             );
-            out.push(m.id);
+            out.push(id);
         }
     }
     out
+}
+
+/// This member's HashKV at its current revision, and the encoded request that asks another
+/// member for its hash at that same revision.
+async fn own_hash(ctx: &Rc<Ctx>) -> Result<(pb::HashKvResponse, Bytes), super::Status> {
+    let mine = snapshot::hash_kv(ctx, pb::HashKvRequest { revision: 0 }).await?;
+    let ask = Bytes::from(prost::Message::encode_to_vec(&pb::HashKvRequest {
+        revision: revision_of(&mine),
+    }));
+    Ok((mine, ask))
+}
+
+fn revision_of(h: &pb::HashKvResponse) -> i64 {
+    h.header.as_ref().map_or(0, |h| h.revision)
+}
+
+/// The other voting members (learners hold no vote and may lag).
+fn voting_peers(ctx: &Ctx) -> Vec<u64> {
+    ctx.db
+        .members()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.id != ctx.member_id && !m.is_learner)
+        .map(|m| m.id)
+        .collect()
+}
+
+/// Member `id`'s answer to `ask` over the peer relay, retried for up to `patience` while it
+/// cannot be reached (its connection is dialed lazily, or it is starting too).
+async fn their_hash(
+    ctx: &Rc<Ctx>,
+    id: u64,
+    ask: &Bytes,
+    patience: Duration,
+) -> Result<pb::HashKvResponse, String> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        match forward::relay(&ctx.db, id, HASH_KV, std::slice::from_ref(ask)).await {
+            Ok(resp) => {
+                return <pb::HashKvResponse as prost::Message>::decode(resp)
+                    .map_err(|e| format!("undecodable HashKV answer: {e}"))
+            }
+            Err(_) if std::time::Instant::now() < deadline => {
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(format!("{e:?}")),
+        }
+    }
 }
 
 /// Holds client listeners until `--experimental-initial-corrupt-check` has passed, as etcd
@@ -131,7 +172,7 @@ pub(super) async fn initial(ctx: Rc<Ctx>, gate: std::sync::Arc<Gate>) {
 }
 
 async fn initial_mismatch(ctx: &Rc<Ctx>) -> Option<String> {
-    let mine = match snapshot::hash_kv(ctx, pb::HashKvRequest { revision: 0 }).await {
+    let (mine, ask) = match own_hash(ctx).await {
         Ok(h) => h,
         Err(e) => {
             return Some(format!(
@@ -140,42 +181,29 @@ async fn initial_mismatch(ctx: &Rc<Ctx>) -> Option<String> {
             ))
         }
     };
-    let rev = mine.header.as_ref().map_or(0, |h| h.revision);
-    let ask = Bytes::from(prost::Message::encode_to_vec(&pb::HashKvRequest {
-        revision: rev,
-    }));
+    let rev = revision_of(&mine);
     let mut mismatches = Vec::new();
-    for m in ctx.db.members().unwrap_or_default() {
-        if m.id == ctx.member_id || m.is_learner {
-            continue;
-        }
-        let deadline = std::time::Instant::now() + INITIAL_ASK_FOR;
-        let theirs = loop {
-            match forward::relay(&ctx.db, m.id, HASH_KV, std::slice::from_ref(&ask)).await {
-                Ok(resp) => break <pb::HashKvResponse as prost::Message>::decode(resp).ok(),
-                Err(_) if std::time::Instant::now() < deadline => {
-                    glommio::timer::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        member = %format_args!("{:x}", m.id),
-                        error = ?e,
-                        "initial corruption check: cannot fetch hash from remote peer"
-                    );
-                    break None;
-                }
+    for id in voting_peers(ctx) {
+        let theirs = match their_hash(ctx, id, &ask, INITIAL_ASK_FOR).await {
+            Ok(h) => h,
+            Err(error) => {
+                tracing::warn!(
+                    member = %format_args!("{id:x}"),
+                    %error,
+                    "initial corruption check: cannot fetch hash from remote peer"
+                );
+                continue;
             }
         };
-        let Some(theirs) = theirs else { continue };
         if theirs.compact_revision != mine.compact_revision {
             tracing::warn!(
-                member = %format_args!("{:x}", m.id),
+                member = %format_args!("{id:x}"),
                 "initial corruption check: peer's compaction revision differs; skipped"
             );
         } else if theirs.hash != mine.hash {
             mismatches.push(format!(
-                "member {:x} hashes {} at revision {rev}, this member {}",
-                m.id, theirs.hash, mine.hash
+                "member {id:x} hashes {} at revision {rev}, this member {}",
+                theirs.hash, mine.hash
             ));
         }
     }
