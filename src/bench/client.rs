@@ -1,26 +1,16 @@
 //! A minimal etcd gRPC client on glommio: HTTP/2 via hyper on the same I/O glue as the server, so
 //! the load generator runs thread-per-core too and talks to spindle and etcd alike.
 
-use std::convert::Infallible;
-
 use bytes::Bytes;
 use http::{Request, Uri};
 use http_body::Frame;
 use http_body_util::{BodyExt, Either, Full, StreamBody};
 use hyper::client::conn::http2::SendRequest;
 
-use crate::runtime::io::{Conn, LocalExec};
 use crate::server::grpc::{
-    decode_messages, encode_message, status_of, Code, ResponseFuture, ResponseReader, Status,
+    decode_messages, dial_h2, encode_message, status_of, Code, FrameStream, ReqBody,
+    ResponseFuture, ResponseReader, Status,
 };
-
-type FrameStream = futures_lite::stream::Map<
-    flume::r#async::RecvStream<'static, Bytes>,
-    fn(Bytes) -> Result<Frame<Bytes>, Infallible>,
->;
-
-/// A request body: one message, or messages as a stream sends them.
-type ReqBody = Either<Full<Bytes>, StreamBody<FrameStream>>;
 
 /// One HTTP/2 connection; cheap to clone, clones multiplex streams over it.
 #[derive(Clone)]
@@ -52,29 +42,12 @@ impl Client {
         let stream = glommio::net::TcpStream::connect(authority.as_str())
             .await
             .map_err(|e| format!("connect {authority}: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let io = match (secure, tls) {
-            (false, _) => Conn::new(stream),
+        let tls = match (secure, tls) {
+            (false, _) => None,
             (true, None) => return Err(format!("{endpoint}: https:// needs TLS settings")),
-            (true, Some(cfg)) => {
-                let name = crate::tls::server_name(&authority)?;
-                let tls = futures_rustls::TlsConnector::from(cfg.clone())
-                    .connect(name, stream)
-                    .await
-                    .map_err(|e| format!("TLS handshake with {authority}: {e}"))?;
-                Conn::client_tls(tls)
-            }
+            (true, Some(cfg)) => Some(cfg),
         };
-        let (send, conn) = hyper::client::conn::http2::Builder::new(LocalExec)
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(8 << 20)
-            .handshake(io)
-            .await
-            .map_err(|e| format!("HTTP/2 handshake with {authority}: {e}"))?;
-        glommio::spawn_local(async move {
-            let _ = conn.await;
-        })
-        .detach();
+        let send = dial_h2(stream, &authority, tls).await?;
         Ok(Client {
             send,
             authority,

@@ -128,33 +128,15 @@ pub fn run(cfg: ProxyConfig) -> Result<(), ProxyError> {
         });
         tracing::info!(%addr, namespace = %cfg.namespace, "grpc-proxy listening");
         loop {
-            let stream = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
+            let stream = crate::runtime::io::accept(&listener).await;
             let ctx = ctx.clone();
             glommio::spawn_local(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let ctx = ctx.clone();
                     async move { Ok::<_, std::convert::Infallible>(handle(ctx, req).await) }
                 });
-                let mut conn = crate::runtime::io::Conn::new(stream);
-                let result = if conn.peek_h2_preface().await {
-                    conn.filter_reads(Box::<crate::server::AuthorityFix>::default());
-                    hyper::server::conn::http2::Builder::new(crate::runtime::io::LocalExec)
-                        .max_concurrent_streams(1024)
-                        .serve_connection(conn, service)
-                        .await
-                } else {
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(conn, service)
-                        .await
-                };
+                let conn = crate::runtime::io::Conn::new(stream);
+                let result = crate::server::serve_connection(conn, service).await;
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "client connection ended with an error");
                 }

@@ -8,7 +8,6 @@
 //! etcd's client does for writes.
 
 use std::cell::{Cell, RefCell};
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,18 +18,13 @@ use http_body::Frame;
 use http_body_util::{BodyExt, Either, Full, StreamBody};
 use hyper::client::conn::http2::SendRequest;
 
-use crate::runtime::io::{Conn, LocalExec};
+use crate::server::grpc::{
+    dial_h2, status_of, Code, FrameStream, ReqBody, ResponseFuture, ResponseReader, Status,
+};
 pub use crate::server::grpc::{frame, next_message};
-use crate::server::grpc::{status_of, Code, ResponseFuture, ResponseReader, Status};
 
 /// How long connecting to one endpoint may take before the next is tried.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
-
-type FrameStream = futures_lite::stream::Map<
-    flume::r#async::RecvStream<'static, Bytes>,
-    fn(Bytes) -> Result<Frame<Bytes>, Infallible>,
->;
-type ReqBody = Either<Full<Bytes>, StreamBody<FrameStream>>;
 
 /// Request headers passed on from the client (its auth token).
 pub type Headers = Vec<(http::HeaderName, http::HeaderValue)>;
@@ -63,12 +57,6 @@ impl Endpoint {
                 tls: tls_default,
             }
         }
-    }
-
-    fn host(&self) -> &str {
-        self.addr
-            .rsplit_once(':')
-            .map_or(self.addr.as_str(), |(h, _)| h)
     }
 }
 
@@ -149,32 +137,12 @@ impl Upstream {
             Ok(Err(e)) => return Err(format!("connect {}: {e}", ep.addr)),
             Err(_) => return Err(format!("connect {}: timed out", ep.addr)),
         };
-        let _ = stream.set_nodelay(true);
-        let io = if ep.tls {
-            let cfg = self
-                .tls
-                .clone()
-                .ok_or_else(|| format!("{}: https endpoint without TLS setup", ep.addr))?;
-            let name = rustls_pki_types::ServerName::try_from(ep.host().to_string())
-                .map_err(|e| format!("{}: bad server name: {e}", ep.addr))?;
-            let tls = futures_rustls::TlsConnector::from(cfg)
-                .connect(name, stream)
-                .await
-                .map_err(|e| format!("TLS handshake with {}: {e}", ep.addr))?;
-            Conn::client_tls(tls)
-        } else {
-            Conn::new(stream)
+        let tls = match (ep.tls, &self.tls) {
+            (false, _) => None,
+            (true, None) => return Err(format!("{}: https endpoint without TLS setup", ep.addr)),
+            (true, Some(cfg)) => Some(cfg),
         };
-        let (send, conn) = hyper::client::conn::http2::Builder::new(LocalExec)
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(8 << 20)
-            .handshake(io)
-            .await
-            .map_err(|e| format!("HTTP/2 handshake with {}: {e}", ep.addr))?;
-        glommio::spawn_local(async move {
-            let _ = conn.await;
-        })
-        .detach();
+        let send = dial_h2(stream, &ep.addr, tls).await?;
         Ok(send)
     }
 
@@ -355,7 +323,12 @@ mod tests {
         assert!(Endpoint::parse("https://h:1/", false).tls);
         assert!(!Endpoint::parse("http://h:1", true).tls);
         assert!(Endpoint::parse("h:1", true).tls);
-        assert_eq!(Endpoint::parse("https://h:1", false).host(), "h");
+        // The certificate is checked against the host, without the port.
+        let ep = Endpoint::parse("https://h:1", false);
+        assert_eq!(
+            crate::tls::server_name(&ep.addr).unwrap(),
+            rustls_pki_types::ServerName::try_from("h").unwrap()
+        );
     }
 
     #[test]

@@ -66,6 +66,24 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// The next connection on `listener`, with Nagle off. A failed accept (the process is out of
+/// descriptors, a connection reset before it was taken) is logged and retried after a pause, so
+/// a listener never ends and never spins.
+pub async fn accept(listener: &glommio::net::TcpListener) -> TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return s;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
 /// A connection in hyper's terms. Reads go through a small owned buffer, so no uninitialized
 /// memory is ever handed to the socket.
 pub struct Conn {

@@ -413,6 +413,49 @@ impl ResponseReader {
     }
 }
 
+/// A client call's request body: one message, or messages as a stream sends them.
+pub type ReqBody =
+    http_body_util::Either<http_body_util::Full<Bytes>, http_body_util::StreamBody<FrameStream>>;
+/// The frames of a streaming call's requests, as they are sent.
+pub type FrameStream = futures_lite::stream::Map<
+    flume::r#async::RecvStream<'static, Bytes>,
+    fn(Bytes) -> Result<Frame<Bytes>, Infallible>,
+>;
+
+/// The client side of an HTTP/2 connection over `stream` to `authority` (`host:port`), through
+/// TLS when `tls` is given; its connection task runs on this executor. Shared by the load
+/// generator's client and the gRPC proxy's upstream connections.
+pub async fn dial_h2(
+    stream: glommio::net::TcpStream,
+    authority: &str,
+    tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+) -> Result<hyper::client::conn::http2::SendRequest<ReqBody>, String> {
+    use crate::runtime::io::{Conn, LocalExec};
+    let _ = stream.set_nodelay(true);
+    let io = match tls {
+        None => Conn::new(stream),
+        Some(cfg) => {
+            let name = crate::tls::server_name(authority)?;
+            let tls = futures_rustls::TlsConnector::from(cfg.clone())
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("TLS handshake with {authority}: {e}"))?;
+            Conn::client_tls(tls)
+        }
+    };
+    let (send, conn) = hyper::client::conn::http2::Builder::new(LocalExec)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(8 << 20)
+        .handshake(io)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake with {authority}: {e}"))?;
+    glommio::spawn_local(async move {
+        let _ = conn.await;
+    })
+    .detach();
+    Ok(send)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,9 +41,6 @@ use crate::proto::etcdserverpb as pb;
 use crate::runtime::stages::Stage;
 use grpc::{Code, GrpcBody, Status};
 
-/// The `:authority` repair every HTTP/2 server of ours applies (the gRPC proxy too).
-pub use authority::AuthorityFix;
-
 /// Room gRPC allows on top of `--max-request-bytes` before refusing to read a message (etcd's
 /// `grpcOverheadBytes`), so slightly larger requests still get etcd's "request is too large".
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
@@ -311,15 +308,7 @@ async fn accept_loop(
 ) {
     ctx.gate.wait().await;
     loop {
-        let stream = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = crate::runtime::io::accept(&listener).await;
         let ctx = ctx.clone();
         let tls = tls.clone();
         glommio::spawn_local(async move {
@@ -361,7 +350,13 @@ async fn accept_loop(
     }
 }
 
-async fn serve_connection<S>(conn: crate::runtime::io::Conn, service: S) -> Result<(), hyper::Error>
+/// Serves one accepted connection: HTTP/2 (gRPC, with the `:authority` repair) or HTTP/1.1
+/// (curl, the JSON gateway), chosen by the connection preface. The gRPC proxy serves its
+/// clients with it too.
+pub(crate) async fn serve_connection<S>(
+    conn: crate::runtime::io::Conn,
+    service: S,
+) -> Result<(), hyper::Error>
 where
     S: hyper::service::Service<
             Request<Incoming>,
