@@ -377,15 +377,10 @@ const ETCD_BUCKETS: [&str; 9] = [
     "authRoles",
 ];
 
-fn ctl(s: &Server, args: &[&str]) -> String {
-    let out = s.etcdctl(args);
-    assert!(out.ok, "etcdctl {args:?}: {}", out.stderr);
-    out.stdout
-}
-
 fn revision(s: &Server) -> i64 {
-    let j: Json = serde_json::from_str(&ctl(s, &["get", "nothing", "-w", "json"])).unwrap();
-    j["header"]["revision"].as_i64().unwrap()
+    s.ctl_json(&["get", "nothing"])["header"]["revision"]
+        .as_i64()
+        .unwrap()
 }
 
 /// Whether bucket `name` has a root page of its own and it is a branch page (flags 0x01).
@@ -432,8 +427,7 @@ fn snapshot_status(file: &Path) -> Json {
 
 /// All keys with their values, versions, revisions and leases, as etcd returns them.
 fn all_kvs(s: &Server) -> Json {
-    let j: Json = serde_json::from_str(&ctl(s, &["get", "--prefix", "", "-w", "json"])).unwrap();
-    j["kvs"].clone()
+    s.ctl_json(&["get", "--prefix", ""])["kvs"].clone()
 }
 
 /// A revision key of etcd's `key` bucket: main and sub revision, and whether it is a tombstone.
@@ -454,18 +448,18 @@ fn etcd_snapshot_is_read_and_rewritten() {
     let tmp = tempfile::tempdir().unwrap();
     let mut server = Server::etcd(&[]);
     let base = revision(&server);
-    ctl(&server, &["put", "a", "1"]);
-    ctl(&server, &["put", "b", "2"]);
-    ctl(&server, &["put", "b", "3"]);
-    ctl(&server, &["put", "c", "gone"]);
-    ctl(&server, &["del", "c"]);
+    server.ctl(&["put", "a", "1"]);
+    server.ctl(&["put", "b", "2"]);
+    server.ctl(&["put", "b", "3"]);
+    server.ctl(&["put", "c", "gone"]);
+    server.ctl(&["del", "c"]);
     let grant: Json =
-        serde_json::from_str(&ctl(&server, &["lease", "grant", "600", "-w", "json"])).unwrap();
+        serde_json::from_str(&server.ctl(&["lease", "grant", "600", "-w", "json"])).unwrap();
     let lease = grant["ID"].as_i64().unwrap();
     let lease_hex = format!("{lease:x}");
-    ctl(&server, &["put", "l", "leased", "--lease", &lease_hex]);
+    server.ctl(&["put", "l", "leased", "--lease", &lease_hex]);
     let big = "x".repeat(10_000);
-    ctl(&server, &["put", "big", &big]);
+    server.ctl(&["put", "big", &big]);
     // Three transactions of 128 puts each (etcd's --max-txn-ops): one revision each, the puts
     // its sub-revisions, and enough bytes that etcd's `key` bucket needs branch pages.
     let txn_value = |t: usize, i: usize| format!("{t}-{i}-{}", "p".repeat(100));
@@ -478,7 +472,7 @@ fn etcd_snapshot_is_read_and_rewritten() {
     let kvs = all_kvs(&server);
 
     let saved = tmp.path().join("saved.db");
-    ctl(&server, &["snapshot", "save", saved.to_str().unwrap()]);
+    server.ctl(&["snapshot", "save", saved.to_str().unwrap()]);
     let snapshot = std::fs::read(&saved).unwrap();
     let file = strip_trailer(&snapshot);
 

@@ -16,21 +16,9 @@ use common::etcdctl;
 use common::process::{output_ok, text};
 use common::server::{Server, SPINDLE};
 
-fn ctl(s: &Server, args: &[&str]) -> String {
-    let out = s.etcdctl(args);
-    assert!(out.ok, "etcdctl {args:?}: {}", out.stderr);
-    out.stdout
-}
-
-fn ctl_json(s: &Server, args: &[&str]) -> Json {
-    let mut all = args.to_vec();
-    all.extend(["-w", "json"]);
-    serde_json::from_str(&ctl(s, &all)).unwrap()
-}
-
 /// The revision a put or delete made.
 fn write_rev(s: &Server, args: &[&str]) -> i64 {
-    ctl_json(s, args)["header"]["revision"].as_i64().unwrap()
+    s.ctl_json(args)["header"]["revision"].as_i64().unwrap()
 }
 
 /// Runs `etcdctl txn` with `input` (compares, blank line, success ops, blank line, failure ops).
@@ -72,7 +60,7 @@ fn assert_same_status(file: &Path) -> Json {
 
 /// The `kvs` of a get: what the comparison between servers is about (headers differ).
 fn kvs(s: &Server, args: &[&str]) -> Json {
-    ctl_json(s, args)["kvs"].clone()
+    s.ctl_json(args)["kvs"].clone()
 }
 
 /// `etcdctl snapshot restore` of `snapshot` into a new data dir under `dir`, and etcd 3.4 started
@@ -94,16 +82,10 @@ fn restore_and_spawn(snapshot: &Path, dir: &Path) -> Server {
 fn etcd_restores_spindle_snapshot() {
     let tmp = tempfile::tempdir().unwrap();
     let spindle = Server::spindle(&["--bcrypt-cost", "4"]);
-    ctl(
-        &spindle,
-        &["user", "add", "alice", "--new-user-password", "pw"],
-    );
-    ctl(&spindle, &["role", "add", "reader"]);
-    ctl(
-        &spindle,
-        &["role", "grant-permission", "reader", "read", "a", "c"],
-    );
-    ctl(&spindle, &["user", "grant-role", "alice", "reader"]);
+    spindle.ctl(&["user", "add", "alice", "--new-user-password", "pw"]);
+    spindle.ctl(&["role", "add", "reader"]);
+    spindle.ctl(&["role", "grant-permission", "reader", "read", "a", "c"]);
+    spindle.ctl(&["user", "grant-role", "alice", "reader"]);
     write_rev(&spindle, &["put", "a", "1"]);
     write_rev(&spindle, &["put", "b", "1"]);
     let compact_at = write_rev(&spindle, &["put", "b", "2"]);
@@ -112,22 +94,22 @@ fn etcd_restores_spindle_snapshot() {
     write_rev(&spindle, &["del", "c"]);
     // One revision, several sub-revisions: new keys, a delete and an overwrite.
     txn(&spindle, "\nput t/1 x\nput t/2 y\ndel a\nput b 4\n\n\n");
-    let grant = ctl_json(&spindle, &["lease", "grant", "600"]);
+    let grant = spindle.ctl_json(&["lease", "grant", "600"]);
     let lease = grant["ID"].as_i64().unwrap();
     let lease_hex = format!("{lease:x}");
     write_rev(&spindle, &["put", "l", "leased", "--lease", &lease_hex]);
-    ctl(&spindle, &["compact", &compact_at.to_string()]);
+    spindle.ctl(&["compact", &compact_at.to_string()]);
     // Large values: the file spans several 64 KiB Snapshot messages and overflow pages.
     for i in 0..3 {
         let big = format!("{i}").repeat(40_000);
-        ctl(&spindle, &["put", &format!("big/{i}"), &big]);
+        spindle.ctl(&["put", &format!("big/{i}"), &big]);
     }
     let last = write_rev(&spindle, &["put", "d", "after"]);
 
     let all = kvs(&spindle, &["get", "--prefix", ""]);
     let auth_of = |s: &Server| {
-        let user = ctl_json(s, &["user", "get", "alice"]);
-        let role = ctl_json(s, &["role", "get", "reader"]);
+        let user = s.ctl_json(&["user", "get", "alice"]);
+        let role = s.ctl_json(&["role", "get", "reader"]);
         (user["roles"].clone(), role["perm"].clone())
     };
     let auth = auth_of(&spindle);
@@ -141,7 +123,7 @@ fn etcd_restores_spindle_snapshot() {
     assert_eq!(old_b[0]["mod_revision"].as_i64(), Some(b3));
 
     let saved = tmp.path().join("spindle.db");
-    ctl(&spindle, &["snapshot", "save", saved.to_str().unwrap()]);
+    spindle.ctl(&["snapshot", "save", saved.to_str().unwrap()]);
     let status = assert_same_status(&saved);
     assert_eq!(status["revision"].as_i64(), Some(last), "{status}");
     let size = std::fs::metadata(&saved).unwrap().len();
@@ -159,7 +141,7 @@ fn etcd_restores_spindle_snapshot() {
         ),
         old_all
     );
-    let header = ctl_json(&etcd, &["get", "nothing"])["header"].clone();
+    let header = etcd.ctl_json(&["get", "nothing"])["header"].clone();
     assert_eq!(header["revision"].as_i64(), Some(last), "{header}");
     // Below the compaction the history is gone on both.
     let gone = etcd.etcdctl(&["get", "b", "--rev", &(compact_at - 1).to_string()]);
@@ -169,7 +151,7 @@ fn etcd_restores_spindle_snapshot() {
         gone.stderr
     );
     assert_eq!(auth_of(&etcd), auth);
-    let ttl = ctl_json(&etcd, &["lease", "timetolive", &lease_hex]);
+    let ttl = etcd.ctl_json(&["lease", "timetolive", &lease_hex]);
     assert_eq!(ttl["granted-ttl"].as_i64(), Some(600), "{ttl}");
 }
 
@@ -179,12 +161,12 @@ fn etcd_restores_spindle_snapshot() {
 fn status_of_etcd_snapshots_and_damaged_files() {
     let tmp = tempfile::tempdir().unwrap();
     let etcd = Server::etcd(&[]);
-    ctl(&etcd, &["put", "a", "1"]);
-    ctl(&etcd, &["put", "a", "2"]);
-    ctl(&etcd, &["del", "a"]);
-    ctl(&etcd, &["put", "big", &"x".repeat(20_000)]);
+    etcd.ctl(&["put", "a", "1"]);
+    etcd.ctl(&["put", "a", "2"]);
+    etcd.ctl(&["del", "a"]);
+    etcd.ctl(&["put", "big", &"x".repeat(20_000)]);
     let saved = tmp.path().join("etcd.db");
-    ctl(&etcd, &["snapshot", "save", saved.to_str().unwrap()]);
+    etcd.ctl(&["snapshot", "save", saved.to_str().unwrap()]);
     drop(etcd);
     let status = assert_same_status(&saved);
     assert!(status["totalKey"].as_u64().unwrap() > 4, "{status}");
@@ -215,24 +197,18 @@ fn status_of_etcd_snapshots_and_damaged_files() {
 fn auth_carries_over_to_etcd() {
     let tmp = tempfile::tempdir().unwrap();
     let spindle = Server::spindle(&["--bcrypt-cost", "4"]);
-    ctl(
-        &spindle,
-        &["user", "add", "root", "--new-user-password", "pw"],
-    );
-    ctl(&spindle, &["user", "grant-role", "root", "root"]);
-    ctl(&spindle, &["put", "k", "v"]);
-    ctl(&spindle, &["auth", "enable"]);
+    spindle.ctl(&["user", "add", "root", "--new-user-password", "pw"]);
+    spindle.ctl(&["user", "grant-role", "root", "root"]);
+    spindle.ctl(&["put", "k", "v"]);
+    spindle.ctl(&["auth", "enable"]);
     let saved = tmp.path().join("auth.db");
-    ctl(
-        &spindle,
-        &[
-            "--user",
-            "root:pw",
-            "snapshot",
-            "save",
-            saved.to_str().unwrap(),
-        ],
-    );
+    spindle.ctl(&[
+        "--user",
+        "root:pw",
+        "snapshot",
+        "save",
+        saved.to_str().unwrap(),
+    ]);
     assert_same_status(&saved);
     drop(spindle);
 
@@ -249,10 +225,7 @@ fn auth_carries_over_to_etcd() {
     }
     let anonymous = etcd.etcdctl(&["get", "k"]);
     assert!(!anonymous.ok, "auth is enabled: {}", anonymous.stdout);
-    let got = ctl(
-        &etcd,
-        &["--user", "root:pw", "get", "k", "--print-value-only"],
-    );
+    let got = etcd.ctl(&["--user", "root:pw", "get", "k", "--print-value-only"]);
     assert_eq!(got.trim(), "v");
     let wrong = etcd.etcdctl(&["--user", "root:nope", "get", "k"]);
     assert!(!wrong.ok, "a wrong password: {}", wrong.stdout);
@@ -291,31 +264,28 @@ fn buckets(snapshot: &Path) -> Buckets {
 fn spindle_snapshot_matches_etcd_byte_for_byte() {
     let tmp = tempfile::tempdir().unwrap();
     let run = |s: &Server| {
-        ctl(s, &["put", "a", "1"]);
-        ctl(s, &["put", "b", "1"]);
-        ctl(s, &["put", "c", "x"]);
-        ctl(s, &["del", "c"]);
+        s.ctl(&["put", "a", "1"]);
+        s.ctl(&["put", "b", "1"]);
+        s.ctl(&["put", "c", "x"]);
+        s.ctl(&["del", "c"]);
         let compact_at = write_rev(s, &["put", "b", "2"]);
-        ctl(s, &["put", "b", "3"]);
+        s.ctl(&["put", "b", "3"]);
         // Sub-revisions follow the txn's op order in etcd, key order in spindle (the index
         // does not record op order across keys): the same here, as the ops are in key order.
         txn(s, "\ndel a\nput t/1 x\nput t/2 y\n\n\n");
-        ctl(s, &["put", "a", "again"]);
-        ctl(s, &["compact", &compact_at.to_string()]);
-        ctl(s, &["role", "add", "reader"]);
-        ctl(
-            s,
-            &[
-                "role",
-                "grant-permission",
-                "reader",
-                "readwrite",
-                "p/",
-                "--prefix",
-            ],
-        );
+        s.ctl(&["put", "a", "again"]);
+        s.ctl(&["compact", &compact_at.to_string()]);
+        s.ctl(&["role", "add", "reader"]);
+        s.ctl(&[
+            "role",
+            "grant-permission",
+            "reader",
+            "readwrite",
+            "p/",
+            "--prefix",
+        ]);
         let path = tmp.path().join(format!("{}.db", s.name()));
-        ctl(s, &["snapshot", "save", path.to_str().unwrap()]);
+        s.ctl(&["snapshot", "save", path.to_str().unwrap()]);
         buckets(&path)
     };
     let theirs = run(&Server::etcd(&[]));

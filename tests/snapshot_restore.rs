@@ -15,25 +15,13 @@ use common::etcdctl;
 use common::process::text;
 use common::server::{Kind, Ports, Server, SPINDLE};
 
-fn ctl(s: &Server, args: &[&str]) -> String {
-    let out = s.etcdctl(args);
-    assert!(out.ok, "etcdctl {args:?}: {}", out.stderr);
-    out.stdout
-}
-
-fn ctl_json(s: &Server, args: &[&str]) -> Json {
-    let mut all = args.to_vec();
-    all.extend(["-w", "json"]);
-    serde_json::from_str(&ctl(s, &all)).unwrap()
-}
-
 fn write_rev(s: &Server, args: &[&str]) -> i64 {
-    ctl_json(s, args)["header"]["revision"].as_i64().unwrap()
+    s.ctl_json(args)["header"]["revision"].as_i64().unwrap()
 }
 
 /// The `kvs` of a get (headers differ between servers).
 fn kvs(s: &Server, args: &[&str]) -> Json {
-    ctl_json(s, args)["kvs"].clone()
+    s.ctl_json(args)["kvs"].clone()
 }
 
 fn txn(s: &Server, input: &str) {
@@ -81,7 +69,7 @@ fn reads(s: &Server, older: i64, b_rev: i64) -> Reads {
         all: kvs(s, &["get", "--prefix", ""]),
         old: kvs(s, &["get", "--prefix", "", "--rev", &older.to_string()]),
         old_b: kvs(s, &["get", "b", "--rev", &b_rev.to_string()]),
-        revision: ctl_json(s, &["get", "nothing"])["header"]["revision"]
+        revision: s.ctl_json(&["get", "nothing"])["header"]["revision"]
             .as_i64()
             .unwrap(),
     }
@@ -120,34 +108,28 @@ fn etcd_snapshot_restores_into_spindle_and_back() {
     write_rev(&etcd, &["del", "c"]);
     write_rev(&etcd, &["put", "dir/x", "1"]);
     txn(&etcd, "\nput t/1 x\nput t/2 y\ndel a\nput b 4\n\n\n");
-    let lease = ctl_json(&etcd, &["lease", "grant", "600"])["ID"]
+    let lease = etcd.ctl_json(&["lease", "grant", "600"])["ID"]
         .as_i64()
         .unwrap();
     let lease_hex = format!("{lease:x}");
     write_rev(&etcd, &["put", "l", "leased", "--lease", &lease_hex]);
-    ctl(
-        &etcd,
-        &["user", "add", "alice", "--new-user-password", "pw"],
-    );
-    ctl(&etcd, &["role", "add", "reader"]);
-    ctl(
-        &etcd,
-        &["role", "grant-permission", "reader", "read", "a", "c"],
-    );
-    ctl(&etcd, &["user", "grant-role", "alice", "reader"]);
-    ctl(&etcd, &["compact", &compact_at.to_string()]);
+    etcd.ctl(&["user", "add", "alice", "--new-user-password", "pw"]);
+    etcd.ctl(&["role", "add", "reader"]);
+    etcd.ctl(&["role", "grant-permission", "reader", "read", "a", "c"]);
+    etcd.ctl(&["user", "grant-role", "alice", "reader"]);
+    etcd.ctl(&["compact", &compact_at.to_string()]);
     write_rev(&etcd, &["put", "dir/x", "2"]);
     let last = write_rev(&etcd, &["put", "d", "after"]);
     let theirs = reads(&etcd, b3 + 1, b3);
     assert_eq!(theirs.revision, last);
     let auth_of = |s: &Server| {
-        let user = ctl_json(s, &["user", "get", "alice"]);
-        let role = ctl_json(s, &["role", "get", "reader"]);
+        let user = s.ctl_json(&["user", "get", "alice"]);
+        let role = s.ctl_json(&["role", "get", "reader"]);
         (user["roles"].clone(), role["perm"].clone())
     };
     let auth = auth_of(&etcd);
     let saved = tmp.path().join("etcd.db");
-    ctl(&etcd, &["snapshot", "save", saved.to_str().unwrap()]);
+    etcd.ctl(&["snapshot", "save", saved.to_str().unwrap()]);
     drop(etcd);
 
     let mut spindle = restore_and_spawn_spindle(&saved, &["--shards", "3"]);
@@ -156,19 +138,19 @@ fn etcd_snapshot_restores_into_spindle_and_back() {
     assert_same(&ours, &theirs);
     assert_compacted(&spindle, "b", compact_at - 1);
     assert_eq!(auth_of(&spindle), auth);
-    let leases = ctl_json(&spindle, &["lease", "list"]);
+    let leases = spindle.ctl_json(&["lease", "list"]);
     assert_eq!(leases["leases"][0]["id"].as_i64(), Some(lease), "{leases}");
-    let ttl = ctl_json(&spindle, &["lease", "timetolive", &lease_hex, "--keys"]);
+    let ttl = spindle.ctl_json(&["lease", "timetolive", &lease_hex, "--keys"]);
     assert_eq!(ttl["granted-ttl"].as_i64(), Some(600), "{ttl}");
     assert_eq!(ttl["keys"].as_array().map(Vec::len), Some(1), "{ttl}");
     // New writes continue after the restored revision.
     assert_eq!(write_rev(&spindle, &["put", "e", "new"]), last + 1);
-    ctl(&spindle, &["del", "e"]);
+    spindle.ctl(&["del", "e"]);
     let after = reads(&spindle, b3 + 1, b3);
 
     // Round trip: spindle's snapshot of the restored store, restored into etcd.
     let again = tmp.path().join("spindle.db");
-    ctl(&spindle, &["snapshot", "save", again.to_str().unwrap()]);
+    spindle.ctl(&["snapshot", "save", again.to_str().unwrap()]);
     drop(spindle);
     let etcd2 = etcd_restored(&again, tmp.path());
     assert_same(&reads(&etcd2, b3 + 1, b3), &after);
@@ -182,29 +164,23 @@ fn etcd_snapshot_restores_into_spindle_and_back() {
 fn auth_enabled_snapshot_restores() {
     let tmp = tempfile::tempdir().unwrap();
     let etcd = Server::etcd(&[]);
-    ctl(&etcd, &["user", "add", "root", "--new-user-password", "pw"]);
-    ctl(&etcd, &["user", "grant-role", "root", "root"]);
-    ctl(&etcd, &["put", "k", "v"]);
-    ctl(&etcd, &["auth", "enable"]);
+    etcd.ctl(&["user", "add", "root", "--new-user-password", "pw"]);
+    etcd.ctl(&["user", "grant-role", "root", "root"]);
+    etcd.ctl(&["put", "k", "v"]);
+    etcd.ctl(&["auth", "enable"]);
     let saved = tmp.path().join("auth.db");
-    ctl(
-        &etcd,
-        &[
-            "--user",
-            "root:pw",
-            "snapshot",
-            "save",
-            saved.to_str().unwrap(),
-        ],
-    );
+    etcd.ctl(&[
+        "--user",
+        "root:pw",
+        "snapshot",
+        "save",
+        saved.to_str().unwrap(),
+    ]);
     drop(etcd);
 
     let mut spindle = restore_and_spawn_spindle(&saved, &["--shards", "2"]);
     spindle.wait_ready();
-    let got = ctl(
-        &spindle,
-        &["--user", "root:pw", "get", "k", "--print-value-only"],
-    );
+    let got = spindle.ctl(&["--user", "root:pw", "get", "k", "--print-value-only"]);
     assert_eq!(got.trim(), "v");
     let anonymous = spindle.etcdctl(&["get", "k"]);
     assert!(!anonymous.ok, "auth is enabled: {}", anonymous.stdout);
@@ -236,10 +212,10 @@ fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 fn restore_refuses_damaged_files_and_used_dirs() {
     let tmp = tempfile::tempdir().unwrap();
     let etcd = Server::etcd(&[]);
-    ctl(&etcd, &["put", "a", "1"]);
-    ctl(&etcd, &["put", "big", &"x".repeat(20_000)]);
+    etcd.ctl(&["put", "a", "1"]);
+    etcd.ctl(&["put", "big", &"x".repeat(20_000)]);
     let saved = tmp.path().join("etcd.db");
-    ctl(&etcd, &["snapshot", "save", saved.to_str().unwrap()]);
+    etcd.ctl(&["snapshot", "save", saved.to_str().unwrap()]);
     drop(etcd);
     let file = std::fs::read(&saved).unwrap();
     let work = tmp.path().join("work");
@@ -312,11 +288,11 @@ fn restored_members_form_a_cluster() {
     let compact_at = write_rev(&etcd, &["put", "a", "2"]);
     write_rev(&etcd, &["put", "b", "1"]);
     write_rev(&etcd, &["del", "b"]);
-    ctl(&etcd, &["compact", &compact_at.to_string()]);
+    etcd.ctl(&["compact", &compact_at.to_string()]);
     let last = write_rev(&etcd, &["put", "c", "1"]);
     let all = kvs(&etcd, &["get", "--prefix", ""]);
     let saved = tmp.path().join("etcd.db");
-    ctl(&etcd, &["snapshot", "save", saved.to_str().unwrap()]);
+    etcd.ctl(&["snapshot", "save", saved.to_str().unwrap()]);
     drop(etcd);
 
     let ports = Ports::free(2);
@@ -355,7 +331,7 @@ fn restored_members_form_a_cluster() {
     for m in &members {
         assert_eq!(kvs(m, &["get", "--prefix", ""]), all, "{}", m.endpoint());
         assert_compacted(m, "a", compact_at - 1);
-        let list = ctl_json(m, &["member", "list"]);
+        let list = m.ctl_json(&["member", "list"]);
         let names: Vec<&str> = list["members"]
             .as_array()
             .unwrap()

@@ -314,6 +314,20 @@ impl Server {
     pub fn etcdctl(&self, args: &[&str]) -> etcdctl::Ctl {
         etcdctl::run(&self.endpoint(), args)
     }
+
+    /// `etcdctl args` against this server, which must succeed: its standard output.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = self.etcdctl(args);
+        assert!(out.ok, "etcdctl {args:?}: {}", out.stderr);
+        out.stdout
+    }
+
+    /// The same with `-w json`, parsed.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-w", "json"]);
+        serde_json::from_str(&self.ctl(&all)).expect("etcdctl -w json printed JSON")
+    }
 }
 
 impl Drop for Server {
