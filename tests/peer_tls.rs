@@ -14,7 +14,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rcgen::{
@@ -24,7 +23,7 @@ use rcgen::{
 
 use common::etcdctl::{self, Ctl};
 use common::process::{free_ports, Kill};
-use common::server::{Kind, Ports, Server, SPINDLE};
+use common::server::{spawn_logged, Kind, Ports, Server};
 
 const TOKEN: &str = "peer-tls-test";
 
@@ -378,18 +377,7 @@ fn auto_tls_cluster(kind: Kind) -> Vec<AutoTls> {
                 ]
                 .map(str::to_string),
             );
-            let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-            let program = match kind {
-                Kind::Spindle => SPINDLE,
-                Kind::Etcd => "etcd",
-            };
-            let child = Command::new(program)
-                .args(&args)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("start {program}: {e}"));
+            let child = spawn_logged(kind, &args, &dir.path().join("server.log"));
             AutoTls {
                 kind,
                 proc: Kill::new(child),

@@ -23,7 +23,7 @@ use rcgen::{
 mod common;
 use common::etcdctl::{self, Ctl};
 use common::process::{free_ports, Kill};
-use common::server::SPINDLE;
+use common::server::{spawn_logged, Kind, SPINDLE};
 
 /// The PEM files of one test's certificates.
 struct Pki {
@@ -128,13 +128,6 @@ fn make_pki() -> Pki {
     Pki { dir }
 }
 
-/// Which server a process runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Spindle,
-    Etcd,
-}
-
 /// A server this test started with its own client URLs, killed when dropped (its log shown if
 /// the test is failing).
 struct Tls {
@@ -208,18 +201,7 @@ fn start(kind: Kind, pki: &Pki, with_plain: bool, extra: &[&str]) -> Tls {
         .map(str::to_string),
     );
     args.extend(extra.iter().map(|a| a.to_string()));
-    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-    let program = match kind {
-        Kind::Spindle => SPINDLE,
-        Kind::Etcd => "etcd",
-    };
-    let child = Command::new(program)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {program}: {e}"));
+    let child = spawn_logged(kind, &args, &dir.path().join("server.log"));
     let mut s = Tls {
         kind,
         _proc: Kill::new(child),

@@ -226,21 +226,7 @@ impl Server {
     fn launch(&mut self) {
         assert!(self.child.is_none(), "{} is still running", self.name());
         self.starts += 1;
-        let log = File::create(self.log_path()).expect("create the server log");
-        let program = match self.kind {
-            Kind::Spindle => SPINDLE,
-            Kind::Etcd => "etcd",
-        };
-        let child = Command::new(program)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("start {program} (tools/test installs etcd from etcd-server): {e}")
-            });
-        self.child = Some(child);
+        self.child = Some(spawn_logged(self.kind, &self.args, &self.log_path()));
     }
 
     /// Waits until the server serves clients: spindle has logged that it is ready, etcd passes
@@ -328,6 +314,24 @@ impl Server {
         all.extend(["-w", "json"]);
         serde_json::from_str(&self.ctl(&all)).expect("etcdctl -w json printed JSON")
     }
+}
+
+/// Starts `kind` with `args`, its standard output and error going to a new file at `log`.
+pub fn spawn_logged(kind: Kind, args: &[String], log: &std::path::Path) -> std::process::Child {
+    let log = File::create(log).expect("create the server log");
+    let program = match kind {
+        Kind::Spindle => SPINDLE,
+        Kind::Etcd => "etcd",
+    };
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("start {program} (tools/test installs etcd from etcd-server): {e}")
+        })
 }
 
 impl Drop for Server {
