@@ -136,12 +136,20 @@ fn write_meta(dir: &Path, meta: &Meta) -> Result<()> {
         meta.cluster_id,
         meta.member_id
     );
-    let tmp = dir.join(format!("{META_FILE}.tmp"));
+    replace_file(dir, &path, text.as_bytes())
+}
+
+/// Replaces `path` (a file in `dir`) with `bytes` durably: a temp file written and fsynced,
+/// renamed over it, then the directory fsynced, so a crash leaves the old file or the new one.
+fn replace_file(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(text.as_bytes())
+    f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .map_err(|e| Error::io(&tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(dir, e))
@@ -250,16 +258,7 @@ pub fn load_membership(dir: &Path) -> Result<Option<crate::cluster::Membership>>
 
 /// Writes the membership durably (temp file, fsync, rename, directory fsync).
 pub fn save_membership(dir: &Path, m: &crate::cluster::Membership) -> Result<()> {
-    let path = dir.join(MEMBERSHIP_FILE);
-    let tmp = dir.join(format!("{MEMBERSHIP_FILE}.tmp"));
-    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(&m.encode())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io(&tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))
+    replace_file(dir, &dir.join(MEMBERSHIP_FILE), &m.encode())
 }
 
 #[cfg(test)]
