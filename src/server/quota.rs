@@ -29,8 +29,6 @@ pub const LEASE_OVERHEAD: u64 = 64;
 
 /// How often core 0 samples the store's size.
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
-/// How soon a refused write's alarm is raised.
-const TICK: Duration = Duration::from_millis(50);
 
 pub const ALARM: &str = "/etcdserverpb.Maintenance/Alarm";
 
@@ -72,6 +70,8 @@ pub struct Quota {
     size: AtomicU64,
     /// A write was refused for space: core 0 raises this member's NOSPACE alarm.
     raise: AtomicBool,
+    /// Notified with `raise`, so core 0's loop sleeps until it has something to do.
+    raised: event_listener::Event,
 }
 
 impl Quota {
@@ -121,6 +121,7 @@ pub(super) fn check(ctx: &Ctx, cost: u64) -> Result<(), Status> {
     }
     if !ctx.quota.available(cost) {
         ctx.quota.raise.store(true, Ordering::Release);
+        ctx.quota.raised.notify(1);
         return Err(no_space());
     }
     Ok(())
@@ -161,6 +162,10 @@ pub fn txn_writes(t: &pb::TxnRequest) -> bool {
 /// Core 0's loop: samples the store's size and raises this member's NOSPACE alarm after a
 /// write was refused for space (through the leader, so every member gets it).
 pub(super) async fn watch(ctx: Rc<Ctx>) {
+    // Without a quota no write is refused for space: nothing to sample, nothing to raise.
+    if ctx.quota.limit.is_none() {
+        return;
+    }
     let mut next_sample = std::time::Instant::now();
     loop {
         if ctx.drain.draining.load(Ordering::Acquire) {
@@ -172,6 +177,13 @@ pub(super) async fn watch(ctx: Rc<Ctx>) {
             }
             next_sample = std::time::Instant::now() + SAMPLE_EVERY;
         }
+        // Sleeps until the next sample or a refusal, whichever comes first (the listener is
+        // made before the flag is read, so a refusal in between is not missed).
+        let refused = ctx.quota.raised.listen();
+        if !ctx.quota.raise.load(Ordering::Acquire) {
+            let wait = next_sample.saturating_duration_since(std::time::Instant::now());
+            futures_lite::future::or(refused, glommio::timer::sleep(wait)).await;
+        }
         if ctx.quota.raise.swap(false, Ordering::AcqRel) {
             let mine = alarm::Alarm {
                 member: ctx.member_id,
@@ -181,7 +193,6 @@ pub(super) async fn watch(ctx: Rc<Ctx>) {
                 raise(&ctx, ctx.member_id, NOSPACE).await;
             }
         }
-        glommio::timer::sleep(TICK).await;
     }
 }
 
