@@ -174,12 +174,7 @@ fn passed_headers(h: &http::HeaderMap) -> Headers {
 
 async fn handle(ctx: Rc<Ctx>, req: Request<Incoming>) -> Response<GrpcBody> {
     let path = req.uri().path().to_string();
-    let is_grpc = req
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
-    if !is_grpc {
+    if !crate::server::grpc::is_grpc(req.headers()) {
         return match (req.method().as_str(), path.as_str()) {
             ("GET", "/metrics") => plain(StatusCode::OK, metrics(&ctx)),
             ("GET", "/health") => {

@@ -262,6 +262,13 @@ pub fn stream(rx: flume::Receiver<Frame<Bytes>>) -> Response<GrpcBody> {
     grpc_response(GrpcBody::Stream(Box::pin(rx.into_stream())))
 }
 
+/// Whether a request is a gRPC call (its content type), rather than plain HTTP.
+pub fn is_grpc(h: &http::HeaderMap) -> bool {
+    h.get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
 /// The gRPC status in a header or trailer map, if it is an error.
 pub fn status_of(h: &http::HeaderMap) -> Option<Status> {
     let code: u16 = h.get("grpc-status")?.to_str().ok()?.parse().ok()?;

@@ -422,12 +422,7 @@ async fn serve_request(
     cert_user: Option<&str>,
 ) -> Response<GrpcBody> {
     let path = req.uri().path().to_string();
-    let is_grpc = req
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
-    if is_grpc {
+    if grpc::is_grpc(req.headers()) {
         let started = Instant::now();
         let caller = auth::identify(ctx, req.headers(), cert_user);
         let resp = grpc_call(ctx, &path, req.into_body(), started, caller).await;
