@@ -360,7 +360,7 @@ fn watchers_see_a_revoke_as_one_revision() {
         if let Some(WatchUpdate::Events { events, .. }) =
             watch.recv_timeout(Duration::from_millis(200)).unwrap()
         {
-            deletes.extend(events);
+            deletes.extend(events.iter().cloned());
         }
     }
     assert_eq!(deletes.len(), KEYS.len(), "{deletes:?}");

@@ -38,7 +38,7 @@ fn events(w: &Watch, n: usize) -> Vec<WatchEvent> {
         match w.recv_timeout(Duration::from_secs(10)).unwrap() {
             Some(WatchUpdate::Events { revision, events }) => {
                 assert!(events.iter().all(|e| e.kv.mod_revision <= revision));
-                out.extend(events);
+                out.extend(events.iter().cloned());
             }
             Some(other) => panic!("unexpected {other:?}"),
             None => panic!("only {} of {n} events arrived: {out:?}", out.len()),

@@ -51,9 +51,11 @@ pub struct WatchEvent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WatchUpdate {
     /// Events in revision order; every event of this watch up to `revision` has now been sent.
+    /// Shared: every watcher of a core that wants a whole batch gets the same allocation, so
+    /// its consumers can encode it once (`server::watch`).
     Events {
         revision: i64,
-        events: Vec<WatchEvent>,
+        events: Arc<[WatchEvent]>,
     },
     /// Nothing pending: every event of this watch (or, for a sink-wide request, of every watch
     /// on the sink) up to `revision` has been sent.
@@ -301,6 +303,7 @@ impl Hub {
         match fetched {
             Ok((events, complete)) => {
                 debug_assert!(complete > after, "a fetch made no progress");
+                let events: Arc<[WatchEvent]> = events.into();
                 let mut gone = Vec::new();
                 for (&id, w) in st.watchers.iter_mut().filter(|(_, w)| w.synced) {
                     match deliver(w, &events, complete) {
@@ -383,7 +386,7 @@ impl Hub {
                 continue; // changed meanwhile (cannot happen today; be safe)
             }
             match fetched {
-                Ok((events, complete)) => match deliver(w, &events, complete) {
+                Ok((events, complete)) => match deliver(w, &events.into(), complete) {
                     Sent::Ok => {
                         if w.next >= synced_next {
                             w.synced = true;
@@ -441,15 +444,22 @@ impl Hub {
 
 /// Gives `w` its share of `events` (all events up to `complete`); on success its position moves
 /// past `complete`. A full sink leaves the position where it was.
-fn deliver(w: &mut Watcher, events: &[WatchEvent], complete: i64) -> Sent {
-    let mine: Vec<WatchEvent> = events
+fn deliver(w: &mut Watcher, events: &Arc<[WatchEvent]>, complete: i64) -> Sent {
+    let whole = events
         .iter()
-        .filter(|e| w.wants(e))
-        .map(|e| WatchEvent {
-            prev_kv: if w.prev_kv { e.prev_kv.clone() } else { None },
-            ..e.clone()
-        })
-        .collect();
+        .all(|e| w.wants(e) && (w.prev_kv || e.prev_kv.is_none()));
+    let mine: Arc<[WatchEvent]> = if whole {
+        events.clone()
+    } else {
+        events
+            .iter()
+            .filter(|e| w.wants(e))
+            .map(|e| WatchEvent {
+                prev_kv: if w.prev_kv { e.prev_kv.clone() } else { None },
+                ..e.clone()
+            })
+            .collect()
+    };
     if mine.is_empty() {
         w.next = w.next.max(complete + 1);
         return Sent::Ok;

@@ -273,7 +273,7 @@ impl<'a> KeyWatch<'a> {
         loop {
             match self.rx.recv_async().await {
                 Ok((_, WatchUpdate::Events { revision, events })) => {
-                    let evs = events.into_iter().map(|e| (e.kind, e.kv)).collect();
+                    let evs = events.iter().map(|e| (e.kind, e.kv.clone())).collect();
                     return Ok((revision, evs));
                 }
                 Ok((_, WatchUpdate::Progress { .. })) => continue,

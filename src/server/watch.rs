@@ -5,11 +5,13 @@
 //! the stream shares one bounded sink, so a client that stops reading only makes its own
 //! watches fall back to catching up; it never holds up writers or other streams.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -17,7 +19,7 @@ use hyper::body::Incoming;
 use super::auth::Caller;
 use super::grpc::{self, Code, GrpcBody, Status};
 use super::{convert, Ctx, GRPC_OVERHEAD_BYTES};
-use crate::db::{WatchRequest, WatchUpdate};
+use crate::db::{WatchEvent, WatchRequest, WatchUpdate};
 use crate::mvcc::EventKind;
 use crate::proto::etcdserverpb as pb;
 use crate::proto::mvccpb;
@@ -47,14 +49,7 @@ pub fn serve(ctx: Rc<Ctx>, body: Incoming, caller: Caller) -> http::Response<Grp
     let limit = ctx.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     glommio::spawn_local(read_requests(body, limit, req_tx)).detach();
     let (out, rx) = flume::bounded::<Frame<Bytes>>(16);
-    spawn_session(
-        ctx,
-        caller,
-        requests,
-        out,
-        |r| Ok(grpc::encode_message(r)),
-        true,
-    );
+    spawn_session(ctx, caller, requests, out, Ok, true);
     grpc::stream(rx)
 }
 
@@ -75,12 +70,87 @@ pub fn serve_json(
     super::gateway::json_stream(rx)
 }
 
-fn json_line(r: &pb::WatchResponse) -> Result<Bytes, Status> {
-    let text = super::gateway::to_json("WatchResponse", grpc::encode_message(r).slice(5..))?;
+fn json_line(framed: Bytes) -> Result<Bytes, Status> {
+    let text = super::gateway::to_json("WatchResponse", framed.slice(5..))?;
     Ok(Bytes::from(format!("{{\"result\":{text}}}\n")))
 }
 
-type Encoder = fn(&pb::WatchResponse) -> Result<Bytes, Status>;
+/// Turns a gRPC-framed WatchResponse into what the stream sends.
+type Encoder = fn(Bytes) -> Result<Bytes, Status>;
+
+/// A response on its way out.
+enum Response {
+    Message(pb::WatchResponse),
+    /// An events response: `head` carries every field but the events, `events` their
+    /// encoding. Events are the last field (11) in encoding order, so the two concatenated are
+    /// the message prost would write.
+    Events {
+        head: pb::WatchResponse,
+        events: Bytes,
+    },
+}
+
+impl Response {
+    fn framed(&self) -> Bytes {
+        match self {
+            Response::Message(m) => grpc::encode_message(m),
+            Response::Events { head, events } => {
+                let len = prost::Message::encoded_len(head) + events.len();
+                let mut buf = BytesMut::with_capacity(5 + len);
+                buf.put_u8(0);
+                buf.put_u32(len as u32);
+                prost::Message::encode(head, &mut buf).expect("BytesMut grows as needed");
+                buf.extend_from_slice(events);
+                buf.freeze()
+            }
+        }
+    }
+}
+
+/// Batches whose encodings a core keeps: a session may drain several queued batches before the
+/// next session drains the same ones, so only remembering the last one would miss.
+const ENCODED_BATCHES: usize = 16;
+
+thread_local! {
+    /// The event batches encoded last on this core, oldest first. The hub hands every watcher
+    /// that wants a whole batch the same allocation, so with many watchers of the same keys a
+    /// batch is converted and encoded once, not once per watcher. Each `Weak` keeps its
+    /// allocation's address from being reused while it is a key.
+    static ENCODED: RefCell<VecDeque<(Weak<[WatchEvent]>, Bytes)>> =
+        const { RefCell::new(VecDeque::new()) };
+}
+
+/// `events` encoded as WatchResponse field 11, from the core's cache when it holds that batch.
+fn encoded_events(events: &Arc<[WatchEvent]>) -> Bytes {
+    ENCODED.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        let batch = Arc::as_ptr(events);
+        if let Some((_, bytes)) = cached.iter().find(|(w, _)| std::ptr::eq(w.as_ptr(), batch)) {
+            return bytes.clone();
+        }
+        let only_events = pb::WatchResponse {
+            events: events.iter().map(event_message).collect(),
+            ..Default::default()
+        };
+        let bytes = Bytes::from(prost::Message::encode_to_vec(&only_events));
+        if cached.len() == ENCODED_BATCHES {
+            cached.pop_front();
+        }
+        cached.push_back((Arc::downgrade(events), bytes.clone()));
+        bytes
+    })
+}
+
+fn event_message(e: &WatchEvent) -> mvccpb::Event {
+    mvccpb::Event {
+        r#type: match e.kind {
+            EventKind::Put => mvccpb::event::EventType::Put as i32,
+            EventKind::Delete => mvccpb::event::EventType::Delete as i32,
+        },
+        kv: Some(convert::key_value(e.kv.clone())),
+        prev_kv: e.prev_kv.clone().map(convert::key_value),
+    }
+}
 
 fn spawn_session(
     ctx: Rc<Ctx>,
@@ -161,7 +231,11 @@ impl Session {
                     continue;
                 }
                 Some(Input::Request(Some(Err(status)))) => return Some(status),
-                Some(Input::Request(Some(Ok(req)))) => self.request(req, &sink),
+                Some(Input::Request(Some(Ok(req)))) => self
+                    .request(req, &sink)
+                    .into_iter()
+                    .map(Response::Message)
+                    .collect(),
                 Some(Input::Update((tag, update))) => self.update(tag, update),
                 Some(Input::Tick) => {
                     if out.is_disconnected() {
@@ -176,7 +250,7 @@ impl Session {
                 None => return None,
             };
             for r in frames {
-                let f = match encode(&r) {
+                let f = match encode(r.framed()) {
                     Ok(f) => f,
                     Err(s) => return Some(s),
                 };
@@ -278,14 +352,14 @@ impl Session {
         }
     }
 
-    fn update(&mut self, tag: i64, update: WatchUpdate) -> Vec<pb::WatchResponse> {
+    fn update(&mut self, tag: i64, update: WatchUpdate) -> Vec<Response> {
         if tag == -1 {
             if let WatchUpdate::Progress { revision } = update {
-                return vec![pb::WatchResponse {
+                return vec![Response::Message(pb::WatchResponse {
                     header: self.header(revision),
                     watch_id: -1,
                     ..Default::default()
-                }];
+                })];
             }
             return Vec::new();
         }
@@ -297,45 +371,44 @@ impl Session {
             WatchUpdate::Events { revision, events } => {
                 w.active = true;
                 let fragment = w.fragment;
-                let events: Vec<mvccpb::Event> = events
-                    .into_iter()
-                    .map(|e| mvccpb::Event {
-                        r#type: match e.kind {
-                            EventKind::Put => mvccpb::event::EventType::Put as i32,
-                            EventKind::Delete => mvccpb::event::EventType::Delete as i32,
-                        },
-                        kv: Some(convert::key_value(e.kv)),
-                        prev_kv: e.prev_kv.map(convert::key_value),
-                    })
-                    .collect();
-                let resp = pb::WatchResponse {
+                let head = pb::WatchResponse {
                     header: self.header(revision),
                     watch_id: tag,
-                    events,
                     ..Default::default()
                 };
+                let encoded = encoded_events(&events);
                 let limit = self.ctx.cfg.max_request_bytes;
-                if fragment && prost::Message::encoded_len(&resp) > limit {
-                    fragments(resp, limit)
+                if fragment && prost::Message::encoded_len(&head) + encoded.len() > limit {
+                    let whole = pb::WatchResponse {
+                        events: events.iter().map(event_message).collect(),
+                        ..head
+                    };
+                    fragments(whole, limit)
+                        .into_iter()
+                        .map(Response::Message)
+                        .collect()
                 } else {
-                    vec![resp]
+                    vec![Response::Events {
+                        head,
+                        events: encoded,
+                    }]
                 }
             }
-            WatchUpdate::Progress { revision } => vec![pb::WatchResponse {
+            WatchUpdate::Progress { revision } => vec![Response::Message(pb::WatchResponse {
                 header: self.header(revision),
                 watch_id: tag,
                 ..Default::default()
-            }],
+            })],
             WatchUpdate::Compacted { compact_revision } => {
                 self.watches.remove(&tag);
                 // etcd leaves the revision of this header at 0.
-                vec![pb::WatchResponse {
+                vec![Response::Message(pb::WatchResponse {
                     header: self.header(0),
                     watch_id: tag,
                     canceled: true,
                     compact_revision,
                     ..Default::default()
-                }]
+                })]
             }
         }
     }
@@ -430,3 +503,85 @@ async fn read_requests(
 
 /// How often idle watches with `progress_notify` hear that they are current (etcd's default).
 pub const DEFAULT_PROGRESS_NOTIFY_INTERVAL: Duration = Duration::from_secs(600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::KeyValue;
+
+    fn kv(key: &str, rev: i64, value: &str) -> KeyValue {
+        KeyValue {
+            key: Bytes::from(key.to_owned()),
+            create_revision: 2,
+            mod_revision: rev,
+            version: rev - 1,
+            value: Bytes::from(value.to_owned()),
+            lease: 7,
+        }
+    }
+
+    #[test]
+    fn an_events_response_from_shared_bytes_is_the_message_prost_writes() {
+        let events: Arc<[WatchEvent]> = vec![
+            WatchEvent {
+                kind: EventKind::Put,
+                kv: kv("a", 3, "x"),
+                prev_kv: Some(kv("a", 2, "w")),
+            },
+            WatchEvent {
+                kind: EventKind::Delete,
+                kv: kv("b/c", 4, ""),
+                prev_kv: None,
+            },
+        ]
+        .into();
+        let head = pb::WatchResponse {
+            header: Some(pb::ResponseHeader {
+                cluster_id: 11,
+                member_id: 12,
+                revision: 4,
+                raft_term: 5,
+            }),
+            watch_id: 9,
+            ..Default::default()
+        };
+        let whole = pb::WatchResponse {
+            events: events.iter().map(event_message).collect(),
+            ..head.clone()
+        };
+        let shared = Response::Events {
+            head,
+            events: encoded_events(&events),
+        };
+        assert_eq!(shared.framed(), grpc::encode_message(&whole));
+    }
+
+    #[test]
+    fn a_batch_is_encoded_once_per_core_until_newer_batches_push_it_out() {
+        let batch = |v: &str| -> Arc<[WatchEvent]> {
+            vec![WatchEvent {
+                kind: EventKind::Put,
+                kv: kv("k", 3, v),
+                prev_kv: None,
+            }]
+            .into()
+        };
+        let (one, two) = (batch("1"), batch("2"));
+        let first = encoded_events(&one);
+        // The same allocation hits the cache: the very same bytes come back, also after
+        // another batch was encoded.
+        assert_eq!(encoded_events(&one).as_ptr(), first.as_ptr());
+        assert_ne!(encoded_events(&two), first);
+        assert_eq!(encoded_events(&one).as_ptr(), first.as_ptr());
+        // Enough newer batches push it out; it is then encoded again.
+        let newer: Vec<_> = (0..ENCODED_BATCHES)
+            .map(|i| batch(&i.to_string()))
+            .collect();
+        for b in &newer {
+            encoded_events(b);
+        }
+        let again = encoded_events(&one);
+        assert_eq!(again, first);
+        assert_ne!(again.as_ptr(), first.as_ptr());
+    }
+}
