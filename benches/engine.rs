@@ -100,6 +100,49 @@ fn bench_put_n(ops: usize, writers: usize) {
     db.close();
 }
 
+/// The in-memory store alone (no WAL, no runtime): single-key put txns on random keys of a
+/// `keys`-key shard, as the write path executes them. Measures what the index costs per put
+/// (descents of the B+tree whose keys live on the heap, so each probe may miss the cache).
+fn bench_store_put(ops: usize, keys: usize) {
+    use spindle::mvcc::{ShardStore, TxnPath};
+    let mut store = ShardStore::new();
+    let v = value(256);
+    let all = |_: &[u8]| true;
+    let path = TxnPath(vec![true]);
+    let put = |key: usize| TxnRequest {
+        compare: Vec::new(),
+        success: vec![RequestOp::Put(PutRequest::new(
+            format!("key/{key:012}"),
+            v.clone(),
+        ))],
+        failure: Vec::new(),
+    };
+    let mut rev = 1;
+    for k in 0..keys {
+        rev += 1;
+        store.execute(&put(k), &path, rev, &all);
+    }
+    // A fixed-seed LCG: the same "random" keys every run.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let txns: Vec<TxnRequest> = (0..ops)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            put((x >> 33) as usize % keys)
+        })
+        .collect();
+    let mut h = new_hist();
+    let start = Instant::now();
+    for t in &txns {
+        rev += 1;
+        let t0 = Instant::now();
+        std::hint::black_box(store.execute(t, &path, rev, &all));
+        h.record(t0.elapsed().as_nanos() as u64).expect("in range");
+    }
+    report(&format!("store put, {keys} keys"), ops, start.elapsed(), &h);
+}
+
 /// Durable puts through Raft against the same engine with Raft bypassed (`bypass_raft`), in
 /// alternating rounds so both see the same disk and machine state; prints each round and the
 /// ratio of the medians.
@@ -436,6 +479,9 @@ fn main() {
     }
     if want("raft") {
         bench_raft_overhead(ops, env_usize("BENCH_ROUNDS", 5));
+    }
+    if want("store") {
+        bench_store_put(ops * 40, env_usize("BENCH_STORE_KEYS", 100_000));
     }
     if want("hop") {
         bench_hop(ops);

@@ -11,7 +11,8 @@ use super::query::{compare_holds, keeps_values_for_merge, RangePlan};
 use super::{CompareOutcome, Effect, Execution, OpPartial, ShardRange, TxnPath, Undo};
 use crate::error::Error;
 use crate::kv::{
-    Compare, DeleteRangeRequest, KeyRange, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    Compare, DeleteRangeRequest, KeyRange, KeyValue, PutRequest, RangeRequest, RequestOp,
+    TxnRequest,
 };
 use crate::mvcc::lease::LeaseKeys;
 
@@ -289,7 +290,7 @@ impl ShardStore {
         for effect in effects {
             match effect {
                 Effect::Put { key, value, lease } => {
-                    self.write_put(key, value.clone(), *lease, rev)
+                    self.write_put(key, value.clone(), *lease, rev);
                 }
                 Effect::Delete { key } => {
                     let deleted = self.write_delete(key, rev);
@@ -662,18 +663,19 @@ impl ShardStore {
             Some(kv) if p.ignore_lease => kv.lease,
             _ => p.lease,
         };
-        self.write_put(&p.key, value.clone(), lease, rev);
-        if let Some(v) = self
-            .index
-            .get(p.key.as_ref())
-            .and_then(|ki| ki.at(&p.key, rev))
-        {
-            self.events.push(Event {
-                kind: EventKind::Put,
-                kv: v.to_kv(false),
-                op,
-            });
-        }
+        let (create_revision, version) = self.write_put(&p.key, value.clone(), lease, rev);
+        self.events.push(Event {
+            kind: EventKind::Put,
+            kv: KeyValue {
+                key: p.key.clone(),
+                create_revision,
+                mod_revision: rev,
+                version,
+                value: value.clone(),
+                lease,
+            },
+            op,
+        });
         effects.push(Effect::Put {
             key: p.key.clone(),
             value,
@@ -724,23 +726,31 @@ impl ShardStore {
         debug_assert!(rev > self.compact_revision, "write at a compacted revision");
     }
 
-    fn write_put(&mut self, key: &Bytes, value: Bytes, lease: i64, rev: i64) {
+    /// Puts `key` at `rev` with one descent of the index (the put path is dominated by those
+    /// cache-missing descents); returns the key's new create revision and version.
+    fn write_put(&mut self, key: &Bytes, value: Bytes, lease: i64, rev: i64) -> (i64, i64) {
         self.assert_write_revision(rev);
-        let old = self.live_lease(key);
-        self.lease_keys.moved(key, old, lease);
-        match self.index.get_mut(key.as_ref()) {
+        let (old_lease, now) = match self.index.get_mut(key.as_ref()) {
             Some(ki) => {
+                let old_lease = ki.at(key, LATEST).map_or(0, |v| v.lease);
                 if !ki.is_live() {
                     self.live += 1;
                 }
                 ki.put(rev, value, lease);
+                let now = ki
+                    .at(key, rev)
+                    .expect("a key is visible at the revision it was just put at");
+                (old_lease, (now.create_revision, now.version))
             }
             None => {
                 self.index
                     .insert(key.clone(), KeyIndex::created(rev, value, lease));
                 self.live += 1;
+                (0, (rev, 1))
             }
-        }
+        };
+        self.lease_keys.moved(key, old_lease, lease);
+        now
     }
 
     /// Tombstones `key` at `rev`; false if it was not live.
