@@ -16,15 +16,20 @@ use spindle::server::ServerConfig;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc's purge delay (`mi_option_purge_delay` in v2's `mimalloc.h`; the crate has no
-/// constant for it) and its default, in milliseconds.
+/// constant for it), in milliseconds.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-const MI_DEFAULT_PURGE_DELAY_MS: std::ffi::c_long = 10;
 
 /// How soon freed memory goes back to the OS. A delayed purge only runs when the freeing thread
-/// allocates again, so what recovery frees stayed resident on an idle restarted server (250 MiB
-/// against 185 MiB with 1M keys): recovery runs with no delay. Serving keeps the default, since
+/// allocates again, so what local recovery frees stayed resident on an idle restarted server
+/// (250 MiB against 185 MiB with 1M keys): opening the store runs with no delay. Serving goes
+/// back to the delay in force before (mimalloc's default, or `MIMALLOC_PURGE_DELAY`), since
 /// purging at once made every reused buffer fault its pages back in (watch fan-out spent 20%
 /// more CPU).
+fn purge_delay() -> std::ffi::c_long {
+    // SAFETY: reads one of mimalloc's process-wide options.
+    unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }
+}
+
 fn set_purge_delay(ms: std::ffi::c_long) {
     // SAFETY: sets one of mimalloc's process-wide options; any value is valid for this option.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, ms) };
@@ -742,9 +747,10 @@ fn serve(args: ServeArgs) -> Result<(), spindle::Error> {
     let opts_is_cluster = opts.cluster.is_some();
     let signals = block_shutdown_signals();
     let started = std::time::Instant::now();
+    let serving_purge_delay = purge_delay();
     set_purge_delay(0);
     let server = spindle::server::start(&args.data_dir, opts, cfg.clone())?;
-    set_purge_delay(MI_DEFAULT_PURGE_DELAY_MS);
+    set_purge_delay(serving_purge_delay);
     let db = server.db.clone();
     let status = db.status()?;
     if opts_is_cluster {

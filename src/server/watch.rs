@@ -124,6 +124,9 @@ thread_local! {
 fn encoded_events(events: &Arc<[WatchEvent]>) -> Bytes {
     ENCODED.with(|cached| {
         let mut cached = cached.borrow_mut();
+        // A batch nobody holds any more is never asked for again: its bytes go at once rather
+        // than staying until newer batches push them out.
+        cached.retain(|(batch, _)| batch.strong_count() > 0);
         let batch = Arc::as_ptr(events);
         if let Some((_, bytes)) = cached.iter().find(|(w, _)| std::ptr::eq(w.as_ptr(), batch)) {
             return bytes.clone();
@@ -583,5 +586,28 @@ mod tests {
         let again = encoded_events(&one);
         assert_eq!(again, first);
         assert_ne!(again.as_ptr(), first.as_ptr());
+    }
+
+    #[test]
+    fn a_batch_nobody_holds_leaves_the_cache() {
+        let cached = || ENCODED.with(|c| c.borrow().len());
+        let kept: Arc<[WatchEvent]> = vec![WatchEvent {
+            kind: EventKind::Delete,
+            kv: kv("kept", 3, ""),
+            prev_kv: None,
+        }]
+        .into();
+        let gone: Arc<[WatchEvent]> = vec![WatchEvent {
+            kind: EventKind::Put,
+            kv: kv("gone", 4, "big value"),
+            prev_kv: None,
+        }]
+        .into();
+        encoded_events(&kept);
+        encoded_events(&gone);
+        let before = cached();
+        drop(gone);
+        encoded_events(&kept);
+        assert_eq!(cached(), before - 1);
     }
 }
