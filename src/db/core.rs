@@ -145,7 +145,7 @@ pub(super) async fn run_core(
     recovered: Vec<RecoveredShard>,
     wal_opts: WalOptions,
     checkpoint_every: u64,
-    ready: Reply<()>,
+    (ready, after_recovery): (Reply<()>, Option<fn()>),
     hook: Option<CoreHook>,
 ) {
     let mut shards = BTreeMap::new();
@@ -215,6 +215,9 @@ pub(super) async fn run_core(
             s.wal.close().await;
         }
         return;
+    }
+    if let Some(f) = after_recovery {
+        f();
     }
     let _ = ready.send(Ok(()));
     if id == 0 {

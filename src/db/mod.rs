@@ -67,6 +67,11 @@ pub struct Options {
     pub max_txn_ops: usize,
     /// Run as a member of a cluster (etcd's cluster flags); `None` is a single node.
     pub cluster: Option<ClusterOptions>,
+    /// Runs on each core's thread once its shards are recovered, before `Db::open` returns. The
+    /// `spindle` binary has its allocator return what recovery freed here: mimalloc keeps a
+    /// thread's freed memory until that thread allocates again, which an idle server's cores
+    /// may not do for a long time.
+    pub after_recovery: Option<fn()>,
     /// Benchmark baseline only: log records straight to the WAL without the shards' Raft
     /// groups (same log format, no consensus), to measure what Raft costs. Never for data.
     #[doc(hidden)]
@@ -87,6 +92,7 @@ impl Default for Options {
             checkpoint_every: 100_000,
             max_txn_ops: plan::DEFAULT_MAX_TXN_OPS,
             cluster: None,
+            after_recovery: None,
             bypass_raft: false,
         }
     }
@@ -234,10 +240,12 @@ impl Db {
                 segment_size: opts.wal_segment_size,
             };
             let every = opts.checkpoint_every;
+            let after_recovery = opts.after_recovery;
             let hook = hook.clone();
             let handle = crate::runtime::builder(placement, &format!("spindle-core-{core}"))
                 .spawn(move || async move {
-                    run_core(core, shared, rx, mine, wal_opts, every, ready_tx, hook).await
+                    let ready = (ready_tx, after_recovery);
+                    run_core(core, shared, rx, mine, wal_opts, every, ready, hook).await
                 })
                 .map_err(|e| Error::Executor(e.to_string()))?;
             threads.push(handle);
