@@ -485,3 +485,37 @@ fn corrupt_checkpoint_refuses_to_open_naming_the_file() {
     }
     assert!(err.to_string().contains("checkpoint-"), "{err}");
 }
+
+/// Threads that ran `after_recovery`, and what each saw: the hook must run on every core's own
+/// thread, after its shards were recovered (their data readable), before `open` returns.
+static RECOVERED_ON: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn note_recovery() {
+    let name = std::thread::current().name().unwrap_or("?").to_string();
+    RECOVERED_ON.lock().unwrap().push(name);
+}
+
+#[test]
+fn after_recovery_runs_once_on_every_core_thread_before_open_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), opts(2, 4)).unwrap();
+    for i in 0..20 {
+        put(&db, &format!("k{i}"), "v");
+    }
+    db.close();
+    RECOVERED_ON.lock().unwrap().clear();
+    let mut o = opts(2, 4);
+    o.after_recovery = Some(note_recovery);
+    let db = Db::open(dir.path(), o).unwrap();
+    let mut ran = RECOVERED_ON.lock().unwrap().clone();
+    ran.sort();
+    assert_eq!(ran.len(), 2, "once per core: {ran:?}");
+    ran.dedup();
+    assert_eq!(ran.len(), 2, "each on its own thread: {ran:?}");
+    assert!(
+        ran.iter().all(|t| t.starts_with("spindle-core-")),
+        "{ran:?}"
+    );
+    assert_eq!(get(&db, "k7").unwrap().value, Bytes::from_static(b"v"));
+    db.close();
+}
