@@ -2,13 +2,12 @@
 //! the load generator runs thread-per-core too and talks to spindle and etcd alike.
 
 use bytes::Bytes;
-use http::{Request, Uri};
 use http_body::Frame;
 use http_body_util::{BodyExt, Either, Full, StreamBody};
 use hyper::client::conn::http2::SendRequest;
 
 use crate::server::grpc::{
-    decode_messages, dial_h2, encode_message, status_of, Code, FrameStream, ReqBody,
+    call_request, decode_messages, dial_h2, encode_message, status_of, Code, FrameStream, ReqBody,
     ResponseFuture, ResponseReader, Status,
 };
 
@@ -93,12 +92,7 @@ impl Client {
         Req: prost::Message,
         Resp: prost::Message + Default,
     {
-        let uri: Uri = format!("http://{}{}", self.authority, path)
-            .parse()
-            .map_err(|e| Status::new(Code::Internal, format!("bad URI: {e}")))?;
-        let mut builder = Request::post(uri)
-            .header("content-type", "application/grpc")
-            .header("te", "trailers");
+        let mut builder = call_request(&self.authority, path)?;
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
@@ -144,15 +138,10 @@ impl Client {
     where
         Resp: prost::Message + Default,
     {
-        let uri: Uri = format!("http://{}{}", self.authority, path)
-            .parse()
-            .map_err(|e| Status::new(Code::Internal, format!("bad URI: {e}")))?;
+        let mut builder = call_request(&self.authority, path)?;
         let (tx, rx) = flume::unbounded::<Bytes>();
         let frames: FrameStream =
             futures_lite::StreamExt::map(rx.into_stream(), |b| Ok(Frame::data(b)));
-        let mut builder = Request::post(uri)
-            .header("content-type", "application/grpc")
-            .header("te", "trailers");
         if let Some(t) = &self.token {
             builder = builder.header("token", t.clone());
         }

@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use glommio::net::TcpStream;
-use http::{Request, Uri};
+use http::Request;
 use http_body::Frame;
 use http_body_util::{BodyExt, Either, Full, StreamBody};
 use hyper::client::conn::http2::SendRequest;
 
 use crate::server::grpc::{
-    dial_h2, status_of, Code, FrameStream, ReqBody, ResponseFuture, ResponseReader, Status,
+    call_request, dial_h2, status_of, Code, FrameStream, ReqBody, ResponseFuture, ResponseReader,
+    Status,
 };
 pub use crate::server::grpc::{frame, next_message};
 
@@ -153,12 +154,7 @@ impl Upstream {
         body: ReqBody,
         headers: &Headers,
     ) -> Result<Request<ReqBody>, Status> {
-        let uri: Uri = format!("http://{}{}", self.endpoints[i].addr, path)
-            .parse()
-            .map_err(|e| Status::new(Code::Internal, format!("bad URI: {e}")))?;
-        let mut builder = Request::post(uri)
-            .header("content-type", "application/grpc")
-            .header("te", "trailers");
+        let mut builder = call_request(&self.endpoints[i].addr, path)?;
         for (k, v) in headers {
             builder = builder.header(k, v);
         }

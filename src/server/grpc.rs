@@ -429,6 +429,18 @@ pub type FrameStream = futures_lite::stream::Map<
     fn(Bytes) -> Result<Frame<Bytes>, Infallible>,
 >;
 
+/// The start of a gRPC call to `authority` (`host:port`): a POST of `path` with gRPC's
+/// content type and `te: trailers`; the caller adds its own headers and the body. Shared by the
+/// load generator's client and the gRPC proxy's upstream calls.
+pub fn call_request(authority: &str, path: &str) -> Result<http::request::Builder, Status> {
+    let uri: http::Uri = format!("http://{authority}{path}")
+        .parse()
+        .map_err(|e| Status::new(Code::Internal, format!("bad URI: {e}")))?;
+    Ok(http::Request::post(uri)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers"))
+}
+
 /// The client side of an HTTP/2 connection over `stream` to `authority` (`host:port`), through
 /// TLS when `tls` is given; its connection task runs on this executor. Shared by the load
 /// generator's client and the gRPC proxy's upstream connections.
