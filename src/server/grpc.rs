@@ -153,11 +153,18 @@ pub fn decode_messages(mut body: Bytes) -> Result<Vec<Bytes>, Status> {
 }
 
 pub fn encode_message(msg: &impl prost::Message) -> Bytes {
-    let len = msg.encoded_len();
+    encode_message_then(msg, &[])
+}
+
+/// One gRPC-framed message whose encoding is `msg`'s followed by `rest`, fields already encoded
+/// (protobuf concatenates: the watch service appends events encoded once for many watchers).
+pub fn encode_message_then(msg: &impl prost::Message, rest: &[u8]) -> Bytes {
+    let len = msg.encoded_len() + rest.len();
     let mut buf = BytesMut::with_capacity(5 + len);
     buf.put_u8(0);
     buf.put_u32(len as u32);
     msg.encode(&mut buf).expect("BytesMut grows as needed");
+    buf.extend_from_slice(rest);
     buf.freeze()
 }
 

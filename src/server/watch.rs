@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -94,15 +94,7 @@ impl Response {
     fn framed(&self) -> Bytes {
         match self {
             Response::Message(m) => grpc::encode_message(m),
-            Response::Events { head, events } => {
-                let len = prost::Message::encoded_len(head) + events.len();
-                let mut buf = BytesMut::with_capacity(5 + len);
-                buf.put_u8(0);
-                buf.put_u32(len as u32);
-                prost::Message::encode(head, &mut buf).expect("BytesMut grows as needed");
-                buf.extend_from_slice(events);
-                buf.freeze()
-            }
+            Response::Events { head, events } => grpc::encode_message_then(head, events),
         }
     }
 }
