@@ -145,7 +145,8 @@ pub(super) async fn run_core(
     recovered: Vec<RecoveredShard>,
     wal_opts: WalOptions,
     checkpoint_every: u64,
-    (ready, after_recovery): (Reply<()>, Option<fn()>),
+    ready: Reply<()>,
+    after_recovery: Option<fn()>,
     hook: Option<CoreHook>,
 ) {
     let mut shards = BTreeMap::new();

@@ -244,8 +244,18 @@ impl Db {
             let hook = hook.clone();
             let handle = crate::runtime::builder(placement, &format!("spindle-core-{core}"))
                 .spawn(move || async move {
-                    let ready = (ready_tx, after_recovery);
-                    run_core(core, shared, rx, mine, wal_opts, every, ready, hook).await
+                    run_core(
+                        core,
+                        shared,
+                        rx,
+                        mine,
+                        wal_opts,
+                        every,
+                        ready_tx,
+                        after_recovery,
+                        hook,
+                    )
+                    .await
                 })
                 .map_err(|e| Error::Executor(e.to_string()))?;
             threads.push(handle);
