@@ -104,6 +104,7 @@ fn bench_put_n(ops: usize, writers: usize) {
 /// `keys`-key shard, as the write path executes them. Measures what the index costs per put
 /// (descents of the B+tree whose keys live on the heap, so each probe may miss the cache).
 fn bench_store_put(ops: usize, keys: usize) {
+    use rand::{Rng, SeedableRng};
     use spindle::mvcc::{ShardStore, TxnPath};
     let mut store = ShardStore::new();
     let v = value(256);
@@ -122,16 +123,9 @@ fn bench_store_put(ops: usize, keys: usize) {
         rev += 1;
         store.execute(&put(k), &path, rev, &all);
     }
-    // A fixed-seed LCG: the same "random" keys every run.
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let txns: Vec<TxnRequest> = (0..ops)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            put((x >> 33) as usize % keys)
-        })
-        .collect();
+    // A fixed seed: the same "random" keys every run.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let txns: Vec<TxnRequest> = (0..ops).map(|_| put(rng.gen_range(0..keys))).collect();
     let mut h = new_hist();
     let start = Instant::now();
     for t in &txns {
