@@ -16,71 +16,27 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-
 use common::etcdctl::{self, Ctl};
+use common::pki::{Pki, Usage};
 use common::process::{free_ports, Kill};
 use common::server::{spawn_logged, Kind, Ports, Server};
 
 const TOKEN: &str = "peer-tls-test";
 
-/// A CA and the member certificates it signed, as PEM files.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).to_str().unwrap().to_string()
-    }
-}
-
-fn ca(cn: &str) -> (String, Issuer<'static, KeyPair>) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = p.self_signed(&key).unwrap();
-    (cert.pem(), Issuer::new(p, key))
-}
-
-/// `NAME.pem` / `NAME-key.pem`: a member certificate for 127.0.0.1, for server and client use
-/// (a member both accepts and dials).
-fn member_cert(dir: &Path, name: &str, issuer: &Issuer<'static, KeyPair>) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = p.signed_by(&key, issuer).unwrap();
-    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
-}
-
 /// `ca.pem`, member certificates `m0`..`m3` it signed, and `stranger`, signed by another CA.
 fn make_pki() -> Pki {
-    let dir = tempfile::tempdir().unwrap();
-    let (ca_pem, issuer) = ca("spindle peer CA");
-    std::fs::write(dir.path().join("ca.pem"), ca_pem).unwrap();
+    let pki = Pki::new();
+    let issuer = pki.ca("spindle peer CA", Some("ca.pem"));
+    // Member certificates for 127.0.0.1, for server and client use (a member accepts and dials).
+    let member = |name: &str, issuer| {
+        let usages = [Usage::ServerAuth, Usage::ClientAuth];
+        pki.leaf(name, name, &["127.0.0.1"], &usages, issuer);
+    };
     for i in 0..4 {
-        member_cert(dir.path(), &format!("m{i}"), &issuer);
+        member(&format!("m{i}"), &issuer);
     }
-    let (_, other) = ca("another CA");
-    member_cert(dir.path(), "stranger", &other);
-    Pki { dir }
+    member("stranger", &pki.ca("another CA", None));
+    pki
 }
 
 fn https_peer(p: &Ports) -> String {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::etcdctl::{self, error_lines, Ctl};
 use common::http::http;
+use common::pki::{Pki, Usage};
 use common::process::{free_ports, spawn_piped, Kill};
 use common::server::{Kind, Server, SPINDLE};
 
@@ -420,41 +421,18 @@ fn gateway_splices_to_a_live_endpoint() {
 
 /// A CA (`ca.pem`) and a certificate for 127.0.0.1 good for server and client use
 /// (`node.pem`, `node-key.pem`) in a fresh temp dir.
-fn pki() -> tempfile::TempDir {
-    use rcgen::{
-        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-        KeyUsagePurpose,
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    std::fs::write(
-        dir.path().join("ca.pem"),
-        ca.self_signed(&ca_key).unwrap().pem(),
-    )
-    .unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = p.signed_by(&key, &issuer).unwrap();
-    std::fs::write(dir.path().join("node.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.path().join("node-key.pem"), key.serialize_pem()).unwrap();
-    dir
+fn pki() -> Pki {
+    let pki = Pki::new();
+    let issuer = pki.ca("spindle proxy test CA", Some("ca.pem"));
+    let usages = [Usage::ServerAuth, Usage::ClientAuth];
+    pki.leaf("node", "node", &["127.0.0.1"], &usages, &issuer);
+    pki
 }
 
 #[test]
 fn proxy_talks_tls_to_the_cluster() {
     let pki = pki();
-    let path = |n: &str| pki.path().join(n).to_str().unwrap().to_string();
+    let path = |n: &str| pki.path(n);
     let port = free_ports(1)[0];
     let data = tempfile::tempdir().unwrap();
     let url = format!("https://127.0.0.1:{port}");

@@ -11,121 +11,36 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
-};
-
 mod common;
 use common::etcdctl::{self, Ctl};
+use common::pki::{Pki, Usage};
 use common::process::{free_ports, Kill};
 use common::server::{spawn_logged, Kind, SPINDLE};
-
-/// The PEM files of one test's certificates.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).to_str().unwrap().to_string()
-    }
-
-    /// `NAME.pem` and `NAME-key.pem`.
-    fn cert(&self, name: &str) -> (String, String) {
-        (
-            self.path(&format!("{name}.pem")),
-            self.path(&format!("{name}-key.pem")),
-        )
-    }
-}
-
-fn ca(cn: &str) -> (rcgen::Certificate, Issuer<'static, KeyPair>) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = p.self_signed(&key).unwrap();
-    (cert, Issuer::new(p, key))
-}
-
-fn leaf(
-    dir: &Path,
-    name: &str,
-    cn: &str,
-    sans: &[&str],
-    usages: &[ExtendedKeyUsagePurpose],
-    issuer: &Issuer<'static, KeyPair>,
-) {
-    let key = KeyPair::generate().unwrap();
-    let mut p =
-        CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    // rcgen names a certificate "rcgen self signed cert" unless told otherwise.
-    p.distinguished_name = DistinguishedName::new();
-    if cn.is_empty() {
-        p.distinguished_name
-            .push(DnType::OrganizationName, "no common name");
-    } else {
-        p.distinguished_name.push(DnType::CommonName, cn);
-    }
-    p.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    p.extended_key_usages = usages.to_vec();
-    let cert = p.signed_by(&key, issuer).unwrap();
-    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
-}
 
 /// A CA (`ca.pem`), a server certificate for 127.0.0.1/localhost (`server`), client
 /// certificates with CN `root` (`root`) and `alice` (`alice`) and one without a CN (`nocn`), and a client certificate with CN
 /// `root` from a CA the server does not trust (`stranger`).
 fn make_pki() -> Pki {
-    let dir = tempfile::tempdir().unwrap();
-    let (ca_cert, issuer) = ca("spindle test CA");
-    std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
-    leaf(
-        dir.path(),
+    let pki = Pki::new();
+    let issuer = pki.ca("spindle test CA", Some("ca.pem"));
+    pki.leaf(
         "server",
         "spindle server",
         &["127.0.0.1", "localhost"],
         // Client use too: etcd's JSON gateway dials its own gRPC port with this certificate.
-        &[
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ],
+        &[Usage::ServerAuth, Usage::ClientAuth],
         &issuer,
     );
     for (name, cn) in [("root", "root"), ("alice", "alice"), ("nocn", "")] {
-        leaf(
-            dir.path(),
-            name,
-            cn,
-            &[],
-            &[ExtendedKeyUsagePurpose::ClientAuth],
-            &issuer,
-        );
+        pki.leaf(name, cn, &[], &[Usage::ClientAuth], &issuer);
     }
-    let (_, other) = ca("another CA");
-    leaf(
-        dir.path(),
-        "stranger",
-        "root",
-        &[],
-        &[ExtendedKeyUsagePurpose::ClientAuth],
-        &other,
-    );
-    Pki { dir }
+    let other = pki.ca("another CA", None);
+    pki.leaf("stranger", "root", &[], &[Usage::ClientAuth], &other);
+    pki
 }
 
 /// A server this test started with its own client URLs, killed when dropped (its log shown if

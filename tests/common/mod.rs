@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod etcdctl;
 pub mod history;
 pub mod http;
+pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod server;
