@@ -44,7 +44,6 @@ const KEY_ARENA: usize = 64 << 10;
 
 /// A logged write not yet served from the log segment: its WAL index and revision, its record,
 /// and the record's ops as decoded when it was proposed (slices of `record`).
-#[derive(Clone)]
 struct Unsettled {
     index: u64,
     rev: i64,
@@ -588,13 +587,8 @@ impl Shard {
     /// to its own mapping as every other value.
     fn settle_logged(&self) {
         loop {
-            let Some(Unsettled {
-                index,
-                rev,
-                record,
-                logged,
-            }) = self.unsettled.borrow().front().cloned()
-            else {
+            // Peek at the index only: most calls find the front write's window still open.
+            let Some(index) = self.unsettled.borrow().front().map(|u| u.index) else {
                 return;
             };
             let mapped = match self.wal.settled_payload(index) {
@@ -602,7 +596,15 @@ impl Shard {
                 crate::wal::Settled::Never => None,
                 crate::wal::Settled::At(m) => Some(m),
             };
-            self.unsettled.borrow_mut().pop_front();
+            let Some(Unsettled {
+                rev,
+                record,
+                logged,
+                ..
+            }) = self.unsettled.borrow_mut().pop_front()
+            else {
+                return;
+            };
             let Some(mapped) = mapped.filter(|m| m.len() == record.len()) else {
                 continue;
             };

@@ -307,9 +307,13 @@ pub(crate) fn drop_resident(map: &memmap2::Mmap) {
 
 /// The page size: what a mapping is made of.
 pub(crate) fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(n).unwrap_or(4096).max(4096)
+    // Asked on every settled write; sysconf is a libc call each time.
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        u64::try_from(n).unwrap_or(4096).max(4096)
+    })
 }
 
 pub(crate) struct SegmentMap(pub(crate) Arc<memmap2::Mmap>);
