@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
@@ -93,7 +93,23 @@ pub struct Conn {
     /// socket.
     replay: Vec<u8>,
     filter: Option<Box<dyn ReadFilter>>,
+    /// Written but not yet sent: held until the next flush. HTTP/2 writes a large DATA frame
+    /// as its buffered frames and then the payload, two socket sends per frame (one per
+    /// watch response, say) and each a loopback packet the peer must take; gathered here
+    /// they go out in one.
+    pending: Vec<u8>,
+    /// How much of `pending` the socket already took.
+    sent: usize,
 }
+
+/// Writes that would take `pending` past this are sent first; a write this large goes straight
+/// to the socket. Twice HTTP/2's own write buffer (16 KiB) plus a default-sized frame fits.
+const COALESCE: usize = 64 << 10;
+/// What `pending` starts with, so a flush of HTTP/2's whole write buffer does not reallocate.
+const PENDING_START: usize = 16 << 10;
+/// A `pending` buffer that grew past this (HTTP/2's buffer plus one full frame) is freed once
+/// sent rather than kept per connection.
+const KEEP_PENDING: usize = 32 << 10;
 
 /// Rewrites what a client sent before the protocol layer reads it; dropped once `done`.
 pub trait ReadFilter {
@@ -125,7 +141,27 @@ impl Conn {
             buf: vec![0u8; 16 << 10].into_boxed_slice(),
             replay: Vec::new(),
             filter: None,
+            pending: Vec::new(),
+            sent: 0,
         }
+    }
+
+    /// Sends everything in `pending`.
+    fn poll_send_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.pending.len() {
+            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &self.pending[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.sent = 0;
+        if self.pending.capacity() > KEEP_PENDING {
+            self.pending = Vec::new();
+        } else {
+            self.pending.clear();
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Passes every byte still to be read (including those sniffed) through `filter`.
@@ -201,21 +237,38 @@ impl hyper::rt::Read for Conn {
     }
 }
 
+/// Writes are gathered in `pending` and sent at the next flush (hyper and h2 flush after every
+/// batch of frames they write), so nothing waits past the flush that the protocol asks for.
 impl hyper::rt::Write for Conn {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.pending.len() + buf.len() > COALESCE {
+            ready!(this.poll_send_pending(cx))?;
+            if buf.len() >= COALESCE {
+                return Pin::new(&mut this.stream).poll_write(cx, buf);
+            }
+        }
+        if this.pending.capacity() == 0 {
+            this.pending.reserve(PENDING_START.max(buf.len()));
+        }
+        this.pending.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.poll_send_pending(cx))?;
+        Pin::new(&mut this.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_close(cx)
+        let this = self.get_mut();
+        ready!(this.poll_send_pending(cx))?;
+        Pin::new(&mut this.stream).poll_close(cx)
     }
 }
 
@@ -229,5 +282,66 @@ where
 {
     fn execute(&self, fut: F) {
         glommio::spawn_local(fut).detach();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    async fn write(conn: &mut Conn, buf: &[u8]) -> io::Result<usize> {
+        std::future::poll_fn(|cx| hyper::rt::Write::poll_write(Pin::new(&mut *conn), cx, buf)).await
+    }
+
+    async fn flush(conn: &mut Conn) -> io::Result<()> {
+        std::future::poll_fn(|cx| hyper::rt::Write::poll_flush(Pin::new(&mut *conn), cx)).await
+    }
+
+    #[test]
+    fn writes_wait_for_the_flush_and_keep_their_order() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let big: Vec<u8> = (0..COALESCE + 100).map(|i| (i % 251) as u8).collect();
+        let expected = [b"hello world".as_slice(), b"a", &big].concat();
+        let received = crate::runtime::builder(glommio::Placement::Unbound, "io-test")
+            .spawn(move || async move {
+                let stream = TcpStream::connect(addr).await.expect("connect");
+                let (mut peer, _) = listener.accept().expect("accept");
+                let mut conn = Conn::new(stream);
+                assert_eq!(write(&mut conn, b"hello ").await.expect("write"), 6);
+                assert_eq!(write(&mut conn, b"world").await.expect("write"), 5);
+                // Nothing reaches the socket before the flush.
+                peer.set_nonblocking(true).expect("nonblocking");
+                let mut probe = [0u8; 16];
+                let early = peer.read(&mut probe).map_err(|e| e.kind());
+                assert_eq!(early, Err(io::ErrorKind::WouldBlock));
+                peer.set_nonblocking(false).expect("blocking");
+                let reader = std::thread::spawn(move || {
+                    let mut all = Vec::new();
+                    peer.read_to_end(&mut all).expect("read");
+                    all
+                });
+                flush(&mut conn).await.expect("flush");
+                // A write too large to gather sends what is held first, then goes straight out.
+                write(&mut conn, b"a").await.expect("write");
+                let mut at = 0;
+                while at < big.len() {
+                    at += write(&mut conn, &big[at..]).await.expect("write");
+                }
+                flush(&mut conn).await.expect("flush");
+                std::future::poll_fn(|cx| hyper::rt::Write::poll_shutdown(Pin::new(&mut conn), cx))
+                    .await
+                    .expect("shutdown");
+                drop(conn);
+                reader.join().expect("reader")
+            })
+            .expect("executor")
+            .join()
+            .expect("join");
+        assert!(
+            received == expected,
+            "bytes arrived out of order or missing"
+        );
     }
 }
