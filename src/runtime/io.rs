@@ -2,10 +2,12 @@
 //! session over one), and an executor that spawns hyper's connection tasks on the current glommio
 //! executor (they need not be `Send`).
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::rc::{Rc, Weak};
+use std::task::{ready, Context, Poll, Waker};
 
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
@@ -87,19 +89,113 @@ pub async fn accept(listener: &glommio::net::TcpListener) -> TcpStream {
 /// A connection in hyper's terms. Reads go through a small owned buffer, so no uninitialized
 /// memory is ever handed to the socket.
 pub struct Conn {
-    stream: Stream,
+    /// Shared with the connection's sender task (plain sockets only, see [`Outbox`]).
+    stream: Rc<RefCell<Stream>>,
     buf: Box<[u8]>,
     /// Bytes read while sniffing the protocol (or produced by the filter), served before the
     /// socket.
     replay: Vec<u8>,
     filter: Option<Box<dyn ReadFilter>>,
-    /// Written but not yet sent: held until the next flush. HTTP/2 writes a large DATA frame
-    /// as its buffered frames and then the payload, two socket sends per frame (one per
-    /// watch response, say) and each a loopback packet the peer must take; gathered here
-    /// they go out in one.
+    out: Rc<RefCell<Outbox>>,
+    /// Whether a flush hands the send to the sender task (plain sockets) or sends before it
+    /// returns (TLS sessions, whose reads may write too and so must stay on one task).
+    deferred: bool,
+}
+
+/// What was written and not yet sent.
+///
+/// HTTP/2 writes a large DATA frame (a watch response, say) as its buffered frames and then
+/// the payload, and flushes after each such frame: sent as written, that is two socket sends
+/// per frame, each a loopback packet the peer has to take. Writes are gathered here instead.
+/// On a plain socket a flush only asks the connection's sender task to send; it runs once the
+/// connection's task yields, so all the frames one turn of HTTP/2 produced (every watcher's
+/// response to one batch of events) leave in one send, never later than the executor's next
+/// task. A TLS session sends at the flush itself.
+#[derive(Default)]
+struct Outbox {
     pending: Vec<u8>,
     /// How much of `pending` the socket already took.
     sent: usize,
+    /// A flush asked for what is held to be sent.
+    requested: bool,
+    /// Why sending stopped; every later write and flush reports it.
+    failed: Option<(io::ErrorKind, String)>,
+    /// The connection's task, waiting for room or for everything to be sent.
+    writer: Option<Waker>,
+    /// The sender task's waker, once it runs.
+    sender: Option<Waker>,
+}
+
+impl Outbox {
+    fn held(&self) -> usize {
+        self.pending.len() - self.sent
+    }
+
+    fn check(&self) -> io::Result<()> {
+        match &self.failed {
+            Some((kind, msg)) => Err(io::Error::new(*kind, msg.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn append(&mut self, buf: &[u8]) {
+        if self.pending.capacity() == 0 {
+            self.pending.reserve(PENDING_START.max(buf.len()));
+        }
+        self.pending.extend_from_slice(buf);
+    }
+
+    /// Sends what is held; a failure is kept for later calls and what is held dropped.
+    fn poll_send(&mut self, stream: &mut Stream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check()?;
+        while self.sent < self.pending.len() {
+            let failure = match Pin::new(&mut *stream).poll_write(cx, &self.pending[self.sent..]) {
+                Poll::Ready(Ok(0)) => io::Error::from(io::ErrorKind::WriteZero),
+                Poll::Ready(Ok(n)) => {
+                    self.sent += n;
+                    continue;
+                }
+                Poll::Ready(Err(e)) => e,
+                Poll::Pending => return Poll::Pending,
+            };
+            self.failed = Some((failure.kind(), failure.to_string()));
+            self.sent = self.pending.len();
+            break;
+        }
+        self.sent = 0;
+        if self.pending.capacity() > KEEP_PENDING {
+            self.pending = Vec::new();
+        } else {
+            self.pending.clear();
+        }
+        self.check().into()
+    }
+}
+
+/// The sender task of a plain connection: sends whenever a flush asks, and wakes the
+/// connection's task when it is waiting for room or for the send. It ends once the connection
+/// is dropped (the socket goes with it, so a peer that stopped reading holds nothing here).
+async fn send_when_asked(stream: Weak<RefCell<Stream>>, out: Rc<RefCell<Outbox>>) {
+    std::future::poll_fn(|cx| {
+        let Some(stream) = stream.upgrade() else {
+            return Poll::Ready(());
+        };
+        let mut o = out.borrow_mut();
+        // Woken by the connection (a flush, or the drop) or by the socket: either way this
+        // waker is the one to use next.
+        o.sender = Some(cx.waker().clone());
+        if o.requested {
+            if o.poll_send(&mut stream.borrow_mut(), cx).is_pending() {
+                return Poll::Pending;
+            }
+            o.requested = false;
+            if let Some(w) = o.writer.take() {
+                w.wake();
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Writes that would take `pending` past this are sent first; a write this large goes straight
@@ -136,32 +232,29 @@ impl Conn {
     }
 
     fn over(stream: Stream) -> Conn {
-        Conn {
-            stream,
+        let deferred = matches!(stream, Stream::Plain(_));
+        let conn = Conn {
+            deferred,
+            stream: Rc::new(RefCell::new(stream)),
             buf: vec![0u8; 16 << 10].into_boxed_slice(),
             replay: Vec::new(),
             filter: None,
-            pending: Vec::new(),
-            sent: 0,
+            out: Rc::default(),
+        };
+        if deferred {
+            // Started here, where nothing is borrowed: glommio may run a new task at once.
+            let task = send_when_asked(Rc::downgrade(&conn.stream), conn.out.clone());
+            glommio::spawn_local(task).detach();
         }
+        conn
     }
 
-    /// Sends everything in `pending`.
-    fn poll_send_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.sent < self.pending.len() {
-            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &self.pending[self.sent..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.sent += n;
+    /// Asks the sender task to send what is held.
+    fn ask_sender(out: &mut Outbox) {
+        out.requested = true;
+        if let Some(w) = out.sender.take() {
+            w.wake();
         }
-        self.sent = 0;
-        if self.pending.capacity() > KEEP_PENDING {
-            self.pending = Vec::new();
-        } else {
-            self.pending.clear();
-        }
-        Poll::Ready(Ok(()))
     }
 
     /// Passes every byte still to be read (including those sniffed) through `filter`.
@@ -177,14 +270,13 @@ impl Conn {
     /// Reads the first bytes of the connection and tells whether it speaks HTTP/2 with prior
     /// knowledge (gRPC clients) or HTTP/1.1 (curl, the JSON gateway, /health).
     pub async fn peek_h2_preface(&mut self) -> bool {
-        use futures_lite::AsyncReadExt;
         let mut chunk = [0u8; H2_PREFACE.len()];
         while self.replay.len() < H2_PREFACE.len() {
-            match self
-                .stream
-                .read(&mut chunk[..H2_PREFACE.len() - self.replay.len()])
-                .await
-            {
+            let want = H2_PREFACE.len() - self.replay.len();
+            let read = std::future::poll_fn(|cx| {
+                Pin::new(&mut *self.stream.borrow_mut()).poll_read(cx, &mut chunk[..want])
+            });
+            match read.await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => self.replay.extend_from_slice(&chunk[..n]),
             }
@@ -211,7 +303,9 @@ impl hyper::rt::Read for Conn {
         }
         loop {
             let want = out.remaining().min(this.buf.len());
-            match Pin::new(&mut this.stream).poll_read(cx, &mut this.buf[..want]) {
+            let read =
+                Pin::new(&mut *this.stream.borrow_mut()).poll_read(cx, &mut this.buf[..want]);
+            match read {
                 Poll::Ready(Ok(n)) => {
                     let Some(f) = this.filter.as_mut().filter(|_| n > 0) else {
                         out.put_slice(&this.buf[..n]);
@@ -237,8 +331,8 @@ impl hyper::rt::Read for Conn {
     }
 }
 
-/// Writes are gathered in `pending` and sent at the next flush (hyper and h2 flush after every
-/// batch of frames they write), so nothing waits past the flush that the protocol asks for.
+/// Writes are gathered in the [`Outbox`]; nothing waits past the flush the protocol asks for
+/// by more than the executor's next task.
 impl hyper::rt::Write for Conn {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -246,29 +340,66 @@ impl hyper::rt::Write for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.pending.len() + buf.len() > COALESCE {
-            ready!(this.poll_send_pending(cx))?;
-            if buf.len() >= COALESCE {
-                return Pin::new(&mut this.stream).poll_write(cx, buf);
+        let mut out = this.out.borrow_mut();
+        out.check()?;
+        if out.held() > 0 && out.held() + buf.len() > COALESCE {
+            if this.deferred {
+                out.writer = Some(cx.waker().clone());
+                Conn::ask_sender(&mut out);
+                return Poll::Pending;
             }
+            ready!(out.poll_send(&mut this.stream.borrow_mut(), cx))?;
         }
-        if this.pending.capacity() == 0 {
-            this.pending.reserve(PENDING_START.max(buf.len()));
+        if buf.len() >= COALESCE {
+            // Nothing is held (a deferred send finished before `held` reached 0).
+            return Pin::new(&mut *this.stream.borrow_mut()).poll_write(cx, buf);
         }
-        this.pending.extend_from_slice(buf);
+        out.append(buf);
         Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_send_pending(cx))?;
-        Pin::new(&mut this.stream).poll_flush(cx)
+        let mut out = this.out.borrow_mut();
+        if this.deferred {
+            out.check()?;
+            if out.held() > 0 {
+                Conn::ask_sender(&mut out);
+            }
+            // A plain socket buffers nothing of its own.
+            return Poll::Ready(Ok(()));
+        }
+        ready!(out.poll_send(&mut this.stream.borrow_mut(), cx))?;
+        Pin::new(&mut *this.stream.borrow_mut()).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_send_pending(cx))?;
-        Pin::new(&mut this.stream).poll_close(cx)
+        let mut out = this.out.borrow_mut();
+        if this.deferred && out.held() > 0 {
+            out.writer = Some(cx.waker().clone());
+            Conn::ask_sender(&mut out);
+            return Poll::Pending;
+        }
+        ready!(out.poll_send(&mut this.stream.borrow_mut(), cx))?;
+        Pin::new(&mut *this.stream.borrow_mut()).poll_close(cx)
+    }
+}
+
+impl Drop for Conn {
+    /// What was written and not sent goes out if the socket takes it at once; nothing waits
+    /// for a peer that stopped reading. The sender task, woken, finds the socket gone and ends.
+    fn drop(&mut self) {
+        let mut out = self.out.borrow_mut();
+        if out.held() > 0 {
+            let mut cx = Context::from_waker(Waker::noop());
+            let _ = out.poll_send(&mut self.stream.borrow_mut(), &mut cx);
+            out.pending = Vec::new();
+            out.sent = 0;
+        }
+        if let Some(w) = out.sender.take() {
+            w.wake();
+        }
     }
 }
 
@@ -343,5 +474,28 @@ mod tests {
             received == expected,
             "bytes arrived out of order or missing"
         );
+    }
+
+    #[test]
+    fn what_a_dropped_connection_flushed_still_arrives() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let received = crate::runtime::builder(glommio::Placement::Unbound, "io-test")
+            .spawn(move || async move {
+                let stream = TcpStream::connect(addr).await.expect("connect");
+                let (mut peer, _) = listener.accept().expect("accept");
+                let mut conn = Conn::new(stream);
+                write(&mut conn, b"bye").await.expect("write");
+                flush(&mut conn).await.expect("flush");
+                // Dropped before the sender task had a turn.
+                drop(conn);
+                let mut all = Vec::new();
+                peer.read_to_end(&mut all).expect("read");
+                all
+            })
+            .expect("executor")
+            .join()
+            .expect("join");
+        assert_eq!(received, b"bye");
     }
 }
