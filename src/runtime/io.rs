@@ -432,47 +432,61 @@ mod tests {
         std::future::poll_fn(|cx| hyper::rt::Write::poll_flush(Pin::new(&mut *conn), cx)).await
     }
 
-    #[test]
-    fn writes_wait_for_the_flush_and_keep_their_order() {
+    async fn shutdown(conn: &mut Conn) -> io::Result<()> {
+        std::future::poll_fn(|cx| hyper::rt::Write::poll_shutdown(Pin::new(&mut *conn), cx)).await
+    }
+
+    /// Runs `body` on a fresh executor with a connected pair: this side as a glommio socket,
+    /// the peer as a blocking std socket.
+    fn with_pair<T, F>(body: impl FnOnce(TcpStream, std::net::TcpStream) -> F + Send + 'static) -> T
+    where
+        F: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let big: Vec<u8> = (0..COALESCE + 100).map(|i| (i % 251) as u8).collect();
-        let expected = [b"hello world".as_slice(), b"a", &big].concat();
-        let received = crate::runtime::builder(glommio::Placement::Unbound, "io-test")
+        crate::runtime::builder(glommio::Placement::Unbound, "io-test")
             .spawn(move || async move {
                 let stream = TcpStream::connect(addr).await.expect("connect");
-                let (mut peer, _) = listener.accept().expect("accept");
-                let mut conn = Conn::new(stream);
-                assert_eq!(write(&mut conn, b"hello ").await.expect("write"), 6);
-                assert_eq!(write(&mut conn, b"world").await.expect("write"), 5);
-                // Nothing reaches the socket before the flush.
-                peer.set_nonblocking(true).expect("nonblocking");
-                let mut probe = [0u8; 16];
-                let early = peer.read(&mut probe).map_err(|e| e.kind());
-                assert_eq!(early, Err(io::ErrorKind::WouldBlock));
-                peer.set_nonblocking(false).expect("blocking");
-                let reader = std::thread::spawn(move || {
-                    let mut all = Vec::new();
-                    peer.read_to_end(&mut all).expect("read");
-                    all
-                });
-                flush(&mut conn).await.expect("flush");
-                // A write too large to gather sends what is held first, then goes straight out.
-                write(&mut conn, b"a").await.expect("write");
-                let mut at = 0;
-                while at < big.len() {
-                    at += write(&mut conn, &big[at..]).await.expect("write");
-                }
-                flush(&mut conn).await.expect("flush");
-                std::future::poll_fn(|cx| hyper::rt::Write::poll_shutdown(Pin::new(&mut conn), cx))
-                    .await
-                    .expect("shutdown");
-                drop(conn);
-                reader.join().expect("reader")
+                let (peer, _) = listener.accept().expect("accept");
+                body(stream, peer).await
             })
             .expect("executor")
             .join()
-            .expect("join");
+            .expect("join")
+    }
+
+    #[test]
+    fn writes_wait_for_the_flush_and_keep_their_order() {
+        let big: Vec<u8> = (0..COALESCE + 100).map(|i| (i % 251) as u8).collect();
+        let expected = [b"hello world".as_slice(), b"a", &big].concat();
+        let received = with_pair(|stream, mut peer| async move {
+            let mut conn = Conn::new(stream);
+            assert_eq!(write(&mut conn, b"hello ").await.expect("write"), 6);
+            assert_eq!(write(&mut conn, b"world").await.expect("write"), 5);
+            // Nothing reaches the socket before the flush.
+            peer.set_nonblocking(true).expect("nonblocking");
+            let mut probe = [0u8; 16];
+            let early = peer.read(&mut probe).map_err(|e| e.kind());
+            assert_eq!(early, Err(io::ErrorKind::WouldBlock));
+            peer.set_nonblocking(false).expect("blocking");
+            let reader = std::thread::spawn(move || {
+                let mut all = Vec::new();
+                peer.read_to_end(&mut all).expect("read");
+                all
+            });
+            flush(&mut conn).await.expect("flush");
+            // A write too large to gather sends what is held first, then goes straight out.
+            write(&mut conn, b"a").await.expect("write");
+            let mut at = 0;
+            while at < big.len() {
+                at += write(&mut conn, &big[at..]).await.expect("write");
+            }
+            flush(&mut conn).await.expect("flush");
+            shutdown(&mut conn).await.expect("shutdown");
+            drop(conn);
+            reader.join().expect("reader")
+        });
         assert!(
             received == expected,
             "bytes arrived out of order or missing"
@@ -496,47 +510,37 @@ mod tests {
 
     #[test]
     fn a_slow_reader_gets_every_byte_and_the_buffer_stays_bounded() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
         const TOTAL: usize = 4 << 20;
-        let (largest, received) = crate::runtime::builder(glommio::Placement::Unbound, "io-test")
-            .spawn(move || async move {
-                let stream = TcpStream::connect(addr).await.expect("connect");
-                let (mut peer, _) = listener.accept().expect("accept");
-                // Small socket buffers and a reader taking small pieces with pauses: the
-                // socket drains a little at a time while the writer keeps going, so sends
-                // are partial.
-                use std::os::fd::AsRawFd;
-                small_buffer(stream.as_raw_fd(), libc::SO_SNDBUF);
-                small_buffer(peer.as_raw_fd(), libc::SO_RCVBUF);
-                let reader = std::thread::spawn(move || {
-                    let mut chunk = [0u8; 4096];
-                    let mut total = 0;
-                    loop {
-                        match peer.read(&mut chunk).expect("read") {
-                            0 => return total,
-                            n => total += n,
-                        }
-                        std::thread::sleep(std::time::Duration::from_micros(200));
+        let (largest, received) = with_pair(|stream, mut peer| async move {
+            // Small socket buffers and a reader taking small pieces with pauses: the
+            // socket drains a little at a time while the writer keeps going, so sends
+            // are partial.
+            use std::os::fd::AsRawFd;
+            small_buffer(stream.as_raw_fd(), libc::SO_SNDBUF);
+            small_buffer(peer.as_raw_fd(), libc::SO_RCVBUF);
+            let reader = std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                let mut total = 0;
+                loop {
+                    match peer.read(&mut chunk).expect("read") {
+                        0 => return total,
+                        n => total += n,
                     }
-                });
-                let mut conn = Conn::new(stream);
-                let frame = [7u8; 1000];
-                let (mut written, mut largest) = (0, 0);
-                while written < TOTAL {
-                    written += write(&mut conn, &frame).await.expect("write");
-                    flush(&mut conn).await.expect("flush");
-                    largest = largest.max(conn.out.borrow().pending.capacity());
+                    std::thread::sleep(std::time::Duration::from_micros(200));
                 }
-                std::future::poll_fn(|cx| hyper::rt::Write::poll_shutdown(Pin::new(&mut conn), cx))
-                    .await
-                    .expect("shutdown");
-                drop(conn);
-                (largest, reader.join().expect("reader"))
-            })
-            .expect("executor")
-            .join()
-            .expect("join");
+            });
+            let mut conn = Conn::new(stream);
+            let frame = [7u8; 1000];
+            let (mut written, mut largest) = (0, 0);
+            while written < TOTAL {
+                written += write(&mut conn, &frame).await.expect("write");
+                flush(&mut conn).await.expect("flush");
+                largest = largest.max(conn.out.borrow().pending.capacity());
+            }
+            shutdown(&mut conn).await.expect("shutdown");
+            drop(conn);
+            (largest, reader.join().expect("reader"))
+        });
         assert_eq!(received, TOTAL.div_ceil(1000) * 1000);
         assert!(
             largest <= 2 * COALESCE,
@@ -547,58 +551,42 @@ mod tests {
 
     #[test]
     fn bytes_already_sent_count_against_the_bound() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        crate::runtime::builder(glommio::Placement::Unbound, "io-test")
-            .spawn(move || async move {
-                let stream = TcpStream::connect(addr).await.expect("connect");
-                let _peer = listener.accept().expect("accept");
-                let mut conn = Conn::new(stream);
-                // The sender is part-way through: most of what is held already went out.
-                {
-                    let mut out = conn.out.borrow_mut();
-                    out.pending = vec![1u8; COALESCE - 1000];
-                    out.sent = COALESCE - 2000;
-                    out.requested = true;
-                }
-                let mut cx = Context::from_waker(Waker::noop());
-                let more = [2u8; 2000];
-                let polled = hyper::rt::Write::poll_write(Pin::new(&mut conn), &mut cx, &more);
-                let out = conn.out.borrow();
-                assert!(
-                    polled.is_pending() && out.pending.len() == COALESCE - 1000,
-                    "a write was taken while the buffer, sent part included, was full"
-                );
-                drop(out);
-                // Not sent: the test only looked at the bookkeeping.
-                conn.out.borrow_mut().pending.clear();
-                conn.out.borrow_mut().sent = 0;
-            })
-            .expect("executor")
-            .join()
-            .expect("join");
+        with_pair(|stream, _peer| async move {
+            let mut conn = Conn::new(stream);
+            // The sender is part-way through: most of what is held already went out.
+            {
+                let mut out = conn.out.borrow_mut();
+                out.pending = vec![1u8; COALESCE - 1000];
+                out.sent = COALESCE - 2000;
+                out.requested = true;
+            }
+            let mut cx = Context::from_waker(Waker::noop());
+            let more = [2u8; 2000];
+            let polled = hyper::rt::Write::poll_write(Pin::new(&mut conn), &mut cx, &more);
+            let out = conn.out.borrow();
+            assert!(
+                polled.is_pending() && out.pending.len() == COALESCE - 1000,
+                "a write was taken while the buffer, sent part included, was full"
+            );
+            drop(out);
+            // Not sent: the test only looked at the bookkeeping.
+            conn.out.borrow_mut().pending.clear();
+            conn.out.borrow_mut().sent = 0;
+        });
     }
 
     #[test]
     fn what_a_dropped_connection_flushed_still_arrives() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let received = crate::runtime::builder(glommio::Placement::Unbound, "io-test")
-            .spawn(move || async move {
-                let stream = TcpStream::connect(addr).await.expect("connect");
-                let (mut peer, _) = listener.accept().expect("accept");
-                let mut conn = Conn::new(stream);
-                write(&mut conn, b"bye").await.expect("write");
-                flush(&mut conn).await.expect("flush");
-                // Dropped before the sender task had a turn.
-                drop(conn);
-                let mut all = Vec::new();
-                peer.read_to_end(&mut all).expect("read");
-                all
-            })
-            .expect("executor")
-            .join()
-            .expect("join");
+        let received = with_pair(|stream, mut peer| async move {
+            let mut conn = Conn::new(stream);
+            write(&mut conn, b"bye").await.expect("write");
+            flush(&mut conn).await.expect("flush");
+            // Dropped before the sender task had a turn.
+            drop(conn);
+            let mut all = Vec::new();
+            peer.read_to_end(&mut all).expect("read");
+            all
+        });
         assert_eq!(received, b"bye");
     }
 }
