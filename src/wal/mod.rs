@@ -725,6 +725,7 @@ impl Wal {
                 });
                 match mapped {
                     Ok(m) => {
+                        recovery::read_whole_window(&m);
                         let m = std::sync::Arc::new(m);
                         let b = Bytes::from_owner(recovery::SegmentMap(m.clone()));
                         st.windows.insert((p.segment, window), (m, b.clone()));

@@ -305,6 +305,19 @@ pub(crate) fn drop_resident(map: &memmap2::Mmap) {
     }
 }
 
+/// Reads a freshly mapped window of the log in one request and nothing past it. The log writes
+/// around the page cache, so a fault's readahead would otherwise read past the window into
+/// blocks the log is still writing (each direct write then evicts them, and they are read again
+/// when their own window settles).
+pub(crate) fn read_whole_window(map: &memmap2::Mmap) {
+    if let Err(e) = map.advise(memmap2::Advice::Random) {
+        tracing::debug!(error = %e, "madvise(RANDOM) failed; faults read ahead");
+    }
+    if let Err(e) = map.advise(memmap2::Advice::WillNeed) {
+        tracing::debug!(error = %e, "madvise(WILLNEED) failed; the window faults in page by page");
+    }
+}
+
 /// The page size: what a mapping is made of.
 pub(crate) fn page_size() -> u64 {
     // Asked on every settled write; sysconf is a libc call each time.

@@ -464,3 +464,50 @@ fn settled_payloads_in_the_segment_being_written() {
         wal.close().await;
     });
 }
+
+/// Settling reads a window back and nothing past it: a page of the log cached past the window
+/// would make the log's next direct write over it leave io_uring's inline path for a worker
+/// thread (the write must first evict it), and it is read again when its own window settles.
+#[test]
+fn settling_a_window_caches_no_page_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run_local(move || async move {
+        // About 1.3 MiB in one 4 MiB segment: the first 1 MiB window settles, the second not.
+        let (wal, written) = write_durably(&path, 4 << 20, 1300).await;
+        let mut settled = 0;
+        for (idx, _) in &written {
+            match wal.settled_payload(*idx) {
+                Settled::At(_) => settled += 1,
+                _ => break,
+            }
+        }
+        assert!(settled > 100, "only {settled} entries settled");
+        let segment = only_segment(&path);
+        let file = std::fs::File::open(&segment).unwrap();
+        let past = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(1 << 20)
+                .len(256 << 10)
+                .map(&file)
+        }
+        .unwrap();
+        let mut resident = vec![0u8; past.len() / 4096];
+        // SAFETY: `past` is a live mapping of `past.len()` bytes and `resident` has one byte
+        // per 4 KiB page of it (page sizes are at least 4 KiB, so it is long enough).
+        let rc = unsafe {
+            libc::mincore(
+                past.as_ptr() as *mut libc::c_void,
+                past.len(),
+                resident.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        let cached = resident.iter().filter(|b| **b & 1 == 1).count();
+        assert_eq!(
+            cached, 0,
+            "{cached} pages past the settled window are cached"
+        );
+        wal.close().await;
+    });
+}
