@@ -141,6 +141,10 @@ fn outcome_record(rev: i64, commit: bool) -> WalEntry {
 /// again.
 pub const DECISIONS_KEPT: usize = 4096;
 
+/// Keys a checkpoint exports per step; the executor may serve requests between steps. A step
+/// of 4,096 keys (about 3 MB of histories, first touching the values' pages) took 30–40 ms.
+const EXPORT_STEP_KEYS: usize = 512;
+
 /// A shard's knowledge of its part of one multi-shard write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PartStatus {
@@ -1322,6 +1326,13 @@ impl Shard {
     /// rebuild or install swaps the store meanwhile (it would still be correct: see
     /// `ShardStore::adopt`).
     async fn adopt_values(&self, path: &std::path::Path, upto: i64) {
+        let owned = path.to_path_buf();
+        let cached = glommio::executor()
+            .spawn_blocking(move || checkpoint::read_into_page_cache(&owned))
+            .await;
+        if let Err(e) = cached {
+            tracing::debug!(error = %e, path = %path.display(), "checkpoint not read ahead; its pages fault in");
+        }
         let mut scan = match checkpoint::ValueScan::open(path) {
             Ok(scan) => scan,
             Err(e) => {
@@ -1337,12 +1348,7 @@ impl Shard {
                 store.adopt(key, puts);
             });
             match step {
-                Ok(checkpoint::Scanned::Done) => {
-                    store.adopt_event_values(upto);
-                    drop(store);
-                    checkpoint::release_free_memory();
-                    return;
-                }
+                Ok(checkpoint::Scanned::Done) => break,
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "checkpoint not adopted; its values stay on the heap");
@@ -1350,6 +1356,19 @@ impl Shard {
                 }
             }
         }
+        let mut after = 0;
+        loop {
+            glommio::yield_if_needed().await;
+            let step = self
+                .store
+                .borrow_mut()
+                .adopt_event_values(after, upto, 4096);
+            match step {
+                Some(next) => after = next,
+                None => break,
+            }
+        }
+        checkpoint::release_free_memory();
     }
 
     /// Writes a checkpoint of this shard at its current log position, then drops WAL segments it
@@ -1516,9 +1535,9 @@ impl Shard {
             let chunk = {
                 let store = self.store.borrow();
                 let a = after.borrow();
-                store.export_keys(a.as_deref(), 4096, upto)
+                store.export_keys(a.as_deref(), EXPORT_STEP_KEYS, upto)
             };
-            if chunk.len() < 4096 {
+            if chunk.len() < EXPORT_STEP_KEYS {
                 done.set(true);
             }
             let last = chunk.last()?.key.clone();

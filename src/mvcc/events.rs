@@ -141,12 +141,15 @@ impl EventLog {
         }
     }
 
-    /// Events in `ranges` with revision in `(after, upto]`; `after` must be at or above the floor.
-    /// Events with revisions at or below `upto`, for swapping their keys and values for
+    /// Events with revisions in `(after, upto]`, for swapping their keys and values for
     /// identical copies held elsewhere (see `ShardStore::adopt_event_values`).
-    pub fn through_mut(&mut self, upto: i64) -> impl Iterator<Item = &mut Event> {
+    pub fn between_mut(&mut self, after: i64, upto: i64) -> impl Iterator<Item = &mut Event> {
         let end = self.count_through(upto);
-        self.ring.range_mut(..end)
+        let start = self
+            .ring
+            .partition_point(|e| e.revision() <= after)
+            .min(end);
+        self.ring.range_mut(start..end)
     }
 
     /// The events of revision `rev` still in the log.

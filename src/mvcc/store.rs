@@ -441,10 +441,20 @@ impl ShardStore {
 
     /// After [`Self::adopt`] up to revision `upto`: recent events at or below it take the
     /// index's copy of their key and (puts) value, so the watch feed does not keep the heap
-    /// copies, or whole logged records, alive.
-    pub fn adopt_event_values(&mut self, upto: i64) {
+    /// copies, or whole logged records, alive. In steps, so that an executor can serve between
+    /// them (the event log holds up to 64k events, tens of milliseconds of lookups): handles
+    /// the events with revisions in `(after, upto]`, stopping once `budget` are done and a
+    /// revision is complete. Returns the revision to go on after, or `None` once done.
+    pub fn adopt_event_values(&mut self, after: i64, upto: i64, budget: usize) -> Option<i64> {
         let index = &mut self.index;
-        for event in self.events.through_mut(upto) {
+        let (mut done, mut last) = (0, after);
+        for event in self.events.between_mut(after, upto) {
+            let rev = event.revision();
+            if done >= budget && rev != last {
+                return Some(last);
+            }
+            done += 1;
+            last = rev;
             let kv = &mut event.kv;
             if event.kind != super::EventKind::Put {
                 // A delete's key may be a slice of its logged record: take the index's key
@@ -467,6 +477,7 @@ impl ShardStore {
                 }
             }
         }
+        None
     }
 
     /// Live keys attached to `lease`, in key order.

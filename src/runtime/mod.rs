@@ -19,6 +19,12 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 pub const IO_MEMORY: usize = 512 << 10;
 /// Submission-queue depth per ring; small rings keep locked memory low.
 pub const RING_DEPTH: usize = 128;
+/// How long the executor runs tasks before it looks at I/O again (glommio's default is 100 ms).
+/// Long background work (a checkpoint's export and adoption) yields with
+/// `glommio::yield_if_needed`, which only yields once this has passed: at 100 ms every request
+/// on the core waited up to that long behind a checkpoint (docs/benchmarks.md, "Checkpoints
+/// without stalls").
+pub const PREEMPT_TIMER: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// An executor with the project's ring and io-memory sizes. `SPINDLE_SPIN_US=N` in the
 /// environment makes a pinned executor poll N µs before it parks: off by default, because with
@@ -27,7 +33,8 @@ pub fn builder(placement: Placement, name: &str) -> LocalExecutorBuilder {
     let b = LocalExecutorBuilder::new(placement)
         .name(name)
         .io_memory(IO_MEMORY)
-        .ring_depth(RING_DEPTH);
+        .ring_depth(RING_DEPTH)
+        .preempt_timer(PREEMPT_TIMER);
     match std::env::var("SPINDLE_SPIN_US")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
