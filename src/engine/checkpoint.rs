@@ -600,10 +600,11 @@ pub enum Scanned {
 /// of each page through its mapping would otherwise be a major fault on the executor that
 /// adopts it, stalling every request on that core for the disk (tens of milliseconds in all).
 pub fn read_into_page_cache(path: &Path) -> std::io::Result<()> {
-    let file = fs::File::open(path)?;
-    // SAFETY: as in `load`: checkpoint files are immutable once renamed into place. The mapping
-    // is populated and dropped at once; nothing reads it.
-    let _map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }?;
+    use std::io::Read;
+    let mut file = fs::File::open(path)?;
+    // On the stack: this thread allocates nothing (it would get a heap of its own).
+    let mut buf = [0u8; 64 << 10];
+    while file.read(&mut buf)? > 0 {}
     Ok(())
 }
 

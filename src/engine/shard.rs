@@ -1340,8 +1340,9 @@ impl Shard {
                 return;
             }
         };
+        let pacer = crate::runtime::Pacer::new();
         loop {
-            glommio::yield_if_needed().await;
+            pacer.pace().await;
             let mut store = self.store.borrow_mut();
             let step = scan.step(1024, |key, puts| {
                 debug_assert!(puts.iter().all(|(rev, _)| *rev <= upto));
@@ -1358,7 +1359,7 @@ impl Shard {
         }
         let mut after = 0;
         loop {
-            glommio::yield_if_needed().await;
+            pacer.pace().await;
             let step = self
                 .store
                 .borrow_mut()
@@ -1527,11 +1528,12 @@ impl Shard {
         };
         let after: RefCell<Option<bytes::Bytes>> = RefCell::new(None);
         let done = Cell::new(false);
+        let pacer = crate::runtime::Pacer::new();
         let path = checkpoint::write(&self.dir, info, &extras, || async {
             if done.get() {
                 return None;
             }
-            glommio::yield_if_needed().await;
+            pacer.pace().await;
             let chunk = {
                 let store = self.store.borrow();
                 let a = after.borrow();

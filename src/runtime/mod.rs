@@ -19,12 +19,47 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 pub const IO_MEMORY: usize = 512 << 10;
 /// Submission-queue depth per ring; small rings keep locked memory low.
 pub const RING_DEPTH: usize = 128;
-/// How long the executor runs tasks before it looks at I/O again (glommio's default is 100 ms).
-/// Long background work (a checkpoint's export and adoption) yields with
-/// `glommio::yield_if_needed`, which only yields once this has passed: at 100 ms every request
-/// on the core waited up to that long behind a checkpoint (docs/benchmarks.md, "Checkpoints
-/// without stalls").
-pub const PREEMPT_TIMER: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Paces long background work on an executor (a checkpoint's export and adoption): between
+/// steps, [`Pacer::pace`] lets the executor look at I/O and run requests once the work has run
+/// for [`Pacer::BUDGET`]. `glommio::yield_if_needed` is no help here: it yields only once
+/// glommio's preemption timer (100 ms) fired, and a checkpoint held a core's requests for
+/// 40–90 ms that way (docs/benchmarks.md, "Checkpoints without stalls").
+pub struct Pacer {
+    since: std::cell::Cell<std::time::Instant>,
+}
+
+impl Pacer {
+    /// How long work runs between yields.
+    pub const BUDGET: std::time::Duration = std::time::Duration::from_millis(1);
+
+    pub fn new() -> Pacer {
+        Pacer {
+            since: std::cell::Cell::new(std::time::Instant::now()),
+        }
+    }
+
+    /// Whether the work has run its budget since the last yield.
+    fn due(&self) -> bool {
+        self.since.get().elapsed() >= Self::BUDGET
+    }
+
+    /// Yields the task queue (so the executor polls I/O) if the budget is spent.
+    pub async fn pace(&self) {
+        if self.due() {
+            glommio::executor().yield_task_queue_now().await;
+            self.since.set(std::time::Instant::now());
+        } else {
+            glommio::yield_if_needed().await;
+        }
+    }
+}
+
+impl Default for Pacer {
+    fn default() -> Self {
+        Pacer::new()
+    }
+}
 
 /// An executor with the project's ring and io-memory sizes. `SPINDLE_SPIN_US=N` in the
 /// environment makes a pinned executor poll N µs before it parks: off by default, because with
@@ -33,8 +68,7 @@ pub fn builder(placement: Placement, name: &str) -> LocalExecutorBuilder {
     let b = LocalExecutorBuilder::new(placement)
         .name(name)
         .io_memory(IO_MEMORY)
-        .ring_depth(RING_DEPTH)
-        .preempt_timer(PREEMPT_TIMER);
+        .ring_depth(RING_DEPTH);
     match std::env::var("SPINDLE_SPIN_US")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
@@ -99,7 +133,35 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::pin_plan;
+    use super::{pin_plan, run_local, Pacer};
+
+    #[test]
+    fn a_pacer_yields_once_its_budget_is_spent_and_starts_over() {
+        let spin = || {
+            let start = std::time::Instant::now();
+            while start.elapsed() < Pacer::BUDGET {
+                std::hint::spin_loop();
+            }
+        };
+        run_local(move || async move {
+            let pacer = Pacer::new();
+            assert!(!pacer.due(), "due before any work");
+            spin();
+            assert!(pacer.due(), "not due after its budget");
+            let ran = std::rc::Rc::new(std::cell::Cell::new(false));
+            let flag = ran.clone();
+            glommio::spawn_local(async move { flag.set(true) }).detach();
+            pacer.pace().await;
+            assert!(
+                ran.get(),
+                "the waiting task did not run when the pacer yielded"
+            );
+            assert!(
+                !pacer.due(),
+                "the budget did not start over after the yield"
+            );
+        });
+    }
 
     #[test]
     fn executors_pin_only_when_they_use_every_allowed_cpu() {
