@@ -239,9 +239,18 @@ fn add_learner_join_promote_update_and_remove_members() {
     );
 
     until_ok(&all, &["member", "promote", &format!("{new_id:x}")], 20);
+    // The joiner publishes its name through the log once it runs, and every member applies that
+    // record in its own time: it may come after the promotion.
     for s in &servers {
-        let ms = member_list(&s.endpoint());
-        assert!(ms.contains(&(new_id, "s3".into(), false)), "{ms:?}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ms = member_list(&s.endpoint());
+            if ms.contains(&(new_id, "s3".into(), false)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{ms:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     let four = format!("{all},{}", servers[3].endpoint());
     until_ok(&four, &["put", "k/1", "four"], 15);
