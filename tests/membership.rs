@@ -242,15 +242,10 @@ fn add_learner_join_promote_update_and_remove_members() {
     // The joiner publishes its name through the log once it runs, and every member applies that
     // record in its own time: it may come after the promotion.
     for s in &servers {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let ms = member_list(&s.endpoint());
-            if ms.contains(&(new_id, "s3".into(), false)) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{ms:?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let endpoint = s.endpoint();
+        common::wait_for(&format!("s3 promoted and named on {endpoint}"), 20, || {
+            member_list(&endpoint).contains(&(new_id, "s3".into(), false))
+        });
     }
     let four = format!("{all},{}", servers[3].endpoint());
     until_ok(&four, &["put", "k/1", "four"], 15);

@@ -20,6 +20,7 @@ use common::etcdctl::{self, Ctl};
 use common::pki::{Pki, Usage};
 use common::process::{free_ports, Kill};
 use common::server::{spawn_logged, Kind, Ports, Server};
+use common::wait_for;
 
 const TOKEN: &str = "peer-tls-test";
 
@@ -108,14 +109,6 @@ fn local_value(endpoint: &str, key: &str) -> String {
         &["get", key, "--consistency=s", "--print-value-only"],
     );
     out.stdout.trim().to_string()
-}
-
-fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

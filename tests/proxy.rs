@@ -15,6 +15,7 @@ use common::http::http;
 use common::pki::{Pki, Usage};
 use common::process::{free_ports, spawn_piped, Kill};
 use common::server::{Kind, Server, SPINDLE};
+use common::wait_for;
 
 /// A proxy (or gateway) process this test started, listening on `port`.
 struct Front {
@@ -308,14 +309,6 @@ fn gauge(front: &Front, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {text}"))
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn identical_watches_share_one_upstream_watch() {
     let server = Server::spindle(&[]);
@@ -327,14 +320,14 @@ fn identical_watches_share_one_upstream_watch() {
     };
     let w1 = watch(&["k", "--prefix"]);
     let w2 = watch(&["k", "--prefix"]);
-    wait_for("two client watches", || {
+    wait_for("two client watches", 10, || {
         gauge(&p, "spindle_proxy_client_watches") == 2
     });
     assert_eq!(gauge(&p, "spindle_proxy_upstream_watches"), 1);
     // Another range, or a start revision, is a watch of its own.
     let w3 = watch(&["other"]);
     let w4 = watch(&["k", "--prefix", "--rev=1"]);
-    wait_for("four client watches", || {
+    wait_for("four client watches", 10, || {
         gauge(&p, "spindle_proxy_client_watches") == 4
     });
     assert_eq!(gauge(&p, "spindle_proxy_upstream_watches"), 3);
@@ -346,7 +339,7 @@ fn identical_watches_share_one_upstream_watch() {
     }
     drop(w3);
     // The last client gone, the upstream watches are cancelled.
-    wait_for("no upstream watches", || {
+    wait_for("no upstream watches", 10, || {
         gauge(&p, "spindle_proxy_upstream_watches") == 0
     });
 }
@@ -359,14 +352,14 @@ fn proxy_keeps_serving_when_an_endpoint_dies() {
     let p = grpc_proxy(Kind::Spindle, &eps, "/ns/");
     let mut cmd = etcdctl::command(&p.endpoint(), &["watch", "k", "--prefix"]);
     let watcher = spawn_piped(cmd.stderr(Stdio::null()));
-    wait_for("the watch", || {
+    wait_for("the watch", 10, || {
         gauge(&p, "spindle_proxy_client_watches") == 1
     });
     assert!(p.ctl(&["put", "k1", "a"]).ok);
     // The proxy talks to its first endpoint: that one dies.
     members[0].kill();
     // Writes wait for the survivors to have a leader (the dead member may have led).
-    wait_for("a leader", || members[1].etcdctl(&["get", "probe"]).ok);
+    wait_for("a leader", 10, || members[1].etcdctl(&["get", "probe"]).ok);
     let put = |k: &str| {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
