@@ -145,10 +145,7 @@ impl EventLog {
     /// identical copies held elsewhere (see `ShardStore::adopt_event_values`).
     pub fn between_mut(&mut self, after: i64, upto: i64) -> impl Iterator<Item = &mut Event> {
         let end = self.count_through(upto);
-        let start = self
-            .ring
-            .partition_point(|e| e.revision() <= after)
-            .min(end);
+        let start = self.count_through(after).min(end);
         self.ring.range_mut(start..end)
     }
 
