@@ -79,6 +79,71 @@ fn appends_survive_reopen_and_group_commit_shares_fsyncs() {
     assert_eq!(&revs[200..], &(201..=210).collect::<Vec<_>>()[..]);
 }
 
+/// Appends `entry(rev)` wherever the log is, preparing a segment if needed; returns its index.
+async fn append_next(wal: &Wal, rev: i64) -> u64 {
+    let mut e = entry(rev, &format!("k{rev}"), 100);
+    loop {
+        match wal.try_append(&mut e) {
+            Ok(idx) => return idx,
+            Err(NoRoom { frame_len }) => wal.make_room(frame_len).await.unwrap(),
+        }
+    }
+}
+
+/// Requests that become runnable in the same executor turn as a write's completion (here:
+/// writers woken by it that append again, as a client's next put would) join the records
+/// already queued in the next write, instead of each group waiting a write of its own.
+#[test]
+fn records_queued_in_the_turn_a_write_completes_share_the_next_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().to_path_buf();
+    let (writes, last) = run_local(move || async move {
+        let rec = recover(&dir, 0, 0).unwrap();
+        let wal = Wal::open(
+            &dir,
+            0,
+            WalOptions {
+                segment_size: 1 << 20,
+            },
+            &rec,
+        )
+        .await
+        .unwrap();
+        // A segment exists and nothing is in flight.
+        let first = append_next(&wal, 1).await;
+        wal.wait_durable(first).await.unwrap();
+        let before = wal.fsync_count();
+        // Nothing below polls the executor's rings until every task waits, so the order is fixed:
+        // the flusher starts writing record 2 (the write is only submitted when the executor
+        // next polls), record 3 queues behind it, and five writers wait for record 2.
+        let second = append_next(&wal, 2).await;
+        futures_lite::future::yield_now().await;
+        let third = append_next(&wal, 3).await;
+        let writers: Vec<_> = (0..5)
+            .map(|i| {
+                let wal = wal.clone();
+                glommio::spawn_local(async move {
+                    wal.wait_durable(second).await.unwrap();
+                    let idx = append_next(&wal, 4 + i).await;
+                    wal.wait_durable(idx).await.unwrap();
+                    idx
+                })
+            })
+            .collect();
+        let mut last = third;
+        for w in writers {
+            last = last.max(w.await);
+        }
+        wal.wait_durable(last).await.unwrap();
+        let writes = wal.fsync_count() - before;
+        wal.close().await;
+        (writes, last)
+    });
+    assert_eq!(last, 8);
+    // One write for record 2, one for records 3 to 8.
+    assert_eq!(writes, 2, "records 3 to 8 took {} writes", writes - 1);
+}
+
 #[test]
 fn rolls_over_segments_and_drops_old_ones() {
     let dir = tempfile::tempdir().unwrap();
