@@ -79,6 +79,14 @@ fn appends_survive_reopen_and_group_commit_shares_fsyncs() {
     assert_eq!(&revs[200..], &(201..=210).collect::<Vec<_>>()[..]);
 }
 
+/// Recovers shard 0's log in `dir` past checkpoint index `checkpoint` and opens it for appends.
+async fn open_after(dir: &Path, checkpoint: u64, segment_size: u64) -> Wal {
+    let rec = recover(dir, 0, checkpoint).unwrap();
+    Wal::open(dir, 0, WalOptions { segment_size }, &rec)
+        .await
+        .unwrap()
+}
+
 /// Appends `entry(rev)` wherever the log is, preparing a segment if needed; returns its index.
 async fn append_next(wal: &Wal, rev: i64) -> u64 {
     let mut e = entry(rev, &format!("k{rev}"), 100);
@@ -98,17 +106,7 @@ fn records_queued_in_the_turn_a_write_completes_share_the_next_write() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path().to_path_buf();
     let (writes, last) = run_local(move || async move {
-        let rec = recover(&dir, 0, 0).unwrap();
-        let wal = Wal::open(
-            &dir,
-            0,
-            WalOptions {
-                segment_size: 1 << 20,
-            },
-            &rec,
-        )
-        .await
-        .unwrap();
+        let wal = open_after(&dir, 0, 1 << 20).await;
         // A segment exists and nothing is in flight.
         let first = append_next(&wal, 1).await;
         wal.wait_durable(first).await.unwrap();
@@ -165,17 +163,7 @@ fn rolls_over_segments_and_drops_old_ones() {
     let dirp = dir.path().to_path_buf();
     let before = rec.segments.len();
     let removed = run_local(move || async move {
-        let rec = recover(&dirp, 0, 250).unwrap();
-        let wal = Wal::open(
-            &dirp,
-            0,
-            WalOptions {
-                segment_size: 64 << 10,
-            },
-            &rec,
-        )
-        .await
-        .unwrap();
+        let wal = open_after(&dirp, 250, 64 << 10).await;
         let n = wal.drop_through(250).unwrap();
         wal.close().await;
         n
