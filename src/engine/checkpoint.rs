@@ -802,26 +802,12 @@ mod tests {
     use crate::kv::{DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest};
     use crate::mvcc::{ShardStore, TxnPath};
 
-    /// How many of the pages of `path` the page cache holds.
+    /// How many of the pages of `path` the page cache holds, and how many it has.
     fn cached_pages(path: &Path) -> (usize, usize) {
         let file = fs::File::open(path).unwrap();
         // SAFETY: the file is not modified while mapped, and the mapping is only given to mincore.
         let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
-        let mut resident = vec![0u8; map.len().div_ceil(4096)];
-        // SAFETY: `map` is a live mapping of `map.len()` bytes and `resident` has a byte per
-        // 4 KiB page of it (page sizes are at least 4 KiB, so it is long enough).
-        let rc = unsafe {
-            libc::mincore(
-                map.as_ptr() as *mut libc::c_void,
-                map.len(),
-                resident.as_mut_ptr(),
-            )
-        };
-        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
-        (
-            resident.iter().filter(|b| **b & 1 == 1).count(),
-            resident.len(),
-        )
+        crate::wal::tests::cached_pages(&map)
     }
 
     #[test]

@@ -982,4 +982,4 @@ fn read_exact_at(path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -545,22 +545,28 @@ fn settling_a_window_caches_no_page_past_it() {
                 .map(&file)
         }
         .unwrap();
-        let mut resident = vec![0u8; past.len() / 4096];
-        // SAFETY: `past` is a live mapping of `past.len()` bytes and `resident` has one byte
-        // per 4 KiB page of it (page sizes are at least 4 KiB, so it is long enough).
-        let rc = unsafe {
-            libc::mincore(
-                past.as_ptr() as *mut libc::c_void,
-                past.len(),
-                resident.as_mut_ptr(),
-            )
-        };
-        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
-        let cached = resident.iter().filter(|b| **b & 1 == 1).count();
+        let (cached, _) = cached_pages(&past);
         assert_eq!(
             cached, 0,
             "{cached} pages past the settled window are cached"
         );
         wal.close().await;
     });
+}
+
+/// How many pages of the mapping `map` the page cache holds, and how many it spans.
+pub(crate) fn cached_pages(map: &[u8]) -> (usize, usize) {
+    let mut resident = vec![0u8; map.len().div_ceil(4096)];
+    // SAFETY: `map` is a live page-aligned mapping of `map.len()` bytes and `resident` has one
+    // byte per 4 KiB page of it (page sizes are at least 4 KiB, so it is long enough).
+    let rc = unsafe {
+        libc::mincore(
+            map.as_ptr() as *mut libc::c_void,
+            map.len(),
+            resident.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    let cached = resident.iter().filter(|b| **b & 1 == 1).count();
+    (cached, resident.len())
 }
