@@ -604,8 +604,9 @@ pub enum Scanned {
 /// at a time, and each step's page table entries are dropped again (`MADV_DONTNEED`, which
 /// leaves the page cache alone), so nothing is copied and the resident set does not grow. A
 /// plain read of the file copied every byte to user space: with a long history, checkpoints of
-/// hundreds of MB made that copy 12% of the server's CPU (docs/benchmarks.md, "Warming a
-/// checkpoint without copying it"). Older kernels read the rest of the file instead.
+/// hundreds of MB made that copy 12% of the server's CPU (docs/benchmarks.md, "A growing
+/// history, and warming a checkpoint without copying it"). Older kernels read the rest of the
+/// file instead.
 pub fn read_into_page_cache(path: &Path) -> std::io::Result<()> {
     const STEP: usize = 4 << 20;
     let file = fs::File::open(path)?;

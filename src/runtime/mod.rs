@@ -173,11 +173,11 @@ mod tests {
     fn a_pacer_lets_the_executor_fire_its_timers_while_it_works() {
         run_local(|| async {
             let start = std::time::Instant::now();
-            let fired = std::rc::Rc::new(std::cell::Cell::new(None));
-            let at = fired.clone();
+            let fired = std::rc::Rc::new(std::cell::Cell::new(false));
+            let flag = fired.clone();
             glommio::spawn_local(async move {
                 glommio::timer::sleep(std::time::Duration::from_millis(2)).await;
-                at.set(Some(start.elapsed()));
+                flag.set(true);
             })
             .detach();
             // Let the timer task register its timer, then work in paced 100 µs steps for 50 ms:
@@ -193,7 +193,7 @@ mod tests {
             }
             // Not a bound on when it fired: a busy machine may deschedule this thread for a while.
             assert!(
-                fired.get().is_some(),
+                fired.get(),
                 "the timer never fired while the work was paced"
             );
         });
