@@ -7,11 +7,16 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::{Arc, Weak};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_lite::Stream;
+use glommio::timer::Timer;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -70,6 +75,19 @@ pub fn serve_json(
     super::gateway::json_stream(rx)
 }
 
+/// `responses` encoded back to back, to go out as one frame (`None`: nothing to send).
+fn one_frame(responses: Vec<Response>, encode: Encoder) -> Result<Option<Bytes>, Status> {
+    let mut frames = Vec::with_capacity(responses.len());
+    for r in responses {
+        frames.push(encode(r.framed())?);
+    }
+    Ok(match frames.len() {
+        0 => None,
+        1 => frames.pop(),
+        _ => Some(Bytes::from(frames.concat())),
+    })
+}
+
 fn json_line(framed: Bytes) -> Result<Bytes, Status> {
     let text = super::gateway::to_json("WatchResponse", framed.slice(5..))?;
     Ok(Bytes::from(format!("{{\"result\":{text}}}\n")))
@@ -79,6 +97,7 @@ fn json_line(framed: Bytes) -> Result<Bytes, Status> {
 type Encoder = fn(Bytes) -> Result<Bytes, Status>;
 
 /// A response on its way out.
+#[derive(Clone)]
 enum Response {
     Message(pb::WatchResponse),
     /// An events response: `head` carries every field but the events, `events` their
@@ -91,6 +110,13 @@ enum Response {
 }
 
 impl Response {
+    fn encoded_len(&self) -> usize {
+        match self {
+            Response::Message(m) => prost::Message::encoded_len(m),
+            Response::Events { head, events } => prost::Message::encoded_len(head) + events.len(),
+        }
+    }
+
     fn framed(&self) -> Bytes {
         match self {
             Response::Message(m) => grpc::encode_message(m),
@@ -186,6 +212,10 @@ struct Session {
     sink_id: u64,
 }
 
+/// Queued updates are drained into one frame until it holds about this much: a stream that fell
+/// behind catches up in frames of bounded size rather than in one large buffer.
+const FRAME_BYTES: usize = 64 * 1024;
+
 enum Input {
     Request(Option<Result<pb::WatchRequest, Status>>),
     Update((i64, WatchUpdate)),
@@ -203,26 +233,41 @@ impl Session {
         let (sink, updates) = flume::bounded(STREAM_BUFFER);
         let interval = self.ctx.cfg.watch_progress_notify_interval;
         let mut next_progress = Instant::now() + interval;
-        let mut reading = true;
+        // The inputs stay registered across turns: a fresh receive future per channel and a
+        // fresh timer per update cost more than encoding the update (about half of a session's
+        // CPU with 100 busy watchers).
+        let mut requests = Some(requests.into_stream());
+        let mut update_stream = updates.stream();
+        // Wakes at least every second: a client that went away without a reset is only
+        // noticed by looking (its response body was dropped), and its watches must end.
+        let next_tick = |next_progress: Instant| {
+            Timer::new(
+                next_progress
+                    .saturating_duration_since(Instant::now())
+                    .min(DISCONNECT_CHECK),
+            )
+        };
+        let mut tick = next_tick(next_progress);
         loop {
-            let updates_next = async { updates.recv_async().await.map(Input::Update).ok() };
-            // Wakes at least every second: a client that went away without a reset is only
-            // noticed by looking (its response body was dropped), and its watches must end.
-            let wake = next_progress.min(Instant::now() + DISCONNECT_CHECK);
-            let tick = async {
-                glommio::timer::sleep(wake.saturating_duration_since(Instant::now())).await;
-                Some(Input::Tick)
-            };
-            let input = if reading {
-                let req = async { Some(Input::Request(requests.recv_async().await.ok())) };
-                futures_lite::future::or(req, futures_lite::future::or(updates_next, tick)).await
-            } else {
-                futures_lite::future::or(updates_next, tick).await
-            };
-            let frames = match input {
+            let input = std::future::poll_fn(|cx| {
+                if let Some(r) = requests.as_mut() {
+                    if let Poll::Ready(req) = Pin::new(r).poll_next(cx) {
+                        return Poll::Ready(Some(Input::Request(req)));
+                    }
+                }
+                if let Poll::Ready(u) = Pin::new(&mut update_stream).poll_next(cx) {
+                    return Poll::Ready(u.map(Input::Update));
+                }
+                if Pin::new(&mut tick).poll(cx).is_ready() {
+                    return Poll::Ready(Some(Input::Tick));
+                }
+                Poll::Pending
+            })
+            .await;
+            let responses = match input {
                 // The client closed its side: it sends no more requests but still reads.
                 Some(Input::Request(None)) => {
-                    reading = false;
+                    requests = None;
                     continue;
                 }
                 Some(Input::Request(Some(Err(status)))) => return Some(status),
@@ -231,7 +276,20 @@ impl Session {
                     .into_iter()
                     .map(Response::Message)
                     .collect(),
-                Some(Input::Update((tag, update))) => self.update(tag, update),
+                Some(Input::Update((tag, update))) => {
+                    // Whatever else is queued goes out in the same frame.
+                    let mut responses = self.update(tag, update);
+                    let mut size: usize = responses.iter().map(Response::encoded_len).sum();
+                    while size < FRAME_BYTES {
+                        let Ok((tag, update)) = updates.try_recv() else {
+                            break;
+                        };
+                        let more = self.update(tag, update);
+                        size += more.iter().map(Response::encoded_len).sum::<usize>();
+                        responses.extend(more);
+                    }
+                    responses
+                }
                 Some(Input::Tick) => {
                     if out.is_disconnected() {
                         return None;
@@ -240,18 +298,18 @@ impl Session {
                         next_progress = Instant::now() + interval;
                         self.tick();
                     }
+                    tick = next_tick(next_progress);
                     Vec::new()
                 }
                 None => return None,
             };
-            for r in frames {
-                let f = match encode(r.framed()) {
-                    Ok(f) => f,
-                    Err(s) => return Some(s),
-                };
-                if out.send_async(Frame::data(f)).await.is_err() {
-                    return None;
-                }
+            let data = match one_frame(responses, encode) {
+                Ok(Some(data)) => data,
+                Ok(None) => continue,
+                Err(s) => return Some(s),
+            };
+            if out.send_async(Frame::data(data)).await.is_err() {
+                return None;
             }
         }
     }
@@ -549,6 +607,58 @@ mod tests {
             events: encoded_events(&events),
         };
         assert_eq!(shared.framed(), grpc::encode_message(&whole));
+    }
+
+    #[test]
+    fn queued_responses_leave_as_one_frame_of_whole_messages_in_order() {
+        let progress = |rev: i64| {
+            Response::Message(pb::WatchResponse {
+                header: Some(pb::ResponseHeader {
+                    revision: rev,
+                    ..Default::default()
+                }),
+                watch_id: rev,
+                ..Default::default()
+            })
+        };
+        let events: Arc<[WatchEvent]> = vec![WatchEvent {
+            kind: EventKind::Put,
+            kv: kv("a", 3, "x"),
+            prev_kv: None,
+        }]
+        .into();
+        let batch = Response::Events {
+            head: pb::WatchResponse {
+                watch_id: 7,
+                ..Default::default()
+            },
+            events: encoded_events(&events),
+        };
+        let responses = vec![progress(1), batch, progress(2)];
+        let expected: Vec<Bytes> = responses.iter().map(Response::framed).collect();
+        for (r, framed) in responses.iter().zip(&expected) {
+            assert_eq!(r.encoded_len() + 5, framed.len());
+        }
+        let frame = one_frame(responses, Ok)
+            .expect("encodes")
+            .expect("something to send");
+        // A gRPC reader splits the frame back into the three messages, in order.
+        let mut rest = frame.clone();
+        let mut messages = Vec::new();
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            messages.push(rest.split_to(5 + len));
+        }
+        assert_eq!(messages, expected);
+        let decoded: pb::WatchResponse =
+            prost::Message::decode(messages[1].slice(5..)).expect("decodes");
+        assert_eq!(decoded.events.len(), 1);
+        // One response goes out as it is; none sends nothing.
+        assert_eq!(
+            one_frame(vec![progress(5)], Ok).expect("encodes"),
+            Some(progress(5).framed())
+        );
+        assert_eq!(one_frame(Vec::new(), Ok).expect("encodes"), None);
     }
 
     #[test]
