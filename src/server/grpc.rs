@@ -390,13 +390,16 @@ impl ResponseReader {
     }
 
     /// The next message's bytes; `Ok(None)` when the call ended with OK. A broken connection
-    /// is `Unavailable`.
+    /// is `Unavailable`. Cancel-safe: a call dropped while it waits (for the head or a frame)
+    /// loses nothing, so callers may race it against a timer.
     pub async fn next(&mut self) -> Result<Option<Bytes>, Status> {
         use http_body_util::BodyExt;
-        if let Some(fut) = self.resp.take() {
-            let resp = fut
-                .await
-                .map_err(|e| Status::new(Code::Unavailable, format!("request: {e}")))?;
+        if let Some(fut) = self.resp.as_mut() {
+            // The head's future stays in `resp` until it is ready: dropping this call while
+            // the head is awaited must not lose it (the stream would then look ended).
+            let resp = fut.await;
+            self.resp = None;
+            let resp = resp.map_err(|e| Status::new(Code::Unavailable, format!("request: {e}")))?;
             if let Some(status) = status_of(resp.headers()) {
                 return Err(status);
             }
@@ -503,6 +506,60 @@ mod tests {
         assert!(decode_messages(Bytes::from_static(&[0, 0, 0, 0, 9, 1])).is_err());
         assert!(decode_messages(Bytes::from_static(&[1, 0, 0, 0, 0])).is_err());
         assert!(decode_messages(Bytes::from_static(&[0, 0])).is_err());
+    }
+
+    /// A call to `next` dropped while the response head is still on its way (a caller racing
+    /// it against a timer) must not lose the head: the next call gets the message.
+    #[test]
+    fn a_read_cancelled_before_the_head_arrives_loses_nothing() {
+        use crate::runtime::io::{Conn, LocalExec};
+        use std::time::Duration;
+        let ex = crate::runtime::builder(glommio::Placement::Unbound, "grpc-test")
+            .make()
+            .expect("executor");
+        ex.run(async {
+            let listener = glommio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("address");
+            glommio::spawn_local(async move {
+                let stream = listener.accept().await.expect("accept");
+                let service = hyper::service::service_fn(|_req| async {
+                    // The head comes only with the first message, as a watch's does.
+                    glommio::timer::sleep(Duration::from_millis(100)).await;
+                    let late = PutRequest {
+                        key: Bytes::from_static(b"late"),
+                        ..Default::default()
+                    };
+                    Ok::<_, Infallible>(ok_bytes(prost::Message::encode_to_vec(&late).into()))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(LocalExec)
+                    .serve_connection(Conn::new(stream), service)
+                    .await;
+            })
+            .detach();
+            let stream = glommio::net::TcpStream::connect(addr)
+                .await
+                .expect("connect");
+            let mut send = dial_h2(stream, &addr.to_string(), None)
+                .await
+                .expect("dial");
+            let request = call_request(&addr.to_string(), "/test/Call")
+                .expect("request")
+                .body(http_body_util::Either::Left(http_body_util::Full::new(
+                    Bytes::new(),
+                )))
+                .expect("request body");
+            let mut reader = ResponseReader::new(Box::pin(send.send_request(request)));
+            let early = futures_lite::future::or(async { Some(reader.next().await) }, async {
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                None
+            })
+            .await;
+            assert!(early.is_none(), "the head came before the timer");
+            let msg = reader.next().await.expect("a message").expect("not ended");
+            let back: PutRequest = prost::Message::decode(msg).expect("decodes");
+            assert_eq!(back.key, Bytes::from_static(b"late"));
+            assert_eq!(reader.next().await.expect("ends with OK"), None);
+        });
     }
 
     #[test]
