@@ -313,3 +313,103 @@ fn bench_txn_mixed_and_watch_latency_run_clean() {
     assert_eq!(lat["ops"], 300);
     assert!(lat["latency_us"]["p50"].as_f64().unwrap() > 0.0);
 }
+
+/// Progress notices for an idle `progress_notify` watch, and none while events flow, with a short
+/// `--experimental-watch-progress-notify-interval` on both servers: the session's timer paces
+/// them, re-armed after each notice. Returns the notices of 1.6 idle seconds, and the events and
+/// the late notices (after the first interval) of 1.6 busy seconds.
+fn idle_progress(port: u16) -> (Vec<pb::WatchResponse>, usize, usize) {
+    spindle::runtime::run_local(move || async move {
+        let ep = format!("127.0.0.1:{port}");
+        let mut c = Client::connect(&ep).await.unwrap();
+        let put = |c: &mut Client, v: &'static str| {
+            let mut c = c.clone();
+            async move {
+                let req = pb::PutRequest {
+                    key: "idle".as_bytes().to_vec().into(),
+                    value: v.as_bytes().to_vec().into(),
+                    ..Default::default()
+                };
+                let _: pb::PutResponse = c.unary("/etcdserverpb.KV/Put", &req).await.unwrap();
+            }
+        };
+        put(&mut c, "a").await;
+        let mut w = c
+            .stream::<pb::WatchResponse>("/etcdserverpb.Watch/Watch")
+            .await
+            .unwrap();
+        w.send(&create("idle", "", |c| c.progress_notify = true))
+            .unwrap();
+        // Collects what arrives for `ms` milliseconds: progress notices with their arrival
+        // (ms from the start), and the number of events.
+        async fn collect(
+            w: &mut spindle::bench::client::GrpcStream<pb::WatchResponse>,
+            ms: u64,
+        ) -> (Vec<(u128, pb::WatchResponse)>, usize) {
+            let start = std::time::Instant::now();
+            let until = start + Duration::from_millis(ms);
+            let (mut notices, mut events) = (Vec::new(), 0);
+            loop {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                let next = futures_lite::future::or(async { Some(w.recv().await) }, async {
+                    glommio::timer::sleep(left).await;
+                    None
+                })
+                .await;
+                let Some(r) = next else {
+                    return (notices, events);
+                };
+                let r = norm(r.expect("watch stream failed").expect("stream ended"));
+                if r.created {
+                    continue;
+                }
+                if r.events.is_empty() {
+                    notices.push((start.elapsed().as_millis(), r));
+                } else {
+                    events += r.events.len();
+                }
+            }
+        }
+        let (idle, _) = collect(&mut w, 1_600).await;
+        // A write every 100 ms keeps the watch busy: once the interval that began idle is
+        // over, no notice is due while events flow.
+        let busy = async {
+            for _ in 0..16 {
+                put(&mut c, "b").await;
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let ((busy_notices, events), ()) =
+            futures_lite::future::zip(collect(&mut w, 1_650), busy).await;
+        let late = busy_notices.iter().filter(|(at, _)| *at > 500).count();
+        (idle.into_iter().map(|(_, r)| r).collect(), events, late)
+    })
+}
+
+#[test]
+fn idle_watches_hear_progress_at_the_configured_interval_like_etcd() {
+    let args = ["--experimental-watch-progress-notify-interval", "400ms"];
+    let etcd = Server::start(Kind::Etcd, &args);
+    let spindle = Server::start(Kind::Spindle, &args);
+    for s in [&etcd, &spindle] {
+        let (idle, events, late) = idle_progress(s.port);
+        // 1.6 s idle at a 400 ms interval: about four notices, allowing for timer slack.
+        assert!(
+            (2..=5).contains(&idle.len()),
+            "{:?}: {} notices while idle",
+            s.kind,
+            idle.len()
+        );
+        for n in &idle {
+            assert_eq!(n.watch_id, 0, "{:?}", s.kind);
+            assert_eq!(
+                n.header.as_ref().map(|h| h.revision),
+                Some(2),
+                "{:?}",
+                s.kind
+            );
+        }
+        assert_eq!(events, 16, "{:?}", s.kind);
+        assert_eq!(late, 0, "{:?}: notices while events flowed", s.kind);
+    }
+}

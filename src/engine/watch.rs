@@ -153,9 +153,10 @@ pub struct Hub {
 /// frames and writes it), so a busy hub spaces its rounds by this much per update sent, at most
 /// [`MAX_ROUND_GAP`]: the writes of the gap share the next round, and fan-out stays a bounded
 /// share of the core. With 50 watchers on a core that is 1 ms, which made 100-watcher fan-out
-/// about 15% faster at 12% less CPU for 0.3 ms more latency (docs/benchmarks.md, "Spacing
-/// watch rounds"). A round after a quiet spell runs at once, and a few watchers (a lock's, an
-/// election's) wait microseconds.
+/// about 30% faster at a quarter less CPU for 0.2 ms more median latency (docs/benchmarks.md,
+/// "Spacing watch rounds"). A round after a quiet spell runs at once, and a few watchers (a
+/// lock's, an election's) wait microseconds. The whole hub waits, so catch-up steps, compaction
+/// notices and progress notices may also come up to one gap later.
 const ROUND_GAP_PER_UPDATE: Duration = Duration::from_micros(20);
 const MAX_ROUND_GAP: Duration = Duration::from_millis(1);
 
@@ -371,6 +372,8 @@ impl Hub {
         updates
     }
 
+    /// One catch-up step for every lagging watcher with room in its sink. Returns whether any
+    /// watcher is still lagging.
     async fn catch_up_round(&self, src: &dyn ChangeSource) -> bool {
         let ids: Vec<u64> = self
             .st

@@ -75,17 +75,26 @@ pub fn serve_json(
     super::gateway::json_stream(rx)
 }
 
-/// `responses` encoded back to back, to go out as one frame (`None`: nothing to send).
-fn one_frame(responses: Vec<Response>, encode: Encoder) -> Result<Option<Bytes>, Status> {
+/// `responses` encoded back to back, to go out as one frame (`None`: nothing to send), and the
+/// error that stopped the encoding, if one did: what was encoded before it still goes out.
+fn one_frame(responses: Vec<Response>, encode: Encoder) -> (Option<Bytes>, Option<Status>) {
     let mut frames = Vec::with_capacity(responses.len());
+    let mut failed = None;
     for r in responses {
-        frames.push(encode(r.framed())?);
+        match encode(r.framed()) {
+            Ok(f) => frames.push(f),
+            Err(s) => {
+                failed = Some(s);
+                break;
+            }
+        }
     }
-    Ok(match frames.len() {
+    let frame = match frames.len() {
         0 => None,
         1 => frames.pop(),
         _ => Some(Bytes::from(frames.concat())),
-    })
+    };
+    (frame, failed)
 }
 
 fn json_line(framed: Bytes) -> Result<Bytes, Status> {
@@ -97,7 +106,6 @@ fn json_line(framed: Bytes) -> Result<Bytes, Status> {
 type Encoder = fn(Bytes) -> Result<Bytes, Status>;
 
 /// A response on its way out.
-#[derive(Clone)]
 enum Response {
     Message(pb::WatchResponse),
     /// An events response: `head` carries every field but the events, `events` their
@@ -212,8 +220,9 @@ struct Session {
     sink_id: u64,
 }
 
-/// Queued updates are drained into one frame until it holds about this much: a stream that fell
-/// behind catches up in frames of bounded size rather than in one large buffer.
+/// Queued updates are drained into one frame until it holds this much (the last update may take
+/// it past): a stream that fell behind catches up in frames of a few updates, not in one buffer
+/// holding its whole backlog.
 const FRAME_BYTES: usize = 64 * 1024;
 
 enum Input {
@@ -233,21 +242,24 @@ impl Session {
         let (sink, updates) = flume::bounded(STREAM_BUFFER);
         let interval = self.ctx.cfg.watch_progress_notify_interval;
         let mut next_progress = Instant::now() + interval;
-        // The inputs stay registered across turns: a fresh receive future per channel and a
-        // fresh timer per update cost more than encoding the update (about half of a session's
-        // CPU with 100 busy watchers).
+        // The inputs live across turns: a fresh receive future per channel and a fresh timer
+        // per update cost more than encoding the update (about half of a session's CPU with 100
+        // busy watchers). The request stream stays registered while updates flow, and the timer
+        // is registered once per arming; after that its deadline is only compared.
         let mut requests = Some(requests.into_stream());
         let mut update_stream = updates.stream();
         // Wakes at least every second: a client that went away without a reset is only
         // noticed by looking (its response body was dropped), and its watches must end.
+        // The timer and its deadline (at or a hair before the timer's own).
         let next_tick = |next_progress: Instant| {
-            Timer::new(
-                next_progress
-                    .saturating_duration_since(Instant::now())
-                    .min(DISCONNECT_CHECK),
-            )
+            let now = Instant::now();
+            let wait = next_progress
+                .saturating_duration_since(now)
+                .min(DISCONNECT_CHECK);
+            (Timer::new(wait), now + wait)
         };
-        let mut tick = next_tick(next_progress);
+        let (mut tick, mut tick_at) = next_tick(next_progress);
+        let mut tick_registered = false;
         loop {
             let input = std::future::poll_fn(|cx| {
                 if let Some(r) = requests.as_mut() {
@@ -258,7 +270,15 @@ impl Session {
                 if let Poll::Ready(u) = Pin::new(&mut update_stream).poll_next(cx) {
                     return Poll::Ready(u.map(Input::Update));
                 }
-                if Pin::new(&mut tick).poll(cx).is_ready() {
+                // The timer wakes this task, whose waker never changes, so one registration per
+                // arming is enough.
+                let due = if tick_registered {
+                    Instant::now() >= tick_at
+                } else {
+                    tick_registered = true;
+                    Pin::new(&mut tick).poll(cx).is_ready()
+                };
+                if due {
                     return Poll::Ready(Some(Input::Tick));
                 }
                 Poll::Pending
@@ -298,18 +318,20 @@ impl Session {
                         next_progress = Instant::now() + interval;
                         self.tick();
                     }
-                    tick = next_tick(next_progress);
+                    (tick, tick_at) = next_tick(next_progress);
+                    tick_registered = false;
                     Vec::new()
                 }
                 None => return None,
             };
-            let data = match one_frame(responses, encode) {
-                Ok(Some(data)) => data,
-                Ok(None) => continue,
-                Err(s) => return Some(s),
-            };
-            if out.send_async(Frame::data(data)).await.is_err() {
-                return None;
+            let (frame, failed) = one_frame(responses, encode);
+            if let Some(data) = frame {
+                if out.send_async(Frame::data(data)).await.is_err() {
+                    return None;
+                }
+            }
+            if failed.is_some() {
+                return failed;
             }
         }
     }
@@ -639,9 +661,10 @@ mod tests {
         for (r, framed) in responses.iter().zip(&expected) {
             assert_eq!(r.encoded_len() + 5, framed.len());
         }
-        let frame = one_frame(responses, Ok)
-            .expect("encodes")
-            .expect("something to send");
+        let events_response = expected[1].clone();
+        let (frame, failed) = one_frame(responses, Ok);
+        assert!(failed.is_none());
+        let frame = frame.expect("something to send");
         // A gRPC reader splits the frame back into the three messages, in order.
         let mut rest = frame.clone();
         let mut messages = Vec::new();
@@ -654,11 +677,31 @@ mod tests {
             prost::Message::decode(messages[1].slice(5..)).expect("decodes");
         assert_eq!(decoded.events.len(), 1);
         // One response goes out as it is; none sends nothing.
-        assert_eq!(
-            one_frame(vec![progress(5)], Ok).expect("encodes"),
-            Some(progress(5).framed())
-        );
-        assert_eq!(one_frame(Vec::new(), Ok).expect("encodes"), None);
+        let (one, failed) = one_frame(vec![progress(5)], Ok);
+        assert_eq!((one, failed.is_none()), (Some(progress(5).framed()), true));
+        let (none, failed) = one_frame(Vec::new(), Ok);
+        assert_eq!((none, failed.is_none()), (None, true));
+        // An encoding that fails partway still hands out what came before it, then the error.
+        fn refuse_events(framed: Bytes) -> Result<Bytes, Status> {
+            let m: pb::WatchResponse = prost::Message::decode(framed.slice(5..))
+                .map_err(|_| Status::new(Code::Internal, "bad"))?;
+            if m.events.is_empty() {
+                Ok(framed)
+            } else {
+                Err(Status::new(Code::Internal, "refused"))
+            }
+        }
+        let batch = Response::Events {
+            head: pb::WatchResponse {
+                watch_id: 7,
+                ..Default::default()
+            },
+            events: encoded_events(&events),
+        };
+        assert_eq!(batch.framed(), events_response);
+        let (before, failed) = one_frame(vec![progress(1), batch, progress(2)], refuse_events);
+        assert_eq!(before, Some(progress(1).framed()));
+        assert_eq!(failed.map(|s| s.message), Some("refused".to_string()));
     }
 
     #[test]
