@@ -373,6 +373,8 @@ pub struct ResponseReader {
     resp: Option<ResponseFuture>,
     body: Option<hyper::body::Incoming>,
     buf: BytesMut,
+    /// How the call failed: every later read answers the same (not a clean end).
+    failed: Option<Status>,
 }
 
 /// A response head still to come (servers may hold it until their first message).
@@ -386,6 +388,7 @@ impl ResponseReader {
             resp: Some(resp),
             body: None,
             buf: BytesMut::new(),
+            failed: None,
         }
     }
 
@@ -393,6 +396,17 @@ impl ResponseReader {
     /// is `Unavailable`. Cancel-safe: a call dropped while it waits (for the head or a frame)
     /// loses nothing, so callers may race it against a timer.
     pub async fn next(&mut self) -> Result<Option<Bytes>, Status> {
+        if let Some(status) = &self.failed {
+            return Err(status.clone());
+        }
+        let read = self.read().await;
+        if let Err(status) = &read {
+            self.failed = Some(status.clone());
+        }
+        read
+    }
+
+    async fn read(&mut self) -> Result<Option<Bytes>, Status> {
         use http_body_util::BodyExt;
         if let Some(fut) = self.resp.as_mut() {
             // The head's future stays in `resp` until it is ready: dropping this call while
@@ -509,9 +523,10 @@ mod tests {
     }
 
     /// A call to `next` dropped while the response head is still on its way (a caller racing
-    /// it against a timer) must not lose the head: the next call gets the message.
+    /// it against a timer) must not lose the head: the next call gets the message. A call that
+    /// failed answers with its error again, not with a clean end.
     #[test]
-    fn a_read_cancelled_before_the_head_arrives_loses_nothing() {
+    fn a_read_cancelled_before_the_head_loses_nothing_and_a_failed_call_stays_failed() {
         use crate::runtime::io::{Conn, LocalExec};
         use std::time::Duration;
         let ex = crate::runtime::builder(glommio::Placement::Unbound, "grpc-test")
@@ -522,7 +537,11 @@ mod tests {
             let addr = listener.local_addr().expect("address");
             glommio::spawn_local(async move {
                 let stream = listener.accept().await.expect("accept");
-                let service = hyper::service::service_fn(|_req| async {
+                let service = hyper::service::service_fn(|req: http::Request<_>| async move {
+                    if req.uri().path() == "/test/Fail" {
+                        let refused = Status::new(Code::NotFound, "no such thing");
+                        return Ok::<_, Infallible>(error(&refused));
+                    }
                     // The head comes only with the first message, as a watch's does.
                     glommio::timer::sleep(Duration::from_millis(100)).await;
                     let late = PutRequest {
@@ -559,6 +578,21 @@ mod tests {
             let back: PutRequest = prost::Message::decode(msg).expect("decodes");
             assert_eq!(back.key, Bytes::from_static(b"late"));
             assert_eq!(reader.next().await.expect("ends with OK"), None);
+            // A failed call keeps answering with its error, never with a clean end.
+            let request = call_request(&addr.to_string(), "/test/Fail")
+                .expect("request")
+                .body(http_body_util::Either::Left(http_body_util::Full::new(
+                    Bytes::new(),
+                )))
+                .expect("request body");
+            let mut failed = ResponseReader::new(Box::pin(send.send_request(request)));
+            for _ in 0..2 {
+                let status = failed.next().await.expect_err("the call failed");
+                assert_eq!(
+                    (status.code, status.message.as_str()),
+                    (Code::NotFound, "no such thing")
+                );
+            }
         });
     }
 
