@@ -561,13 +561,16 @@ mod tests {
             let mut send = dial_h2(stream, &addr.to_string(), None)
                 .await
                 .expect("dial");
-            let request = call_request(&addr.to_string(), "/test/Call")
-                .expect("request")
-                .body(http_body_util::Either::Left(http_body_util::Full::new(
-                    Bytes::new(),
-                )))
-                .expect("request body");
-            let mut reader = ResponseReader::new(Box::pin(send.send_request(request)));
+            let mut call = |path: &str| {
+                let request = call_request(&addr.to_string(), path)
+                    .expect("request")
+                    .body(http_body_util::Either::Left(http_body_util::Full::new(
+                        Bytes::new(),
+                    )))
+                    .expect("request body");
+                ResponseReader::new(Box::pin(send.send_request(request)))
+            };
+            let mut reader = call("/test/Call");
             let early = futures_lite::future::or(async { Some(reader.next().await) }, async {
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 None
@@ -579,13 +582,7 @@ mod tests {
             assert_eq!(back.key, Bytes::from_static(b"late"));
             assert_eq!(reader.next().await.expect("ends with OK"), None);
             // A failed call keeps answering with its error, never with a clean end.
-            let request = call_request(&addr.to_string(), "/test/Fail")
-                .expect("request")
-                .body(http_body_util::Either::Left(http_body_util::Full::new(
-                    Bytes::new(),
-                )))
-                .expect("request body");
-            let mut failed = ResponseReader::new(Box::pin(send.send_request(request)));
+            let mut failed = call("/test/Fail");
             for _ in 0..2 {
                 let status = failed.next().await.expect_err("the call failed");
                 assert_eq!(
