@@ -666,15 +666,11 @@ mod tests {
         assert!(failed.is_none());
         let frame = frame.expect("something to send");
         // A gRPC reader splits the frame back into the three messages, in order.
-        let mut rest = frame.clone();
-        let mut messages = Vec::new();
-        while !rest.is_empty() {
-            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            messages.push(rest.split_to(5 + len));
-        }
-        assert_eq!(messages, expected);
+        let messages = grpc::decode_messages(frame).expect("whole messages");
+        let bodies: Vec<Bytes> = expected.iter().map(|f| f.slice(5..)).collect();
+        assert_eq!(messages, bodies);
         let decoded: pb::WatchResponse =
-            prost::Message::decode(messages[1].slice(5..)).expect("decodes");
+            prost::Message::decode(messages[1].clone()).expect("decodes");
         assert_eq!(decoded.events.len(), 1);
         // One response goes out as it is; none sends nothing.
         let (one, failed) = one_frame(vec![progress(5)], Ok);
