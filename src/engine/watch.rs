@@ -289,8 +289,9 @@ impl Hub {
     async fn run(self: Rc<Self>, src: Rc<dyn ChangeSource>) {
         let mut spacing = RoundSpacing::default();
         loop {
-            if let Some(due) = spacing.next_round(Instant::now()) {
-                glommio::timer::sleep(due.saturating_duration_since(Instant::now())).await;
+            let now = Instant::now();
+            if let Some(due) = spacing.next_round(now) {
+                glommio::timer::sleep(due - now).await;
             }
             let started = Instant::now();
             let updates = self.shared_round(&*src).await;
